@@ -1,0 +1,91 @@
+"""Public keys of the JWT issuers a tenant trusts, and the development issuer's key pair.
+
+Only asymmetric algorithms are accepted: EdDSA (Ed25519), ES256 (P-256) and RS256 (RSA >= 2048 bits).
+The algorithm is fixed by the key when it is registered, so a token can never choose how it is checked
+(no `alg: none`, no HS256 keyed with a public key).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+MIN_RSA_BITS = 2048
+
+
+class IssuerKeyError(ValueError):
+    """The key is not one Bedside accepts for verifying tokens. The message never quotes the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerPublicKey:
+    """A verified, canonical public key: its algorithm, PEM and a fingerprint usable as a `kid`."""
+
+    algorithm: str
+    pem: str
+    fingerprint: str
+
+    def __repr__(self) -> str:
+        return f"IssuerPublicKey(algorithm={self.algorithm!r}, fingerprint={self.fingerprint!r})"
+
+
+def load_issuer_public_key(pem: bytes) -> IssuerPublicKey:
+    """Parse a PEM public key, decide its algorithm, and return it in canonical SubjectPublicKeyInfo form."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        raise IssuerKeyError("not a PEM-encoded public key") from None
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        algorithm = "EdDSA"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise IssuerKeyError("EC keys must be on P-256 (ES256)")
+        algorithm = "ES256"
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise IssuerKeyError(f"RSA keys must have at least {MIN_RSA_BITS} bits")
+        algorithm = "RS256"
+    else:
+        raise IssuerKeyError("only Ed25519, P-256 and RSA public keys are accepted")
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    canonical = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    return IssuerPublicKey(algorithm=algorithm, pem=canonical.decode(), fingerprint=digest)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerKeyPair:
+    """A private signing key (PEM, PKCS#8) with its public half. The private half is never printed."""
+
+    private_pem: bytes
+    public: IssuerPublicKey
+
+    def __repr__(self) -> str:
+        return f"IssuerKeyPair(public={self.public!r}, private=<redacted>)"
+
+
+def generate_ed25519_issuer_key() -> IssuerKeyPair:
+    """A fresh Ed25519 key pair for the embedded development issuer."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    return issuer_key_pair_from_private_pem(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+def issuer_key_pair_from_private_pem(private_pem: bytes) -> IssuerKeyPair:
+    """Load a private key (PEM, unencrypted) and derive its public half."""
+    try:
+        private = serialization.load_pem_private_key(private_pem, password=None)
+    except (ValueError, TypeError):
+        raise IssuerKeyError("not a PEM-encoded, unencrypted private key") from None
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return IssuerKeyPair(private_pem=private_pem, public=load_issuer_public_key(public_pem))

@@ -1,0 +1,1 @@
+"""Pydantic models at the HTTP edge: request `*Body`, response `*Out`, `Problem`. Leaf package."""

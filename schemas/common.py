@@ -1,0 +1,33 @@
+"""Shapes shared by every route: the RFC 9457 problem document."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictBody(BaseModel):
+    """Base of request bodies: unknown fields are an error, nothing is coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FieldProblemOut(BaseModel):
+    """One failing field: where (`loc`), what kind (`type`), a message. Never the submitted value."""
+
+    loc: list[str | int]
+    type: str
+    msg: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, served as `application/problem+json`."""
+
+    model_config = ConfigDict(json_schema_extra={"description": "RFC 9457 problem details"})
+
+    type: str = Field(description="A URI naming the kind of problem, e.g. urn:bedside:problem:not-found")
+    title: str
+    status: int
+    detail: str | None = None
+    code: str = Field(description="Stable, machine-readable problem code")
+    request_id: str = Field(description="Quote this to support; it finds the request in the logs")
+    errors: list[FieldProblemOut] | None = None

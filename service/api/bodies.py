@@ -1,0 +1,72 @@
+"""Reading request bodies into schemas: content type, size, JSON, fields. Errors never echo input."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from service.errors import (
+    FieldProblem,
+    InvalidRequestError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from service.keys import SETTINGS
+
+M = TypeVar("M", bound=BaseModel)
+
+# Pydantic messages of these types can quote part of the input; say the same thing without it.
+_SAFE_MESSAGES = {
+    "json_invalid": "Invalid JSON",
+    "uuid_parsing": "Input should be a valid UUID",
+    "datetime_parsing": "Input should be a valid RFC 3339 date-time",
+    "datetime_from_date_parsing": "Input should be a valid RFC 3339 date-time",
+    "date_parsing": "Input should be a valid date",
+    "url_parsing": "Input should be a valid URL",
+}
+_MAX_LOC_PART = 64
+
+
+def _loc(parts: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    # A loc part can be a client-chosen key (an unknown field's name): bound its length.
+    return tuple(p if isinstance(p, int) else p[:_MAX_LOC_PART] for p in parts)
+
+
+def validation_problems(exc: ValidationError) -> list[FieldProblem]:
+    """Where and what failed, from pydantic, with no input, context or URL."""
+    return [
+        FieldProblem(
+            loc=_loc(tuple(error["loc"])),
+            type=error["type"],
+            msg=_SAFE_MESSAGES.get(error["type"], error["msg"]),
+        )
+        for error in exc.errors(include_input=False, include_url=False, include_context=False)
+    ]
+
+
+def parse_model(raw: bytes, model: type[M]) -> M:
+    """Parse JSON bytes into `model`: 400 for bytes that are not JSON, 422 for JSON of the wrong shape."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = validation_problems(exc)
+        if any(p.type == "json_invalid" for p in problems):
+            raise MalformedRequestError("The request body is not valid JSON") from None
+        raise InvalidRequestError(problems) from None
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """The request body as `model`, after checking its declared type and size."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaTypeError("Send the body as application/json")
+    limit = request.app[SETTINGS].max_json_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(f"The limit for this body is {limit} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLargeError(f"The limit for this body is {limit} bytes") from None
+    return parse_model(raw, model)

@@ -1,0 +1,100 @@
+"""Middleware, outermost first (the order `create_app` installs them):
+
+1. `observe`: request id, one access log line, metrics. Sees the final status of every response.
+2. `problems`: turns every exception into problem+json; nothing escapes as a bare 500 page.
+3. `authenticate`: every route not marked public needs a valid bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from service.api.metrics import UNMATCHED_ROUTE
+from service.api.problems import domain_problem, http_problem, internal_problem
+from service.errors import AuthenticationError, DomainError
+from service.keys import AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES, REQUEST_ID
+
+log = structlog.get_logger("bedside.http")
+
+# An incoming X-Request-Id is kept only if it is plainly an identifier: it goes into logs.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{8,64}$")
+
+
+def route_template(request: web.Request) -> str:
+    """The matched route's template (`/v1/threads/{id}`), never the raw path."""
+    match_info = request.match_info
+    if match_info.http_exception is not None:
+        return UNMATCHED_ROUTE
+    resource = match_info.route.resource
+    return resource.canonical if resource is not None else UNMATCHED_ROUTE
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        route = route_template(request)
+        request.app[METRICS].observe(route, request.method, status, elapsed)
+        principal = request.get(PRINCIPAL)
+        log.info(
+            "http.request",
+            method=request.method if request.method.isalpha() else "OTHER",
+            route=route,
+            status=status,
+            duration_ms=round(elapsed * 1000, 2),
+            tenant=principal.tenant if principal else None,
+            role=principal.role.value if principal else None,
+        )
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request[REQUEST_ID]
+    try:
+        return await handler(request)
+    except DomainError as error:
+        if isinstance(error, AuthenticationError):
+            log.info("auth.denied", reason=error.reason)
+        return domain_problem(error, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_problem(exc, request_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # The type and location go to the log; the message may quote stored data, so it does not.
+        log.error("http.unhandled", exc_info=True)
+        return internal_problem(request_id)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    match_info = request.match_info
+    if match_info.http_exception is not None or match_info.route.name in request.app[PUBLIC_ROUTES]:
+        return await handler(request)
+    principal = await request.app[AUTHENTICATOR].authenticate(request.headers.get("Authorization"))
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+MIDDLEWARES = (observe, problems, authenticate)

@@ -1,0 +1,132 @@
+"""Domain errors to RFC 9457 problem+json, in one table. Bodies carry codes and fixed text only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from schemas.common import FieldProblemOut, Problem
+from service.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    ConflictError,
+    DomainError,
+    ForbiddenError,
+    InvalidRequestError,
+    MalformedRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+)
+
+PROBLEM_TYPE_PREFIX = "urn:bedside:problem:"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+# Most specific first: the first class the error is an instance of decides its status.
+STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
+    (AuthenticationError, 401),
+    (ForbiddenError, 403),
+    (NotFoundError, 404),
+    (AlreadyExistsError, 409),
+    (ConflictError, 409),
+    (PayloadTooLargeError, 413),
+    (UnsupportedMediaTypeError, 415),
+    (MalformedRequestError, 400),
+    (InvalidRequestError, 422),
+    (UnavailableError, 503),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProblem:
+    """A problem that is not a domain error: the router's own 404 and 405, 413 from the body limit."""
+
+    status: int
+    code: str
+    title: str
+
+
+HTTP_PROBLEMS = {
+    400: HttpProblem(400, "bad-request", "Bad request"),
+    404: HttpProblem(404, "not-found", "Not found"),
+    405: HttpProblem(405, "method-not-allowed", "Method not allowed"),
+    413: HttpProblem(413, "payload-too-large", "The request body is too large"),
+    415: HttpProblem(415, "unsupported-media-type", "Unsupported media type"),
+}
+INTERNAL = HttpProblem(500, "internal-error", "Internal error")
+
+
+def status_for(error: DomainError) -> int:
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(error, cls):
+            return status
+    return 400
+
+
+def problem_response(
+    *,
+    status: int,
+    code: str,
+    title: str,
+    request_id: str,
+    detail: str | None = None,
+    errors: list[FieldProblemOut] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    problem = Problem(
+        type=PROBLEM_TYPE_PREFIX + code,
+        title=title,
+        status=status,
+        detail=detail,
+        code=code,
+        request_id=request_id,
+        errors=errors,
+    )
+    return web.Response(
+        status=status,
+        body=json.dumps(problem.model_dump(exclude_none=True)).encode(),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+def domain_problem(error: DomainError, request_id: str) -> web.Response:
+    status = status_for(error)
+    headers = {}
+    errors = None
+    if isinstance(error, AuthenticationError):
+        # RFC 6750: a missing token gets the bare challenge, a bad one says invalid_token.
+        challenge = 'Bearer realm="bedside"'
+        if error.reason != "missing":
+            challenge += ', error="invalid_token"'
+        headers["WWW-Authenticate"] = challenge
+    if isinstance(error, UnavailableError):
+        headers["Retry-After"] = "5"
+    if isinstance(error, InvalidRequestError):
+        errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
+    return problem_response(
+        status=status,
+        code=error.code,
+        title=error.title,
+        detail=error.detail,
+        request_id=request_id,
+        errors=errors,
+        headers=headers,
+    )
+
+
+def http_problem(exc: web.HTTPException, request_id: str) -> web.Response:
+    known = HTTP_PROBLEMS.get(exc.status, HttpProblem(exc.status, "http-error", exc.reason))
+    headers = {}
+    if exc.status == 405 and "Allow" in exc.headers:
+        headers["Allow"] = exc.headers["Allow"]
+    return problem_response(
+        status=known.status, code=known.code, title=known.title, request_id=request_id, headers=headers
+    )
+
+
+def internal_problem(request_id: str) -> web.Response:
+    return problem_response(status=INTERNAL.status, code=INTERNAL.code, title=INTERNAL.title, request_id=request_id)

@@ -1,0 +1,74 @@
+"""`create_app(settings)`: the one place the application's objects are built and wired."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from service import __version__
+from service.api.metrics import HttpMetrics
+from service.api.middleware import MIDDLEWARES
+from service.api.openapi import build_openapi
+from service.api.routes import ROUTES, add_routes
+from service.domain.auth import Authenticator
+from service.domain.health import HealthService
+from service.domain.issuers import IssuerService
+from service.domain.tenants import TenantService
+from service.errors import ConfigurationError
+from service.keys import AUTHENTICATOR, HEALTH, ISSUERS, METRICS, OPENAPI, PUBLIC_ROUTES, SETTINGS, TENANTS
+from service.settings import Settings
+from service.store.db import Database, check_application_role
+from service.store.issuers import IssuerStore
+from service.store.migrate import SchemaStore
+from service.store.tenants import TenantStore
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The aiohttp application for `settings` (which must name a database: embedded mode resolves one
+    before calling this). The pool and services are opened on start-up and closed on clean-up."""
+    if settings.database_url is None:
+        raise ConfigurationError("create_app needs a database URL")
+    app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.max_json_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = HttpMetrics()
+    app[PUBLIC_ROUTES] = add_routes(app, ROUTES)
+    app[OPENAPI] = build_openapi(ROUTES, version=__version__)
+    app.cleanup_ctx.append(_services)
+    return app
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    assert settings.database_url is not None
+    db = await Database.connect(
+        settings.database_url.get_secret_value(),
+        min_size=settings.db_pool_min,
+        max_size=max(settings.db_pool_min, settings.db_pool_max),
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+    )
+    try:
+        await check_application_role(db)
+        schema = SchemaStore()
+        async with db.transaction() as tx:
+            status = await schema.status(tx)
+        if not status.current:
+            raise ConfigurationError(
+                status.problem
+                or f"the database schema is at migration {status.applied} of {status.known}: "
+                "run `bedside migrate` first"
+            )
+        tenant_store, issuer_store = TenantStore(), IssuerStore()
+        issuers = IssuerService(db, tenant_store, issuer_store, cache_seconds=settings.issuer_cache_seconds)
+        app[TENANTS] = TenantService(db, tenant_store)
+        app[ISSUERS] = issuers
+        app[AUTHENTICATOR] = Authenticator(
+            issuers,
+            audience=settings.audience,
+            leeway_seconds=settings.jwt_leeway_seconds,
+            max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
+        )
+        app[HEALTH] = HealthService(db, schema)
+        yield
+    finally:
+        await db.close()

@@ -1,0 +1,387 @@
+"""The `bedside` command: serve, migrate, tenant, issuer, token.
+
+With no database URL, every command works against the embedded PostgreSQL in the data directory,
+starting it when it is not running (and stopping it again afterwards if it started it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from crypto.issuer_keys import IssuerKeyError, generate_ed25519_issuer_key, issuer_key_pair_from_private_pem
+from service import __version__
+from service.app import create_app
+from service.domain.issuers import DEV_ISSUER, IssuerService, mint_token
+from service.domain.principal import SUBJECT_TYPE, Role, is_reference
+from service.domain.tenants import TenantService
+from service.embedded import (
+    APP_LOGIN_ROLE,
+    EmbeddedError,
+    EmbeddedPostgres,
+    data_dir_holder,
+    exclusive_data_dir,
+)
+from service.errors import ConfigurationError, DomainError, InvalidRequestError
+from service.logs import configure_logging, get_logger
+from service.settings import Settings, SettingsError, load_settings
+from service.store.bootstrap import ensure_database, migrate_database, prepare_database, schema_report
+from service.store.db import Database
+from service.store.issuers import IssuerStore
+from service.store.tenants import TenantStore
+
+T = TypeVar("T")
+EMBEDDED_DATABASE = "bedside"
+DEMO_TENANT = "demo"
+DEV_KEY_FILE = "dev-issuer.pem"
+log = get_logger("bedside.cli")
+
+
+class CliError(Exception):
+    """A message for the operator; exit status 1."""
+
+
+# -- database resolution -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a command's database is: the service's URL, and the owner's when Bedside manages it."""
+
+    app_dsn: str
+    owner_dsn: str | None
+    embedded: bool
+
+
+@contextlib.contextmanager
+def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
+    """Resolve the database for one command. Embedded: start (or join) the private cluster and make
+    sure it is migrated, has the service's login role, the `demo` tenant and the development issuer."""
+    if settings.database_url is not None:
+        url = settings.database_url.get_secret_value()
+        yield Target(app_dsn=url, owner_dsn=url, embedded=False)
+        return
+    pg = EmbeddedPostgres(settings.data_dir)
+    if purpose != "serve" and data_dir_holder(settings.data_dir) == "serve":
+        port = pg.running_port()
+        if port is None:
+            raise CliError("`bedside serve` holds the data directory but its database is not running")
+        connection = pg.connection(port)
+        yield Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
+        return
+    with exclusive_data_dir(settings.data_dir, purpose):
+        port = pg.running_port()
+        started = port is None
+        if port is None:
+            print(f"Starting the embedded PostgreSQL in {pg.pgdata} ...", file=sys.stderr)
+            port = pg.start()
+        try:
+            connection = pg.connection(port)
+            target = Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
+            asyncio.run(
+                _prepare_embedded(
+                    settings, connection.dsn(owner=True, database="postgres"), target, connection.app_password
+                )
+            )
+            yield target
+        finally:
+            # `serve` holds the directory for its whole life, so it stops the cluster it served from.
+            if started or purpose == "serve":
+                print("Stopping the embedded PostgreSQL ...", file=sys.stderr)
+                pg.stop()
+
+
+async def _prepare_embedded(settings: Settings, maintenance_dsn: str, target: Target, app_password: str) -> None:
+    assert target.owner_dsn is not None
+    await ensure_database(maintenance_dsn, EMBEDDED_DATABASE)
+    applied = await prepare_database(target.owner_dsn, APP_LOGIN_ROLE, app_password)
+    for migration in applied:
+        log.info("migration.applied", migration=f"{migration.version:04d}_{migration.name}")
+    async with _services(target.app_dsn, settings) as (tenants, issuers):
+        await tenants.ensure(DEMO_TENANT)
+        for tenant in await tenants.all():
+            await _trust_dev_issuer(settings, issuers, tenant.slug)
+
+
+def _dev_key_path(settings: Settings) -> Path:
+    return settings.data_dir.resolve() / DEV_KEY_FILE
+
+
+async def _trust_dev_issuer(settings: Settings, issuers: IssuerService, tenant: str) -> None:
+    """Embedded mode only: the development issuer's key, made once, trusted by every tenant."""
+    path = _dev_key_path(settings)
+    if not path.exists():
+        pair = generate_ed25519_issuer_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pair.private_pem)
+    pair = issuer_key_pair_from_private_pem(path.read_bytes())
+    await issuers.add_key(tenant, DEV_ISSUER, pair.public.pem.encode(), kid=pair.public.fingerprint)
+
+
+@contextlib.asynccontextmanager
+async def _services(dsn: str, settings: Settings) -> Any:
+    db = await Database.connect(dsn, min_size=1, max_size=2)
+    try:
+        tenant_store = TenantStore()
+        yield (
+            TenantService(db, tenant_store),
+            IssuerService(db, tenant_store, IssuerStore(), cache_seconds=0),
+        )
+    finally:
+        await db.close()
+
+
+def _run(coro: Awaitable[T]) -> T:
+    async def wrapper() -> T:
+        return await coro
+
+    return asyncio.run(wrapper())
+
+
+# -- commands -----------------------------------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    with database_target(settings, "serve") as target:
+        effective = settings.model_copy(update={"database_url": _secret(target.app_dsn)})
+        asyncio.run(_serve(effective, lambda: _print_welcome(settings, effective, target)))
+    return 0
+
+
+def _secret(value: str) -> Any:
+    from pydantic import SecretStr
+
+    return SecretStr(value)
+
+
+async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout_seconds
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("http.listening", host=settings.host, port=settings.port)
+        on_ready()
+        await stop.wait()
+        log.info("http.stopping")
+    finally:
+        # Stops accepting, lets in-flight requests finish (up to the shutdown timeout), closes the pool.
+        await runner.cleanup()
+
+
+def _print_welcome(settings: Settings, effective: Settings, target: Target) -> None:
+    base = f"http://{effective.host}:{effective.port}"
+    lines = [f"Bedside {__version__} is serving on {base}"]
+    if target.embedded:
+        exe = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "bedside" else Path("bedside")
+        prefix = ""
+        if settings.data_dir.resolve() != (Path.cwd() / ".bedside").resolve():
+            prefix = f"BEDSIDE_DATA_DIR={settings.data_dir.resolve()} "
+        token = f"{prefix}{exe} token --tenant {DEMO_TENANT} --role patient --sub Patient/1"
+        lines += [
+            f"  embedded PostgreSQL data: {settings.data_dir.resolve()} (Ctrl-C stops both)",
+            "  a development token for the demo tenant:",
+            f"    {token}",
+            "  try it:",
+            f'    curl -s -H "Authorization: Bearer $({token})" {base}/v1/me',
+        ]
+    print("\n".join(lines), flush=True)
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    if args.status:
+        with database_target(settings, "migrate") as target:
+            applied, known, problem = _run(schema_report(target.owner_dsn or target.app_dsn))
+        print(f"schema: {applied} of {known} migrations applied")
+        if problem:
+            print(f"problem: {problem}")
+        return 0 if applied == known and problem is None else 1
+    with database_target(settings, "migrate") as target:
+        if not target.embedded:
+            assert target.owner_dsn is not None
+            ran = _run(migrate_database(target.owner_dsn))
+            for migration in ran:
+                print(f"applied {migration.version:04d}_{migration.name}")
+            print("schema is current" if not ran else f"{len(ran)} migration(s) applied")
+        else:
+            print("schema is current (embedded database)")
+    return 0
+
+
+def cmd_tenant(settings: Settings, args: argparse.Namespace) -> int:
+    async def create(target: Target) -> None:
+        async with _services(target.app_dsn, settings) as (tenants, issuers):
+            tenant = await tenants.create(args.name)
+            if target.embedded:
+                await _trust_dev_issuer(settings, issuers, tenant.slug)
+            print(f"created tenant {tenant.slug} ({tenant.id})")
+
+    async def listing(target: Target) -> None:
+        async with _services(target.app_dsn, settings) as (tenants, _):
+            for tenant in await tenants.all():
+                print(f"{tenant.slug}\t{tenant.id}\t{tenant.created_at.isoformat()}")
+
+    with database_target(settings, "tenant") as target:
+        _run(create(target) if args.tenant_command == "create" else listing(target))
+    return 0
+
+
+def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
+    async def add(target: Target, pem: bytes) -> None:
+        async with _services(target.app_dsn, settings) as (_, issuers):
+            kid = await issuers.add_key(args.tenant, args.issuer, pem, kid=args.kid)
+            print(f"trusted issuer {args.issuer} in tenant {args.tenant} with key kid={kid}")
+
+    async def listing(target: Target) -> None:
+        async with _services(target.app_dsn, settings) as (_, issuers):
+            for key in await issuers.list_keys(args.tenant):
+                print(f"{key.issuer}\t{key.kid}\t{key.algorithm}")
+
+    if args.issuer_command == "add":
+        try:
+            pem = Path(args.public_key).read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read {args.public_key}: {exc.strerror}") from None
+        with database_target(settings, "issuer") as target:
+            _run(add(target, pem))
+    else:
+        with database_target(settings, "issuer") as target:
+            _run(listing(target))
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.embedded:
+        raise CliError(
+            "the development issuer exists only in embedded mode (no BEDSIDE_DATABASE_URL); "
+            "in production the EHR portal mints tokens with its own registered key"
+        )
+    path = _dev_key_path(settings)
+    if not path.exists():
+        raise CliError(f"no development issuer key at {path}: run `bedside serve` once first")
+    role = Role(args.role)
+    expected = SUBJECT_TYPE[role]
+    if not is_reference(args.sub, expected):
+        raise CliError(f"--sub must be a FHIR-style reference{' to a ' + expected if expected else ''}, e.g. Patient/1")
+    if role is Role.PROXY and not is_reference(args.act_for, "Patient"):
+        raise CliError("a proxy token needs --act-for Patient/<id>")
+    if role is not Role.PROXY and args.act_for is not None:
+        raise CliError("--act-for is only for the proxy role")
+    try:
+        pair = issuer_key_pair_from_private_pem(path.read_bytes())
+    except IssuerKeyError as exc:
+        raise CliError(f"{path}: {exc}") from None
+    print(
+        mint_token(
+            pair,
+            issuer=DEV_ISSUER,
+            audience=settings.audience,
+            tenant=args.tenant,
+            role=role.value,
+            subject=args.sub,
+            act_for=args.act_for,
+            lifetime_seconds=args.ttl,
+        )
+    )
+    return 0
+
+
+# -- parsing ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bedside",
+        description="Bedside: encrypted-at-rest patient-physician secure messaging.",
+        epilog="With no database URL (BEDSIDE_DATABASE_URL or --database-url), commands use the embedded "
+        "PostgreSQL in BEDSIDE_DATA_DIR (default .bedside/).",
+    )
+    parser.add_argument("--version", action="version", version=f"bedside {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--database-url", help="postgresql:// URL (default: BEDSIDE_DATABASE_URL, else embedded)")
+        return p
+
+    serve = with_db(sub.add_parser("serve", help="run the HTTP service"))
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = with_db(sub.add_parser("migrate", help="apply database migrations (run as the owner role)"))
+    migrate.add_argument("--status", action="store_true", help="report, change nothing; exit 1 if not current")
+    migrate.set_defaults(func=cmd_migrate)
+
+    tenant = sub.add_parser("tenant", help="manage tenants (health systems, clinics)")
+    tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
+    create = with_db(tenant_sub.add_parser("create", help="create a tenant"))
+    create.add_argument("name", help="slug such as acme: what tokens carry in `tid`")
+    with_db(tenant_sub.add_parser("list", help="list tenants"))
+    tenant.set_defaults(func=cmd_tenant)
+
+    issuer = sub.add_parser("issuer", help="manage the JWT issuers (EHR portals) a tenant trusts")
+    issuer_sub = issuer.add_subparsers(dest="issuer_command", required=True, metavar="ACTION")
+    add = with_db(issuer_sub.add_parser("add", help="trust an issuer's public key in a tenant"))
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--issuer", required=True, help="the tokens' `iss`")
+    add.add_argument("--public-key", required=True, help="PEM file: Ed25519, P-256 or RSA >= 2048")
+    add.add_argument("--kid", help="key id the tokens name in their header (default: key fingerprint)")
+    listing = with_db(issuer_sub.add_parser("list", help="list a tenant's trusted issuer keys"))
+    listing.add_argument("--tenant", required=True)
+    issuer.set_defaults(func=cmd_issuer)
+
+    token = sub.add_parser("token", help="print a development token (embedded mode only)")
+    token.add_argument("--tenant", default=DEMO_TENANT)
+    token.add_argument("--role", required=True, choices=[r.value for r in Role])
+    token.add_argument("--sub", required=True, help="FHIR-style reference, e.g. Patient/1")
+    token.add_argument("--act-for", help="for a proxy: the patient, e.g. Patient/1")
+    token.add_argument("--ttl", type=int, default=900, help="lifetime in seconds (at most 3600)")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {}
+    for name in ("database_url", "host", "port"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    try:
+        settings = load_settings(**overrides)
+        configure_logging(settings.log_format, settings.log_level)
+        if getattr(args, "ttl", 0) and not 60 <= args.ttl <= settings.jwt_max_lifetime_seconds:
+            raise CliError(f"--ttl must be between 60 and {settings.jwt_max_lifetime_seconds} seconds")
+        result: int = args.func(settings, args)
+        return result
+    except SettingsError as exc:
+        print(f"bedside: {exc}", file=sys.stderr)
+        return 2
+    except InvalidRequestError as exc:
+        details = "; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in exc.problems)
+        print(f"bedside: {exc.detail}: {details}", file=sys.stderr)
+        return 1
+    except (CliError, EmbeddedError, ConfigurationError, DomainError) as exc:
+        print(f"bedside: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

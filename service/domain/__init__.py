@@ -1,0 +1,1 @@
+"""Use cases, one module per aggregate. Never imports aiohttp, asyncpg or schemas."""

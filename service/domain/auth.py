@@ -1,0 +1,149 @@
+"""Bearer-token authentication: per-tenant issuers, asymmetric algorithms only, strict claims.
+
+A token is checked against the keys its tenant (`tid`) registered for its issuer (`iss`). The algorithm
+comes from the registered key, never from the token, so `alg: none` and HS256-keyed-with-a-public-key
+cannot pass. Every failure is an `AuthenticationError` whose `reason` is a fixed code for the audit log.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+
+from crypto.issuer_keys import ALLOWED_ALGORITHMS
+from service.domain.issuers import IssuerService
+from service.domain.principal import SUBJECT_TYPE, Principal, Role, is_reference
+from service.errors import AuthenticationError
+
+_BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
+MAX_TOKEN_LENGTH = 8192
+_REQUIRED = ["iss", "sub", "aud", "exp", "iat", "tid", "role"]
+_ROLES = frozenset(role.value for role in Role)
+
+
+class Authenticator:
+    def __init__(
+        self,
+        issuers: IssuerService,
+        *,
+        audience: str,
+        leeway_seconds: int = 60,
+        max_lifetime_seconds: int = 3600,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._issuers = issuers
+        self._audience = audience
+        self._leeway = leeway_seconds
+        self._max_lifetime = max_lifetime_seconds
+        self._clock = clock
+        self._prepared: dict[tuple[str, str], Any] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal a valid `Authorization: Bearer` header proves, or AuthenticationError."""
+        if not authorization:
+            raise AuthenticationError("missing", "A bearer token is required")
+        match = _BEARER.match(authorization)
+        if match is None or len(match.group(1)) > MAX_TOKEN_LENGTH:
+            raise AuthenticationError("malformed")
+        token = match.group(1)
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise AuthenticationError("malformed") from None
+        algorithm = header.get("alg")
+        if algorithm not in ALLOWED_ALGORITHMS:
+            raise AuthenticationError("algorithm-not-allowed")
+        tenant, issuer = unverified.get("tid"), unverified.get("iss")
+        if not isinstance(tenant, str) or not isinstance(issuer, str):
+            raise AuthenticationError("missing-claim")
+        trusted = await self._issuers.trusted_keys(tenant, issuer)
+        if trusted.tenant_id is None or not trusted.keys:
+            raise AuthenticationError("unknown-issuer")
+        kid = header.get("kid")
+        candidates = [k for k in trusted.keys if k.algorithm == algorithm and (kid is None or k.kid == kid)]
+        if not candidates:
+            raise AuthenticationError("unknown-key")
+        claims = self._verify(token, issuer, candidates)
+        return self._principal(claims, trusted.tenant_id, tenant, issuer)
+
+    def _verify(self, token: str, issuer: str, candidates: list[Any]) -> dict[str, Any]:
+        failure = "bad-signature"
+        for key in candidates:
+            try:
+                return jwt.decode(
+                    token,
+                    key=self._prepare(key.algorithm, key.public_key_pem),
+                    algorithms=[key.algorithm],
+                    audience=self._audience,
+                    issuer=issuer,
+                    leeway=self._leeway,
+                    options={"require": _REQUIRED, "verify_iat": True, "verify_nbf": True},
+                )
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.ExpiredSignatureError:
+                failure = "expired"
+            except jwt.ImmatureSignatureError:
+                failure = "not-yet-valid"
+            except jwt.InvalidAudienceError:
+                failure = "wrong-audience"
+            except jwt.InvalidIssuerError:
+                failure = "wrong-issuer"
+            except jwt.MissingRequiredClaimError:
+                failure = "missing-claim"
+            except jwt.DecodeError:
+                failure = "malformed"
+            except jwt.PyJWTError:
+                failure = "invalid-claims"
+            # The signature checked out (PyJWT verifies it before claims): no other key will do better.
+            break
+        raise AuthenticationError(failure)
+
+    def _prepare(self, algorithm: str, pem: str) -> Any:
+        """Parse each registered key once per process, not once per request."""
+        cache_key = (algorithm, pem)
+        prepared = self._prepared.get(cache_key)
+        if prepared is None:
+            if len(self._prepared) > 4096:
+                self._prepared.clear()
+            prepared = jwt.get_algorithm_by_name(algorithm).prepare_key(pem)
+            self._prepared[cache_key] = prepared
+        return prepared
+
+    def _principal(self, claims: dict[str, Any], tenant_id: Any, tenant: str, issuer: str) -> Principal:
+        now = self._clock()
+        issued, expires = claims["iat"], claims["exp"]
+        if not isinstance(issued, int | float) or not isinstance(expires, int | float):
+            raise AuthenticationError("invalid-claims")
+        if issued > now + self._leeway:
+            raise AuthenticationError("not-yet-valid")
+        if expires - issued > self._max_lifetime:
+            raise AuthenticationError("lifetime-too-long")
+        role = claims["role"]
+        if role not in _ROLES:
+            raise AuthenticationError("unknown-role")
+        role = Role(role)
+        subject = claims["sub"]
+        if not is_reference(subject, SUBJECT_TYPE[role]):
+            raise AuthenticationError("invalid-subject")
+        act_for = claims.get("act_for")
+        if role is Role.PROXY:
+            if not is_reference(act_for, "Patient"):
+                raise AuthenticationError("invalid-act-for")
+        elif act_for is not None:
+            raise AuthenticationError("invalid-act-for")
+        token_id = claims.get("jti")
+        return Principal(
+            tenant_id=tenant_id,
+            tenant=tenant,
+            subject=subject,
+            role=role,
+            issuer=issuer,
+            act_for=act_for,
+            token_id=token_id if isinstance(token_id, str) and len(token_id) <= 200 else None,
+        )

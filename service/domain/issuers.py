@@ -1,0 +1,159 @@
+"""The JWT issuers each tenant trusts (its EHR portal), their keys, and the development issuer.
+
+Keys are looked up per (tenant, issuer) on every request, so they are cached for a short, configured
+time; a negative answer is cached too, so a flood of tokens from unknown issuers cannot reach the
+database for each one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from uuid import UUID
+
+import jwt
+
+from crypto.issuer_keys import IssuerKeyError, IssuerKeyPair, load_issuer_public_key
+from service.domain.policy import can_manage_issuers
+from service.domain.principal import Principal
+from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError
+from service.store.db import Database
+from service.store.issuers import IssuerKeyRecord, IssuerStore
+from service.store.tenants import TenantStore
+
+DEV_ISSUER = "urn:bedside:dev-issuer"
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedKeys:
+    """What the authenticator needs to check a token of (tenant, issuer): None tenant means unknown."""
+
+    tenant_id: UUID | None
+    keys: tuple[IssuerKeyRecord, ...]
+
+
+class IssuerService:
+    def __init__(
+        self,
+        db: Database,
+        tenants: TenantStore,
+        issuers: IssuerStore,
+        *,
+        cache_seconds: float = 30.0,
+        cache_entries: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        self._tenants = tenants
+        self._issuers = issuers
+        self._ttl = cache_seconds
+        self._max = cache_entries
+        self._clock = clock
+        self._cache: OrderedDict[tuple[str, str], tuple[float, TrustedKeys]] = OrderedDict()
+
+    async def add_key(self, tenant: str, issuer: str, public_key_pem: bytes, kid: str | None = None) -> str:
+        """Trust `issuer` in `tenant` with this public key; returns the key's kid (its fingerprint
+        unless given). Adding the same key again changes nothing; another key under a used kid is refused."""
+        problems = []
+        if not 1 <= len(issuer) <= 300 or not issuer.isprintable():
+            problems.append(FieldProblem(("issuer",), "value", "1 to 300 printable characters"))
+        if kid is not None and (not 1 <= len(kid) <= 200 or not kid.isprintable()):
+            problems.append(FieldProblem(("kid",), "value", "1 to 200 printable characters"))
+        try:
+            key = load_issuer_public_key(public_key_pem)
+        except IssuerKeyError as exc:
+            problems.append(FieldProblem(("public_key",), "key", str(exc)))
+        if problems:
+            raise InvalidRequestError(problems)
+        kid = kid or key.fingerprint
+        async with self._db.transaction() as tx:
+            found = await self._tenants.by_slug(tx, tenant)
+        if found is None:
+            raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
+        async with self._db.transaction(found.id) as tx:
+            outcome = await self._issuers.add_key(tx, found.id, issuer, kid, key.algorithm, key.pem)
+        if outcome == "conflict":
+            raise ConflictError("this kid is already registered for another key of the issuer")
+        self._cache.pop((tenant, issuer), None)
+        return kid
+
+    async def add_key_as(
+        self, principal: Principal, issuer: str, public_key_pem: bytes, kid: str | None = None
+    ) -> IssuerKeyRecord:
+        """An admin trusts another issuer key in their own tenant. Anyone else: not found."""
+        if not can_manage_issuers(principal):
+            raise NotFoundError()
+        kid = await self.add_key(principal.tenant, issuer, public_key_pem, kid)
+        key = load_issuer_public_key(public_key_pem)
+        return IssuerKeyRecord(issuer=issuer, kid=kid, algorithm=key.algorithm, public_key_pem=key.pem)
+
+    async def list_keys_as(self, principal: Principal) -> list[IssuerKeyRecord]:
+        if not can_manage_issuers(principal):
+            raise NotFoundError()
+        return await self.list_keys(principal.tenant)
+
+    async def trusted_keys(self, tenant: str, issuer: str) -> TrustedKeys:
+        """The active keys of `issuer` in `tenant` (slug), from the cache when fresh."""
+        now = self._clock()
+        cached = self._cache.get((tenant, issuer))
+        if cached is not None and cached[0] > now:
+            self._cache.move_to_end((tenant, issuer))
+            return cached[1]
+        async with self._db.transaction() as tx:
+            found = await self._tenants.by_slug(tx, tenant)
+        if found is None:
+            trusted = TrustedKeys(tenant_id=None, keys=())
+        else:
+            async with self._db.transaction(found.id) as tx:
+                keys = await self._issuers.active_keys(tx, found.id, issuer)
+            trusted = TrustedKeys(tenant_id=found.id, keys=tuple(keys))
+        if self._ttl > 0:
+            self._cache[(tenant, issuer)] = (now + self._ttl, trusted)
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return trusted
+
+    async def list_keys(self, tenant: str) -> list[IssuerKeyRecord]:
+        async with self._db.transaction() as tx:
+            found = await self._tenants.by_slug(tx, tenant)
+        if found is None:
+            raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
+        async with self._db.transaction(found.id) as tx:
+            return await self._issuers.all_active_keys(tx, found.id)
+
+
+def mint_token(
+    key: IssuerKeyPair,
+    *,
+    issuer: str,
+    audience: str,
+    tenant: str,
+    role: str,
+    subject: str,
+    act_for: str | None = None,
+    lifetime_seconds: int = 900,
+    kid: str | None = None,
+    now: float | None = None,
+) -> str:
+    """Sign a token the way an EHR portal would (used by `bedside token` in embedded mode and by tests)."""
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, object] = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience,
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + lifetime_seconds,
+        "tid": tenant,
+        "role": role,
+    }
+    if act_for is not None:
+        claims["act_for"] = act_for
+    return jwt.encode(
+        claims,
+        key.private_pem,
+        algorithm=key.public.algorithm,
+        headers={"kid": kid or key.public.fingerprint},
+    )

@@ -1,0 +1,10 @@
+"""Who may do what: pure decisions, no I/O. Handlers never decide; use cases ask here."""
+
+from __future__ import annotations
+
+from service.domain.principal import Principal, Role
+
+
+def can_manage_issuers(principal: Principal) -> bool:
+    """Only a tenant admin registers or lists the token issuers its tenant trusts."""
+    return principal.role is Role.ADMIN

@@ -1,0 +1,51 @@
+"""Who is calling: the authenticated principal every use case receives."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from uuid import UUID
+
+# FHIR-style references as EHRs hand them out: `Patient/123`, `Practitioner/abc`, `CareTeam/x`.
+FHIR_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
+
+
+class Role(StrEnum):
+    PATIENT = "patient"
+    PROXY = "proxy"
+    PHYSICIAN = "physician"
+    STAFF = "staff"
+    COMPLIANCE = "compliance"
+    ADMIN = "admin"
+
+
+# The resource type a subject must have for each role; None allows any FHIR reference.
+SUBJECT_TYPE: dict[Role, str | None] = {
+    Role.PATIENT: "Patient",
+    Role.PROXY: "RelatedPerson",
+    Role.PHYSICIAN: "Practitioner",
+    Role.STAFF: None,
+    Role.COMPLIANCE: None,
+    Role.ADMIN: None,
+}
+
+
+def is_reference(value: object, resource_type: str | None = None) -> bool:
+    """Whether `value` is a FHIR-style reference (of `resource_type`, when given)."""
+    if not isinstance(value, str) or not FHIR_REFERENCE.fullmatch(value):
+        return False
+    return resource_type is None or value.split("/", 1)[0] == resource_type
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller within one tenant. `act_for` is the patient a proxy acts for."""
+
+    tenant_id: UUID
+    tenant: str
+    subject: str
+    role: Role
+    issuer: str
+    act_for: str | None = None
+    token_id: str | None = None

@@ -1,0 +1,304 @@
+"""A private PostgreSQL for development: initdb + pg_ctl into a data directory, reused across runs.
+
+Embedded mode is what runs when no database URL is given. It listens on 127.0.0.1 only, on a free port,
+with no Unix socket, and password (SCRAM) authentication for every connection. PostgreSQL refuses to run
+as root, so under root the server runs as the `postgres` system user (created by Debian's package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import pwd
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+OWNER_ROLE = "bedside_owner"
+APP_LOGIN_ROLE = "bedside_web"
+INSTALL_HINT = (
+    "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found. Install them with:\n"
+    "    sudo apt-get install -y postgresql\n"
+    "or set BEDSIDE_DATABASE_URL to use an existing server."
+)
+
+
+class EmbeddedError(Exception):
+    """The embedded database cannot be set up or started; the message says what to do."""
+
+
+def find_pg_bindir() -> Path:
+    """Where initdb/pg_ctl/postgres live: PATH first, then Debian's /usr/lib/postgresql/N/bin (newest)."""
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        bindir = Path(on_path).resolve().parent
+        if all((bindir / name).exists() for name in ("initdb", "postgres")):
+            return bindir
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    for bindir in candidates:
+        if all((bindir / name).exists() for name in ("initdb", "pg_ctl", "postgres")):
+            return bindir
+    raise EmbeddedError(INSTALL_HINT)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+    os.chmod(path, 0o600)
+
+
+def read_or_create_secret(path: Path) -> str:
+    """A random password kept in a 0600 file, made on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(32)
+    _write_secret(path, value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """How to reach the running embedded server."""
+
+    port: int
+    owner_password: str
+    app_password: str
+
+    def dsn(self, *, database: str = "bedside", owner: bool = False) -> str:
+        user, password = (OWNER_ROLE, self.owner_password) if owner else (APP_LOGIN_ROLE, self.app_password)
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL cluster in `data_dir/pgdata`. Secrets live beside it in 0600 files."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir.resolve()
+        self._bindir: Path | None = None
+        self._as_postgres = os.geteuid() == 0
+        self.pgdata = self._cluster_home() / "pgdata"
+        self.logfile = self._cluster_home() / "postgres.log"
+
+    # -- layout ------------------------------------------------------------------------------------
+
+    def _cluster_home(self) -> Path:
+        """Normally `data_dir` itself. Under root, if the postgres user cannot reach it (a project in
+        /root, say), the cluster lives in /var/lib/bedside/<hash of data_dir> instead."""
+        if not self._as_postgres or self._postgres_can_reach(self.root):
+            return self.root
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        return Path("/var/lib/bedside") / digest
+
+    @staticmethod
+    def _postgres_can_reach(path: Path) -> bool:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            return False
+        probe = path
+        while not probe.exists():
+            probe = probe.parent
+        for parent in [probe, *probe.parents]:
+            mode = parent.stat().st_mode
+            owner_ok = parent.stat().st_uid == user.pw_uid and mode & 0o100
+            if not (owner_ok or mode & 0o001):
+                return False
+        return True
+
+    @property
+    def bindir(self) -> Path:
+        if self._bindir is None:
+            self._bindir = find_pg_bindir()
+        return self._bindir
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = [str(self.bindir / args[0]), *args[1:]]
+        if self._as_postgres:
+            if shutil.which("runuser") is None:
+                raise EmbeddedError("running as root needs `runuser` (util-linux) to start PostgreSQL")
+            command = ["runuser", "-u", "postgres", "--", *command]
+        result = subprocess.run(
+            command, cwd=self.pgdata.parent, capture_output=True, text=True, check=False, timeout=120
+        )
+        if check and result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            raise EmbeddedError(f"{args[0]} failed:\n  " + "\n  ".join(tail))
+        return result
+
+    def _prepare_dirs(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o711 if self._as_postgres else 0o700)
+        home = self.pgdata.parent
+        home.mkdir(parents=True, exist_ok=True)
+        self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        if self._as_postgres:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise EmbeddedError(
+                    "running as root, but there is no `postgres` system user to run PostgreSQL as; "
+                    "install Debian's postgresql package (it creates one) or run as a normal user"
+                ) from None
+            if home != self.root:
+                os.chown(home, user.pw_uid, user.pw_gid)
+            os.chown(self.pgdata, user.pw_uid, user.pw_gid)
+            if not self.logfile.exists():
+                self.logfile.touch(mode=0o600)
+            os.chown(self.logfile, user.pw_uid, user.pw_gid)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists()
+
+    def initialize(self) -> None:
+        """initdb with a generated owner password and SCRAM authentication for every connection."""
+        self._prepare_dirs()
+        owner_password = read_or_create_secret(self.root / "owner-password")
+        read_or_create_secret(self.root / "app-password")
+        pwfile = self.pgdata.parent / ".initdb-pwfile"
+        _write_secret(pwfile, owner_password + "\n")
+        if self._as_postgres:
+            user = pwd.getpwnam("postgres")
+            os.chown(pwfile, user.pw_uid, user.pw_gid)
+        try:
+            self._run(
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                OWNER_ROLE,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def running_port(self) -> int | None:
+        """The port of the server running on this data directory, or None."""
+        if not self.initialized:
+            return None
+        status = self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False)
+        if status.returncode != 0:
+            return None
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            return int(lines[3])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def start(self) -> int:
+        """Start the server on a free loopback port (initdb first if needed); return the port."""
+        if not self.initialized:
+            self.initialize()
+        self._prepare_dirs()
+        port = _free_port()
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='' "
+            "-c synchronous_commit=on -c fsync=on -c max_connections=200"
+        )
+        self._run(
+            "pg_ctl",
+            "start",
+            "-D",
+            str(self.pgdata),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+        )
+        running = self.running_port()
+        if running is None:
+            raise EmbeddedError(f"PostgreSQL did not start; see {self.logfile}")
+        return running
+
+    def stop(self) -> None:
+        """A fast, clean shutdown (open transactions roll back, nothing committed is lost)."""
+        if self.running_port() is not None:
+            self._run("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60")
+
+    def connection(self, port: int) -> Connection:
+        return Connection(
+            port=port,
+            owner_password=read_or_create_secret(self.root / "owner-password"),
+            app_password=read_or_create_secret(self.root / "app-password"),
+        )
+
+
+_LOCK_NAME = "bedside.lock"
+_HOLDER = re.compile(r"^(\d+) (\w+)$")
+
+
+class DataDirBusyError(EmbeddedError):
+    """Another Bedside process holds this data directory."""
+
+
+@contextlib.contextmanager
+def exclusive_data_dir(data_dir: Path, purpose: str) -> Iterator[None]:
+    """Hold the data directory for one process (a `serve`, or a CLI command that started the database).
+
+    A second `serve` on the same directory is refused with the holder's pid, rather than sharing the
+    cluster and stopping it under the first one's feet.
+    """
+    root = data_dir.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / _LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
+            match = _HOLDER.match(holder)
+            who = f"`bedside {match.group(2)}` (pid {match.group(1)})" if match else "another process"
+            raise DataDirBusyError(
+                f"{root} is in use by {who}. Stop it first, or give this one its own "
+                "BEDSIDE_DATA_DIR (or BEDSIDE_DATABASE_URL)."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {purpose}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def data_dir_holder(data_dir: Path) -> str | None:
+    """What holds the data directory (`serve`, ...), or None when it is free."""
+    path = data_dir.resolve() / _LOCK_NAME
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            match = _HOLDER.match(os.pread(fd, 100, 0).decode(errors="replace").strip())
+            return match.group(2) if match else "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

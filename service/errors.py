@@ -1,0 +1,102 @@
+"""Domain errors: what went wrong, in the domain's words. `api/problems.py` maps them to HTTP once.
+
+Messages are fixed strings chosen here, never built from request content, so an error can be logged
+or shown without leaking what a patient wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class DomainError(Exception):
+    """Base of every error the domain raises on purpose. `code` is stable and machine-readable."""
+
+    code = "domain-error"
+    title = "The request could not be completed"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+
+
+class NotFoundError(DomainError):
+    """Absent, or present but not the caller's to see: both look the same from outside."""
+
+    code = "not-found"
+    title = "Not found"
+
+
+class AuthenticationError(DomainError):
+    """The caller could not be authenticated. `reason` is a fixed code kept for the audit log."""
+
+    code = "unauthenticated"
+    title = "Authentication required"
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(detail or "The bearer token is missing or not acceptable")
+        self.reason = reason
+
+
+class ForbiddenError(DomainError):
+    code = "forbidden"
+    title = "Not allowed"
+
+
+class ConflictError(DomainError):
+    code = "conflict"
+    title = "Conflict with the current state"
+
+
+class AlreadyExistsError(ConflictError):
+    code = "already-exists"
+    title = "Already exists"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldProblem:
+    """One failing field: where it is, the kind of failure, and a message. Never the submitted value."""
+
+    loc: tuple[str | int, ...]
+    type: str
+    msg: str
+
+
+class InvalidRequestError(DomainError):
+    """The request's content is well-formed but not acceptable (unknown field, wrong type, bad value)."""
+
+    code = "validation-failed"
+    title = "The request is not valid"
+
+    def __init__(self, problems: Sequence[FieldProblem], detail: str | None = None) -> None:
+        super().__init__(detail or "One or more fields are not valid")
+        self.problems = tuple(problems)
+
+
+class MalformedRequestError(DomainError):
+    """The request body could not be parsed at all."""
+
+    code = "malformed-request"
+    title = "The request body is not well-formed"
+
+
+class UnsupportedMediaTypeError(DomainError):
+    code = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class PayloadTooLargeError(DomainError):
+    code = "payload-too-large"
+    title = "The request body is too large"
+
+
+class UnavailableError(DomainError):
+    """A dependency (the database) cannot be reached; fail closed rather than guess."""
+
+    code = "unavailable"
+    title = "Temporarily unavailable"
+
+
+class ConfigurationError(Exception):
+    """Bedside cannot start as configured (wrong database role, unknown schema, bad key file)."""

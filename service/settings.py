@@ -1,0 +1,76 @@
+"""Configuration from `BEDSIDE_*` environment variables, validated once at start."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+
+
+class Settings(BaseSettings):
+    """Everything Bedside reads from its environment. Frozen: built once, passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDSIDE_", frozen=True, extra="forbid")
+
+    # No URL means embedded mode: Bedside starts its own PostgreSQL under `data_dir`.
+    database_url: SecretStr | None = None
+    data_dir: Path = Path(".bedside")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    audience: str = Field(default="bedside", min_length=1, max_length=200)
+    jwt_leeway_seconds: int = Field(default=60, ge=0, le=60)
+    jwt_max_lifetime_seconds: int = Field(default=3600, ge=60, le=3600)
+    issuer_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
+
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    shutdown_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
+
+    db_pool_min: int = Field(default=2, ge=1, le=100)
+    db_pool_max: int = Field(default=20, ge=1, le=500)
+    db_statement_timeout_ms: int = Field(default=15_000, ge=100, le=600_000)
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+class SettingsError(Exception):
+    """The environment holds a value Bedside cannot run with; the message names the variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus explicit overrides from the command line) or raise SettingsError.
+
+    The message names each bad variable and why, never its value: a value may be a secret.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_input=False, include_url=False):
+            name = "BEDSIDE_" + "_".join(str(part) for part in error["loc"]).upper()
+            lines.append(f"  {name}: {error['msg']}")
+        raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def is_slug(value: str) -> bool:
+    """Tenant names are slugs: lowercase letter first, then lowercase letters, digits, dashes."""
+    return bool(_SLUG.fullmatch(value))

@@ -1,0 +1,125 @@
+"""The connection pool, tenant-scoped transactions, and the start-up checks on the database role.
+
+Every transaction that touches tenant-owned rows sets `bedside.tenant_id` for that transaction only;
+the row-level security policies of the migrations read it, so a query that forgets its tenant filter
+still sees one tenant's rows. With no tenant set, those tables look empty (fail closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+from uuid import UUID
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from service.errors import ConfigurationError, UnavailableError
+
+APP_ROLE = "bedside_app"
+
+_SET_TENANT = "SELECT pg_catalog.set_config('bedside.tenant_id', $1, true)"
+
+_ROLE_FACTS = """
+SELECT r.rolsuper, r.rolbypassrls,
+       pg_catalog.pg_has_role(current_user, $1, 'MEMBER') AS in_app_role,
+       EXISTS (
+           SELECT 1 FROM pg_catalog.pg_tables t
+           WHERE t.schemaname = 'public' AND t.tablename = 'tenants'
+             AND pg_catalog.pg_has_role(current_user, t.tableowner, 'MEMBER')
+       ) AS owns_tables
+FROM pg_catalog.pg_roles r
+WHERE r.rolname = current_user
+"""
+
+# The driver raises these when the server is unreachable or the connection dies mid-way.
+_UNAVAILABLE = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
+
+
+# Subscripted only for the type checker: asyncpg's classes are not generic at run time.
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+
+@dataclass(frozen=True, slots=True)
+class Tx:
+    """An open transaction. The domain passes it from store call to store call and never looks inside."""
+
+    conn: Conn
+    tenant_id: UUID | None
+
+
+class Database:
+    """The application's pool. Built by create_app, closed by its cleanup context."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, min_size: int = 2, max_size: int = 20, statement_timeout_ms: int = 15_000
+    ) -> Database:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                server_settings={
+                    "application_name": "bedside",
+                    "statement_timeout": str(statement_timeout_ms),
+                    "idle_in_transaction_session_timeout": str(statement_timeout_ms * 2),
+                },
+            )
+        except _UNAVAILABLE as exc:
+            raise ConfigurationError(f"cannot connect to the database ({type(exc).__name__})") from None
+        except asyncpg.exceptions.InvalidAuthorizationSpecificationError:
+            raise ConfigurationError("the database refused the login (check the role and password)") from None
+        except asyncpg.exceptions.InvalidCatalogNameError:
+            raise ConfigurationError("the database named in the URL does not exist") from None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, tenant_id: UUID | None = None) -> AsyncIterator[Tx]:
+        """One transaction, scoped to `tenant_id` when given. Commits on normal exit, rolls back on error.
+
+        A database that cannot be reached becomes `UnavailableError`: callers fail closed.
+        """
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if tenant_id is not None:
+                    await conn.execute(_SET_TENANT, str(tenant_id))
+                yield Tx(conn=conn, tenant_id=tenant_id)
+        except _UNAVAILABLE:
+            raise UnavailableError("the database is not reachable") from None
+
+    async def fetch_value(self, query: str, *args: Any) -> Any:
+        """A single value outside any tenant (health checks)."""
+        try:
+            async with self._pool.acquire() as conn:
+                return await conn.fetchval(query, *args)
+        except _UNAVAILABLE:
+            raise UnavailableError("the database is not reachable") from None
+
+
+async def check_application_role(db: Database) -> None:
+    """Refuse to serve as a role that row-level security does not bind.
+
+    The service must connect as a login role that is a member of `bedside_app` and is neither a
+    superuser, nor BYPASSRLS, nor (a member of) the tables' owner: for those, RLS is not enforced.
+    """
+    async with db.transaction() as tx:
+        facts = await tx.conn.fetchrow(_ROLE_FACTS, APP_ROLE)
+    if facts is None:
+        raise ConfigurationError("cannot read the database role's attributes")
+    if facts["rolsuper"] or facts["rolbypassrls"] or facts["owns_tables"]:
+        raise ConfigurationError(
+            "refusing to serve as a database role that bypasses row-level security (superuser, "
+            "BYPASSRLS or the tables' owner). Connect as a login role granted bedside_app; see README "
+            "'Database roles'."
+        )
+    if not facts["in_app_role"]:
+        raise ConfigurationError("the database role is not a member of bedside_app; see README 'Database roles'")

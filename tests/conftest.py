@@ -1,0 +1,170 @@
+"""Real parts for every test: one PostgreSQL cluster per session, started by the suite itself (with the
+same code as embedded mode), a migrated template database, and a fresh database per test cloned from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pydantic import SecretStr
+
+from service.app import create_app
+from service.domain.issuers import IssuerService
+from service.domain.tenants import TenantService
+from service.embedded import APP_LOGIN_ROLE, Connection, EmbeddedPostgres
+from service.settings import Settings
+from service.store.bootstrap import ensure_database, prepare_database
+from service.store.db import Database
+from service.store.issuers import IssuerStore
+from service.store.tenants import TenantStore
+from tests.support import TestIssuer
+
+TEMPLATE = "bedside_template"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    connection: Connection
+    data_dir: Path
+
+    def owner_dsn(self, database: str) -> str:
+        return self.connection.dsn(owner=True, database=database)
+
+    def app_dsn(self, database: str) -> str:
+        return self.connection.dsn(database=database)
+
+
+@dataclass(frozen=True)
+class Dsns:
+    name: str
+    app: str
+    owner: str
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    # Under /tmp (not pytest's 0700 tmp dirs) so that, as root, the postgres user can reach it.
+    data_dir = Path(tempfile.mkdtemp(prefix="bedside-test-pg-"))
+    os.chmod(data_dir, 0o711)
+    pg = EmbeddedPostgres(data_dir)
+    port = pg.start()
+    connection = pg.connection(port)
+    info = Cluster(connection=connection, data_dir=data_dir)
+
+    async def prepare() -> None:
+        await ensure_database(info.owner_dsn("postgres"), TEMPLATE)
+        await prepare_database(info.owner_dsn(TEMPLATE), APP_LOGIN_ROLE, connection.app_password)
+
+    asyncio.run(prepare())
+    try:
+        yield info
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.pgdata.parent, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _create_database(cluster: Cluster, template: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(cluster.owner_dsn("postgres"))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def _drop_database(cluster: Cluster, name: str) -> None:
+    conn = await asyncpg.connect(cluster.owner_dsn("postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def database(cluster: Cluster) -> AsyncIterator[Dsns]:
+    """A migrated database of this test's own, with the service's login role."""
+    name = await _create_database(cluster, TEMPLATE)
+    yield Dsns(name=name, app=cluster.app_dsn(name), owner=cluster.owner_dsn(name))
+    await _drop_database(cluster, name)
+
+
+@pytest.fixture
+async def empty_database(cluster: Cluster) -> AsyncIterator[Dsns]:
+    """A database with nothing in it, not even migrations."""
+    name = await _create_database(cluster, "template0")
+    yield Dsns(name=name, app=cluster.app_dsn(name), owner=cluster.owner_dsn(name))
+    await _drop_database(cluster, name)
+
+
+@pytest.fixture
+def settings(database: Dsns) -> Settings:
+    return Settings(
+        database_url=SecretStr(database.app),
+        issuer_cache_seconds=0,
+        db_pool_min=1,
+        db_pool_max=4,
+        shutdown_timeout_seconds=5,
+    )
+
+
+@dataclass
+class Services:
+    tenants: TenantService
+    issuers: IssuerService
+
+
+@pytest.fixture
+async def services(database: Dsns) -> AsyncIterator[Services]:
+    """Domain services on the application role, for arranging what a test needs."""
+    db = await Database.connect(database.app, min_size=1, max_size=2)
+    tenant_store = TenantStore()
+    yield Services(
+        tenants=TenantService(db, tenant_store),
+        issuers=IssuerService(db, tenant_store, IssuerStore(), cache_seconds=0),
+    )
+    await db.close()
+
+
+@dataclass
+class Portals:
+    """Two tenants, each with its EHR portal's issuer trusted."""
+
+    acme: TestIssuer
+    globex: TestIssuer
+
+
+@pytest.fixture
+async def portals(services: Services) -> Portals:
+    acme = TestIssuer(tenant="acme", issuer="https://portal.acme.test")
+    globex = TestIssuer(tenant="globex", issuer="https://portal.globex.test")
+    for portal in (acme, globex):
+        await services.tenants.create(portal.tenant)
+        await services.issuers.add_key(portal.tenant, portal.issuer, portal.public_pem, kid=portal.kid)
+    return Portals(acme=acme, globex=globex)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> web.Application:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(
+    app: web.Application,
+    aiohttp_client: Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]],
+) -> TestClient[web.Request, web.Application]:
+    """The real application served over HTTP on loopback."""
+    return await aiohttp_client(app)

@@ -1,0 +1,159 @@
+"""The README's first command, for real: `bedside serve` with no database URL starts its own
+PostgreSQL, serves, lets other commands join it, refuses a second serve, and stops cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.embedded import EmbeddedPostgres
+
+BEDSIDE = str(Path(sys.executable).parent / "bedside")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="bedside-e2e-"))
+    os.chmod(path, 0o711)
+    yield path
+    EmbeddedPostgres(path).stop()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(data_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
+    env.update(BEDSIDE_DATA_DIR=str(data_dir), BEDSIDE_PORT=str(port), BEDSIDE_LOG_FORMAT="json")
+    return env
+
+
+def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen([BEDSIDE, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if "curl" in line:
+            return proc, lines
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    pytest.fail(f"bedside serve did not come up: {lines}")
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BEDSIDE, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _me(port: int, token: str) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/me", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=60)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_serve_runs_embedded_postgres_is_reused_and_stops_cleanly(data_dir: Path) -> None:
+    port = _free_port()
+    env = _env(data_dir, port)
+    pg = EmbeddedPostgres(data_dir)
+
+    proc, welcome = _start(env)
+    try:
+        # It tells a newcomer how to get a token and one curl that works.
+        assert any(f"http://127.0.0.1:{port}" in line for line in welcome)
+        assert any("token --tenant demo --role patient --sub Patient/1" in line for line in welcome)
+
+        token = _cli(env, "token", "--tenant", "demo", "--role", "patient", "--sub", "Patient/1")
+        assert token.returncode == 0, token.stderr
+        assert token.stdout.count("\n") == 1  # just the token
+        assert _me(port, token.stdout.strip()) == (
+            200,
+            {
+                "tenant": "demo",
+                "subject": "Patient/1",
+                "role": "patient",
+                "issuer": "urn:bedside:dev-issuer",
+                "act_for": None,
+            },
+        )
+
+        # Other commands join the running cluster instead of starting another.
+        created = _cli(env, "tenant", "create", "acme")
+        assert created.returncode == 0, created.stderr
+        assert "created tenant acme" in created.stdout
+
+        # A second serve on the same data directory is refused, clearly.
+        second = _cli(env | {"BEDSIDE_PORT": str(_free_port())}, "serve")
+        assert second.returncode == 1
+        assert "in use by `bedside serve`" in second.stderr
+    finally:
+        assert _stop(proc) == 0
+    assert pg.running_port() is None, "Ctrl-C must stop the embedded PostgreSQL too"
+
+    # The next run reuses the data directory: what was created before is still there.
+    version_file = pg.pgdata / "PG_VERSION"
+    initialized_at = version_file.stat().st_mtime_ns
+    proc, _ = _start(env)
+    try:
+        acme = _cli(env, "token", "--tenant", "acme", "--role", "physician", "--sub", "Practitioner/5").stdout.strip()
+        status, body = _me(port, acme)
+        assert status == 200
+        assert body["tenant"] == "acme"
+    finally:
+        assert _stop(proc) == 0
+    assert version_file.stat().st_mtime_ns == initialized_at, "the cluster must not be re-initialized"
+    assert pg.running_port() is None
+
+
+def test_commands_start_and_stop_the_embedded_database_when_no_serve_runs(data_dir: Path) -> None:
+    env = _env(data_dir, _free_port())
+    created = _cli(env, "tenant", "create", "clinic-1")
+    assert created.returncode == 0, created.stderr
+    listed = _cli(env, "tenant", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {line.split("\t")[0] for line in listed.stdout.splitlines()} == {"clinic-1", "demo"}
+    assert EmbeddedPostgres(data_dir).running_port() is None
+
+
+def test_token_refuses_to_mint_outside_embedded_mode(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
+    env.update(BEDSIDE_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none", BEDSIDE_DATA_DIR=str(tmp_path))
+    result = _cli(env, "token", "--role", "patient", "--sub", "Patient/1")
+    assert result.returncode == 1
+    assert "only in embedded mode" in result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,117 @@
+"""The migration runner: from empty, idempotent, tamper-evident, serialized, and the start-up check."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import asyncpg
+import pytest
+
+from service.app import create_app
+from service.errors import ConfigurationError
+from service.settings import Settings
+from service.store.migrate import MigrationError, load_migrations, migrate, schema_status
+
+
+async def _connect(dsn: str) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn)
+
+
+async def test_migrations_apply_from_an_empty_database(empty_database) -> None:
+    conn = await _connect(empty_database.owner)
+    try:
+        applied = await migrate(conn)
+        assert [m.version for m in applied] == list(range(1, len(load_migrations()) + 1))
+        tables = {r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        assert {"schema_migrations", "tenants", "issuers", "issuer_keys"} <= tables
+        assert (await schema_status(conn)).current
+    finally:
+        await conn.close()
+
+
+async def test_running_migrations_again_changes_nothing(empty_database) -> None:
+    conn = await _connect(empty_database.owner)
+    try:
+        await migrate(conn)
+        before = await conn.fetch("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version")
+        assert await migrate(conn) == []
+        after = await conn.fetch("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version")
+        assert before == after
+    finally:
+        await conn.close()
+
+
+async def test_an_applied_migration_that_was_edited_is_refused(database) -> None:
+    known = load_migrations()
+    edited = [dataclasses.replace(known[0], sql=known[0].sql + "\n-- edited afterwards\n"), *known[1:]]
+    conn = await _connect(database.owner)
+    try:
+        with pytest.raises(MigrationError, match="0001_foundation was changed after it was applied"):
+            await migrate(conn, edited)
+        status = await schema_status(conn, edited)
+        assert not status.current
+        assert status.problem is not None
+    finally:
+        await conn.close()
+
+
+async def test_a_database_newer_than_the_code_is_refused(database) -> None:
+    conn = await _connect(database.owner)
+    try:
+        await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')")
+        with pytest.raises(MigrationError, match="does not know"):
+            await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_runners_apply_each_migration_once(empty_database) -> None:
+    first, second = await _connect(empty_database.owner), await _connect(empty_database.owner)
+    try:
+        results = await asyncio.gather(migrate(first), migrate(second))
+        assert sorted(len(r) for r in results) == [0, len(load_migrations())]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_service_refuses_to_start_on_an_unmigrated_database(empty_database, cluster) -> None:
+    # Only the role and grants exist (from another database's migration), none of this one's tables.
+    settings = Settings(database_url=empty_database.app, db_pool_min=1, db_pool_max=2)
+    app = create_app(settings)
+    with pytest.raises(ConfigurationError):
+        async with Started(app):
+            pass
+
+
+async def test_the_service_refuses_to_start_against_an_unknown_schema(database) -> None:
+    conn = await _connect(database.owner)
+    await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')")
+    await conn.close()
+    app = create_app(Settings(database_url=database.app, db_pool_min=1, db_pool_max=2))
+    with pytest.raises(ConfigurationError, match="does not know"):
+        async with Started(app):
+            pass
+
+
+async def test_the_service_refuses_to_serve_as_the_table_owner(database) -> None:
+    app = create_app(Settings(database_url=database.owner, db_pool_min=1, db_pool_max=2))
+    with pytest.raises(ConfigurationError, match="bypasses row-level security"):
+        async with Started(app):
+            pass
+
+
+class Started:
+    """Run an app's start-up and clean-up without serving it."""
+
+    def __init__(self, app) -> None:
+        from aiohttp import web
+
+        self.runner = web.AppRunner(app)
+
+    async def __aenter__(self) -> None:
+        await self.runner.setup()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()

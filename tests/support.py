@@ -1,0 +1,75 @@
+"""Helpers the tests share: token issuers with real keys, and canaries."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+AUDIENCE = "bedside"
+
+
+def canary(label: str = "canary") -> str:
+    """A unique string that must never show up where patient content does not belong."""
+    return f"CANARY-{label}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class TestIssuer:
+    """An EHR portal's token issuer with a real key pair, as the portal would hold it."""
+
+    __test__ = False
+
+    tenant: str
+    issuer: str
+    algorithm: str = "EdDSA"
+    kid: str = "portal-key-1"
+    private_key: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.private_key is None:
+            self.private_key = {
+                "EdDSA": lambda: ed25519.Ed25519PrivateKey.generate(),
+                "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
+                "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            }[self.algorithm]()
+
+    @property
+    def public_pem(self) -> bytes:
+        return bytes(
+            self.private_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    def claims(self, *, role: str = "patient", sub: str = "Patient/1", **overrides: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": sub,
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now + 300,
+            "tid": self.tenant,
+            "role": role,
+        }
+        claims.update(overrides)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def token(
+        self, *, role: str = "patient", sub: str = "Patient/1", headers: dict[str, Any] | None = None, **overrides: Any
+    ) -> str:
+        return jwt.encode(
+            self.claims(role=role, sub=sub, **overrides),
+            self.private_key,
+            algorithm=self.algorithm,
+            headers={"kid": self.kid, **(headers or {})},
+        )
+
+    def auth(self, **kwargs: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(**kwargs)}"}
