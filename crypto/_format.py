@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -63,13 +63,31 @@ def encode_context(context: Mapping[str, str]) -> bytes:
 
     `u32(count) || for each (key, value) in order: u32(len) || key || u32(len) || value`, UTF-8.
     Order matters on purpose: callers build the context the same way at seal and at open.
+    This runs twice per record (seal and open), so it is written as one flat loop: the same bytes as
+    `text_field` for each entry, at a fraction of the calls.
     """
     if not isinstance(context, Mapping):
         raise TypeError("context must be a mapping of str to str")
-    parts = [u32(len(context))]
-    for key, value in context.items():
-        parts.append(text_field(key, "context key"))
-        parts.append(text_field(value, "context value"))
+    pack = _U32.pack
+    parts = [pack(len(context))]
+    append = parts.append
+    # Typed loosely on purpose: callers' annotations are not checked at run time, this loop is.
+    items: Iterable[tuple[object, object]] = context.items()
+    for key, value in items:
+        if not isinstance(key, str) or not isinstance(value, str):
+            what = "context key" if not isinstance(key, str) else "context value"
+            bad = key if not isinstance(key, str) else value
+            raise TypeError(f"{what} must be str, not {type(bad).__name__}")
+        try:
+            k, v = key.encode("utf-8"), value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("context is not valid Unicode text (lone surrogate)") from None
+        if len(k) > _MAX_U32 or len(v) > _MAX_U32:
+            raise ValueError("value does not fit in an unsigned 32-bit field")
+        append(pack(len(k)))
+        append(k)
+        append(pack(len(v)))
+        append(v)
     return b"".join(parts)
 
 

@@ -11,6 +11,7 @@ import base64
 import hashlib
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -38,7 +39,7 @@ def load_issuer_public_key(pem: bytes) -> IssuerPublicKey:
     """Parse a PEM public key, decide its algorithm, and return it in canonical SubjectPublicKeyInfo form."""
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise IssuerKeyError("not a PEM-encoded public key") from None
     if isinstance(key, ed25519.Ed25519PublicKey):
         algorithm = "EdDSA"
@@ -83,7 +84,7 @@ def issuer_key_pair_from_private_pem(private_pem: bytes) -> IssuerKeyPair:
     """Load a private key (PEM, unencrypted) and derive its public half."""
     try:
         private = serialization.load_pem_private_key(private_pem, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise IssuerKeyError("not a PEM-encoded, unencrypted private key") from None
     public_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

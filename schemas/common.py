@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -31,3 +33,6 @@ class Problem(BaseModel):
     code: str = Field(description="Stable, machine-readable problem code")
     request_id: str = Field(description="Quote this to support; it finds the request in the logs")
     errors: list[FieldProblemOut] | None = None
+    shredded_at: datetime | None = Field(
+        default=None, description="For content-shredded (410): when the key was destroyed (the tombstone)"
+    )

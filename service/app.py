@@ -6,18 +6,37 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from crypto.dek_cache import DataKeyCache
+from crypto.errors import KeyProviderError
+from crypto.kek import KekProvider
+from crypto.kek_file import LocalKeyFileProvider
 from service import __version__
 from service.api.metrics import HttpMetrics
 from service.api.middleware import MIDDLEWARES
 from service.api.openapi import build_openapi
-from service.api.routes import ROUTES, add_routes
+from service.api.routes import ROUTES, add_routes, route_gates
 from service.domain.auth import Authenticator
 from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
+from service.domain.keyring import KekClient, PatientKeyring
+from service.domain.keys import KeyOperations
 from service.domain.tenants import TenantService
 from service.errors import ConfigurationError
-from service.keys import AUTHENTICATOR, HEALTH, ISSUERS, METRICS, OPENAPI, PUBLIC_ROUTES, SETTINGS, TENANTS
+from service.keys import (
+    AUTHENTICATOR,
+    HEALTH,
+    ISSUERS,
+    KEY_OPERATIONS,
+    KEYRING,
+    METRICS,
+    OPENAPI,
+    PUBLIC_ROUTES,
+    ROUTE_GATES,
+    SETTINGS,
+    TENANTS,
+)
 from service.settings import Settings
+from service.store.data_keys import DataKeyStore
 from service.store.db import Database, check_application_role
 from service.store.issuers import IssuerStore
 from service.store.migrate import SchemaStore
@@ -33,6 +52,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = HttpMetrics()
     app[PUBLIC_ROUTES] = add_routes(app, ROUTES)
+    app[ROUTE_GATES] = route_gates(ROUTES)
     app[OPENAPI] = build_openapi(ROUTES, version=__version__)
     app.cleanup_ctx.append(_services)
     return app
@@ -58,7 +78,20 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 or f"the database schema is at migration {status.applied} of {status.known}: "
                 "run `bedside migrate` first"
             )
+        kek = KekClient(build_kek_provider(settings))
+        keyring = PatientKeyring(
+            DataKeyStore(),
+            kek,
+            DataKeyCache(
+                max_entries=settings.dek_cache_max_entries,
+                max_age=settings.dek_cache_max_age_seconds,
+                max_uses=settings.dek_cache_max_uses,
+            ),
+        )
         tenant_store, issuer_store = TenantStore(), IssuerStore()
+        key_operations = KeyOperations(db, tenant_store, DataKeyStore(), kek, keyring)
+        app[KEYRING] = keyring
+        app[KEY_OPERATIONS] = key_operations
         issuers = IssuerService(db, tenant_store, issuer_store, cache_seconds=settings.issuer_cache_seconds)
         app[TENANTS] = TenantService(db, tenant_store)
         app[ISSUERS] = issuers
@@ -69,6 +102,33 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
         )
         app[HEALTH] = HealthService(db, schema)
-        yield
+        try:
+            yield
+        finally:
+            await key_operations.close()
+            kek.close()
+            _close_provider(kek.provider)
     finally:
         await db.close()
+
+
+def build_kek_provider(settings: Settings) -> KekProvider:
+    """The configured KEK provider. A key file that is missing is created only when allowed."""
+    try:
+        if settings.kek_provider == "pkcs11":
+            # Imported here: python-pkcs11 is the optional `hsm` extra.
+            from crypto.kek_pkcs11 import Pkcs11KekProvider
+
+            library, label, pin = settings.pkcs11_library, settings.pkcs11_token_label, settings.pkcs11_pin
+            if library is None or label is None or pin is None:
+                raise ConfigurationError("kek_provider=pkcs11 needs a library, a token label and a PIN")
+            return Pkcs11KekProvider(library_path=library, token_label=label, user_pin=pin.get_secret_value())
+        return LocalKeyFileProvider(settings.kek_file_path, create=settings.kek_file_create)
+    except KeyProviderError as exc:
+        raise ConfigurationError(f"KEK provider: {exc}") from None
+
+
+def _close_provider(provider: KekProvider) -> None:
+    close = getattr(provider, "close", None)
+    if callable(close):
+        close()

@@ -12,17 +12,21 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from pydantic import SecretStr
 
+from crypto.dek_cache import DataKeyCache
 from crypto.issuer_keys import IssuerKeyError, generate_ed25519_issuer_key, issuer_key_pair_from_private_pem
 from service import __version__
-from service.app import create_app
+from service.app import build_kek_provider, create_app
 from service.domain.issuers import DEV_ISSUER, IssuerService, mint_token
+from service.domain.keyring import KekClient, PatientKeyring
+from service.domain.keys import KeyOperations, KeyStatus
 from service.domain.principal import SUBJECT_TYPE, Role, is_reference
 from service.domain.tenants import TenantService
 from service.embedded import (
@@ -36,6 +40,7 @@ from service.errors import ConfigurationError, DomainError, InvalidRequestError
 from service.logs import configure_logging, get_logger
 from service.settings import Settings, SettingsError, load_settings
 from service.store.bootstrap import ensure_database, migrate_database, prepare_database, schema_report
+from service.store.data_keys import DataKeyStore
 from service.store.db import Database
 from service.store.issuers import IssuerStore
 from service.store.tenants import TenantStore
@@ -154,15 +159,18 @@ def _run(coro: Awaitable[T]) -> T:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with database_target(settings, "serve") as target:
-        effective = settings.model_copy(update={"database_url": _secret(target.app_dsn)})
+        effective = _effective(settings, target)
         asyncio.run(_serve(effective, lambda: _print_welcome(settings, effective, target)))
     return 0
 
 
-def _secret(value: str) -> Any:
-    from pydantic import SecretStr
-
-    return SecretStr(value)
+def _effective(settings: Settings, target: Target) -> Settings:
+    """The settings a command runs with once its database is known. Embedded mode owns its key file,
+    so it may create it on first use; elsewhere a missing key file is an error."""
+    update: dict[str, object] = {"database_url": SecretStr(target.app_dsn)}
+    if target.embedded:
+        update["kek_file_create"] = True
+    return settings.model_copy(update=update)
 
 
 async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
@@ -268,6 +276,96 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.asynccontextmanager
+async def _key_operations(settings: Settings) -> AsyncIterator[KeyOperations]:
+    assert settings.database_url is not None
+    db = await Database.connect(settings.database_url.get_secret_value(), min_size=1, max_size=2)
+    kek = KekClient(build_kek_provider(settings))
+    try:
+        keyring = PatientKeyring(DataKeyStore(), kek, DataKeyCache(max_entries=1))
+        yield KeyOperations(db, TenantStore(), DataKeyStore(), kek, keyring)
+    finally:
+        kek.close()
+        close = getattr(kek.provider, "close", None)
+        if callable(close):
+            close()
+        await db.close()
+
+
+def _print_status(status: KeyStatus) -> None:
+    print(
+        f"KEK {status.kek_id}: primary version {status.primary_version}, "
+        f"usable versions {', '.join(map(str, status.usable_versions))}"
+    )
+    for count in status.wraps:
+        marker = "" if count.kek_id == status.kek_id else "  (another KEK: not readable with this one)"
+        print(f"  version {count.kek_version}: {count.wraps} data key wrap(s){marker}")
+    print(
+        f"patient data keys: {status.live_keys} live, {status.shredded_keys} shredded; "
+        f"{status.stale_wraps} wrap(s) under older versions"
+    )
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._tty = sys.stderr.isatty()
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        percent = 100 if total == 0 else min(100, done * 100 // total)
+        if percent == self._last:
+            return
+        self._last = percent
+        if self._tty:
+            bar = "#" * (percent // 4) + "." * (25 - percent // 4)
+            print(f"\r{self._label} [{bar}] {done}/{total} {percent:3d}%", end="", file=sys.stderr, flush=True)
+            if done >= total:
+                print(file=sys.stderr)
+        elif percent % 10 == 0 or done >= total:
+            print(f"{self._label}: {done}/{total} ({percent}%)", file=sys.stderr, flush=True)
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    async def run(effective: Settings) -> int:
+        async with _key_operations(effective) as operations:
+            if args.keys_command == "status":
+                _print_status(await operations.status(args.tenant))
+            elif args.keys_command == "rotate":
+                if not args.resume:
+                    version = await operations.add_kek_version()
+                    print(f"KEK version {version} is now primary")
+                moved = await operations.rewrap(progress=ProgressBar("rewrapping"))
+                print(f"rewrapped {moved} data key wrap(s)")
+                if args.retire_old:
+                    status = await operations.status()
+                    for version in status.usable_versions:
+                        if version != status.primary_version:
+                            await operations.retire(version)
+                            print(f"retired KEK version {version}")
+            elif args.keys_command == "retire":
+                await operations.retire(args.version)
+                print(f"retired KEK version {args.version}")
+            elif args.keys_command == "shred":
+                result = await operations.shred(args.tenant, args.patient, args.confirm, actor="cli")
+                print(
+                    f"shredded {result.patient} in {args.tenant} at {result.shredded_at.isoformat()} "
+                    f"(data key {result.dek_id}); their content can no longer be decrypted"
+                )
+        return 0
+
+    if args.keys_command == "shred" and args.confirm is None:
+        if not sys.stdin.isatty():
+            raise CliError("shredding is irreversible: pass --confirm with the patient reference again")
+        args.confirm = input(
+            f"Destroy every readable copy of {args.patient}'s content? Type the patient reference to confirm: "
+        ).strip()
+    with database_target(settings, "keys") as target:
+        return _run(run(_effective(settings, target)))
+
+
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.embedded:
         raise CliError(
@@ -347,6 +445,21 @@ def build_parser() -> argparse.ArgumentParser:
     listing = with_db(issuer_sub.add_parser("list", help="list a tenant's trusted issuer keys"))
     listing.add_argument("--tenant", required=True)
     issuer.set_defaults(func=cmd_issuer)
+
+    keys = sub.add_parser("keys", help="key-encryption keys: status, rotation, crypto-shredding")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    status = with_db(keys_sub.add_parser("status", help="KEK versions and how many data keys each wraps"))
+    status.add_argument("--tenant", help="one tenant only")
+    rotate = with_db(keys_sub.add_parser("rotate", help="new primary KEK version, then rewrap every data key"))
+    rotate.add_argument("--resume", action="store_true", help="only finish an interrupted rewrap")
+    rotate.add_argument("--retire-old", action="store_true", help="then destroy the older versions (irreversible)")
+    retire = with_db(keys_sub.add_parser("retire", help="destroy a KEK version no data key uses (irreversible)"))
+    retire.add_argument("--version", type=int, required=True)
+    shred = with_db(keys_sub.add_parser("shred", help="crypto-shred a patient's content (irreversible)"))
+    shred.add_argument("--tenant", required=True)
+    shred.add_argument("--patient", required=True, help="e.g. Patient/1")
+    shred.add_argument("--confirm", help="repeat the patient reference (else asked interactively)")
+    keys.set_defaults(func=cmd_keys)
 
     token = sub.add_parser("token", help="print a development token (embedded mode only)")
     token.add_argument("--tenant", default=DEMO_TENANT)

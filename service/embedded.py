@@ -208,16 +208,19 @@ class EmbeddedPostgres:
         except (OSError, IndexError, ValueError):
             return None
 
-    def start(self) -> int:
-        """Start the server on a free loopback port (initdb first if needed); return the port."""
+    def start(self, *, durable: bool = True) -> int:
+        """Start the server on a free loopback port (initdb first if needed); return the port.
+
+        `durable=False` turns fsync off: only for throwaway clusters such as the test suite's."""
         if not self.initialized:
             self.initialize()
         self._prepare_dirs()
         port = _free_port()
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='' "
-            "-c synchronous_commit=on -c fsync=on -c max_connections=200"
+            "-c synchronous_commit=on -c max_connections=200"
         )
+        options += " -c fsync=on" if durable else " -c fsync=off -c full_page_writes=off"
         self._run(
             "pg_ctl",
             "start",

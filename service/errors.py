@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class DomainError(Exception):
@@ -100,3 +101,14 @@ class UnavailableError(DomainError):
 
 class ConfigurationError(Exception):
     """Bedside cannot start as configured (wrong database role, unknown schema, bad key file)."""
+
+
+class ShreddedError(DomainError):
+    """The content was crypto-shredded: its key is destroyed and it can never be read again."""
+
+    code = "content-shredded"
+    title = "This content was destroyed"
+
+    def __init__(self, shredded_at: datetime) -> None:
+        super().__init__("The patient's data key was destroyed; this content can no longer be read")
+        self.shredded_at = shredded_at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,8 @@ from service.api.metrics import HttpMetrics
 from service.domain.auth import Authenticator
 from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
+from service.domain.keyring import PatientKeyring
+from service.domain.keys import KeyOperations
 from service.domain.principal import Principal
 from service.domain.tenants import TenantService
 from service.settings import Settings
@@ -18,10 +21,13 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", HttpMetrics)
 PUBLIC_ROUTES = web.AppKey[frozenset[str]]("public_routes")
 OPENAPI = web.AppKey[dict[str, Any]]("openapi")
+ROUTE_GATES = web.AppKey[dict[str, Callable[[Principal], bool]]]("route_gates")
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 HEALTH = web.AppKey("health", HealthService)
 TENANTS = web.AppKey("tenants", TenantService)
 ISSUERS = web.AppKey("issuers", IssuerService)
+KEYRING = web.AppKey("keyring", PatientKeyring)
+KEY_OPERATIONS = web.AppKey("key_operations", KeyOperations)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

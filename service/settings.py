@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(default=20, ge=1, le=500)
     db_statement_timeout_ms: int = Field(default=15_000, ge=100, le=600_000)
 
+    # Key-encryption keys: a local key file (default: <data_dir>/kek.json) or a PKCS#11 token (HSM).
+    kek_provider: Literal["file", "pkcs11"] = "file"
+    kek_file: Path | None = None
+    # Make the key file when it is missing. Embedded mode does; elsewhere a missing file is an error,
+    # because a new KEK could not unwrap any data key already stored.
+    kek_file_create: bool = False
+    pkcs11_library: str | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_pin: SecretStr | None = None
+    dek_cache_max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    dek_cache_max_age_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    dek_cache_max_uses: int = Field(default=100_000, ge=1)
+
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -47,9 +60,19 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// URL")
         return value
 
+    @model_validator(mode="after")
+    def _pkcs11_complete(self) -> Settings:
+        if self.kek_provider == "pkcs11" and not (self.pkcs11_library and self.pkcs11_token_label and self.pkcs11_pin):
+            raise ValueError("kek_provider=pkcs11 needs BEDSIDE_PKCS11_LIBRARY, _TOKEN_LABEL and _PIN")
+        return self
+
     @property
     def embedded(self) -> bool:
         return self.database_url is None
+
+    @property
+    def kek_file_path(self) -> Path:
+        return self.kek_file if self.kek_file is not None else self.data_dir / "kek.json"
 
 
 class SettingsError(Exception):
@@ -66,8 +89,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_input=False, include_url=False):
-            name = "BEDSIDE_" + "_".join(str(part) for part in error["loc"]).upper()
-            lines.append(f"  {name}: {error['msg']}")
+            if error["loc"]:
+                name = "BEDSIDE_" + "_".join(str(part) for part in error["loc"]).upper()
+                lines.append(f"  {name}: {error['msg']}")
+            else:
+                lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from None
 
 

@@ -19,12 +19,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
+from crypto.dek_cache import DataKeyCache
+from crypto.kek_file import LocalKeyFileProvider
 from service.app import create_app
 from service.domain.issuers import IssuerService
+from service.domain.keyring import KekClient, PatientKeyring
+from service.domain.keys import KeyOperations
 from service.domain.tenants import TenantService
 from service.embedded import APP_LOGIN_ROLE, Connection, EmbeddedPostgres
 from service.settings import Settings
 from service.store.bootstrap import ensure_database, prepare_database
+from service.store.data_keys import DataKeyStore
 from service.store.db import Database
 from service.store.issuers import IssuerStore
 from service.store.tenants import TenantStore
@@ -58,7 +63,7 @@ def cluster() -> Iterator[Cluster]:
     data_dir = Path(tempfile.mkdtemp(prefix="bedside-test-pg-"))
     os.chmod(data_dir, 0o711)
     pg = EmbeddedPostgres(data_dir)
-    port = pg.start()
+    port = pg.start(durable=False)  # a throwaway cluster: crash safety buys nothing here
     connection = pg.connection(port)
     info = Cluster(connection=connection, data_dir=data_dir)
 
@@ -110,9 +115,16 @@ async def empty_database(cluster: Cluster) -> AsyncIterator[Dsns]:
 
 
 @pytest.fixture
-def settings(database: Dsns) -> Settings:
+def kek_file(tmp_path: Path) -> Path:
+    return tmp_path / "kek.json"
+
+
+@pytest.fixture
+def settings(database: Dsns, kek_file: Path) -> Settings:
     return Settings(
         database_url=SecretStr(database.app),
+        kek_file=kek_file,
+        kek_file_create=True,
         issuer_cache_seconds=0,
         db_pool_min=1,
         db_pool_max=4,
@@ -122,19 +134,37 @@ def settings(database: Dsns) -> Settings:
 
 @dataclass
 class Services:
+    db: Database
     tenants: TenantService
     issuers: IssuerService
+    keyring: PatientKeyring
+    keys: KeyOperations
+    kek: KekClient
+
+
+def build_key_services(db: Database, kek_file: Path) -> tuple[KekClient, PatientKeyring, KeyOperations]:
+    """The keyring and key operations as create_app builds them, over a real key file."""
+    kek = KekClient(LocalKeyFileProvider(kek_file, create=True))
+    keyring = PatientKeyring(DataKeyStore(), kek, DataKeyCache())
+    return kek, keyring, KeyOperations(db, TenantStore(), DataKeyStore(), kek, keyring)
 
 
 @pytest.fixture
-async def services(database: Dsns) -> AsyncIterator[Services]:
+async def services(database: Dsns, kek_file: Path) -> AsyncIterator[Services]:
     """Domain services on the application role, for arranging what a test needs."""
-    db = await Database.connect(database.app, min_size=1, max_size=2)
+    db = await Database.connect(database.app, min_size=1, max_size=8)
     tenant_store = TenantStore()
+    kek, keyring, keys = build_key_services(db, kek_file)
     yield Services(
+        db=db,
         tenants=TenantService(db, tenant_store),
         issuers=IssuerService(db, tenant_store, IssuerStore(), cache_seconds=0),
+        keyring=keyring,
+        keys=keys,
+        kek=kek,
     )
+    await keys.close()
+    kek.close()
     await db.close()
 
 

@@ -16,10 +16,10 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.api.metrics import UNMATCHED_ROUTE
+from service.api.metrics import KNOWN_METHODS, UNMATCHED_ROUTE
 from service.api.problems import domain_problem, http_problem, internal_problem
-from service.errors import AuthenticationError, DomainError
-from service.keys import AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES, REQUEST_ID
+from service.errors import AuthenticationError, DomainError, NotFoundError
+from service.keys import AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES, REQUEST_ID, ROUTE_GATES
 
 log = structlog.get_logger("bedside.http")
 
@@ -56,7 +56,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         principal = request.get(PRINCIPAL)
         log.info(
             "http.request",
-            method=request.method if request.method.isalpha() else "OTHER",
+            method=request.method if request.method in KNOWN_METHODS else "OTHER",
             route=route,
             status=status,
             duration_ms=round(elapsed * 1000, 2),
@@ -94,6 +94,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     principal = await request.app[AUTHENTICATOR].authenticate(request.headers.get("Authorization"))
     request[PRINCIPAL] = principal
+    gate = request.app[ROUTE_GATES].get(match_info.route.name or "")
+    if gate is not None and not gate(principal):
+        raise NotFoundError()
     return await handler(request)
 
 

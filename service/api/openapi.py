@@ -38,6 +38,7 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
     models: set[type[BaseModel]] = {Problem}
     for route in routes:
         models.update(m for m in (route.body, route.response) if m is not None)
+        models.update(model for _, model in route.other_responses)
     ordered = sorted(models, key=lambda m: m.__name__)
     refs, definitions = models_json_schema(
         [(model, mode) for model in ordered for mode in ("validation", "serialization")],
@@ -88,6 +89,11 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
             statuses.update({400, 413, 415, 422})
         for status in sorted(statuses):
             operation["responses"][str(status)] = _problem_response(status, refs[(Problem, "serialization")])
+        for status, model in route.other_responses:
+            operation["responses"][str(status)] = {
+                "description": _STATUS_TEXT.get(status, "See body"),
+                "content": {"application/json": {"schema": refs[(model, "serialization")]}},
+            }
         if not route.public:
             operation["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[route.method.lower()] = operation

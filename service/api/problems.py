@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 
 from aiohttp import web
 
@@ -18,6 +19,7 @@ from service.errors import (
     MalformedRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    ShreddedError,
     UnavailableError,
     UnsupportedMediaTypeError,
 )
@@ -30,6 +32,7 @@ STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (AuthenticationError, 401),
     (ForbiddenError, 403),
     (NotFoundError, 404),
+    (ShreddedError, 410),
     (AlreadyExistsError, 409),
     (ConflictError, 409),
     (PayloadTooLargeError, 413),
@@ -75,6 +78,7 @@ def problem_response(
     detail: str | None = None,
     errors: list[FieldProblemOut] | None = None,
     headers: dict[str, str] | None = None,
+    shredded_at: datetime | None = None,
 ) -> web.Response:
     problem = Problem(
         type=PROBLEM_TYPE_PREFIX + code,
@@ -84,10 +88,11 @@ def problem_response(
         code=code,
         request_id=request_id,
         errors=errors,
+        shredded_at=shredded_at,
     )
     return web.Response(
         status=status,
-        body=json.dumps(problem.model_dump(exclude_none=True)).encode(),
+        body=json.dumps(problem.model_dump(mode="json", exclude_none=True)).encode(),
         content_type=PROBLEM_CONTENT_TYPE,
         headers=headers,
     )
@@ -107,6 +112,7 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         headers["Retry-After"] = "5"
     if isinstance(error, InvalidRequestError):
         errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
+    shredded_at = error.shredded_at if isinstance(error, ShreddedError) else None
     return problem_response(
         status=status,
         code=error.code,
@@ -115,6 +121,7 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         request_id=request_id,
         errors=errors,
         headers=headers,
+        shredded_at=shredded_at,
     )
 
 
@@ -123,8 +130,14 @@ def http_problem(exc: web.HTTPException, request_id: str) -> web.Response:
     headers = {}
     if exc.status == 405 and "Allow" in exc.headers:
         headers["Allow"] = exc.headers["Allow"]
+    # The same body as a domain NotFoundError: a missing route and a hidden resource look alike.
     return problem_response(
-        status=known.status, code=known.code, title=known.title, request_id=request_id, headers=headers
+        status=known.status,
+        code=known.code,
+        title=known.title,
+        detail=known.title,
+        request_id=request_id,
+        headers=headers,
     )
 
 

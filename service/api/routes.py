@@ -10,8 +10,11 @@ from pydantic import BaseModel
 
 from schemas.health import HealthOut, ReadyOut
 from schemas.issuers import IssuerKeyBody, IssuerKeyListOut, IssuerKeyOut
+from schemas.keys import KeyStatusOut, RewrapOut, ShredBody, ShredOut
 from schemas.me import MeOut
-from service.api import health, issuers, me
+from service.api import health, issuers, keys, me
+from service.domain import policy
+from service.domain.principal import Principal
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -31,6 +34,12 @@ class Route:
     errors: tuple[int, ...] = ()
     media_type: str = "application/json"
     query: tuple[tuple[str, str, bool], ...] = field(default=())  # (name, description, required)
+    # Non-2xx answers whose body is a model rather than a problem (readiness says why it is not ready).
+    other_responses: tuple[tuple[int, type[BaseModel]], ...] = ()
+    # A first, coarse policy check made before the body is read: a caller it refuses gets the same 404
+    # as for a route that does not exist, and learns nothing of the body's schema. The domain checks
+    # again (defence in depth).
+    gate: Callable[[Principal], bool] | None = None
 
 
 ROUTES: tuple[Route, ...] = (
@@ -53,7 +62,7 @@ ROUTES: tuple[Route, ...] = (
         "operations",
         public=True,
         response=ReadyOut,
-        errors=(503,),
+        other_responses=((503, ReadyOut),),
     ),
     Route(
         "GET",
@@ -83,6 +92,7 @@ ROUTES: tuple[Route, ...] = (
         "add_issuer_key",
         "Trust another public key of the tenant's token issuer (admin)",
         "administration",
+        gate=policy.can_manage_issuers,
         body=IssuerKeyBody,
         response=IssuerKeyOut,
         status=201,
@@ -95,8 +105,44 @@ ROUTES: tuple[Route, ...] = (
         "list_issuer_keys",
         "The tenant's trusted token issuers and their keys (admin)",
         "administration",
+        gate=policy.can_manage_issuers,
         response=IssuerKeyListOut,
         errors=(404,),
+    ),
+    Route(
+        "GET",
+        "/v1/admin/keys",
+        keys.get_key_status,
+        "get_key_status",
+        "The tenant's data keys by KEK version (admin)",
+        "administration",
+        gate=policy.can_manage_keys,
+        response=KeyStatusOut,
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/keys/rewrap",
+        keys.rewrap_keys,
+        "rewrap_keys",
+        "Rewrap the tenant's data keys under the primary KEK version, in the background (admin)",
+        "administration",
+        gate=policy.can_manage_keys,
+        response=RewrapOut,
+        status=202,
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/keys/shred",
+        keys.shred_patient_key,
+        "shred_patient_key",
+        "Crypto-shred a patient: destroy their data key, irreversibly (admin)",
+        "administration",
+        gate=policy.can_manage_keys,
+        body=ShredBody,
+        response=ShredOut,
+        errors=(404, 409),
     ),
 )
 
@@ -106,3 +152,8 @@ def add_routes(app: web.Application, routes: tuple[Route, ...] = ROUTES) -> froz
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler, name=route.name)
     return frozenset(route.name for route in routes if route.public)
+
+
+def route_gates(routes: tuple[Route, ...] = ROUTES) -> dict[str, Callable[[Principal], bool]]:
+    """Route name -> the gate its caller must pass."""
+    return {route.name: route.gate for route in routes if route.gate is not None}

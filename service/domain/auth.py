@@ -16,8 +16,9 @@ import jwt
 
 from crypto.issuer_keys import ALLOWED_ALGORITHMS
 from service.domain.issuers import IssuerService
-from service.domain.principal import SUBJECT_TYPE, Principal, Role, is_reference
+from service.domain.principal import SUBJECT_TYPE, Principal, Role, is_plain_text, is_reference
 from service.errors import AuthenticationError
+from service.settings import is_slug
 
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
 MAX_TOKEN_LENGTH = 8192
@@ -61,6 +62,9 @@ class Authenticator:
         tenant, issuer = unverified.get("tid"), unverified.get("iss")
         if not isinstance(tenant, str) or not isinstance(issuer, str):
             raise AuthenticationError("missing-claim")
+        # Checked before they reach a database query: a slug, and a printable, encodable issuer.
+        if not is_slug(tenant) or not is_plain_text(issuer, 300):
+            raise AuthenticationError("unknown-issuer")
         trusted = await self._issuers.trusted_keys(tenant, issuer)
         if trusted.tenant_id is None or not trusted.keys:
             raise AuthenticationError("unknown-issuer")
@@ -125,7 +129,7 @@ class Authenticator:
         if expires - issued > self._max_lifetime:
             raise AuthenticationError("lifetime-too-long")
         role = claims["role"]
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise AuthenticationError("unknown-role")
         role = Role(role)
         subject = claims["sub"]

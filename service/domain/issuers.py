@@ -17,7 +17,7 @@ import jwt
 
 from crypto.issuer_keys import IssuerKeyError, IssuerKeyPair, load_issuer_public_key
 from service.domain.policy import can_manage_issuers
-from service.domain.principal import Principal
+from service.domain.principal import Principal, is_plain_text
 from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError
 from service.store.db import Database
 from service.store.issuers import IssuerKeyRecord, IssuerStore
@@ -57,14 +57,14 @@ class IssuerService:
         """Trust `issuer` in `tenant` with this public key; returns the key's kid (its fingerprint
         unless given). Adding the same key again changes nothing; another key under a used kid is refused."""
         problems = []
-        if not 1 <= len(issuer) <= 300 or not issuer.isprintable():
+        if not is_plain_text(issuer, 300):
             problems.append(FieldProblem(("issuer",), "value", "1 to 300 printable characters"))
-        if kid is not None and (not 1 <= len(kid) <= 200 or not kid.isprintable()):
+        if kid is not None and not is_plain_text(kid, 200):
             problems.append(FieldProblem(("kid",), "value", "1 to 200 printable characters"))
         try:
             key = load_issuer_public_key(public_key_pem)
         except IssuerKeyError as exc:
-            problems.append(FieldProblem(("public_key",), "key", str(exc)))
+            problems.append(FieldProblem(("public_key_pem",), "key", str(exc)))
         if problems:
             raise InvalidRequestError(problems)
         kid = kid or key.fingerprint

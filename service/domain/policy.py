@@ -8,3 +8,8 @@ from service.domain.principal import Principal, Role
 def can_manage_issuers(principal: Principal) -> bool:
     """Only a tenant admin registers or lists the token issuers its tenant trusts."""
     return principal.role is Role.ADMIN
+
+
+def can_manage_keys(principal: Principal) -> bool:
+    """Key status, rewrap and crypto-shredding of a tenant's patients: its admin only."""
+    return principal.role is Role.ADMIN

@@ -38,6 +38,18 @@ def is_reference(value: object, resource_type: str | None = None) -> bool:
     return resource_type is None or value.split("/", 1)[0] == resource_type
 
 
+def is_plain_text(value: object, limit: int) -> bool:
+    """A non-empty printable string of at most `limit` characters that encodes as UTF-8 (no lone
+    surrogates, no NUL): safe to store and to compare, and never a way to break a query or a log line."""
+    if not isinstance(value, str) or not 1 <= len(value) <= limit or not value.isprintable():
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated caller within one tenant. `act_for` is the patient a proxy acts for."""

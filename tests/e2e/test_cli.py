@@ -91,3 +91,47 @@ def test_a_bad_setting_is_named_without_its_value() -> None:
     assert result.returncode == 2
     assert "BEDSIDE_DATABASE_URL" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_serve_uses_an_existing_database_given_by_url(database, kek_file: Path) -> None:
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from crypto.kek_file import LocalKeyFileProvider
+
+    LocalKeyFileProvider(kek_file, create=True)  # the operator's key file, provisioned beforehand
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
+    env["BEDSIDE_KEK_FILE"] = str(kek_file)
+    proc = subprocess.Popen(
+        [BEDSIDE, "serve", "--database-url", database.app, "--port", str(port), "--host", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        assert f"serving on http://127.0.0.1:{port}" in banner
+        assert "token" not in banner  # no development issuer outside embedded mode
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        if proc.stdout is not None:
+            proc.stdout.close()

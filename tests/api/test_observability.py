@@ -1,0 +1,99 @@
+"""Probes, request ids and metrics: what an orchestrator and an operator see."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Dsns, Portals
+
+GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+async def test_health_is_ok_without_a_token(client) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_ready_when_the_database_is_reachable_and_current(client) -> None:
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready", "database": "ok", "schema_version": "current"}
+
+
+async def test_not_ready_when_the_database_has_a_migration_this_code_does_not_know(client, database: Dsns) -> None:
+    conn = await asyncpg.connect(database.owner)
+    try:
+        await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')")
+    finally:
+        await conn.close()
+
+    response = await client.get("/readyz")
+
+    assert response.status == 503
+    assert await response.json() == {"status": "not-ready", "database": "ok", "schema_version": "not-current"}
+
+
+VALID_REQUEST_IDS = ["req-12345678", "A.b_c-0123456789", "x" * 64]
+INVALID_REQUEST_IDS = ["req 12345678", "short", "x" * 65, "req-1234;5678", "req-1234\t5678", "ümlaut-12345678", ""]
+
+
+async def test_valid_incoming_request_id_is_echoed(client) -> None:
+    for incoming in VALID_REQUEST_IDS:
+        response = await client.get("/healthz", headers={"X-Request-Id": incoming})
+        assert response.headers["X-Request-Id"] == incoming
+
+
+async def test_invalid_incoming_request_id_is_replaced_by_a_generated_one(client) -> None:
+    # Space, too short, too long, semicolon, tab, non-ASCII, empty: it goes into logs, so only plain ids.
+    for incoming in INVALID_REQUEST_IDS:
+        response = await client.get("/healthz", headers={"X-Request-Id": incoming})
+        assert GENERATED_ID.fullmatch(response.headers["X-Request-Id"]), repr(incoming)
+
+
+async def test_each_request_without_an_id_gets_its_own(client) -> None:
+    ids = {(await client.get("/healthz")).headers["X-Request-Id"] for _ in range(3)}
+    assert len(ids) == 3
+    assert all(GENERATED_ID.fullmatch(request_id) for request_id in ids)
+
+
+async def test_problem_responses_carry_the_request_id_too(client) -> None:
+    response = await client.get("/v1/me", headers={"X-Request-Id": "req-12345678"})
+    assert response.status == 401
+    assert response.headers["X-Request-Id"] == "req-12345678"
+    assert (await response.json())["request_id"] == "req-12345678"
+
+
+async def _requests_counter(client) -> dict[tuple[str, str, str], float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    counts = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            if sample.name == "bedside_http_requests_total":
+                counts[(sample.labels["route"], sample.labels["method"], sample.labels["status"])] = sample.value
+    return counts
+
+
+async def test_metrics_count_requests_by_route_template_and_status(client, portals: Portals) -> None:
+    for _ in range(2):
+        assert (await client.get("/v1/me", headers=portals.acme.auth())).status == 200
+    assert (await client.get("/v1/me")).status == 401
+    assert (await client.get("/v1/nowhere/1")).status == 404
+    assert (await client.get("/v1/nowhere/2")).status == 404
+
+    counts = await _requests_counter(client)
+
+    assert counts[("/v1/me", "GET", "200")] == 2
+    assert counts[("/v1/me", "GET", "401")] == 1
+    assert counts[("<unmatched>", "GET", "404")] == 2
+
+
+async def test_metrics_count_the_metrics_request_itself_afterwards(client) -> None:
+    await _requests_counter(client)
+    counts = await _requests_counter(client)
+    assert counts[("/metrics", "GET", "200")] == 1

@@ -1,0 +1,127 @@
+"""Configuration from BEDSIDE_* variables: validated once, frozen, and never quoting a value in an error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from service.settings import Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets: the developer's or CI's own BEDSIDE_* variables must not leak in."""
+    for name in list(os.environ):
+        if name.upper().startswith("BEDSIDE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_are_embedded_mode_on_loopback() -> None:
+    settings = load_settings()
+
+    assert settings.embedded
+    assert settings.database_url is None
+    assert settings.data_dir == Path(".bedside")
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert settings.audience == "bedside"
+    assert settings.jwt_leeway_seconds == 60
+    assert settings.jwt_max_lifetime_seconds == 3600
+    assert settings.max_json_body_bytes == 1024 * 1024
+    assert (settings.log_format, settings.log_level) == ("auto", "info")
+
+
+def test_environment_is_read_with_the_bedside_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_PORT", "9090")
+    monkeypatch.setenv("BEDSIDE_DATABASE_URL", "postgresql://bedside:pw@db.internal/bedside")
+    monkeypatch.setenv("PORT", "1")
+
+    settings = load_settings()
+
+    assert settings.port == 9090
+    assert not settings.embedded
+
+
+def test_explicit_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_PORT", "9090")
+    assert load_settings(port=7070).port == 7070
+
+
+def test_port_that_is_not_a_number_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_PORT", "notaport")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+
+    assert "BEDSIDE_PORT" in str(raised.value)
+    assert "notaport" not in str(raised.value)
+
+
+def test_non_postgres_database_url_is_refused_without_quoting_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_DATABASE_URL", "mysql://user:SECRETPW@host/db")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+
+    message = str(raised.value)
+    assert "BEDSIDE_DATABASE_URL" in message
+    assert "SECRETPW" not in message
+    assert "SECRETPW" not in repr(raised.value)
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
+
+
+def test_empty_database_url_means_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_DATABASE_URL", "")
+    assert load_settings().embedded
+
+
+@pytest.mark.parametrize("leeway", ["120", "61", "-1"])
+def test_jwt_leeway_above_a_minute_or_negative_is_refused(monkeypatch: pytest.MonkeyPatch, leeway) -> None:
+    monkeypatch.setenv("BEDSIDE_JWT_LEEWAY_SECONDS", leeway)
+
+    with pytest.raises(SettingsError, match="BEDSIDE_JWT_LEEWAY_SECONDS"):
+        load_settings()
+
+
+def test_every_bad_variable_is_named_in_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_PORT", "70000")
+    monkeypatch.setenv("BEDSIDE_LOG_LEVEL", "chatty")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+
+    assert "BEDSIDE_PORT" in str(raised.value)
+    assert "BEDSIDE_LOG_LEVEL" in str(raised.value)
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+
+    with pytest.raises(ValidationError):
+        settings.port = 1  # type: ignore[misc]
+    assert settings.port == 8080
+
+
+def test_database_url_is_a_secret_whose_repr_hides_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_DATABASE_URL", "postgresql://bedside:SECRETPW@db.internal/bedside")
+
+    settings = load_settings()
+
+    assert isinstance(settings.database_url, SecretStr)
+    assert settings.database_url.get_secret_value() == "postgresql://bedside:SECRETPW@db.internal/bedside"
+    for shown in (repr(settings.database_url), str(settings.database_url), repr(settings), str(settings)):
+        assert "SECRETPW" not in shown
+    assert "SECRETPW" not in settings.model_dump_json()
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(SettingsError):
+        load_settings(no_such_setting=1)
+
+
+def test_settings_class_refuses_extra_fields_directly() -> None:
+    with pytest.raises(ValidationError):
+        Settings(no_such_setting=1)  # type: ignore[call-arg]
