@@ -40,6 +40,7 @@ __all__ = [
     "FieldValue",
     "MerkleError",
     "SubtreeHasher",
+    "SubtreeNode",
     "TreeFrontier",
     "consistency_proof",
     "consistency_proof_from",
@@ -51,6 +52,8 @@ __all__ = [
     "node_hash",
     "root_from_leaf_hashes",
     "subtree_hasher_from_leaf_hashes",
+    "subtree_hasher_from_nodes",
+    "subtree_ranges",
     "verify_consistency",
     "verify_inclusion",
 ]
@@ -341,6 +344,46 @@ _FRONTIER_HEADER = struct.Struct(">BQ")
 
 
 @dataclass(frozen=True, slots=True)
+class SubtreeNode:
+    """The root hash of the perfect subtree over leaves ``[idx * 2**level, (idx + 1) * 2**level)``."""
+
+    level: int
+    idx: int
+    hash: bytes
+
+
+def subtree_ranges(build: Callable[[SubtreeHasher], object]) -> list[tuple[int, int]]:
+    """The perfect subtrees (as ``(level, idx)``) that ``build`` asks its hasher for.
+
+    Which subtrees a proof needs depends only on indexes and sizes, never on hash values, so a
+    dry run with placeholder hashes names them; fetch those nodes in one query, then run ``build``
+    again with a hasher over what was fetched.
+    """
+    wanted: list[tuple[int, int]] = []
+
+    def record(start: int, end: int) -> bytes:
+        level = (end - start).bit_length() - 1
+        wanted.append((level, start >> level))
+        return bytes(HASH_SIZE)
+
+    build(record)
+    return wanted
+
+
+def subtree_hasher_from_nodes(nodes: dict[tuple[int, int], bytes]) -> SubtreeHasher:
+    """A :data:`SubtreeHasher` over stored nodes keyed by ``(level, idx)``; a missing node is an error."""
+
+    def subtree_hash(start: int, end: int) -> bytes:
+        level = (end - start).bit_length() - 1
+        try:
+            return nodes[(level, start >> level)]
+        except KeyError:
+            raise MerkleError("a subtree node needed for this proof is missing") from None
+
+    return subtree_hash
+
+
+@dataclass(frozen=True, slots=True)
 class TreeFrontier:
     """The compact range ``[0, size)``: roots of the perfect subtrees covering the tree so far.
 
@@ -392,6 +435,31 @@ class TreeFrontier:
             nodes.append(carry)
             size += 1
         return TreeFrontier(size, tuple(nodes))
+
+    def extend_with_nodes(self, leaf_hashes: Iterable[bytes]) -> tuple[TreeFrontier, list[SubtreeNode]]:
+        """Like :meth:`extend`, and also return every perfect subtree the new leaves complete.
+
+        A node ``(level, idx, hash)`` is the root of leaves ``[idx * 2**level, (idx + 1) * 2**level)``;
+        level 0 nodes are the leaf hashes themselves. Stored as they appear, these nodes answer any
+        :data:`SubtreeHasher` request, so proofs over a large log need O(log² size) lookups.
+        """
+        nodes = list(self.nodes)
+        size = self.size
+        completed: list[SubtreeNode] = []
+        for value in leaf_hashes:
+            _check_hash(value, "leaf hash")
+            if size == MAX_TREE_SIZE:
+                raise MerkleError("tree is full")
+            carry, level, bits = value, 0, size
+            completed.append(SubtreeNode(0, size, value))
+            while bits & 1:
+                carry = node_hash(nodes.pop(), carry)
+                bits >>= 1
+                level += 1
+                completed.append(SubtreeNode(level, size >> level, carry))
+            nodes.append(carry)
+            size += 1
+        return TreeFrontier(size, tuple(nodes)), completed
 
     def root(self) -> bytes:
         """Return the Merkle tree hash of ``[0, size)``."""

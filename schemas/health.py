@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class HealthOut(BaseModel):
@@ -15,3 +15,5 @@ class ReadyOut(BaseModel):
     status: Literal["ready", "not-ready"]
     database: Literal["ok", "unreachable"]
     schema_version: Literal["current", "not-current"]
+    audit_backlog: int | None = Field(default=None, description="Audit events committed, not yet in the log")
+    audit_backlog_age_seconds: float | None = Field(default=None, description="Age of the oldest of them")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from crypto.checkpoint import CheckpointError, Ed25519CheckpointSigner
 from crypto.dek_cache import DataKeyCache
 from crypto.errors import KeyProviderError
 from crypto.kek import KekProvider
@@ -15,6 +17,8 @@ from service.api.metrics import HttpMetrics
 from service.api.middleware import MIDDLEWARES
 from service.api.openapi import build_openapi
 from service.api.routes import ROUTES, add_routes, route_gates
+from service.domain.audit import AuditRecorder
+from service.domain.audit_log import AuditLog, AuditQueries
 from service.domain.auth import Authenticator
 from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
@@ -23,6 +27,8 @@ from service.domain.keys import KeyOperations
 from service.domain.tenants import TenantService
 from service.errors import ConfigurationError
 from service.keys import (
+    AUDIT,
+    AUDIT_QUERIES,
     AUTHENTICATOR,
     HEALTH,
     ISSUERS,
@@ -36,11 +42,13 @@ from service.keys import (
     TENANTS,
 )
 from service.settings import Settings
+from service.store.audit import AuditStore
 from service.store.data_keys import DataKeyStore
 from service.store.db import Database, check_application_role
 from service.store.issuers import IssuerStore
 from service.store.migrate import SchemaStore
 from service.store.tenants import TenantStore
+from service.workers.sequencer import Sequencer
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -78,6 +86,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 or f"the database schema is at migration {status.applied} of {status.known}: "
                 "run `bedside migrate` first"
             )
+        signer = build_audit_signer(settings)
+        audit_store = AuditStore()
+        recorder = AuditRecorder(audit_store, db)
+        audit_log = AuditLog(audit_store, signer, origin=settings.audit_origin)
+        app[AUDIT] = recorder
+        app[AUDIT_QUERIES] = AuditQueries(db, audit_store, recorder, vkey=signer.verifier_key().to_vkey())
         kek = KekClient(build_kek_provider(settings))
         keyring = PatientKeyring(
             DataKeyStore(),
@@ -89,11 +103,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             ),
         )
         tenant_store, issuer_store = TenantStore(), IssuerStore()
-        key_operations = KeyOperations(db, tenant_store, DataKeyStore(), kek, keyring)
+        key_operations = KeyOperations(db, tenant_store, DataKeyStore(), kek, keyring, recorder)
         app[KEYRING] = keyring
         app[KEY_OPERATIONS] = key_operations
-        issuers = IssuerService(db, tenant_store, issuer_store, cache_seconds=settings.issuer_cache_seconds)
-        app[TENANTS] = TenantService(db, tenant_store)
+        issuers = IssuerService(db, tenant_store, issuer_store, recorder, cache_seconds=settings.issuer_cache_seconds)
+        app[TENANTS] = TenantService(db, tenant_store, recorder)
         app[ISSUERS] = issuers
         app[AUTHENTICATOR] = Authenticator(
             issuers,
@@ -101,10 +115,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             leeway_seconds=settings.jwt_leeway_seconds,
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
         )
-        app[HEALTH] = HealthService(db, schema)
+        app[HEALTH] = HealthService(db, schema, audit_store)
+        workers = []
+        if settings.audit_sequencer:
+            sequencer = Sequencer(db, audit_log, interval=settings.audit_batch_interval_seconds)
+            workers.append(asyncio.create_task(sequencer.run(), name="audit-sequencer"))
         try:
             yield
         finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             await key_operations.close()
             kek.close()
             _close_provider(kek.provider)
@@ -126,6 +147,28 @@ def build_kek_provider(settings: Settings) -> KekProvider:
         return LocalKeyFileProvider(settings.kek_file_path, create=settings.kek_file_create)
     except KeyProviderError as exc:
         raise ConfigurationError(f"KEK provider: {exc}") from None
+
+
+def build_audit_signer(settings: Settings) -> Ed25519CheckpointSigner:
+    """The checkpoint signing key: loaded, or made when missing if allowed (embedded mode)."""
+    path = settings.audit_signing_key_path
+    try:
+        if not path.exists():
+            if not settings.audit_signing_key_create:
+                raise ConfigurationError(
+                    f"audit signing key {path} does not exist; restore it, or set BEDSIDE_AUDIT_SIGNING_KEY_CREATE "
+                    "for a new log"
+                )
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            Ed25519CheckpointSigner.generate(settings.audit_origin).save(path)
+        signer = Ed25519CheckpointSigner.load(path)
+    except CheckpointError as exc:
+        raise ConfigurationError(f"audit signing key: {exc}") from None
+    if signer.name != settings.audit_origin:
+        raise ConfigurationError(
+            f"the audit signing key is for {signer.name!r}, but BEDSIDE_AUDIT_ORIGIN is {settings.audit_origin!r}"
+        )
+    return signer
 
 
 def _close_provider(provider: KekProvider) -> None:

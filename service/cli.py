@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import SecretStr
 
+from crypto.checkpoint import parse_vkey
 from crypto.dek_cache import DataKeyCache
 from crypto.issuer_keys import IssuerKeyError, generate_ed25519_issuer_key, issuer_key_pair_from_private_pem
 from service import __version__
-from service.app import build_kek_provider, create_app
+from service.app import build_audit_signer, build_kek_provider, create_app
+from service.domain.audit import REQUEST_META, AuditRecorder, RequestMeta
+from service.domain.audit_verify import VerifyResult, verify_database, verify_export
 from service.domain.issuers import DEV_ISSUER, IssuerService, mint_token
 from service.domain.keyring import KekClient, PatientKeyring
 from service.domain.keys import KeyOperations, KeyStatus
@@ -39,6 +43,7 @@ from service.embedded import (
 from service.errors import ConfigurationError, DomainError, InvalidRequestError
 from service.logs import configure_logging, get_logger
 from service.settings import Settings, SettingsError, load_settings
+from service.store.audit import AuditStore
 from service.store.bootstrap import ensure_database, migrate_database, prepare_database, schema_report
 from service.store.data_keys import DataKeyStore
 from service.store.db import Database
@@ -138,10 +143,10 @@ async def _trust_dev_issuer(settings: Settings, issuers: IssuerService, tenant: 
 async def _services(dsn: str, settings: Settings) -> Any:
     db = await Database.connect(dsn, min_size=1, max_size=2)
     try:
-        tenant_store = TenantStore()
+        tenant_store, recorder = TenantStore(), AuditRecorder(AuditStore(), db)
         yield (
-            TenantService(db, tenant_store),
-            IssuerService(db, tenant_store, IssuerStore(), cache_seconds=0),
+            TenantService(db, tenant_store, recorder),
+            IssuerService(db, tenant_store, IssuerStore(), recorder, cache_seconds=0),
         )
     finally:
         await db.close()
@@ -170,6 +175,7 @@ def _effective(settings: Settings, target: Target) -> Settings:
     update: dict[str, object] = {"database_url": SecretStr(target.app_dsn)}
     if target.embedded:
         update["kek_file_create"] = True
+        update["audit_signing_key_create"] = True
     return settings.model_copy(update=update)
 
 
@@ -283,7 +289,7 @@ async def _key_operations(settings: Settings) -> AsyncIterator[KeyOperations]:
     kek = KekClient(build_kek_provider(settings))
     try:
         keyring = PatientKeyring(DataKeyStore(), kek, DataKeyCache(max_entries=1))
-        yield KeyOperations(db, TenantStore(), DataKeyStore(), kek, keyring)
+        yield KeyOperations(db, TenantStore(), DataKeyStore(), kek, keyring, AuditRecorder(AuditStore(), db))
     finally:
         kek.close()
         close = getattr(kek.provider, "close", None)
@@ -364,6 +370,67 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
         ).strip()
     with database_target(settings, "keys") as target:
         return _run(run(_effective(settings, target)))
+
+
+def _vkey(settings: Settings, public_key: str | None) -> str:
+    """The log's public key: from --public-key (a vkey file), else from the signing key here."""
+    if public_key is not None:
+        try:
+            return Path(public_key).read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read {public_key}: {exc.strerror}") from None
+    path = settings.audit_signing_key_path
+    if not path.exists():
+        raise CliError(f"no audit signing key at {path}: pass --public-key with the log's published key")
+    return build_audit_signer(settings).verifier_key().to_vkey()
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    if args.audit_command == "key":
+        print(_vkey(settings, None))
+        return 0
+    if args.audit_command == "verify" and args.file:
+        vkey = _vkey(settings, args.public_key)
+        with open(args.file, encoding="utf-8") as handle:
+            result = verify_export(handle, vkey=vkey, origin=parse_vkey(vkey).name)
+        return _report(result)
+
+    vkey = _vkey(settings, args.public_key) if args.audit_command == "verify" else ""
+    trusted = [Path(path).read_text() for path in getattr(args, "trusted_checkpoint", [])]
+
+    async def run(target: Target) -> int:
+        assert target.owner_dsn is not None
+        db = await Database.connect(target.owner_dsn, min_size=1, max_size=2)
+        try:
+            if args.audit_command == "checkpoint":
+                async with db.session() as conn:
+                    checkpoints = await AuditStore().all_checkpoints(conn)
+                if not checkpoints:
+                    raise CliError("no checkpoint yet: the audit log is empty")
+                print(checkpoints[-1].note, end="")
+                return 0
+            result = await verify_database(
+                db,
+                AuditStore(),
+                vkey=vkey,
+                origin=parse_vkey(vkey).name,
+                trusted=trusted,
+                progress=ProgressBar("verifying"),
+            )
+            return _report(result)
+        finally:
+            await db.close()
+
+    with database_target(settings, "audit") as target:
+        return _run(run(target))
+
+
+def _report(result: VerifyResult) -> int:
+    if result.ok:
+        print(f"ok: {result.leaves} leaves and {result.checkpoints} signed checkpoint(s) verified")
+        return 0
+    print(f"FAILED at index {result.first_bad_index}: {result.problem}")
+    return 1
 
 
 def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -461,6 +528,18 @@ def build_parser() -> argparse.ArgumentParser:
     shred.add_argument("--confirm", help="repeat the patient reference (else asked interactively)")
     keys.set_defaults(func=cmd_keys)
 
+    audit = sub.add_parser("audit", help="the tamper-evident audit log: verify, checkpoint, key")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = with_db(audit_sub.add_parser("verify", help="recompute the log and check every signed checkpoint"))
+    verify.add_argument("--file", help="verify an export file offline instead of the database")
+    verify.add_argument("--public-key", help="file with the log's public key (vkey); default: from the signing key")
+    verify.add_argument(
+        "--trusted-checkpoint", action="append", default=[], help="a checkpoint published earlier (repeatable)"
+    )
+    with_db(audit_sub.add_parser("checkpoint", help="print the latest signed checkpoint, for publishing"))
+    audit_sub.add_parser("key", help="print the log's public key (vkey), for verifiers")
+    audit.set_defaults(func=cmd_audit)
+
     token = sub.add_parser("token", help="print a development token (embedded mode only)")
     token.add_argument("--tenant", default=DEMO_TENANT)
     token.add_argument("--role", required=True, choices=[r.value for r in Role])
@@ -479,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    REQUEST_META.set(RequestMeta(request_id=f"cli-{uuid.uuid4().hex}", source="cli"))
     try:
         settings = load_settings(**overrides)
         configure_logging(settings.log_format, settings.log_level)

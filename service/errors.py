@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 
 class DomainError(Exception):
@@ -35,9 +36,14 @@ class AuthenticationError(DomainError):
     code = "unauthenticated"
     title = "Authentication required"
 
-    def __init__(self, reason: str, detail: str | None = None) -> None:
+    def __init__(
+        self, reason: str, detail: str | None = None, *, tenant_id: UUID | None = None, issuer: str | None = None
+    ) -> None:
         super().__init__(detail or "The bearer token is missing or not acceptable")
         self.reason = reason
+        # Known only once the token's tenant and issuer were found: then the denial is that tenant's event.
+        self.tenant_id = tenant_id
+        self.issuer = issuer
 
 
 class ForbiddenError(DomainError):
@@ -97,6 +103,13 @@ class UnavailableError(DomainError):
 
     code = "unavailable"
     title = "Temporarily unavailable"
+
+
+class AuditUnavailableError(UnavailableError):
+    """The audit event could not be written, so the work it records was not done (fail closed)."""
+
+    code = "audit-unavailable"
+    title = "The audit log cannot be written; nothing was done"
 
 
 class ConfigurationError(Exception):

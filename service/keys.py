@@ -8,6 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from service.api.metrics import HttpMetrics
+from service.domain.audit import AuditRecorder
+from service.domain.audit_log import AuditQueries
 from service.domain.auth import Authenticator
 from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
@@ -28,6 +30,9 @@ TENANTS = web.AppKey("tenants", TenantService)
 ISSUERS = web.AppKey("issuers", IssuerService)
 KEYRING = web.AppKey("keyring", PatientKeyring)
 KEY_OPERATIONS = web.AppKey("key_operations", KeyOperations)
+
+AUDIT = web.AppKey("audit", AuditRecorder)
+AUDIT_QUERIES = web.AppKey("audit_queries", AuditQueries)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

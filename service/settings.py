@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     dek_cache_max_age_seconds: float = Field(default=300.0, gt=0, le=86_400)
     dek_cache_max_uses: int = Field(default=100_000, ge=1)
 
+    # The audit log: the deployment's name (the checkpoints' origin and key name), its Ed25519 signing key
+    # (default: <data_dir>/audit-signing.key; made when missing only if allowed, like the KEK file), and
+    # whether this process runs the sequencer (one leader among all processes, by advisory lock).
+    audit_origin: str = Field(default="bedside.localhost/audit", pattern=r"^[A-Za-z0-9._/:-]{1,100}$")
+    audit_signing_key_file: Path | None = None
+    audit_signing_key_create: bool = False
+    audit_sequencer: bool = True
+    audit_batch_interval_seconds: float = Field(default=0.25, gt=0, le=10)
+
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -69,6 +78,14 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.database_url is None
+
+    @property
+    def audit_signing_key_path(self) -> Path:
+        return (
+            self.audit_signing_key_file
+            if self.audit_signing_key_file is not None
+            else self.data_dir / "audit-signing.key"
+        )
 
     @property
     def kek_file_path(self) -> Path:

@@ -22,12 +22,14 @@ from pydantic import SecretStr
 from crypto.dek_cache import DataKeyCache
 from crypto.kek_file import LocalKeyFileProvider
 from service.app import create_app
+from service.domain.audit import AuditRecorder
 from service.domain.issuers import IssuerService
 from service.domain.keyring import KekClient, PatientKeyring
 from service.domain.keys import KeyOperations
 from service.domain.tenants import TenantService
 from service.embedded import APP_LOGIN_ROLE, Connection, EmbeddedPostgres
 from service.settings import Settings
+from service.store.audit import AuditStore
 from service.store.bootstrap import ensure_database, prepare_database
 from service.store.data_keys import DataKeyStore
 from service.store.db import Database
@@ -120,11 +122,19 @@ def kek_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(database: Dsns, kek_file: Path) -> Settings:
+def signing_key_file(tmp_path: Path) -> Path:
+    return tmp_path / "audit-signing.key"
+
+
+@pytest.fixture
+def settings(database: Dsns, kek_file: Path, signing_key_file: Path) -> Settings:
     return Settings(
         database_url=SecretStr(database.app),
         kek_file=kek_file,
         kek_file_create=True,
+        audit_signing_key_file=signing_key_file,
+        audit_signing_key_create=True,
+        audit_batch_interval_seconds=0.05,
         issuer_cache_seconds=0,
         db_pool_min=1,
         db_pool_max=4,
@@ -146,7 +156,8 @@ def build_key_services(db: Database, kek_file: Path) -> tuple[KekClient, Patient
     """The keyring and key operations as create_app builds them, over a real key file."""
     kek = KekClient(LocalKeyFileProvider(kek_file, create=True))
     keyring = PatientKeyring(DataKeyStore(), kek, DataKeyCache())
-    return kek, keyring, KeyOperations(db, TenantStore(), DataKeyStore(), kek, keyring)
+    recorder = AuditRecorder(AuditStore(), db)
+    return kek, keyring, KeyOperations(db, TenantStore(), DataKeyStore(), kek, keyring, recorder)
 
 
 @pytest.fixture
@@ -154,11 +165,12 @@ async def services(database: Dsns, kek_file: Path) -> AsyncIterator[Services]:
     """Domain services on the application role, for arranging what a test needs."""
     db = await Database.connect(database.app, min_size=1, max_size=8)
     tenant_store = TenantStore()
+    recorder = AuditRecorder(AuditStore(), db)
     kek, keyring, keys = build_key_services(db, kek_file)
     yield Services(
         db=db,
-        tenants=TenantService(db, tenant_store),
-        issuers=IssuerService(db, tenant_store, IssuerStore(), cache_seconds=0),
+        tenants=TenantService(db, tenant_store, recorder),
+        issuers=IssuerService(db, tenant_store, IssuerStore(), recorder, cache_seconds=0),
         keyring=keyring,
         keys=keys,
         kek=kek,

@@ -58,6 +58,18 @@ def parse_model(raw: bytes, model: type[M]) -> M:
         raise InvalidRequestError(problems) from None
 
 
+def parse_query(request: web.Request, model: type[M]) -> M:
+    """The query string as `model`: unknown or repeated parameters and bad values are a 422."""
+    query = request.query
+    repeated = [key for key in query if len(query.getall(key)) > 1]
+    if repeated:
+        raise InvalidRequestError([FieldProblem((key[:_MAX_LOC_PART],), "repeated", "give once") for key in repeated])
+    try:
+        return model.model_validate(dict(query))
+    except ValidationError as exc:
+        raise InvalidRequestError(validation_problems(exc)) from None
+
+
 async def read_json(request: web.Request, model: type[M]) -> M:
     """The request body as `model`, after checking its declared type and size."""
     if request.content_type != "application/json":

@@ -18,6 +18,8 @@ async def get_readiness(request: web.Request) -> web.Response:
         status="ready" if readiness.ready else "not-ready",
         database="ok" if readiness.database else "unreachable",
         schema_version="current" if readiness.schema_current else "not-current",
+        audit_backlog=readiness.audit_backlog,
+        audit_backlog_age_seconds=readiness.audit_backlog_age_seconds,
     )
     return web.json_response(body.model_dump(), status=200 if readiness.ready else 503)
 

@@ -18,8 +18,9 @@ from aiohttp.typedefs import Handler
 
 from service.api.metrics import KNOWN_METHODS, UNMATCHED_ROUTE
 from service.api.problems import domain_problem, http_problem, internal_problem
-from service.errors import AuthenticationError, DomainError, NotFoundError
-from service.keys import AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES, REQUEST_ID, ROUTE_GATES
+from service.domain.audit import REQUEST_META, AuditAction, AuditEvent, RequestMeta
+from service.errors import AuthenticationError, DomainError, NotFoundError, UnavailableError
+from service.keys import AUDIT, AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES, REQUEST_ID, ROUTE_GATES
 
 log = structlog.get_logger("bedside.http")
 
@@ -42,6 +43,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    REQUEST_META.set(RequestMeta(request_id=request_id, source=request.remote))
     started = time.perf_counter()
     status = 500
     try:
@@ -74,6 +76,11 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except DomainError as error:
         if isinstance(error, AuthenticationError):
             log.info("auth.denied", reason=error.reason)
+            try:
+                await request.app[AUDIT].record_alone(_auth_denied(error, route_template(request)))
+            except UnavailableError as unavailable:
+                # A denial that cannot be recorded is answered as an outage, not quietly.
+                return domain_problem(unavailable, request_id)
         return domain_problem(error, request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -96,8 +103,23 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     request[PRINCIPAL] = principal
     gate = request.app[ROUTE_GATES].get(match_info.route.name or "")
     if gate is not None and not gate(principal):
+        denied = AuditEvent.by(
+            principal, AuditAction.ACCESS_DENIED, resource_type="Route", resource_id=match_info.route.name
+        ).denied("role")
+        await request.app[AUDIT].record_alone(denied)
         raise NotFoundError()
     return await handler(request)
+
+
+def _auth_denied(error: AuthenticationError, route: str) -> AuditEvent:
+    event = AuditEvent(
+        action=AuditAction.AUTH_DENIED,
+        tenant_id=error.tenant_id,
+        issuer=error.issuer,
+        resource_type="Route",
+        resource_id=route,
+    )
+    return event.denied(error.reason)
 
 
 MIDDLEWARES = (observe, problems, authenticate)

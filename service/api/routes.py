@@ -8,11 +8,18 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from pydantic import BaseModel
 
+from schemas.audit import (
+    AuditEventListOut,
+    CheckpointOut,
+    ConsistencyProofOut,
+    InclusionProofOut,
+    LeafHashesOut,
+)
 from schemas.health import HealthOut, ReadyOut
 from schemas.issuers import IssuerKeyBody, IssuerKeyListOut, IssuerKeyOut
 from schemas.keys import KeyStatusOut, RewrapOut, ShredBody, ShredOut
 from schemas.me import MeOut
-from service.api import health, issuers, keys, me
+from service.api import audit, health, issuers, keys, me
 from service.domain import policy
 from service.domain.principal import Principal
 
@@ -143,6 +150,97 @@ ROUTES: tuple[Route, ...] = (
         body=ShredBody,
         response=ShredOut,
         errors=(404, 409),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/events",
+        audit.list_audit_events,
+        "list_audit_events",
+        "The tenant's audit events, filtered, newest or oldest first, cursor-paginated (compliance)",
+        "audit",
+        gate=policy.can_query_audit,
+        response=AuditEventListOut,
+        errors=(404, 422),
+        query=(
+            ("patient", "Patient/.. the event concerns", False),
+            ("actor", "who acted (FHIR reference)", False),
+            ("action", "subject:action code, e.g. key:shred", False),
+            ("outcome", "success | denied | failure", False),
+            ("resource_type", "type of the resource acted on", False),
+            ("resource_id", "id of the resource acted on", False),
+            ("since", "RFC 3339 time, inclusive", False),
+            ("until", "RFC 3339 time, exclusive", False),
+            ("order", "newest (default) | oldest", False),
+            ("limit", "1 to 500, default 100", False),
+            ("cursor", "next_cursor of the previous page", False),
+        ),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/checkpoints/latest",
+        audit.get_latest_checkpoint,
+        "get_latest_checkpoint",
+        "The latest signed checkpoint of the Merkle log, and the log's public key (compliance)",
+        "audit",
+        gate=policy.can_query_audit,
+        response=CheckpointOut,
+        errors=(404,),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/proofs/inclusion",
+        audit.get_inclusion_proof,
+        "get_inclusion_proof",
+        "RFC 9162 inclusion proof of leaf `index` in the tree of `size` leaves (compliance)",
+        "audit",
+        gate=policy.can_query_audit,
+        response=InclusionProofOut,
+        errors=(404, 422),
+        query=(("index", "leaf index", True), ("size", "tree size", True)),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/proofs/consistency",
+        audit.get_consistency_proof,
+        "get_consistency_proof",
+        "RFC 9162 consistency proof between the trees of `from` and `to` leaves (compliance)",
+        "audit",
+        gate=policy.can_query_audit,
+        response=ConsistencyProofOut,
+        errors=(404, 422),
+        query=(("from", "older tree size", True), ("to", "newer tree size", True)),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/leaves",
+        audit.list_leaf_hashes,
+        "list_leaf_hashes",
+        "Leaf hashes of [start, end), at most 10,000, to recompute roots independently (compliance)",
+        "audit",
+        gate=policy.can_query_audit,
+        response=LeafHashesOut,
+        errors=(404, 422),
+        query=(("start", "first index", True), ("end", "index after the last", True)),
+    ),
+    Route(
+        "GET",
+        "/v1/audit/export",
+        audit.export_audit_events,
+        "export_audit_events",
+        "Stream the tenant's events as NDJSON with inclusion proofs (verifiable offline), or as FHIR R4 "
+        "AuditEvent resources (compliance)",
+        "audit",
+        gate=policy.can_query_audit,
+        media_type="application/x-ndjson",
+        errors=(404, 422),
+        query=(
+            ("format", "ndjson (default) | fhir", False),
+            ("patient", "filter, as for /v1/audit/events", False),
+            ("actor", "filter", False),
+            ("action", "filter", False),
+            ("since", "filter", False),
+            ("until", "filter", False),
+        ),
     ),
 )
 

@@ -71,9 +71,13 @@ class Authenticator:
         kid = header.get("kid")
         candidates = [k for k in trusted.keys if k.algorithm == algorithm and (kid is None or k.kid == kid)]
         if not candidates:
-            raise AuthenticationError("unknown-key")
-        claims = self._verify(token, issuer, candidates)
-        return self._principal(claims, trusted.tenant_id, tenant, issuer)
+            raise AuthenticationError("unknown-key", tenant_id=trusted.tenant_id, issuer=issuer)
+        try:
+            claims = self._verify(token, issuer, candidates)
+            return self._principal(claims, trusted.tenant_id, tenant, issuer)
+        except AuthenticationError as error:
+            # The signature's issuer is one this tenant trusts: the attempt is the tenant's to review.
+            raise AuthenticationError(error.reason, tenant_id=trusted.tenant_id, issuer=issuer) from None
 
     def _verify(self, token: str, issuer: str, candidates: list[Any]) -> dict[str, Any]:
         failure = "bad-signature"

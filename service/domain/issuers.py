@@ -16,6 +16,7 @@ from uuid import UUID
 import jwt
 
 from crypto.issuer_keys import IssuerKeyError, IssuerKeyPair, load_issuer_public_key
+from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.policy import can_manage_issuers
 from service.domain.principal import Principal, is_plain_text
 from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError
@@ -40,6 +41,7 @@ class IssuerService:
         db: Database,
         tenants: TenantStore,
         issuers: IssuerStore,
+        audit: AuditRecorder,
         *,
         cache_seconds: float = 30.0,
         cache_entries: int = 1024,
@@ -48,12 +50,15 @@ class IssuerService:
         self._db = db
         self._tenants = tenants
         self._issuers = issuers
+        self._audit = audit
         self._ttl = cache_seconds
         self._max = cache_entries
         self._clock = clock
         self._cache: OrderedDict[tuple[str, str], tuple[float, TrustedKeys]] = OrderedDict()
 
-    async def add_key(self, tenant: str, issuer: str, public_key_pem: bytes, kid: str | None = None) -> str:
+    async def add_key(
+        self, tenant: str, issuer: str, public_key_pem: bytes, kid: str | None = None, *, by: Principal | None = None
+    ) -> str:
         """Trust `issuer` in `tenant` with this public key; returns the key's kid (its fingerprint
         unless given). Adding the same key again changes nothing; another key under a used kid is refused."""
         problems = []
@@ -74,6 +79,14 @@ class IssuerService:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
         async with self._db.transaction(found.id) as tx:
             outcome = await self._issuers.add_key(tx, found.id, issuer, kid, key.algorithm, key.pem)
+            if outcome == "added":
+                fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": {"kid": kid[:200]}}
+                event = (
+                    AuditEvent.by(by, AuditAction.ISSUER_ADD, **fields)
+                    if by is not None
+                    else AuditEvent.by_operator(AuditAction.ISSUER_ADD, tenant_id=found.id, **fields)
+                )
+                await self._audit.record(tx, event)
         if outcome == "conflict":
             raise ConflictError("this kid is already registered for another key of the issuer")
         self._cache.pop((tenant, issuer), None)
@@ -85,14 +98,17 @@ class IssuerService:
         """An admin trusts another issuer key in their own tenant. Anyone else: not found."""
         if not can_manage_issuers(principal):
             raise NotFoundError()
-        kid = await self.add_key(principal.tenant, issuer, public_key_pem, kid)
+        kid = await self.add_key(principal.tenant, issuer, public_key_pem, kid, by=principal)
         key = load_issuer_public_key(public_key_pem)
         return IssuerKeyRecord(issuer=issuer, kid=kid, algorithm=key.algorithm, public_key_pem=key.pem)
 
     async def list_keys_as(self, principal: Principal) -> list[IssuerKeyRecord]:
         if not can_manage_issuers(principal):
             raise NotFoundError()
-        return await self.list_keys(principal.tenant)
+        async with self._db.transaction(principal.tenant_id) as tx:
+            keys = await self._issuers.all_active_keys(tx, principal.tenant_id)
+            await self._audit.record(tx, AuditEvent.by(principal, AuditAction.ISSUER_LIST, resource_type="Issuer"))
+        return keys
 
     async def trusted_keys(self, tenant: str, issuer: str) -> TrustedKeys:
         """The active keys of `issuer` in `tenant` (slug), from the cache when fresh."""

@@ -14,6 +14,7 @@ from datetime import datetime
 from uuid import UUID
 
 from crypto.kek import WrappedKey
+from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.keyring import KekClient, PatientKeyring, wrap_aad
 from service.domain.policy import can_manage_keys
 from service.domain.principal import Principal, is_reference
@@ -56,9 +57,16 @@ class ShredResult:
 
 class KeyOperations:
     def __init__(
-        self, db: Database, tenants: TenantStore, keys: DataKeyStore, kek: KekClient, keyring: PatientKeyring
+        self,
+        db: Database,
+        tenants: TenantStore,
+        keys: DataKeyStore,
+        kek: KekClient,
+        keyring: PatientKeyring,
+        audit: AuditRecorder,
     ) -> None:
         self._db = db
+        self._audit = audit
         self._tenants = tenants
         self._keys = keys
         self._kek = kek
@@ -92,7 +100,11 @@ class KeyOperations:
 
     async def add_kek_version(self) -> int:
         """A new KEK version, primary from now on for new wraps. Rewrap to move the old ones."""
-        return await self._kek.call(self._kek.provider.add_version)
+        version = await self._kek.call(self._kek.provider.add_version)
+        await self._audit.record_alone(
+            AuditEvent.by_operator(AuditAction.KEY_ROTATE, resource_type="Kek", details={"kek_version": version})
+        )
+        return version
 
     async def rewrap(self, tenant: str | None = None, progress: Progress | None = None) -> int:
         """Move every DEK wrap under an older KEK version to the primary one; return how many moved."""
@@ -101,7 +113,13 @@ class KeyOperations:
         if progress:
             progress(done, total)
         for record in await self._tenant_records(tenant):
-            done += await self._rewrap_tenant(record.id, _offset(progress, done, total))
+            moved = await self._rewrap_tenant(record.id, _offset(progress, done, total))
+            await self._audit.record_alone(
+                AuditEvent.by_operator(
+                    AuditAction.KEY_REWRAP, tenant_id=record.id, resource_type="DataKey", details={"rewrapped": moved}
+                )
+            )
+            done += moved
         return done
 
     async def retire(self, version: int) -> None:
@@ -114,6 +132,10 @@ class KeyOperations:
         in_use = sum(v.wraps for v in status.wraps if v.kek_id == status.kek_id and v.kek_version == version)
         if in_use:
             raise ConflictError(f"{in_use} data key wrap(s) still use this version: rewrap first")
+        # Recorded first: if the record cannot be written, the version is not destroyed.
+        await self._audit.record_alone(
+            AuditEvent.by_operator(AuditAction.KEY_RETIRE, resource_type="Kek", details={"kek_version": version})
+        )
         await self._kek.call(self._kek.provider.retire_version, version)
 
     async def shred(self, tenant: str, patient: str, confirm: str, actor: str) -> ShredResult:
@@ -123,14 +145,16 @@ class KeyOperations:
             record = await self._tenants.by_slug(tx, tenant)
         if record is None:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
-        return await self._shred(record.id, patient, actor)
+        return await self._shred(record.id, patient, actor, None)
 
     # -- tenant admin (API): own tenant only --------------------------------------------------------
 
     async def status_as(self, principal: Principal) -> KeyStatus:
         if not can_manage_keys(principal):
             raise NotFoundError()
-        return await self.status(principal.tenant)
+        status = await self.status(principal.tenant)
+        await self._audit.record_alone(AuditEvent.by(principal, AuditAction.KEY_STATUS, resource_type="DataKey"))
+        return status
 
     async def start_rewrap_as(self, principal: Principal) -> bool:
         """Start rewrapping the admin's tenant in the background; False if it is already running."""
@@ -139,6 +163,9 @@ class KeyOperations:
         job = self._jobs.get(principal.tenant_id)
         if job is not None and not job.done():
             return False
+        await self._audit.record_alone(
+            AuditEvent.by(principal, AuditAction.KEY_REWRAP, resource_type="DataKey", details={"started": True})
+        )
         self._jobs[principal.tenant_id] = asyncio.create_task(self._rewrap_tenant(principal.tenant_id))
         return True
 
@@ -150,7 +177,7 @@ class KeyOperations:
         if not can_manage_keys(principal):
             raise NotFoundError()
         _check_patient(patient, confirm)
-        return await self._shred(principal.tenant_id, patient, principal.subject)
+        return await self._shred(principal.tenant_id, patient, principal.subject, principal)
 
     async def close(self) -> None:
         """Stop background rewraps (they resume from where they were on the next run)."""
@@ -191,11 +218,19 @@ class KeyOperations:
             if progress:
                 progress(moved)
 
-    async def _shred(self, tenant_id: UUID, patient: str, actor: str) -> ShredResult:
+    async def _shred(self, tenant_id: UUID, patient: str, actor: str, by: Principal | None) -> ShredResult:
         async with self._db.transaction(tenant_id) as tx:
             result = await self._keys.shred(tx, tenant_id, patient, actor)
             if result is None:
                 existing = await self._keys.shredded_at(tx, tenant_id, patient)
+            else:
+                fields = {"patient": patient, "resource_type": "DataKey", "resource_id": str(result[0])}
+                event = (
+                    AuditEvent.by(by, AuditAction.KEY_SHRED, **fields)
+                    if by is not None
+                    else AuditEvent.by_operator(AuditAction.KEY_SHRED, tenant_id=tenant_id, **fields)
+                )
+                await self._audit.record(tx, event)
         if result is None:
             if existing is None:
                 raise NotFoundError("this patient has no stored content to shred")

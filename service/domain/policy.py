@@ -13,3 +13,8 @@ def can_manage_issuers(principal: Principal) -> bool:
 def can_manage_keys(principal: Principal) -> bool:
     """Key status, rewrap and crypto-shredding of a tenant's patients: its admin only."""
     return principal.role is Role.ADMIN
+
+
+def can_query_audit(principal: Principal) -> bool:
+    """The audit log is for compliance officers, and only their own tenant's part of it."""
+    return principal.role is Role.COMPLIANCE

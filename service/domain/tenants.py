@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.errors import AlreadyExistsError, FieldProblem, InvalidRequestError, NotFoundError
 from service.settings import is_slug
 from service.store.db import Database, Tx
@@ -9,9 +10,10 @@ from service.store.tenants import TenantRecord, TenantStore
 
 
 class TenantService:
-    def __init__(self, db: Database, tenants: TenantStore) -> None:
+    def __init__(self, db: Database, tenants: TenantStore, audit: AuditRecorder) -> None:
         self._db = db
         self._tenants = tenants
+        self._audit = audit
 
     async def create(self, slug: str) -> TenantRecord:
         """Create a tenant; the slug must be new and look like `acme` or `st-marys`."""
@@ -21,14 +23,26 @@ class TenantService:
             )
         async with self._db.transaction() as tx:
             created = await self._tenants.create(tx, slug)
+            if created is not None:
+                await self._recorded(tx, created)
         if created is None:
             raise AlreadyExistsError("a tenant with this name exists")
         return created
 
+    async def _recorded(self, tx: Tx, tenant: TenantRecord) -> None:
+        event = AuditEvent.by_operator(
+            AuditAction.TENANT_CREATE, tenant_id=tenant.id, resource_type="Tenant", resource_id=tenant.slug
+        )
+        await self._audit.record(await self._db.scoped(tx, tenant.id), event)
+
     async def ensure(self, slug: str) -> TenantRecord:
         """The tenant, created if missing (embedded mode's `demo`)."""
         async with self._db.transaction() as tx:
-            return await self._tenants.create(tx, slug) or await self._require(tx, slug)
+            created = await self._tenants.create(tx, slug)
+            if created is None:
+                return await self._require(tx, slug)
+            await self._recorded(tx, created)
+            return created
 
     async def get(self, slug: str) -> TenantRecord:
         async with self._db.transaction() as tx:

@@ -53,31 +53,29 @@ class Tx:
 class Database:
     """The application's pool. Built by create_app, closed by its cleanup context."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, server_settings: dict[str, str]) -> None:
         self._pool = pool
+        self._dsn = dsn
+        self._server_settings = server_settings
 
     @classmethod
     async def connect(
         cls, dsn: str, *, min_size: int = 2, max_size: int = 20, statement_timeout_ms: int = 15_000
     ) -> Database:
+        server_settings = {
+            "application_name": "bedside",
+            "statement_timeout": str(statement_timeout_ms),
+            "idle_in_transaction_session_timeout": str(statement_timeout_ms * 2),
+        }
         try:
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=min_size,
-                max_size=max_size,
-                server_settings={
-                    "application_name": "bedside",
-                    "statement_timeout": str(statement_timeout_ms),
-                    "idle_in_transaction_session_timeout": str(statement_timeout_ms * 2),
-                },
-            )
+            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, server_settings=server_settings)
         except _UNAVAILABLE as exc:
             raise ConfigurationError(f"cannot connect to the database ({type(exc).__name__})") from None
         except asyncpg.exceptions.InvalidAuthorizationSpecificationError:
             raise ConfigurationError("the database refused the login (check the role and password)") from None
         except asyncpg.exceptions.InvalidCatalogNameError:
             raise ConfigurationError("the database named in the URL does not exist") from None
-        return cls(pool)
+        return cls(pool, dsn, server_settings)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -95,6 +93,24 @@ class Database:
                 yield Tx(conn=conn, tenant_id=tenant_id)
         except _UNAVAILABLE:
             raise UnavailableError("the database is not reachable") from None
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Conn]:
+        """A connection of its own, outside the pool, for session state that must outlive one
+        transaction (the sequencer's advisory lock). Closing it releases that state."""
+        try:
+            conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
+        except _UNAVAILABLE:
+            raise UnavailableError("the database is not reachable") from None
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    async def scoped(self, tx: Tx, tenant_id: UUID) -> Tx:
+        """The same transaction, from now on scoped to `tenant_id` (a tenant it has just created)."""
+        await tx.conn.execute(_SET_TENANT, str(tenant_id))
+        return Tx(conn=tx.conn, tenant_id=tenant_id)
 
     async def fetch_value(self, query: str, *args: Any) -> Any:
         """A single value outside any tenant (health checks)."""

@@ -93,21 +93,25 @@ def test_a_bad_setting_is_named_without_its_value() -> None:
     assert "hunter2" not in result.stderr
 
 
-def test_serve_uses_an_existing_database_given_by_url(database, kek_file: Path) -> None:
+def test_serve_uses_an_existing_database_given_by_url(database, kek_file: Path, signing_key_file: Path) -> None:
     import signal
     import socket
     import time
     import urllib.request
 
+    from crypto.checkpoint import Ed25519CheckpointSigner
     from crypto.kek_file import LocalKeyFileProvider
 
-    LocalKeyFileProvider(kek_file, create=True)  # the operator's key file, provisioned beforehand
+    # The operator's keys, provisioned beforehand: outside embedded mode Bedside never invents them.
+    LocalKeyFileProvider(kek_file, create=True)
+    Ed25519CheckpointSigner.generate("bedside.localhost/audit").save(signing_key_file)
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
     env["BEDSIDE_KEK_FILE"] = str(kek_file)
+    env["BEDSIDE_AUDIT_SIGNING_KEY_FILE"] = str(signing_key_file)
     proc = subprocess.Popen(
         [BEDSIDE, "serve", "--database-url", database.app, "--port", str(port), "--host", "127.0.0.1"],
         env=env,
@@ -132,6 +136,8 @@ def test_serve_uses_an_existing_database_given_by_url(database, kek_file: Path) 
                 time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-        if proc.stdout is not None:
-            proc.stdout.close()
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()

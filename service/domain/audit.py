@@ -1,0 +1,200 @@
+"""Recording audit events: typed, identifiers only, written in the transaction of the work they record.
+
+`AuditRecorder.record(tx, event)` inserts into the outbox inside the caller's transaction, so the work
+and its event commit together or not at all (fail closed). Denials are recorded with
+`record_alone`, in a transaction of their own, since the work they refused rolled back.
+
+Each event is also encoded canonically (`entry`): that byte string is what the Merkle log hashes, so an
+event's meaning is fixed the moment it is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from uuid import UUID
+
+from crypto.merkle import FieldValue, decode_fields, encode_fields
+from service.domain.principal import Principal
+from service.store.audit import AuditStore, OutboxRow
+from service.store.db import Database, Tx
+
+ENTRY_FORMAT = "bedside-audit/1"
+
+
+class AuditAction(StrEnum):
+    """Every kind of event, as `subject:action`. Never free text."""
+
+    AUTH_DENIED = "auth:denied"
+    ACCESS_DENIED = "access:denied"
+    TENANT_CREATE = "tenant:create"
+    ISSUER_ADD = "issuer:add"
+    ISSUER_LIST = "issuer:list"
+    KEY_STATUS = "key:status"
+    KEY_ROTATE = "key:rotate"
+    KEY_REWRAP = "key:rewrap"
+    KEY_RETIRE = "key:retire"
+    KEY_SHRED = "key:shred"
+    AUDIT_QUERY = "audit:query"
+    AUDIT_EXPORT = "audit:export"
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"
+    DENIED = "denied"
+    FAILURE = "failure"
+
+
+# Details hold identifiers and codes only: short values of these shapes, nothing a person wrote.
+_DETAIL_KEY = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+_MAX_DETAIL_TEXT = 200
+DetailValue = str | int | bool | None | Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    """Where the request came from: bound per request by the middleware, per run by the CLI."""
+
+    request_id: str
+    source: str | None
+
+
+# Request-scoped (each aiohttp request runs in its own task, each with its own context).
+REQUEST_META: ContextVar[RequestMeta | None] = ContextVar("bedside_request_meta", default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    action: AuditAction
+    outcome: Outcome = Outcome.SUCCESS
+    tenant_id: UUID | None = None
+    actor: str | None = None
+    actor_role: str | None = None
+    issuer: str | None = None
+    act_for: str | None = None
+    patient: str | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    purpose: str | None = None
+    details: Mapping[str, DetailValue] = field(default_factory=dict)
+
+    @classmethod
+    def by(cls, principal: Principal, action: AuditAction, **fields: object) -> AuditEvent:
+        """An event whose actor is `principal`."""
+        return cls(
+            action=action,
+            tenant_id=principal.tenant_id,
+            actor=principal.subject,
+            actor_role=principal.role.value,
+            issuer=principal.issuer,
+            act_for=principal.act_for,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def by_operator(cls, action: AuditAction, **fields: object) -> AuditEvent:
+        """An event of the operator's `bedside` command line (no token: the host's own access)."""
+        return cls(action=action, actor_role="operator", **fields)  # type: ignore[arg-type]
+
+    def denied(self, reason: str) -> AuditEvent:
+        return replace(self, outcome=Outcome.DENIED, details={**self.details, "reason": reason})
+
+
+def canonical_details(details: Mapping[str, DetailValue]) -> str:
+    """Details as canonical JSON (sorted keys, no spaces), after checking they are identifiers only."""
+    for key, value in details.items():
+        if not _DETAIL_KEY.fullmatch(key):
+            raise ValueError("audit detail keys are short snake_case names")
+        values = value if isinstance(value, list | tuple) else [value]
+        for item in values:
+            if isinstance(item, str) and len(item) > _MAX_DETAIL_TEXT:
+                raise ValueError("audit details hold identifiers, not text")
+            if not isinstance(item, str | int | bool | None):
+                raise ValueError("audit details hold strings, integers, booleans or lists of strings")
+    normalized = {k: list(v) if isinstance(v, tuple) else v for k, v in details.items()}
+    return json.dumps(normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_entry(row: OutboxRow) -> bytes:
+    """The canonical bytes of one event: what its Merkle leaf hashes."""
+    fields: list[tuple[str, FieldValue]] = [
+        ("format", ENTRY_FORMAT),
+        ("event_id", str(row.event_id)),
+        ("occurred_at", format_time(row.occurred_at)),
+        ("tenant_id", None if row.tenant_id is None else str(row.tenant_id)),
+        ("action", row.action),
+        ("outcome", row.outcome),
+        ("actor", row.actor),
+        ("actor_role", row.actor_role),
+        ("issuer", row.issuer),
+        ("act_for", row.act_for),
+        ("patient", row.patient),
+        ("resource_type", row.resource_type),
+        ("resource_id", row.resource_id),
+        ("purpose", row.purpose),
+        ("request_id", row.request_id),
+        ("source", row.source),
+        ("details", row.details),
+    ]
+    return encode_fields(fields)
+
+
+def decode_entry(entry: bytes) -> dict[str, FieldValue]:
+    """The fields of a canonical entry; raises ValueError for anything that is not one."""
+    fields = dict(decode_fields(entry))
+    if fields.get("format") != ENTRY_FORMAT:
+        raise ValueError("not a bedside audit entry")
+    return fields
+
+
+class AuditRecorder:
+    def __init__(
+        self, store: AuditStore, db: Database, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self._store = store
+        self._db = db
+        self._clock = clock
+
+    def _row(self, event: AuditEvent) -> OutboxRow:
+        meta = REQUEST_META.get()
+        row = OutboxRow(
+            event_id=uuid.uuid4(),
+            occurred_at=self._clock(),
+            tenant_id=event.tenant_id,
+            action=event.action.value,
+            outcome=event.outcome.value,
+            actor=event.actor,
+            actor_role=event.actor_role,
+            issuer=event.issuer,
+            act_for=event.act_for,
+            patient=event.patient,
+            resource_type=event.resource_type,
+            resource_id=event.resource_id,
+            purpose=event.purpose,
+            request_id=meta.request_id if meta else None,
+            source=meta.source if meta else None,
+            details=canonical_details(event.details),
+            entry=b"",
+        )
+        return replace(row, entry=encode_entry(row))
+
+    async def record(self, tx: Tx, event: AuditEvent) -> UUID:
+        """Record `event` in the caller's transaction: it commits with the work, or neither does."""
+        row = self._row(event)
+        await self._store.append(tx, row)
+        return row.event_id
+
+    async def record_alone(self, event: AuditEvent) -> UUID:
+        """Record `event` in its own transaction (a denial: the work it refused did not happen)."""
+        async with self._db.transaction(event.tenant_id) as tx:
+            return await self.record(tx, event)

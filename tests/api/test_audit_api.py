@@ -1,0 +1,323 @@
+"""The compliance officer's audit API, checked the way an outside auditor would: proofs verified with an
+RFC 9162 verifier written here from the RFC's algorithms, exports verified offline by the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from crypto.checkpoint import verify_checkpoint
+from service.domain.audit import AuditAction, AuditEvent
+from tests.conftest import Portals, Services
+
+COMPLIANCE = {"role": "compliance", "sub": "Practitioner/c1"}
+BEDSIDE = str(Path(sys.executable).parent / "bedside")
+
+
+# -- RFC 9162 §2.1, independently of crypto/merkle.py ------------------------------------------------
+
+
+def _h(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def mth(leaves: list[bytes]) -> bytes:
+    """MTH(D[n]) over leaf hashes, recursively as §2.1.1 defines it."""
+    if not leaves:
+        return _h(b"")
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return _h(b"\x01" + mth(leaves[:k]) + mth(leaves[k:]))
+
+
+def rfc_verify_inclusion(index: int, size: int, leaf: bytes, path: list[bytes], root: bytes) -> bool:
+    """§2.1.3.2."""
+    if index >= size:
+        return False
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = _h(b"\x01" + p + r)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = _h(b"\x01" + r + p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def rfc_verify_consistency(first: int, second: int, first_hash: bytes, second_hash: bytes, path: list[bytes]) -> bool:
+    """§2.1.4.2 (for 0 < first < second)."""
+    if not path:
+        return False
+    if first & (first - 1) == 0:
+        path = [first_hash, *path]
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = _h(b"\x01" + c + fr)
+            sr = _h(b"\x01" + c + sr)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = _h(b"\x01" + sr + c)
+        fn >>= 1
+        sn >>= 1
+    return fr == first_hash and sr == second_hash and sn == 0
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+async def _record(services: Services, tenant: str, n: int, patient: str | None = None) -> None:
+    record = await services.tenants.get(tenant)
+    recorder = services.keys._audit  # the same AuditRecorder type the service uses
+    for i in range(n):
+        await recorder.record_alone(
+            AuditEvent.by_operator(
+                AuditAction.KEY_STATUS, tenant_id=record.id, patient=patient, resource_id=f"{tenant}-{i}"
+            )
+        )
+
+
+async def _integrated(client) -> None:
+    for _ in range(200):
+        body = await (await client.get("/readyz")).json()
+        if body["audit_backlog"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the sequencer did not integrate the backlog")
+
+
+async def _all(client, headers, **params) -> list[dict]:
+    items, cursor = [], None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        body = await (await client.get("/v1/audit/events", params=query, headers=headers)).json()
+        items += body["items"]
+        cursor = body.get("next_cursor")
+        if not cursor:
+            return items
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+async def test_a_compliance_officer_sees_only_their_tenants_events(
+    client, portals: Portals, services: Services
+) -> None:
+    await _record(services, "acme", 5)
+    await _record(services, "globex", 7)
+    await _integrated(client)
+
+    acme = await _all(client, portals.acme.auth(**COMPLIANCE), action="key:status")
+    globex = await _all(client, portals.globex.auth(**COMPLIANCE), action="key:status")
+
+    assert sorted(e["resource_id"] for e in acme) == [f"acme-{i}" for i in range(5)]
+    assert sorted(e["resource_id"] for e in globex) == sorted(f"globex-{i}" for i in range(7))
+
+
+@pytest.mark.parametrize("role", ["patient", "physician", "staff", "admin", "proxy"])
+async def test_other_roles_see_no_audit_route_and_are_audited(client, portals: Portals, role: str) -> None:
+    sub = {"patient": "Patient/1", "proxy": "RelatedPerson/1"}.get(role, "Practitioner/1")
+    extra = {"act_for": "Patient/1"} if role == "proxy" else {}
+    headers = portals.acme.auth(role=role, sub=sub, **extra)
+    for path in ("/v1/audit/events", "/v1/audit/checkpoints/latest", "/v1/audit/export"):
+        assert (await client.get(path, headers=headers)).status == 404
+    await _integrated(client)
+    denied = await _all(client, portals.acme.auth(**COMPLIANCE), action="access:denied")
+    assert len([e for e in denied if e["actor"] == sub]) == 3
+    assert {e["details"]["reason"] for e in denied} == {"role"}
+
+
+async def test_queries_are_themselves_audited(client, portals: Portals) -> None:
+    headers = portals.acme.auth(**COMPLIANCE)
+    await client.get("/v1/audit/events", headers=headers)
+    await _integrated(client)
+    queries = await _all(client, headers, action="audit:query")
+    assert queries
+    assert queries[-1]["actor"] == "Practitioner/c1"
+    assert queries[-1]["details"]["query"] == "events"
+
+
+async def test_failed_authentication_is_the_tenants_audit_event(client, portals: Portals) -> None:
+    expired = portals.acme.token(exp=1, iat=0)
+    assert (await client.get("/v1/me", headers={"Authorization": f"Bearer {expired}"})).status == 401
+    await _integrated(client)
+    denied = await _all(client, portals.acme.auth(**COMPLIANCE), action="auth:denied")
+    assert [(e["outcome"], e["details"]["reason"], e["issuer"]) for e in denied] == [
+        ("denied", "expired", "https://portal.acme.test")
+    ]
+
+
+async def test_filters_and_pages_never_skip_or_repeat(client, portals: Portals, services: Services) -> None:
+    await _record(services, "acme", 23, patient="Patient/9")
+    await _record(services, "acme", 4, patient="Patient/8")
+    await _integrated(client)
+    headers = portals.acme.auth(**COMPLIANCE)
+
+    for order in ("newest", "oldest"):
+        items = await _all(client, headers, patient="Patient/9", limit="5", order=order)
+        seqs = [e["seq"] for e in items]
+        assert len(seqs) == 23
+        assert len(set(seqs)) == 23
+        assert seqs == sorted(seqs, reverse=order == "newest")
+    first = await (await client.get("/v1/audit/events", params={"limit": "2"}, headers=headers)).json()
+    wrong_order = await client.get(
+        "/v1/audit/events", params={"cursor": first["next_cursor"], "order": "oldest"}, headers=headers
+    )
+    assert wrong_order.status == 422
+    bad = await client.get("/v1/audit/events", params={"limit": "0", "bogus": "1"}, headers=headers)
+    assert bad.status == 422
+
+
+async def test_proofs_verify_with_an_independent_rfc_9162_verifier(
+    client, portals: Portals, services: Services
+) -> None:
+    await _record(services, "acme", 45)
+    await _record(services, "globex", 30)
+    await _integrated(client)
+    headers = portals.acme.auth(**COMPLIANCE)
+    checkpoint = await (await client.get("/v1/audit/checkpoints/latest", headers=headers)).json()
+    signed = verify_checkpoint(checkpoint["note"], checkpoint["vkey"])
+    assert (signed.size, signed.root_hash.hex()) == (checkpoint["size"], checkpoint["root"])
+
+    leaves_body = await (
+        await client.get("/v1/audit/leaves", params={"start": "0", "end": str(signed.size)}, headers=headers)
+    ).json()
+    leaves = [bytes.fromhex(item["leaf_hash"]) for item in leaves_body["items"]]
+    assert len(leaves) == signed.size
+    assert mth(leaves) == signed.root_hash
+
+    rng = random.Random(9162)
+    for _ in range(40):
+        size = rng.randint(1, signed.size)
+        index = rng.randrange(size)
+        body = await (
+            await client.get("/v1/audit/proofs/inclusion", params={"index": index, "size": size}, headers=headers)
+        ).json()
+        path = [bytes.fromhex(p) for p in body["proof"]]
+        assert rfc_verify_inclusion(index, size, leaves[index], path, mth(leaves[:size]))
+        assert not rfc_verify_inclusion(index, size, _h(b"forged"), path, mth(leaves[:size]))
+
+        first = rng.randint(1, size - 1) if size > 1 else 1
+        if first < size:
+            body = await (
+                await client.get("/v1/audit/proofs/consistency", params={"from": first, "to": size}, headers=headers)
+            ).json()
+            proof = [bytes.fromhex(p) for p in body["proof"]]
+            assert rfc_verify_consistency(first, size, mth(leaves[:first]), mth(leaves[:size]), proof)
+            assert not rfc_verify_consistency(first, size, _h(b"other history"), mth(leaves[:size]), proof)
+
+    too_big = await client.get(
+        "/v1/audit/proofs/inclusion", params={"index": 0, "size": signed.size + 1_000_000}, headers=headers
+    )
+    assert too_big.status == 422
+
+
+async def test_an_export_verifies_offline_and_a_tampered_one_does_not(
+    client, portals: Portals, services: Services, tmp_path: Path
+) -> None:
+    await _record(services, "acme", 12, patient="Patient/3")
+    await _record(services, "globex", 5)
+    await _integrated(client)
+    headers = portals.acme.auth(**COMPLIANCE)
+    response = await client.get("/v1/audit/export", params={"format": "ndjson"}, headers=headers)
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("application/x-ndjson")
+    lines = (await response.text()).splitlines()
+    header = json.loads(lines[0])
+    events = [json.loads(line) for line in lines[1:]]
+    assert header["type"] == "checkpoint"
+    assert {e["tenant_id"] for e in events} == {events[0]["tenant_id"]}  # acme's only
+    assert sum(1 for e in events if e["patient"] == "Patient/3") == 12
+
+    export, vkey = tmp_path / "acme.ndjson", tmp_path / "log.vkey"
+    export.write_text("\n".join(lines) + "\n")
+    vkey.write_text(header["vkey"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
+    ok = await asyncio.to_thread(
+        subprocess.run,
+        [BEDSIDE, "audit", "verify", "--file", str(export), "--public-key", str(vkey)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"ok: {len(events)} leaves" in ok.stdout
+
+    victim = events[4]
+    victim["actor"] = "Practitioner/someone-else"
+    export.write_text("\n".join([lines[0], *(json.dumps(e) for e in events)]) + "\n")
+    bad = await asyncio.to_thread(
+        subprocess.run,
+        [BEDSIDE, "audit", "verify", "--file", str(export), "--public-key", str(vkey)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 1
+    assert f"FAILED at index {victim['seq']}" in bad.stdout
+
+
+async def test_the_fhir_export_validates_as_r4_audit_events(client, portals: Portals, services: Services) -> None:
+    from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
+
+    await _record(services, "acme", 3, patient="Patient/3")
+    await client.get("/v1/me", headers={"Authorization": "Bearer nonsense"})
+    await _integrated(client)
+    response = await client.get("/v1/audit/export", params={"format": "fhir"}, headers=portals.acme.auth(**COMPLIANCE))
+    resources = [json.loads(line) for line in (await response.text()).splitlines()]
+    assert len(resources) >= 3
+    for resource in resources:
+        FhirAuditEvent.model_validate(resource)
+    with_patient = [r for r in resources if any("Patient/3" in json.dumps(e) for e in r.get("entity", []))]
+    assert len(with_patient) == 3
+
+
+async def test_the_audit_write_failing_stops_the_work(client, portals: Portals, services: Services, database) -> None:
+    tenant = await services.tenants.get("acme")
+    async with services.db.transaction(tenant.id) as tx:
+        sealed = await services.keyring.seal_for(tx, "Patient/1", b"still here", {"column": "test.body"})
+    owner = await asyncpg.connect(database.owner)
+    try:
+        await owner.execute("REVOKE INSERT ON audit_outbox FROM bedside_app")
+        response = await client.post(
+            "/v1/admin/keys/shred",
+            json={"patient": "Patient/1", "confirm": "Patient/1"},
+            headers=portals.acme.auth(role="admin", sub="Practitioner/a1"),
+        )
+        assert response.status == 503
+        assert (await response.json())["code"] == "audit-unavailable"
+    finally:
+        await owner.execute("GRANT INSERT ON audit_outbox TO bedside_app")
+        await owner.close()
+    async with services.db.transaction(tenant.id) as tx:
+        assert await services.keyring.open(tx, sealed, {"column": "test.body"}) == b"still here"
