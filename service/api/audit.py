@@ -6,7 +6,6 @@ import base64
 import json
 
 from aiohttp import web
-from schemas.fhir_audit import AuditEventFields, to_fhir_audit_event
 
 from schemas.audit import (
     AuditEventListOut,
@@ -22,7 +21,9 @@ from schemas.audit import (
     LeafHashesQuery,
     LeafHashOut,
 )
+from schemas.fhir_audit import AuditEventFields, to_fhir_audit_event
 from service.api.bodies import parse_query
+from service.domain.audit import optional_fields
 from service.domain.audit_verify import export_event, export_header
 from service.keys import AUDIT_QUERIES, PRINCIPAL, SETTINGS
 from service.store.audit import EventFilter, LeafRecord
@@ -51,16 +52,7 @@ def _event_out(leaf: LeafRecord) -> AuditEventOut:
         occurred_at=event.occurred_at,
         action=event.action,
         outcome=event.outcome,
-        actor=event.actor,
-        actor_role=event.actor_role,
-        issuer=event.issuer,
-        act_for=event.act_for,
-        patient=event.patient,
-        resource_type=event.resource_type,
-        resource_id=event.resource_id,
-        purpose=event.purpose,
-        request_id=event.request_id,
-        source=event.source,
+        **optional_fields(event),
         details=json.loads(event.details),
     )
 
@@ -144,15 +136,6 @@ def _fhir_fields(leaf: LeafRecord, tenant: str) -> AuditEventFields:
         tenant=tenant,
         action=event.action,
         outcome=event.outcome,
-        actor=event.actor,
-        actor_role=event.actor_role,
-        issuer=event.issuer,
-        act_for=event.act_for,
-        patient=event.patient,
-        resource_type=event.resource_type,
-        resource_id=event.resource_id,
-        purpose=event.purpose,
-        request_id=event.request_id,
-        source=event.source,
+        **optional_fields(event),
         details=json.loads(event.details),
     )

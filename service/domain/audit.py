@@ -121,6 +121,27 @@ def canonical_details(details: Mapping[str, DetailValue]) -> str:
     return json.dumps(normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# The event's optional identifier fields, in their canonical order (after action and outcome). Every
+# place that copies an event field by field goes through this tuple, so none can miss one.
+OPTIONAL_FIELDS = (
+    "actor",
+    "actor_role",
+    "issuer",
+    "act_for",
+    "patient",
+    "resource_type",
+    "resource_id",
+    "purpose",
+    "request_id",
+    "source",
+)
+
+
+def optional_fields(row: OutboxRow) -> dict[str, str | None]:
+    """The optional identifier fields of an event, by name."""
+    return {name: getattr(row, name) for name in OPTIONAL_FIELDS}
+
+
 def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -134,16 +155,7 @@ def encode_entry(row: OutboxRow) -> bytes:
         ("tenant_id", None if row.tenant_id is None else str(row.tenant_id)),
         ("action", row.action),
         ("outcome", row.outcome),
-        ("actor", row.actor),
-        ("actor_role", row.actor_role),
-        ("issuer", row.issuer),
-        ("act_for", row.act_for),
-        ("patient", row.patient),
-        ("resource_type", row.resource_type),
-        ("resource_id", row.resource_id),
-        ("purpose", row.purpose),
-        ("request_id", row.request_id),
-        ("source", row.source),
+        *optional_fields(row).items(),
         ("details", row.details),
     ]
     return encode_fields(fields)

@@ -28,7 +28,7 @@ from uuid import UUID
 
 from crypto.checkpoint import CheckpointError, verify_checkpoint
 from crypto.merkle import EncodingError, TreeFrontier, leaf_hash, verify_inclusion
-from service.domain.audit import decode_entry, format_time
+from service.domain.audit import OPTIONAL_FIELDS, decode_entry, format_time, optional_fields
 from service.store.audit import AuditStore, CheckpointRecord, LeafRecord, OutboxRow
 from service.store.db import Database
 
@@ -65,16 +65,7 @@ def _fields_match(event: OutboxRow, entry: bytes) -> bool:
         "tenant_id": None if event.tenant_id is None else str(event.tenant_id),
         "action": event.action,
         "outcome": event.outcome,
-        "actor": event.actor,
-        "actor_role": event.actor_role,
-        "issuer": event.issuer,
-        "act_for": event.act_for,
-        "patient": event.patient,
-        "resource_type": event.resource_type,
-        "resource_id": event.resource_id,
-        "purpose": event.purpose,
-        "request_id": event.request_id,
-        "source": event.source,
+        **optional_fields(event),
     }
     if any(fields.get(name) != value for name, value in expected.items()):
         return False
@@ -213,16 +204,7 @@ def export_event(leaf: LeafRecord, proof: Sequence[bytes] | None) -> dict[str, o
         "tenant_id": None if event.tenant_id is None else str(event.tenant_id),
         "action": event.action,
         "outcome": event.outcome,
-        "actor": event.actor,
-        "actor_role": event.actor_role,
-        "issuer": event.issuer,
-        "act_for": event.act_for,
-        "patient": event.patient,
-        "resource_type": event.resource_type,
-        "resource_id": event.resource_id,
-        "purpose": event.purpose,
-        "request_id": event.request_id,
-        "source": event.source,
+        **optional_fields(event),
         "details": json.loads(event.details),
     }
     if proof is not None:
@@ -244,16 +226,7 @@ def _row_from_line(line: dict[str, object], entry: bytes) -> OutboxRow:
         tenant_id=None if tenant is None else UUID(str(tenant)),
         action=str(line["action"]),
         outcome=str(line["outcome"]),
-        actor=text("actor"),
-        actor_role=text("actor_role"),
-        issuer=text("issuer"),
-        act_for=text("act_for"),
-        patient=text("patient"),
-        resource_type=text("resource_type"),
-        resource_id=text("resource_id"),
-        purpose=text("purpose"),
-        request_id=text("request_id"),
-        source=text("source"),
+        **{name: text(name) for name in OPTIONAL_FIELDS},
         details=json.dumps(line.get("details", {})),
         entry=entry,
     )

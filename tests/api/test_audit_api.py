@@ -321,3 +321,27 @@ async def test_the_audit_write_failing_stops_the_work(client, portals: Portals, 
         await owner.close()
     async with services.db.transaction(tenant.id) as tx:
         assert await services.keyring.open(tx, sealed, {"column": "test.body"}) == b"still here"
+
+
+async def test_an_event_is_integrated_within_two_seconds_of_its_commit(
+    aiohttp_client, settings, portals: Portals
+) -> None:
+    import time
+
+    from service.app import create_app
+
+    client = await aiohttp_client(create_app(settings.model_copy(update={"audit_batch_interval_seconds": 0.25})))
+    headers = portals.acme.auth(**COMPLIANCE)
+    await client.get("/v1/audit/events", headers=headers)  # let the sequencer take the lead first
+    await _integrated(client)
+    worst = 0.0
+    for _ in range(5):
+        committed = time.monotonic()
+        response = await client.get("/v1/me", headers={"Authorization": f"Bearer {portals.acme.token(exp=1, iat=0)}"})
+        assert response.status == 401  # its auth:denied event has committed when the answer comes
+        for _ in range(500):  # polls every 10 ms, gives up after 5 s
+            if not (await (await client.get("/readyz")).json())["audit_backlog"]:
+                break
+            await asyncio.sleep(0.01)
+        worst = max(worst, time.monotonic() - committed)
+    assert worst < 2.0
