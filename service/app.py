@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from aiohttp import web
 
-from crypto.checkpoint import CheckpointError, Ed25519CheckpointSigner
+from crypto.checkpoint import CheckpointError, CheckpointSigner, Ed25519CheckpointSigner, format_vkey
 from crypto.dek_cache import DataKeyCache
 from crypto.errors import KeyProviderError
 from crypto.kek import KekProvider
@@ -20,6 +21,7 @@ from service.api.routes import ROUTES, add_routes, route_gates
 from service.domain.audit import AuditRecorder
 from service.domain.audit_log import AuditLog, AuditQueries
 from service.domain.auth import Authenticator
+from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
 from service.domain.keyring import KekClient, PatientKeyring
@@ -30,6 +32,7 @@ from service.keys import (
     AUDIT,
     AUDIT_QUERIES,
     AUTHENTICATOR,
+    CONSENTS,
     HEALTH,
     ISSUERS,
     KEY_OPERATIONS,
@@ -43,8 +46,10 @@ from service.keys import (
 )
 from service.settings import Settings
 from service.store.audit import AuditStore
+from service.store.consents import ConsentStore
 from service.store.data_keys import DataKeyStore
 from service.store.db import Database, check_application_role
+from service.store.idempotency import IdempotencyStore
 from service.store.issuers import IssuerStore
 from service.store.migrate import SchemaStore
 from service.store.tenants import TenantStore
@@ -91,7 +96,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         recorder = AuditRecorder(audit_store, db)
         audit_log = AuditLog(audit_store, signer, origin=settings.audit_origin)
         app[AUDIT] = recorder
-        app[AUDIT_QUERIES] = AuditQueries(db, audit_store, recorder, vkey=signer.verifier_key().to_vkey())
+        app[AUDIT_QUERIES] = AuditQueries(db, audit_store, recorder, vkey=format_vkey(signer.name, signer.public_key))
         kek = KekClient(build_kek_provider(settings))
         keyring = PatientKeyring(
             DataKeyStore(),
@@ -116,6 +121,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
         )
         app[HEALTH] = HealthService(db, schema, audit_store)
+        app[CONSENTS] = ConsentLedger(
+            db,
+            ConsentStore(),
+            IdempotencyStore(),
+            recorder,
+            proxy_max_validity=timedelta(days=settings.proxy_consent_max_days),
+        )
         workers = []
         if settings.audit_sequencer:
             sequencer = Sequencer(db, audit_log, interval=settings.audit_batch_interval_seconds)
@@ -129,6 +141,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await key_operations.close()
             kek.close()
             _close_provider(kek.provider)
+            _close_provider(signer)
     finally:
         await db.close()
 
@@ -149,8 +162,27 @@ def build_kek_provider(settings: Settings) -> KekProvider:
         raise ConfigurationError(f"KEK provider: {exc}") from None
 
 
-def build_audit_signer(settings: Settings) -> Ed25519CheckpointSigner:
-    """The checkpoint signing key: loaded, or made when missing if allowed (embedded mode)."""
+def build_audit_signer(settings: Settings) -> CheckpointSigner:
+    """The checkpoint signing key: on a PKCS#11 token, or a local file loaded (or made when missing, if
+    allowed: embedded mode)."""
+    if settings.audit_signer == "pkcs11":
+        # Imported here: python-pkcs11 is the optional `hsm` extra.
+        from crypto.checkpoint_pkcs11 import Pkcs11CheckpointSigner
+
+        label = settings.audit_pkcs11_token_label or settings.pkcs11_token_label
+        library, pin = settings.pkcs11_library, settings.pkcs11_pin
+        if library is None or label is None or pin is None:
+            raise ConfigurationError("audit_signer=pkcs11 needs a library, a token label and a PIN")
+        try:
+            return Pkcs11CheckpointSigner(
+                library_path=library,
+                token_label=label,
+                user_pin=pin.get_secret_value(),
+                name=settings.audit_origin,
+                create=settings.audit_signing_key_create,
+            )
+        except CheckpointError as exc:
+            raise ConfigurationError(f"audit signing key: {exc}") from None
     path = settings.audit_signing_key_path
     try:
         if not path.exists():
@@ -171,7 +203,7 @@ def build_audit_signer(settings: Settings) -> Ed25519CheckpointSigner:
     return signer
 
 
-def _close_provider(provider: KekProvider) -> None:
+def _close_provider(provider: object) -> None:
     close = getattr(provider, "close", None)
     if callable(close):
         close()

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import SecretStr
 
-from crypto.checkpoint import parse_vkey
+from crypto.checkpoint import format_vkey, parse_vkey
 from crypto.dek_cache import DataKeyCache
 from crypto.issuer_keys import IssuerKeyError, generate_ed25519_issuer_key, issuer_key_pair_from_private_pem
 from service import __version__
@@ -379,10 +379,17 @@ def _vkey(settings: Settings, public_key: str | None) -> str:
             return Path(public_key).read_text().strip()
         except OSError as exc:
             raise CliError(f"cannot read {public_key}: {exc.strerror}") from None
-    path = settings.audit_signing_key_path
-    if not path.exists():
-        raise CliError(f"no audit signing key at {path}: pass --public-key with the log's published key")
-    return build_audit_signer(settings).verifier_key().to_vkey()
+    if settings.audit_signer == "file" and not settings.audit_signing_key_path.exists():
+        raise CliError(
+            f"no audit signing key at {settings.audit_signing_key_path}: pass --public-key with the log's published key"
+        )
+    signer = build_audit_signer(settings)
+    try:
+        return format_vkey(signer.name, signer.public_key)
+    finally:
+        close = getattr(signer, "close", None)
+        if callable(close):
+            close()
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:

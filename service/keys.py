@@ -11,6 +11,7 @@ from service.api.metrics import HttpMetrics
 from service.domain.audit import AuditRecorder
 from service.domain.audit_log import AuditQueries
 from service.domain.auth import Authenticator
+from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
 from service.domain.keyring import PatientKeyring
@@ -33,6 +34,7 @@ KEY_OPERATIONS = web.AppKey("key_operations", KeyOperations)
 
 AUDIT = web.AppKey("audit", AuditRecorder)
 AUDIT_QUERIES = web.AppKey("audit_queries", AuditQueries)
+CONSENTS = web.AppKey("consents", ConsentLedger)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -54,8 +54,15 @@ class Settings(BaseSettings):
     audit_origin: str = Field(default="bedside.localhost/audit", pattern=r"^[A-Za-z0-9._/:-]{1,100}$")
     audit_signing_key_file: Path | None = None
     audit_signing_key_create: bool = False
+    # Where the signing key lives: a local file, or an Ed25519 key on a PKCS#11 token (the PKCS#11
+    # library and PIN settings above; a token of its own is best, see README).
+    audit_signer: Literal["file", "pkcs11"] = "file"
+    audit_pkcs11_token_label: str | None = None
     audit_sequencer: bool = True
     audit_batch_interval_seconds: float = Field(default=0.25, gt=0, le=10)
+
+    # Tenant policy: how far ahead a proxy consent may run (18 months).
+    proxy_consent_max_days: int = Field(default=548, ge=1, le=3650)
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -73,6 +80,9 @@ class Settings(BaseSettings):
     def _pkcs11_complete(self) -> Settings:
         if self.kek_provider == "pkcs11" and not (self.pkcs11_library and self.pkcs11_token_label and self.pkcs11_pin):
             raise ValueError("kek_provider=pkcs11 needs BEDSIDE_PKCS11_LIBRARY, _TOKEN_LABEL and _PIN")
+        audit_label = self.audit_pkcs11_token_label or self.pkcs11_token_label
+        if self.audit_signer == "pkcs11" and not (self.pkcs11_library and audit_label and self.pkcs11_pin):
+            raise ValueError("audit_signer=pkcs11 needs BEDSIDE_PKCS11_LIBRARY, a token label and _PIN")
         return self
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -210,3 +211,31 @@ async def client(
 ) -> TestClient[web.Request, web.Application]:
     """The real application served over HTTP on loopback."""
     return await aiohttp_client(app)
+
+
+@pytest.fixture
+def softhsm_env(tmp_path: Path) -> dict[str, str]:
+    """Two throwaway SoftHSM2 tokens (KEKs, audit signing) and the settings that use them."""
+    from crypto.kek_pkcs11 import find_softhsm2_library
+
+    library, util = find_softhsm2_library(), shutil.which("softhsm2-util")
+    if library is None or util is None:
+        pytest.fail("SoftHSM2 is required: apt-get install -y softhsm2 (deploy/dev test installs it)")
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    env = {"SOFTHSM2_CONF": str(conf)}
+    for label in ("bedside-cli", "bedside-audit"):
+        subprocess.run(
+            [util, "--init-token", "--free", "--label", label, "--so-pin", "so-1234", "--pin", "user-1234"],
+            check=True,
+            capture_output=True,
+            env=os.environ | env,
+        )
+    return env | {
+        "BEDSIDE_AUDIT_PKCS11_TOKEN_LABEL": "bedside-audit",
+        "BEDSIDE_KEK_PROVIDER": "pkcs11",
+        "BEDSIDE_PKCS11_LIBRARY": library,
+        "BEDSIDE_PKCS11_TOKEN_LABEL": "bedside-cli",
+        "BEDSIDE_PKCS11_PIN": "user-1234",
+    }

@@ -15,11 +15,12 @@ from schemas.audit import (
     InclusionProofOut,
     LeafHashesOut,
 )
+from schemas.consents import ConsentBody, ConsentHistoryOut, ConsentOut, RevokeBody
 from schemas.health import HealthOut, ReadyOut
 from schemas.issuers import IssuerKeyBody, IssuerKeyListOut, IssuerKeyOut
 from schemas.keys import KeyStatusOut, RewrapOut, ShredBody, ShredOut
 from schemas.me import MeOut
-from service.api import audit, health, issuers, keys, me
+from service.api import audit, consents, health, issuers, keys, me
 from service.domain import policy
 from service.domain.principal import Principal
 
@@ -241,6 +242,52 @@ ROUTES: tuple[Route, ...] = (
             ("since", "filter", False),
             ("until", "filter", False),
         ),
+    ),
+    Route(
+        "POST",
+        "/v1/consents",
+        consents.record_consent,
+        "record_consent",
+        "Record a consent grant: the patient their own, staff or a physician with paper or verbal evidence. "
+        "Idempotent with an Idempotency-Key header",
+        "consent",
+        body=ConsentBody,
+        response=ConsentOut,
+        status=201,
+        errors=(404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/consents/{id}/revoke",
+        consents.revoke_consent,
+        "revoke_consent",
+        "Revoke a consent in force: the patient, their proxy (messaging only), or staff with evidence",
+        "consent",
+        body=RevokeBody,
+        response=ConsentOut,
+        errors=(404, 409),
+    ),
+    Route(
+        "GET",
+        "/v1/consents/{id}",
+        consents.get_consent,
+        "get_consent",
+        "One consent event, as JSON or as a FHIR R4 Consent (`format=fhir`)",
+        "consent",
+        response=ConsentOut,
+        errors=(404, 422),
+        query=(("format", "json (default) | fhir", False),),
+    ),
+    Route(
+        "GET",
+        "/v1/patients/{patient_id}/consents",
+        consents.list_patient_consents,
+        "list_patient_consents",
+        "What was in force at `as_of` (default now) and the full history: the patient, or compliance",
+        "consent",
+        response=ConsentHistoryOut,
+        errors=(404, 422),
+        query=(("as_of", "RFC 3339 time", False),),
     ),
 )
 

@@ -43,6 +43,11 @@ class AuditAction(StrEnum):
     KEY_SHRED = "key:shred"
     AUDIT_QUERY = "audit:query"
     AUDIT_EXPORT = "audit:export"
+    CONSENT_GRANT = "consent:grant"
+    CONSENT_REVOKE = "consent:revoke"
+    CONSENT_READ = "consent:read"
+    CARE_TEAM_JOIN = "care_team:join"
+    CARE_TEAM_LEAVE = "care_team:leave"
 
 
 class Outcome(StrEnum):

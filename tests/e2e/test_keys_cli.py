@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from crypto.kek_pkcs11 import find_softhsm2_library
 from tests.conftest import Services
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
@@ -72,29 +70,6 @@ async def test_operator_rotates_retires_and_shreds(database, services: Services,
     assert shredded.returncode == 0, shredded.stderr
     assert "can no longer be decrypted" in shredded.stdout
     assert "2 live, 1 shredded" in _run("keys", "status", env=env).stdout
-
-
-@pytest.fixture
-def softhsm_env(tmp_path: Path) -> dict[str, str]:
-    library, util = find_softhsm2_library(), shutil.which("softhsm2-util")
-    if library is None or util is None:
-        pytest.fail("SoftHSM2 is required: apt-get install -y softhsm2 (deploy/dev test installs it)")
-    (tmp_path / "tokens").mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    env = {"SOFTHSM2_CONF": str(conf)}
-    subprocess.run(
-        [util, "--init-token", "--free", "--label", "bedside-cli", "--so-pin", "so-1234", "--pin", "user-1234"],
-        check=True,
-        capture_output=True,
-        env=os.environ | env,
-    )
-    return env | {
-        "BEDSIDE_KEK_PROVIDER": "pkcs11",
-        "BEDSIDE_PKCS11_LIBRARY": library,
-        "BEDSIDE_PKCS11_TOKEN_LABEL": "bedside-cli",
-        "BEDSIDE_PKCS11_PIN": "user-1234",
-    }
 
 
 def test_keys_on_an_hsm_token(database, softhsm_env: dict[str, str]) -> None:

@@ -1,0 +1,57 @@
+"""Idempotency keys: the first response to (principal, key) is kept and replayed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from service.store.db import Tx
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    request_hash: bytes
+    response: dict[str, Any] | None
+
+
+class IdempotencyStore:
+    # A concurrent claim of the same key waits on the unique index until the first transaction ends,
+    # then finds its row: exactly one request does the work.
+    _CLAIM = """
+        INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (tenant_id, principal, key) DO NOTHING
+        RETURNING 1
+    """
+    _EXISTING = """
+        SELECT request_hash, response FROM idempotency_keys
+        WHERE tenant_id = $1 AND principal = $2 AND key = $3 AND expires_at > now()
+    """
+    _EXPIRED = """
+        DELETE FROM idempotency_keys WHERE tenant_id = $1 AND principal = $2 AND key = $3 AND expires_at <= now()
+    """
+    _COMPLETE = """
+        UPDATE idempotency_keys SET status = $4, response = $5::jsonb
+        WHERE tenant_id = $1 AND principal = $2 AND key = $3
+    """
+
+    async def claim(
+        self, tx: Tx, tenant_id: UUID, principal: str, key: str, request_hash: bytes
+    ) -> StoredResponse | None:
+        """None when this request owns the key now; else what the first request stored."""
+        await tx.conn.execute(self._EXPIRED, tenant_id, principal, key)
+        if await tx.conn.fetchval(self._CLAIM, tenant_id, principal, key, request_hash):
+            return None
+        row = await tx.conn.fetchrow(self._EXISTING, tenant_id, principal, key)
+        if row is None:  # expired between the two statements: treat as in use
+            return StoredResponse(request_hash=b"", response=None)
+        response = row["response"]
+        return StoredResponse(
+            bytes(row["request_hash"]), json.loads(response) if isinstance(response, str) else response
+        )
+
+    async def complete(
+        self, tx: Tx, tenant_id: UUID, principal: str, key: str, status: int, response: dict[str, Any]
+    ) -> None:
+        await tx.conn.execute(self._COMPLETE, tenant_id, principal, key, status, json.dumps(response))
