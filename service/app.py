@@ -26,6 +26,7 @@ from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
 from service.domain.keyring import KekClient, PatientKeyring
 from service.domain.keys import KeyOperations
+from service.domain.messaging import MessagingService
 from service.domain.tenants import TenantService
 from service.errors import ConfigurationError
 from service.keys import (
@@ -37,6 +38,7 @@ from service.keys import (
     ISSUERS,
     KEY_OPERATIONS,
     KEYRING,
+    MESSAGING,
     METRICS,
     OPENAPI,
     PUBLIC_ROUTES,
@@ -51,6 +53,7 @@ from service.store.data_keys import DataKeyStore
 from service.store.db import Database, check_application_role
 from service.store.idempotency import IdempotencyStore
 from service.store.issuers import IssuerStore
+from service.store.messaging import MessagingStore
 from service.store.migrate import SchemaStore
 from service.store.tenants import TenantStore
 from service.workers.sequencer import Sequencer
@@ -121,12 +124,23 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
         )
         app[HEALTH] = HealthService(db, schema, audit_store)
-        app[CONSENTS] = ConsentLedger(
+        consents = ConsentLedger(
             db,
             ConsentStore(),
             IdempotencyStore(),
             recorder,
             proxy_max_validity=timedelta(days=settings.proxy_consent_max_days),
+        )
+        app[CONSENTS] = consents
+        app[MESSAGING] = MessagingService(
+            db,
+            MessagingStore(),
+            consents,
+            keyring,
+            IdempotencyStore(),
+            recorder,
+            recall_window=timedelta(seconds=settings.recall_window_seconds),
+            break_glass_duration=timedelta(minutes=settings.break_glass_minutes),
         )
         workers = []
         if settings.audit_sequencer:

@@ -51,6 +51,13 @@ class ForbiddenError(DomainError):
     title = "Not allowed"
 
 
+class ConsentRequiredError(ForbiddenError):
+    """The patient's consent is not in force for this movement of data (403, `consent-required`)."""
+
+    code = "consent-required"
+    title = "The patient's consent is required"
+
+
 class ConflictError(DomainError):
     code = "conflict"
     title = "Conflict with the current state"

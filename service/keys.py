@@ -16,6 +16,7 @@ from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
 from service.domain.keyring import PatientKeyring
 from service.domain.keys import KeyOperations
+from service.domain.messaging import MessagingService
 from service.domain.principal import Principal
 from service.domain.tenants import TenantService
 from service.settings import Settings
@@ -35,6 +36,7 @@ KEY_OPERATIONS = web.AppKey("key_operations", KeyOperations)
 AUDIT = web.AppKey("audit", AuditRecorder)
 AUDIT_QUERIES = web.AppKey("audit_queries", AuditQueries)
 CONSENTS = web.AppKey("consents", ConsentLedger)
+MESSAGING = web.AppKey("messaging", MessagingService)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     audit_sequencer: bool = True
     audit_batch_interval_seconds: float = Field(default=0.25, gt=0, le=10)
 
+    # Messaging: how long a sender may recall an unread message; how long a break-glass grant lasts.
+    recall_window_seconds: int = Field(default=900, ge=0, le=86_400)
+    break_glass_minutes: int = Field(default=60, ge=1, le=24 * 60)
+
     # Tenant policy: how far ahead a proxy consent may run (18 months).
     proxy_consent_max_days: int = Field(default=548, ge=1, le=3650)
 

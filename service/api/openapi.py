@@ -18,6 +18,7 @@ _STATUS_TEXT = {
     401: "Missing or invalid bearer token",
     403: "Not allowed",
     404: "Not found, or not the caller's to see",
+    410: "The content was crypto-shredded (the tombstone says when)",
     409: "Conflict",
     413: "Body too large",
     415: "Unsupported media type",
@@ -74,8 +75,12 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
             }
-        success: dict[str, Any] = {"description": "OK" if route.status == 200 else "Created"}
-        if route.response is not None:
+        success: dict[str, Any] = {
+            "description": {200: "OK", 201: "Created", 202: "Accepted"}.get(route.status, "No content")
+        }
+        if route.status == 204:
+            pass
+        elif route.response is not None:
             success["content"] = {route.media_type: {"schema": refs[(route.response, "serialization")]}}
         elif route.media_type != "application/json":
             success["content"] = {route.media_type: {"schema": {"type": "string"}}}

@@ -30,7 +30,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 # Most specific first: the first class the error is an instance of decides its status.
 STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (AuthenticationError, 401),
-    (ForbiddenError, 403),
+    (ForbiddenError, 403),  # ConsentRequiredError included: 403 consent-required
     (NotFoundError, 404),
     (ShreddedError, 410),
     (AlreadyExistsError, 409),

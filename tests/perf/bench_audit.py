@@ -512,19 +512,56 @@ async def run_probe(db: Database, store: AuditStore, probe: Probe) -> tuple[floa
         return (time.perf_counter() - t0) * 1000, len(items)
 
 
-async def explain(db: Database, store: AuditStore, probe: Probe) -> list[str]:
+async def captured(tx: Tx, store: AuditStore, probe: Probe) -> _Capture:
+    """The exact SQL and arguments `AuditStore.events` sends for `probe`."""
+    capture = _Capture(tx.conn)
+    await store.events(
+        Tx(conn=cast(Any, capture), tenant_id=probe.tenant),
+        probe.tenant,
+        probe.where,
+        after=probe.after,
+        newest_first=True,
+        limit=PAGE,
+    )
+    return capture
+
+
+async def explain(db: Database, store: AuditStore, probe: Probe, *, generic: bool) -> list[str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the query, as a custom plan (planned for these values: the first
+    five executions of a statement) or as the generic plan a cached prepared statement may settle on
+    (asyncpg caches statements, so the service runs those)."""
     async with db.transaction(probe.tenant) as tx:
-        capture = _Capture(tx.conn)
-        await store.events(
-            Tx(conn=cast(Any, capture), tenant_id=probe.tenant),
-            probe.tenant,
-            probe.where,
-            after=probe.after,
-            newest_first=True,
-            limit=PAGE,
-        )
-        rows = await tx.conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + capture.query, *capture.args)
+        capture = await captured(tx, store, probe)
+        if not generic:
+            rows = await tx.conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + capture.query, *capture.args)
+            return [r[0] for r in rows]
+        # EXPLAIN EXECUTE takes no bind parameters: the server quotes the values as literals.
+        literals = [await tx.conn.fetchval("SELECT pg_catalog.quote_literal($1::text)", str(a)) for a in capture.args]
+        await tx.conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await tx.conn.execute("PREPARE bench_generic AS " + capture.query)
+        try:
+            rows = await tx.conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_generic ({', '.join(literals)})")
+        finally:
+            await tx.conn.execute("DEALLOCATE bench_generic")
     return [r[0] for r in rows]
+
+
+async def plans_used(db: Database, store: AuditStore, probe: Probe) -> tuple[int, int]:
+    """(generic, custom) plans PostgreSQL used for this query's cached statement on the pool's connection."""
+    async with db.transaction(probe.tenant) as tx:
+        capture = await captured(tx, store, probe)
+        row = await tx.conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_catalog.pg_prepared_statements WHERE statement = $1",
+            capture.query,
+        )
+    return (0, 0) if row is None else (row["generic_plans"], row["custom_plans"])
+
+
+async def print_plans(db: Database, store: AuditStore, probe: Probe, title: str) -> None:
+    for generic in (False, True):
+        say(f"    EXPLAIN (ANALYZE, BUFFERS), {title}, {'generic' if generic else 'custom'} plan:")
+        for line in await explain(db, store, probe, generic=generic):
+            say(f"      {line}")
 
 
 async def make_probes(owner_dsn: str, data: QueryData, queries: int, seed: int) -> dict[str, list[Probe]]:
@@ -574,29 +611,28 @@ async def bench_queries(
     owner_dsn = connection.dsn(owner=True, database=QUERY_DB)
     store = AuditStore()
     probes = await make_probes(owner_dsn, data, queries + warmup, seed=11)
-    db = await Database.connect(connection.dsn(database=QUERY_DB), min_size=2, max_size=4)
+    # One connection, so its statement cache and PostgreSQL's plan cache are the ones every query meets.
+    db = await Database.connect(connection.dsn(database=QUERY_DB), min_size=1, max_size=1)
     try:
         probes["patient page 2"] = await second_pages(db, store, probes["patient page 2"], queries + warmup)
         for kind, mine in probes.items():
-            for probe in mine[:warmup]:  # untimed: the pool's connections prepare their statements
+            for probe in mine[:warmup]:  # untimed: the statement is prepared and its plan cache settles
                 await run_probe(db, store, probe)
             results = [(probe, *await run_probe(db, store, probe)) for probe in mine[warmup:]]
             ms = [t for _, t, _ in results]
             returned = [n for _, _, n in results]
             p50, p99 = percentile(ms, 50), percentile(ms, 99)
+            generic, custom = await plans_used(db, store, mine[0])
             summary.add(
                 f"query {kind:<15}",
-                f"p50 {p50:7.2f} ms, p99 {p99:7.2f} ms, max {max(ms):7.2f} ms "
-                f"({len(ms)} queries, median {percentile(returned, 50):.0f} rows returned)",
+                f"p50 {p50:7.2f} ms, p99 {p99:7.2f} ms, max {max(ms):7.2f} ms ({len(ms)} queries, median "
+                f"{percentile(returned, 50):.0f} rows; plans {generic} generic, {custom} custom)",
             )
-            say(f"    EXPLAIN (ANALYZE, BUFFERS), {kind}, first timed query:")
-            for line in await explain(db, store, results[0][0]):
-                say(f"      {line}")
+            await print_plans(db, store, results[0][0], f"{kind}, the first timed query")
             if p99 > SLOW_MS:
                 slowest = max(results, key=lambda x: x[1])[0]
-                say(f"    p99 above {SLOW_MS:g} ms; the slowest query ({slowest.where}), explained again:")
-                for line in await explain(db, store, slowest):
-                    say(f"      {line}")
+                say(f"    p99 above {SLOW_MS:g} ms; the slowest query was {slowest.where}")
+                await print_plans(db, store, slowest, f"{kind}, the slowest query")
                 summary.failed.append(f"query {kind}: p99 {p99:.1f} ms > {SLOW_MS:g} ms")
     finally:
         await db.close()

@@ -1,0 +1,832 @@
+"""Secure messaging: threads between a patient and practitioners or care teams, their messages, read
+receipts, recall, break-glass reading, and the notification hook.
+
+The path of one send: one transaction loads the thread (tenant-scoped), asks `policy`, asks the consent
+ledger about every practitioner or care team of the thread, claims the idempotency key, seals the body
+with the patient's data key (AAD binds tenant, column, message id, thread and sender), takes the next
+sequence number under the thread's row lock, inserts the message, the webhook outbox rows and the audit
+event, and commits. Nothing after the commit waits on the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
+from service.domain.consents import ConsentLedger, Decision, Scope
+from service.domain.keyring import PatientKeyring
+from service.domain.policy import (
+    Access,
+    Standing,
+    ThreadFacts,
+    can_break_glass,
+    can_manage_care_teams,
+    can_review_break_glass,
+    can_start_thread,
+    thread_access,
+)
+from service.domain.principal import Principal, Role, is_plain_text, is_reference
+from service.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    ConsentRequiredError,
+    FieldProblem,
+    InvalidRequestError,
+    NotFoundError,
+)
+from service.store.db import Database, Tx
+from service.store.idempotency import IdempotencyStore
+from service.store.messaging import BreakGlassRecord, MessageRecord, MessagingStore, ReceiptRecord, ThreadRecord
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_SUBJECT_CHARS = 200
+MAX_PAGE = 200
+ETREAT = "ETREAT"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadView:
+    record: ThreadRecord
+    subject: str
+    access: Access
+    unread: int = 0
+    receipts: tuple[ReceiptRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    record: MessageRecord
+    body: str | None  # None once recalled: recipients see a tombstone
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPage:
+    items: list[ThreadView]
+    next_cursor: tuple[datetime, UUID] | None
+
+
+@dataclass(frozen=True, slots=True)
+class BreakGlassView:
+    record: BreakGlassRecord
+    reason: str
+
+
+def _context(column: str, row: UUID, thread: UUID, sender: str | None = None) -> dict[str, str]:
+    context = {"column": column, "row": str(row), "thread": str(thread), "schema": "1"}
+    if sender is not None:
+        context["sender"] = sender
+    return context
+
+
+def _subject_context(thread_id: UUID) -> dict[str, str]:
+    return _context("threads.subject", thread_id, thread_id)
+
+
+def _body_context(message: MessageRecord | tuple[UUID, UUID, str]) -> dict[str, str]:
+    if isinstance(message, MessageRecord):
+        return _context("messages.body", message.id, message.thread_id, message.sender)
+    message_id, thread_id, sender = message
+    return _context("messages.body", message_id, thread_id, sender)
+
+
+def _fingerprint(*parts: object) -> bytes:
+    return hashlib.sha256(repr(parts).encode()).digest()
+
+
+class MessagingService:
+    def __init__(
+        self,
+        db: Database,
+        store: MessagingStore,
+        consents: ConsentLedger,
+        keyring: PatientKeyring,
+        idempotency: IdempotencyStore,
+        audit: AuditRecorder,
+        *,
+        recall_window: timedelta = timedelta(minutes=15),
+        break_glass_duration: timedelta = timedelta(minutes=60),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._store = store
+        self._consents = consents
+        self._keyring = keyring
+        self._idempotency = idempotency
+        self._audit = audit
+        self._recall_window = recall_window
+        self._break_glass = break_glass_duration
+        self._clock = clock
+
+    # -- access (also used by attachments) --------------------------------------------------------------
+
+    async def standing(self, tx: Tx, principal: Principal, patient: str, thread_id: UUID | None) -> Standing:
+        """What the caller is to this patient (and thread): teams, proxy consent, break-glass."""
+        teams: frozenset[str] = frozenset()
+        if principal.role in (Role.PHYSICIAN, Role.STAFF):
+            teams = await self._store.teams_of(tx, principal.tenant_id, principal.subject)
+        if principal.role is Role.PROXY and principal.act_for == patient:
+            proxy = await self._consents.decide(tx, patient, principal.subject, Scope.PROXY)
+            return Standing(teams, proxy.permit, proxy.include_sensitive)
+        if principal.role is Role.PHYSICIAN and thread_id is not None:
+            grant = await self._store.active_break_glass(tx, principal.tenant_id, thread_id, principal.subject)
+            return Standing(teams, break_glass=grant is not None)
+        return Standing(teams)
+
+    async def access(
+        self, tx: Tx, principal: Principal, thread_id: UUID, *, write: bool
+    ) -> tuple[ThreadRecord, Access]:
+        """The thread and what the caller may do with it; NotFoundError (audited) if not enough."""
+        thread = await self._store.thread(tx, principal.tenant_id, thread_id)
+        access = Access.NONE
+        if thread is not None:
+            standing = await self.standing(tx, principal, thread.patient, thread.id)
+            access = thread_access(principal, _facts(thread), standing)
+        if access is Access.NONE or (write and access is not Access.WRITE):
+            await self._deny(principal, thread, "write" if write else "read")
+        assert thread is not None
+        return thread, access
+
+    async def require_consent(
+        self, tx: Tx, principal: Principal, thread: ThreadRecord, action: AuditAction
+    ) -> list[Decision]:
+        """Every practitioner or care team of the thread must have the patient's messaging consent now;
+        else the attempt is recorded (with the deciding consents) and refused with 403 consent-required."""
+        decisions = [
+            await self._consents.decide(tx, thread.patient, participant, Scope.MESSAGING)
+            for participant in thread.participants
+        ]
+        refused = [d for d in decisions if not d.permit]
+        if refused:
+            await self._audit.record_alone(
+                AuditEvent.by(
+                    principal,
+                    action,
+                    patient=thread.patient,
+                    resource_type="Thread",
+                    resource_id=str(thread.id),
+                    details=_consent_details(decisions),
+                ).denied("consent-required")
+            )
+            raise ConsentRequiredError("The patient's messaging consent is not in force for everyone in this thread")
+        return decisions
+
+    # -- threads -----------------------------------------------------------------------------------
+
+    async def create_thread(
+        self,
+        principal: Principal,
+        *,
+        patient: str,
+        participants: Sequence[str],
+        subject: str,
+        priority: str,
+        sensitive: bool,
+        first_message: str | None,
+        idempotency_key: str | None = None,
+    ) -> tuple[ThreadView, MessageView | None]:
+        _check_thread(patient, participants, subject)
+        if first_message is not None:
+            _check_body(first_message)
+        members = frozenset(participants)
+        thread_id = uuid.uuid4()
+        async with self._db.transaction(principal.tenant_id) as tx:
+            if idempotency_key is not None:
+                fingerprint = _fingerprint(
+                    "thread", patient, sorted(members), subject, priority, sensitive, first_message
+                )
+                stored = await self._idempotency.claim(
+                    tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
+                )
+                if stored is not None:
+                    if stored.request_hash != fingerprint:
+                        raise InvalidRequestError(
+                            [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
+                        )
+                    return await self._replay_thread(tx, principal, stored.response)
+            standing = await self.standing(tx, principal, patient, None)
+            if not can_start_thread(principal, patient, members, standing):
+                await self._deny(principal, None, "create", patient=patient)
+            draft = ThreadRecord(
+                id=thread_id,
+                tenant_id=principal.tenant_id,
+                patient=patient,
+                subject=b"",
+                priority=priority,
+                sensitive=sensitive,
+                status="open",
+                created_by=principal.subject,
+                created_at=self._clock(),
+                closed_at=None,
+                last_seq=0,
+                last_activity=self._clock(),
+                participants=tuple(sorted(members)),
+            )
+            decisions = await self.require_consent(tx, principal, draft, AuditAction.THREAD_CREATE)
+            sealed = await self._keyring.seal_for(tx, patient, subject.encode(), _subject_context(thread_id))
+            await self._store.create_thread(
+                tx,
+                principal.tenant_id,
+                thread_id,
+                patient,
+                sealed,
+                priority,
+                sensitive,
+                principal.subject,
+                sorted(members),
+            )
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.THREAD_CREATE,
+                    patient=patient,
+                    resource_type="Thread",
+                    resource_id=str(thread_id),
+                    details=_consent_details(decisions),
+                ),
+            )
+            await self._store.notify(
+                tx,
+                principal.tenant_id,
+                sorted(members - {principal.subject}),
+                "thread.created",
+                {"thread_id": str(thread_id)},
+            )
+            message = None
+            if first_message is not None:
+                message = await self._send_in(tx, principal, draft, first_message, (), None, decisions)
+            if idempotency_key is not None:
+                await self._idempotency.complete(
+                    tx,
+                    principal.tenant_id,
+                    principal.subject,
+                    idempotency_key,
+                    201,
+                    {"thread_id": str(thread_id), "message_id": str(message.record.id) if message else None},
+                )
+            thread = await self._store.thread(tx, principal.tenant_id, thread_id)
+        assert thread is not None
+        return ThreadView(thread, subject, Access.WRITE), message
+
+    async def get_thread(
+        self, principal: Principal, thread_id: UUID, break_glass_reason: str | None = None
+    ) -> ThreadView:
+        async with self._db.transaction(principal.tenant_id) as tx:
+            thread, access = await self._reading(tx, principal, thread_id, break_glass_reason)
+            subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
+            receipts = await self._store.receipts(tx, principal.tenant_id, thread.id)
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.THREAD_READ,
+                    patient=thread.patient,
+                    resource_type="Thread",
+                    resource_id=str(thread.id),
+                    purpose=ETREAT if access is Access.READ else None,
+                ),
+            )
+        mine = next((r.up_to for r in receipts if r.reader == principal.subject), 0)
+        return ThreadView(thread, subject, access, max(0, thread.last_seq - mine), tuple(receipts))
+
+    async def list_threads(
+        self,
+        principal: Principal,
+        *,
+        patient: str | None,
+        status: str | None,
+        unread_only: bool,
+        cursor: tuple[datetime, UUID] | None,
+        limit: int,
+    ) -> ThreadPage:
+        if not 1 <= limit <= 100:
+            raise InvalidRequestError([FieldProblem(("limit",), "range", "between 1 and 100")])
+        async with self._db.transaction(principal.tenant_id) as tx:
+            as_patient, participants, hide_sensitive = None, [], False
+            if principal.role is Role.PATIENT:
+                as_patient = principal.subject
+            elif principal.role is Role.PROXY and principal.act_for is not None:
+                standing = await self.standing(tx, principal, principal.act_for, None)
+                if standing.proxy_permit:
+                    as_patient, hide_sensitive = principal.act_for, not standing.proxy_sensitive
+            elif principal.role in (Role.PHYSICIAN, Role.STAFF):
+                teams = await self._store.teams_of(tx, principal.tenant_id, principal.subject)
+                participants = sorted(teams | ({principal.subject} if principal.role is Role.PHYSICIAN else set()))
+            items = []
+            if as_patient is not None or participants:
+                items = await self._store.list_threads(
+                    tx,
+                    principal.tenant_id,
+                    reader=principal.subject,
+                    as_patient=as_patient,
+                    as_participants=participants,
+                    patient=patient,
+                    status=status,
+                    cursor=cursor,
+                    limit=limit + 1,
+                    hide_sensitive=hide_sensitive,
+                )
+            views = []
+            for item in items[:limit]:
+                if unread_only and not item.unread:
+                    continue
+                subject = (await self._keyring.open(tx, item.thread.subject, _subject_context(item.thread.id))).decode()
+                views.append(ThreadView(item.thread, subject, Access.WRITE, item.unread))
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.THREAD_LIST,
+                    resource_type="Thread",
+                    details={"thread_ids": [str(v.record.id) for v in views]},
+                ),
+            )
+        more = len(items) > limit
+        last = items[limit - 1].thread if more else None
+        return ThreadPage(views, (last.last_activity, last.id) if last else None)
+
+    async def close_thread(self, principal: Principal, thread_id: UUID) -> ThreadView:
+        async with self._db.transaction(principal.tenant_id) as tx:
+            thread, _ = await self.access(tx, principal, thread_id, write=True)
+            if await self._store.close(tx, principal.tenant_id, thread.id, principal.subject) is None:
+                raise ConflictError("the thread is already closed")
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.THREAD_CLOSE,
+                    patient=thread.patient,
+                    resource_type="Thread",
+                    resource_id=str(thread.id),
+                ),
+            )
+            closed = await self._store.thread(tx, principal.tenant_id, thread.id)
+            assert closed is not None
+            subject = (await self._keyring.open(tx, closed.subject, _subject_context(closed.id))).decode()
+        return ThreadView(closed, subject, Access.WRITE)
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        principal: Principal,
+        thread_id: UUID,
+        body: str,
+        *,
+        attachment_ids: Sequence[UUID] = (),
+        in_reply_to: UUID | None = None,
+        idempotency_key: str | None = None,
+    ) -> MessageView:
+        _check_body(body)
+        async with self._db.transaction(principal.tenant_id) as tx:
+            if idempotency_key is not None:
+                stored = await self._idempotency.claim(
+                    tx,
+                    principal.tenant_id,
+                    principal.subject,
+                    idempotency_key,
+                    _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to),
+                )
+                if stored is not None:
+                    return await self._replay_message(
+                        tx,
+                        principal,
+                        stored.request_hash,
+                        stored.response,
+                        _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to),
+                    )
+            thread, _ = await self.access(tx, principal, thread_id, write=True)
+            decisions = await self.require_consent(tx, principal, thread, AuditAction.MESSAGE_SEND)
+            view = await self._send_in(tx, principal, thread, body, attachment_ids, in_reply_to, decisions)
+            if idempotency_key is not None:
+                await self._idempotency.complete(
+                    tx,
+                    principal.tenant_id,
+                    principal.subject,
+                    idempotency_key,
+                    201,
+                    {"message_id": str(view.record.id)},
+                )
+        return view
+
+    async def _send_in(
+        self,
+        tx: Tx,
+        principal: Principal,
+        thread: ThreadRecord,
+        body: str,
+        attachment_ids: Sequence[UUID],
+        in_reply_to: UUID | None,
+        decisions: list[Decision],
+    ) -> MessageView:
+        if (
+            in_reply_to is not None
+            and await self._store.message_in_thread(tx, principal.tenant_id, thread.id, in_reply_to) is None
+        ):
+            raise InvalidRequestError([FieldProblem(("in_reply_to",), "unknown", "not a message of this thread")])
+        message_id = uuid.uuid4()
+        sealed = await self._keyring.seal_for(
+            tx, thread.patient, body.encode(), _body_context((message_id, thread.id, principal.subject))
+        )
+        seq = await self._store.next_seq(tx, principal.tenant_id, thread.id)
+        if seq is None:
+            raise ConflictError("the thread is closed")
+        created = await self._store.insert_message(
+            tx,
+            principal.tenant_id,
+            thread.id,
+            seq,
+            message_id,
+            principal.subject,
+            principal.role.value,
+            sealed,
+            in_reply_to,
+            attachment_ids,
+        )
+        await self._store.notify(
+            tx,
+            principal.tenant_id,
+            [p for p in thread.participants if p != principal.subject],
+            "message.created",
+            {"thread_id": str(thread.id), "message_id": str(message_id), "seq": seq},
+        )
+        await self._audit.record(
+            tx,
+            AuditEvent.by(
+                principal,
+                AuditAction.MESSAGE_SEND,
+                patient=thread.patient,
+                resource_type="Message",
+                resource_id=str(message_id),
+                details={"thread_id": str(thread.id), "seq": seq, **_consent_details(decisions)},
+            ),
+        )
+        record = MessageRecord(
+            message_id,
+            thread.id,
+            seq,
+            principal.subject,
+            principal.role.value,
+            sealed,
+            in_reply_to,
+            tuple(attachment_ids),
+            created,
+            None,
+            None,
+        )
+        return MessageView(record, body)
+
+    async def messages(
+        self,
+        principal: Principal,
+        thread_id: UUID,
+        *,
+        after: int | None,
+        before: int | None,
+        limit: int,
+        break_glass_reason: str | None = None,
+    ) -> list[MessageView]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequestError([FieldProblem(("limit",), "range", f"between 1 and {MAX_PAGE}")])
+        async with self._db.transaction(principal.tenant_id) as tx:
+            thread, access = await self._reading(tx, principal, thread_id, break_glass_reason)
+            records = await self._store.messages(
+                tx, principal.tenant_id, thread.id, after=after, before=before, limit=limit
+            )
+            views = [await self._view(tx, thread, record) for record in records]
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.MESSAGE_READ,
+                    patient=thread.patient,
+                    resource_type="Thread",
+                    resource_id=str(thread.id),
+                    purpose=ETREAT if access is Access.READ else None,
+                    details={"message_ids": [str(r.id) for r in records]},
+                ),
+            )
+        return views
+
+    async def message(self, principal: Principal, message_id: UUID) -> MessageView:
+        async with self._db.transaction(principal.tenant_id) as tx:
+            record = await self._store.message(tx, principal.tenant_id, message_id)
+            if record is None:
+                await self._deny(principal, None, "read")
+            assert record is not None
+            thread, access = await self.access(tx, principal, record.thread_id, write=False)
+            view = await self._view(tx, thread, record)
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.MESSAGE_READ,
+                    patient=thread.patient,
+                    resource_type="Message",
+                    resource_id=str(record.id),
+                    purpose=ETREAT if access is Access.READ else None,
+                    details={"message_ids": [str(record.id)]},
+                ),
+            )
+        return view
+
+    async def mark_read(self, principal: Principal, thread_id: UUID, up_to: int) -> ReceiptRecord:
+        async with self._db.transaction(principal.tenant_id) as tx:
+            thread, _ = await self.access(tx, principal, thread_id, write=True)
+            if not 0 <= up_to <= thread.last_seq:
+                raise InvalidRequestError([FieldProblem(("up_to",), "range", f"0 to {thread.last_seq}")])
+            receipt = await self._store.mark_read(tx, principal.tenant_id, thread.id, principal.subject, up_to)
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.RECEIPT_MARK,
+                    patient=thread.patient,
+                    resource_type="Thread",
+                    resource_id=str(thread.id),
+                    details={"up_to": up_to},
+                ),
+            )
+        return receipt
+
+    async def recall(self, principal: Principal, message_id: UUID) -> MessageView:
+        """The sender takes a message back: within the recall window AND before anyone else has read it.
+        Both, because a message someone has read may already have been acted on: withdrawing it then would
+        hide what the reader knew. The ciphertext stays; everyone sees a tombstone."""
+        async with self._db.transaction(principal.tenant_id) as tx:
+            record = await self._store.message(tx, principal.tenant_id, message_id)
+            if record is None or record.sender != principal.subject:
+                await self._deny(principal, None, "recall")
+            assert record is not None
+            thread, _ = await self.access(tx, principal, record.thread_id, write=True)
+            if record.recalled_at is not None:
+                raise ConflictError("the message is already recalled")
+            if self._clock() - record.created_at > self._recall_window:
+                raise ConflictError("the recall window has passed")
+            if await self._store.read_by_others(tx, principal.tenant_id, thread.id, principal.subject, record.seq):
+                raise ConflictError("the message has already been read")
+            recalled_at = await self._store.recall(tx, principal.tenant_id, record.id, principal.subject)
+            await self._store.notify(
+                tx,
+                principal.tenant_id,
+                [p for p in thread.participants if p != principal.subject],
+                "message.recalled",
+                {"thread_id": str(thread.id), "message_id": str(record.id)},
+            )
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.MESSAGE_RECALL,
+                    patient=thread.patient,
+                    resource_type="Message",
+                    resource_id=str(record.id),
+                ),
+            )
+        tombstone = MessageRecord(
+            record.id,
+            record.thread_id,
+            record.seq,
+            record.sender,
+            record.sender_role,
+            record.body,
+            record.in_reply_to,
+            record.attachment_ids,
+            record.created_at,
+            recalled_at,
+            principal.subject,
+        )
+        return MessageView(tombstone, None)
+
+    # -- break-glass review (compliance) ------------------------------------------------------------------
+
+    async def break_glass_grants(
+        self, principal: Principal, reviewed: bool | None, limit: int = 100
+    ) -> list[BreakGlassView]:
+        if not can_review_break_glass(principal):
+            await self._deny(principal, None, "break-glass review")
+        async with self._db.transaction(principal.tenant_id) as tx:
+            grants = await self._store.break_glass(tx, principal.tenant_id, reviewed, limit)
+            views = []
+            for grant in grants:
+                thread = await self._store.thread(tx, principal.tenant_id, grant.thread_id)
+                assert thread is not None
+                reason = await self._keyring.open(tx, grant.reason, _context("break_glass.reason", grant.id, thread.id))
+                views.append(BreakGlassView(grant, reason.decode()))
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal,
+                    AuditAction.BREAK_GLASS_READ,
+                    resource_type="BreakGlass",
+                    details={"grant_ids": [str(g.id) for g in grants]},
+                ),
+            )
+        return views
+
+    async def review_break_glass(self, principal: Principal, grant_id: UUID) -> None:
+        if not can_review_break_glass(principal):
+            await self._deny(principal, None, "break-glass review")
+        async with self._db.transaction(principal.tenant_id) as tx:
+            if not await self._store.review_break_glass(tx, principal.tenant_id, grant_id, principal.subject):
+                raise NotFoundError("no unreviewed break-glass access with this id")
+            await self._audit.record(
+                tx,
+                AuditEvent.by(
+                    principal, AuditAction.BREAK_GLASS_REVIEW, resource_type="BreakGlass", resource_id=str(grant_id)
+                ),
+            )
+
+    # -- care teams (admin) --------------------------------------------------------------------------------
+
+    async def create_team(
+        self, principal: Principal, team: str, members: Sequence[str]
+    ) -> list[tuple[str, datetime, datetime | None]]:
+        self._team_admin(principal, team, members)
+        async with self._db.transaction(principal.tenant_id) as tx:
+            if not await self._store.create_team(tx, principal.tenant_id, team, principal.subject):
+                raise AlreadyExistsError("this care team exists")
+            await self._audit.record(
+                tx, AuditEvent.by(principal, AuditAction.CARE_TEAM_CREATE, resource_type="CareTeam", resource_id=team)
+            )
+        return await self.set_members(principal, team, members)
+
+    async def set_members(
+        self, principal: Principal, team: str, members: Sequence[str]
+    ) -> list[tuple[str, datetime, datetime | None]]:
+        """Make `members` the team's current members; joins and leaves are audited and kept as history."""
+        self._team_admin(principal, team, members)
+        async with self._db.transaction(principal.tenant_id) as tx:
+            if not await self._store.team_exists(tx, principal.tenant_id, team):
+                raise NotFoundError("no such care team")
+            history = await self._store.team_members(tx, principal.tenant_id, team)
+        current = {member for member, _, left in history if left is None}
+        for member in sorted(set(members) - current):
+            await self._consents.join_team(principal.tenant_id, team, member, by=principal)
+        for member in sorted(current - set(members)):
+            await self._consents.leave_team(principal.tenant_id, team, member, by=principal)
+        return await self.team(principal, team, audited=False)
+
+    async def team(
+        self, principal: Principal, team: str, *, audited: bool = True
+    ) -> list[tuple[str, datetime, datetime | None]]:
+        if not can_manage_care_teams(principal):
+            await self._deny(principal, None, "care team")
+        async with self._db.transaction(principal.tenant_id) as tx:
+            if not await self._store.team_exists(tx, principal.tenant_id, team):
+                raise NotFoundError("no such care team")
+            history = await self._store.team_members(tx, principal.tenant_id, team)
+            if audited:
+                await self._audit.record(
+                    tx, AuditEvent.by(principal, AuditAction.CARE_TEAM_READ, resource_type="CareTeam", resource_id=team)
+                )
+        return history
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _team_admin(self, principal: Principal, team: str, members: Sequence[str]) -> None:
+        if not can_manage_care_teams(principal):
+            raise NotFoundError()
+        problems = []
+        if not is_reference(team, "CareTeam"):
+            problems.append(FieldProblem(("team",), "reference", "a CareTeam/.. reference"))
+        for index, member in enumerate(members):
+            if not is_reference(member, "Practitioner"):
+                problems.append(FieldProblem(("members", index), "reference", "a Practitioner/.. reference"))
+        if problems:
+            raise InvalidRequestError(problems)
+
+    async def _reading(
+        self, tx: Tx, principal: Principal, thread_id: UUID, break_glass_reason: str | None
+    ) -> tuple[ThreadRecord, Access]:
+        """Read access, opening a break-glass grant when a physician outside the thread gives a reason."""
+        if break_glass_reason is not None and can_break_glass(principal):
+            thread = await self._store.thread(tx, principal.tenant_id, thread_id)
+            if thread is not None:
+                standing = await self.standing(tx, principal, thread.patient, thread.id)
+                if thread_access(principal, _facts(thread), standing) is Access.NONE:
+                    await self._open_break_glass(tx, principal, thread, break_glass_reason)
+        return await self.access(tx, principal, thread_id, write=False)
+
+    async def _open_break_glass(self, tx: Tx, principal: Principal, thread: ThreadRecord, reason: str) -> None:
+        if not 10 <= len(reason) <= 500 or not reason.isprintable():
+            raise InvalidRequestError(
+                [FieldProblem(("Break-Glass-Reason",), "length", "10 to 500 printable characters")]
+            )
+        grant_id = uuid.uuid4()
+        sealed = await self._keyring.seal_for(
+            tx, thread.patient, reason.encode(), _context("break_glass.reason", grant_id, thread.id)
+        )
+        _, expires = await self._store.open_break_glass(
+            tx,
+            principal.tenant_id,
+            grant_id,
+            thread.id,
+            principal.subject,
+            sealed,
+            int(self._break_glass.total_seconds()),
+        )
+        await self._audit.record(
+            tx,
+            AuditEvent.by(
+                principal,
+                AuditAction.BREAK_GLASS_OPEN,
+                patient=thread.patient,
+                resource_type="Thread",
+                resource_id=str(thread.id),
+                purpose=ETREAT,
+                details={"grant_id": str(grant_id), "expires_at": expires.isoformat()},
+            ),
+        )
+
+    async def _view(self, tx: Tx, thread: ThreadRecord, record: MessageRecord) -> MessageView:
+        if record.recalled_at is not None:
+            return MessageView(record, None)
+        return MessageView(record, (await self._keyring.open(tx, record.body, _body_context(record))).decode())
+
+    async def _replay_message(
+        self, tx: Tx, principal: Principal, stored_hash: bytes, response: dict[str, Any] | None, fingerprint: bytes
+    ) -> MessageView:
+        if stored_hash != fingerprint or response is None:
+            raise InvalidRequestError(
+                [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
+            )
+        record = await self._store.message(tx, principal.tenant_id, UUID(str(response["message_id"])))
+        if record is None:
+            raise ConflictError("the first request with this key did not complete")
+        thread, _ = await self.access(tx, principal, record.thread_id, write=False)
+        view = await self._view(tx, thread, record)
+        return MessageView(view.record, view.body, replayed=True)
+
+    async def _replay_thread(
+        self, tx: Tx, principal: Principal, response: dict[str, Any] | None
+    ) -> tuple[ThreadView, MessageView | None]:
+        if response is None:
+            raise ConflictError("the first request with this key did not complete")
+        thread, access = await self.access(tx, principal, UUID(str(response["thread_id"])), write=False)
+        subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
+        message = None
+        if response.get("message_id"):
+            record = await self._store.message(tx, principal.tenant_id, UUID(str(response["message_id"])))
+            if record is not None:
+                message = await self._view(tx, thread, record)
+        return ThreadView(thread, subject, access), message
+
+    async def _deny(
+        self, principal: Principal, thread: ThreadRecord | None, attempt: str, patient: str | None = None
+    ) -> None:
+        await self._audit.record_alone(
+            AuditEvent.by(
+                principal,
+                AuditAction.ACCESS_DENIED,
+                patient=patient or (thread.patient if thread else None),
+                resource_type="Thread",
+                resource_id=str(thread.id) if thread else None,
+                details={"attempt": attempt},
+            ).denied("policy")
+        )
+        raise NotFoundError()
+
+
+def _facts(thread: ThreadRecord) -> ThreadFacts:
+    return ThreadFacts(thread.patient, frozenset(thread.participants), thread.sensitive)
+
+
+def _consent_details(decisions: Sequence[Decision]) -> dict[str, Any]:
+    return {
+        "consent_decision": "permit" if all(d.permit for d in decisions) else "deny",
+        "consent_ids": [str(d.consent_id) for d in decisions if d.consent_id is not None],
+        "consent_reasons": sorted({d.reason for d in decisions}),
+    }
+
+
+def _check_body(body: str) -> None:
+    size = len(body.encode("utf-8", errors="surrogatepass"))
+    if not body or size > MAX_BODY_BYTES:
+        raise InvalidRequestError([FieldProblem(("body",), "size", f"1 byte to {MAX_BODY_BYTES // 1024} KiB of text")])
+    try:
+        body.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequestError([FieldProblem(("body",), "text", "valid Unicode text")]) from None
+
+
+def _check_thread(patient: str, participants: Sequence[str], subject: str) -> None:
+    problems = []
+    if not is_reference(patient, "Patient"):
+        problems.append(FieldProblem(("patient",), "reference", "a Patient/.. reference"))
+    if not participants or len(participants) > 20:
+        problems.append(FieldProblem(("participants",), "count", "1 to 20 practitioners or care teams"))
+    for index, participant in enumerate(participants):
+        if not (is_reference(participant, "Practitioner") or is_reference(participant, "CareTeam")):
+            problems.append(FieldProblem(("participants", index), "reference", "Practitioner/.. or CareTeam/.."))
+    if not 1 <= len(subject) <= MAX_SUBJECT_CHARS or not is_plain_text(subject, MAX_SUBJECT_CHARS):
+        problems.append(FieldProblem(("subject",), "text", f"1 to {MAX_SUBJECT_CHARS} printable characters"))
+    if problems:
+        raise InvalidRequestError(problems)
