@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from aiohttp import web
@@ -27,12 +28,15 @@ _SAFE_MESSAGES = {
     "date_parsing": "Input should be a valid date",
     "url_parsing": "Input should be a valid URL",
 }
-_MAX_LOC_PART = 64
+
+
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 def _loc(parts: tuple[int | str, ...]) -> tuple[int | str, ...]:
-    # A loc part can be a client-chosen key (an unknown field's name): bound its length.
-    return tuple(p if isinstance(p, int) else p[:_MAX_LOC_PART] for p in parts)
+    # A loc part can be a client-chosen key (an unknown field's name): echo it only when it looks like a
+    # field name (a typo such as `bodyy` stays helpful); anything else could be content, and is not echoed.
+    return tuple(p if isinstance(p, int) or _FIELD_NAME.fullmatch(p) else "<field>" for p in parts)
 
 
 def validation_problems(exc: ValidationError) -> list[FieldProblem]:
@@ -63,7 +67,7 @@ def parse_query(request: web.Request, model: type[M]) -> M:
     query = request.query
     repeated = [key for key in query if len(query.getall(key)) > 1]
     if repeated:
-        raise InvalidRequestError([FieldProblem((key[:_MAX_LOC_PART],), "repeated", "give once") for key in repeated])
+        raise InvalidRequestError([FieldProblem(_loc((key,)), "repeated", "give once") for key in repeated])
     try:
         return model.model_validate(dict(query))
     except ValidationError as exc:

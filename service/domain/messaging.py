@@ -350,7 +350,7 @@ class MessagingService:
             )
         more = len(items) > limit
         last = items[limit - 1].thread if more else None
-        return ThreadPage(views, (last.last_activity, last.id) if last else None)
+        return ThreadPage(views, (last.created_at, last.id) if last else None)
 
     async def close_thread(self, principal: Principal, thread_id: UUID) -> ThreadView:
         async with self._db.transaction(principal.tenant_id) as tx:

@@ -178,7 +178,8 @@ class MessagingStore:
         )
     """
     # The caller's threads: as the patient, or as a participant directly or through a care team; newest
-    # activity first, keyset-paginated on (last_activity, id). Unread = others' messages after the receipt.
+    # first, keyset-paginated on (created_at, id), which activity never changes, so no page skips or
+    # repeats a thread while messages arrive. Unread = others' messages after the caller's receipt.
     _LIST = f"""
         SELECT {_THREAD_COLUMNS},
                (SELECT count(*) FROM messages m WHERE m.thread_id = t.id AND m.seq > coalesce(r.up_to, 0)
@@ -190,9 +191,9 @@ class MessagingStore:
                 SELECT 1 FROM thread_participants p WHERE p.thread_id = t.id AND p.participant = ANY($4::text[])))
           AND ($5::text IS NULL OR t.patient = $5)
           AND ($6::text IS NULL OR t.status = $6)
-          AND ($7::timestamptz IS NULL OR (t.last_activity, t.id) < ($7, $8::uuid))
+          AND ($7::timestamptz IS NULL OR (t.created_at, t.id) < ($7, $8::uuid))
           AND ($10::boolean IS NOT TRUE OR t.sensitive = false)
-        ORDER BY t.last_activity DESC, t.id DESC
+        ORDER BY t.created_at DESC, t.id DESC
         LIMIT $9
     """  # noqa: S608
     _OPEN_BREAK_GLASS = """

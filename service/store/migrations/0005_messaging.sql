@@ -26,7 +26,9 @@ CREATE TABLE threads (
     last_activity timestamptz NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, id)
 );
-CREATE INDEX threads_by_patient ON threads (tenant_id, patient, last_activity DESC, id);
+-- Listings page on creation order: a new message never moves a thread from one page to another.
+CREATE INDEX threads_by_patient ON threads (tenant_id, patient, created_at DESC, id);
+CREATE INDEX threads_by_creation ON threads (tenant_id, created_at DESC, id);
 
 CREATE TABLE thread_participants (
     tenant_id uuid NOT NULL,

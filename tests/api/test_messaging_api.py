@@ -1,0 +1,235 @@
+"""Secure messaging as portals use it: threads, messages, receipts, recall, break-glass, care teams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from tests.api.messaging_helpers import consent, patient, physician, thread
+from tests.conftest import Portals
+
+
+async def test_a_patient_and_a_physician_converse(client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="Can I take ibuprofen with it?")
+    assert created["message"]["seq"] == 1
+    assert created["subject"] == "Question about my medication"
+
+    listed = await (await client.get("/v1/threads", headers=physician(portals))).json()
+    assert [(t["id"], t["unread"]) for t in listed["items"]] == [(created["id"], 1)]
+    messages = await (await client.get(f"/v1/threads/{created['id']}/messages", headers=physician(portals))).json()
+    assert [m["body"] for m in messages["items"]] == ["Can I take ibuprofen with it?"]
+
+    reply = await client.post(
+        f"/v1/threads/{created['id']}/messages",
+        json={"body": "Yes, with food.", "in_reply_to": created["message"]["id"]},
+        headers=physician(portals),
+    )
+    assert reply.status == 201
+    assert (await reply.json())["seq"] == 2
+    mine = await (await client.get("/v1/threads", headers=patient(portals))).json()
+    assert mine["items"][0]["unread"] == 1
+    receipt = await client.post(f"/v1/threads/{created['id']}/read", json={"up_to": 2}, headers=patient(portals))
+    assert (await receipt.json())["up_to"] == 2
+    detail = await (await client.get(f"/v1/threads/{created['id']}", headers=patient(portals))).json()
+    assert detail["unread"] == 0
+    assert [r["reader"] for r in detail["receipts"]] == ["Patient/1"]
+
+
+async def test_no_consent_no_thread_and_a_revocation_stops_the_next_message(client, portals: Portals) -> None:
+    refused = await client.post(
+        "/v1/threads",
+        json={"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "Hi"},
+        headers=patient(portals),
+    )
+    assert refused.status == 403
+    assert (await refused.json())["code"] == "consent-required"
+
+    grant = await consent(client, portals)
+    created = await thread(client, portals)
+    revoke = await client.post(
+        f"/v1/consents/{grant['id']}/revoke", json={"reason": "patient-request"}, headers=patient(portals)
+    )
+    assert revoke.status == 200
+    for who in (patient(portals), physician(portals)):
+        send = await client.post(f"/v1/threads/{created['id']}/messages", json={"body": "more"}, headers=who)
+        assert send.status == 403
+        assert (await send.json())["type"] == "urn:bedside:problem:consent-required"
+        # What was exchanged stays readable by its participants.
+        old = await client.get(f"/v1/threads/{created['id']}/messages", headers=who)
+        assert [m["body"] for m in (await old.json())["items"]] == ["Hello"]
+
+
+async def test_twenty_concurrent_sends_with_one_key_make_one_message(client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message=None)
+    headers = {**patient(portals), "Idempotency-Key": "retry-me"}
+    url = f"/v1/threads/{created['id']}/messages"
+    responses = await asyncio.gather(*(client.post(url, json={"body": "once"}, headers=headers) for _ in range(20)))
+    bodies = [await r.json() for r in responses]
+    assert {r.status for r in responses} == {201}
+    assert len({b["id"] for b in bodies}) == 1
+    listed = await (await client.get(url, headers=patient(portals))).json()
+    assert len(listed["items"]) == 1
+    different = await client.post(url, json={"body": "another"}, headers=headers)
+    assert different.status == 422
+
+
+async def test_message_pages_never_skip_or_repeat_while_messages_arrive(client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message=None)
+    url = f"/v1/threads/{created['id']}/messages"
+    for i in range(10):
+        await client.post(url, json={"body": f"m{i}"}, headers=patient(portals))
+
+    async def writer() -> None:
+        for i in range(10, 40):
+            await client.post(url, json={"body": f"m{i}"}, headers=physician(portals))
+
+    writing = asyncio.create_task(writer())
+    seen, after = [], 0
+    for _ in range(100):
+        page = await (await client.get(url, params={"after": after, "limit": 3}, headers=patient(portals))).json()
+        seen += [m["seq"] for m in page["items"]]
+        if page["items"]:
+            after = page["items"][-1]["seq"]
+        elif writing.done():
+            break
+        else:
+            await asyncio.sleep(0.01)
+    await writing
+    assert seen == list(range(1, 41))
+    latest = await (await client.get(url, params={"limit": 5}, headers=patient(portals))).json()
+    assert [m["seq"] for m in latest["items"]] == [36, 37, 38, 39, 40]
+
+
+async def test_thread_pages_never_skip_or_repeat_while_threads_arrive(client, portals: Portals) -> None:
+    await consent(client, portals)
+    for _ in range(7):
+        await thread(client, portals, message=None)
+    seen, cursor = [], None
+    while True:
+        params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+        page = await (await client.get("/v1/threads", params=params, headers=patient(portals))).json()
+        seen += [t["id"] for t in page["items"]]
+        await thread(client, portals, message="news")  # arrives mid-listing: newer than every page
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert len(seen) == len(set(seen)) == 7
+
+
+async def test_recall_before_it_is_read_and_not_after(client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="oops, wrong patient")
+    message_id = created["message"]["id"]
+    assert (await client.post(f"/v1/messages/{message_id}/recall", headers=physician(portals))).status == 404
+    recalled = await client.post(f"/v1/messages/{message_id}/recall", headers=patient(portals))
+    assert recalled.status == 200
+    tombstone = await (await client.get(f"/v1/messages/{message_id}", headers=physician(portals))).json()
+    assert tombstone["body"] is None
+    assert tombstone["recalled_by"] == "Patient/1"
+
+    second = await client.post(
+        f"/v1/threads/{created['id']}/messages", json={"body": "second"}, headers=patient(portals)
+    )
+    second_id = (await second.json())["id"]
+    await client.post(f"/v1/threads/{created['id']}/read", json={"up_to": 2}, headers=physician(portals))
+    too_late = await client.post(f"/v1/messages/{second_id}/recall", headers=patient(portals))
+    assert too_late.status == 409
+
+
+async def test_break_glass_reads_for_a_while_and_is_reviewed(client, portals: Portals, database) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="chest pain since this morning")
+    outsider = physician(portals, n=99)
+    url = f"/v1/threads/{created['id']}"
+    assert (await client.get(url, headers=outsider)).status == 404
+    short = await client.get(url, headers={**outsider, "Break-Glass-Reason": "urgent"})
+    assert short.status == 422
+    opened = await client.get(url, headers={**outsider, "Break-Glass-Reason": "Unconscious in the ED, need history"})
+    assert opened.status == 200
+    assert (await opened.json())["access"] == "read"
+    messages = await client.get(f"{url}/messages", headers=outsider)  # the grant holds without the header
+    assert [m["body"] for m in (await messages.json())["items"]] == ["chest pain since this morning"]
+    assert (await client.post(f"{url}/messages", json={"body": "hi"}, headers=outsider)).status == 404  # read only
+
+    compliance = portals.acme.auth(role="compliance", sub="Practitioner/c1")
+    review = await (await client.get("/v1/audit/break-glass", params={"reviewed": "false"}, headers=compliance)).json()
+    assert [(g["physician"], g["reason"]) for g in review["items"]] == [
+        ("Practitioner/99", "Unconscious in the ED, need history")
+    ]
+    done = await client.post(f"/v1/audit/break-glass/{review['items'][0]['id']}/review", headers=compliance)
+    assert done.status == 204
+    assert (await (await client.get("/v1/audit/break-glass", params={"reviewed": "false"}, headers=compliance)).json())[
+        "items"
+    ] == []
+
+    owner = await asyncpg.connect(database.owner)
+    try:  # the grant runs out
+        await owner.execute("UPDATE break_glass SET expires_at = now() - interval '1 second'")
+    finally:
+        await owner.close()
+    assert (await client.get(f"{url}/messages", headers=outsider)).status == 404
+
+
+async def test_a_proxy_sees_sensitive_threads_only_when_included(client, portals: Portals) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    await consent(client, portals)
+    ordinary = await thread(client, portals)
+    sensitive = await thread(client, portals, sensitive=True)
+    proxy = portals.acme.auth(role="proxy", sub="RelatedPerson/mum", act_for="Patient/1")
+    assert (await (await client.get("/v1/threads", headers=proxy)).json())["items"] == []  # no proxy consent yet
+
+    until = (datetime.now(UTC) + timedelta(days=90)).isoformat()
+    await consent(client, portals, grantee="RelatedPerson/mum", scope="proxy", valid_until=until)
+    visible = await (await client.get("/v1/threads", headers=proxy)).json()
+    assert [t["id"] for t in visible["items"]] == [ordinary["id"]]
+    assert (await client.get(f"/v1/threads/{sensitive['id']}", headers=proxy)).status == 404
+
+    await consent(
+        client, portals, grantee="RelatedPerson/mum", scope="proxy", valid_until=until, include_sensitive=True
+    )
+    visible = await (await client.get("/v1/threads", headers=proxy)).json()
+    assert {t["id"] for t in visible["items"]} == {ordinary["id"], sensitive["id"]}
+
+
+async def test_care_teams_reach_their_current_members(client, portals: Portals) -> None:
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    created = await client.post(
+        "/v1/admin/care-teams",
+        json={"team": "CareTeam/cardio", "members": ["Practitioner/7", "Practitioner/8"]},
+        headers=admin,
+    )
+    assert created.status == 201
+    await consent(client, portals, grantee="CareTeam/cardio")
+    conversation = await thread(client, portals, participants=["CareTeam/cardio"])
+    nurse = portals.acme.auth(role="staff", sub="Practitioner/8")
+    assert (await client.get(f"/v1/threads/{conversation['id']}", headers=nurse)).status == 200
+    assert (await client.get(f"/v1/threads/{conversation['id']}", headers=physician(portals))).status == 200
+
+    changed = await client.put(
+        "/v1/admin/care-teams/cardio/members", json={"members": ["Practitioner/7"]}, headers=admin
+    )
+    team = await changed.json()
+    assert team["members"] == ["Practitioner/7"]
+    assert [(m["member"], m["left_at"] is not None) for m in team["history"]] == [
+        ("Practitioner/7", False),
+        ("Practitioner/8", True),
+    ]
+    assert (await client.get(f"/v1/threads/{conversation['id']}", headers=nurse)).status == 404
+
+
+async def test_a_shredded_patients_messages_read_as_410(client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals)
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    shred = await client.post(
+        "/v1/admin/keys/shred", json={"patient": "Patient/1", "confirm": "Patient/1"}, headers=admin
+    )
+    assert shred.status == 200
+    gone = await client.get(f"/v1/threads/{created['id']}/messages", headers=patient(portals))
+    assert gone.status == 410
+    assert (await gone.json())["shredded_at"]
