@@ -197,6 +197,10 @@ class AuditRecorder:
         self._db = db
         self._clock = clock
 
+    def row(self, event: AuditEvent) -> OutboxRow:
+        """The outbox row `record` would insert, for a store that writes it within a larger statement."""
+        return self._row(event)
+
     def _row(self, event: AuditEvent) -> OutboxRow:
         meta = REQUEST_META.get()
         row = OutboxRow(

@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -168,6 +168,21 @@ def _evaluate(kind: str, valid_from: datetime | None, valid_until: datetime | No
 _DENY_ORDER = ("revoked", "expired", "not-yet-valid")
 
 
+def _choose(grantee: str, candidates: list[tuple[str, UUID, bool, str]]) -> Decision:
+    """The decision among (grantee, event, include_sensitive, outcome) candidates: any grant in force
+    permits, a direct consent to the grantee before one to a team it belongs to; else the most telling
+    reason to deny."""
+    candidates = sorted(candidates, key=lambda c: c[0] != grantee)
+    for _, event_id, sensitive, outcome in candidates:
+        if outcome == "granted":
+            return Decision(True, "granted", event_id, sensitive)
+    for reason in _DENY_ORDER:
+        for _, event_id, _, outcome in candidates:
+            if outcome == reason:
+                return Decision(False, reason, event_id)
+    return Decision(False, "no-consent")
+
+
 def consent_hash(event: ConsentEventRecord) -> bytes:
     """SHA-256 of the event's canonical encoding: what its audit event carries into the Merkle log."""
     fields: list[tuple[str, FieldValue]] = [
@@ -236,16 +251,24 @@ class ConsentLedger:
                 (e.key.grantee, e.id, e.include_sensitive, _evaluate(e.kind, e.valid_from, e.valid_until, at))
                 for e in events
             ]
-        # A direct consent to the grantee decides before one to a team it belongs to.
-        candidates.sort(key=lambda c: c[0] != grantee)
-        for _, event_id, sensitive, outcome in candidates:
-            if outcome == "granted":
-                return Decision(True, "granted", event_id, sensitive)
-        for reason in _DENY_ORDER:
-            for _, event_id, _, outcome in candidates:
-                if outcome == reason:
-                    return Decision(False, reason, event_id)
-        return Decision(False, "no-consent")
+        return _choose(grantee, candidates)
+
+    async def decide_many(self, tx: Tx, patient: str, grantees: Sequence[str], scope: Scope) -> list[Decision]:
+        """`decide` for several grantees now, in one query (a thread's practitioners and care teams)."""
+        if tx.tenant_id is None:
+            raise RuntimeError("consent is decided within a tenant")
+        moment = self._clock()
+        found = await self._store.current_many(tx, tx.tenant_id, patient, scope.value, grantees)
+        return [
+            _choose(
+                grantee,
+                [
+                    (s.grantee, s.event_id, s.include_sensitive, _evaluate(s.kind, s.valid_from, s.valid_until, moment))
+                    for s in found[grantee]
+                ],
+            )
+            for grantee in grantees
+        ]
 
     async def decide_now(
         self, tenant_id: UUID, patient: str, grantee: str, scope: Scope, *, item: str = ""

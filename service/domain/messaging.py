@@ -158,10 +158,7 @@ class MessagingService:
     ) -> list[Decision]:
         """Every practitioner or care team of the thread must have the patient's messaging consent now;
         else the attempt is recorded (with the deciding consents) and refused with 403 consent-required."""
-        decisions = [
-            await self._consents.decide(tx, thread.patient, participant, Scope.MESSAGING)
-            for participant in thread.participants
-        ]
+        decisions = await self._consents.decide_many(tx, thread.patient, thread.participants, Scope.MESSAGING)
         refused = [d for d in decisions if not d.permit]
         if refused:
             await self._audit.record_alone(
@@ -435,39 +432,32 @@ class MessagingService:
         sealed = await self._keyring.seal_for(
             tx, thread.patient, body.encode(), _body_context((message_id, thread.id, principal.subject))
         )
-        seq = await self._store.next_seq(tx, principal.tenant_id, thread.id)
-        if seq is None:
-            raise ConflictError("the thread is closed")
-        created = await self._store.insert_message(
-            tx,
-            principal.tenant_id,
-            thread.id,
-            seq,
-            message_id,
-            principal.subject,
-            principal.role.value,
-            sealed,
-            in_reply_to,
-            attachment_ids,
-        )
-        await self._store.notify(
-            tx,
-            principal.tenant_id,
-            [p for p in thread.participants if p != principal.subject],
-            "message.created",
-            {"thread_id": str(thread.id), "message_id": str(message_id), "seq": seq},
-        )
-        await self._audit.record(
-            tx,
+        audit = self._audit.row(
             AuditEvent.by(
                 principal,
                 AuditAction.MESSAGE_SEND,
                 patient=thread.patient,
                 resource_type="Message",
                 resource_id=str(message_id),
-                details={"thread_id": str(thread.id), "seq": seq, **_consent_details(decisions)},
-            ),
+                details={"thread_id": str(thread.id), **_consent_details(decisions)},
+            )
         )
+        written = await self._store.send(
+            tx,
+            principal.tenant_id,
+            thread.id,
+            message_id,
+            principal.subject,
+            principal.role.value,
+            sealed,
+            in_reply_to,
+            attachment_ids,
+            [p for p in thread.participants if p != principal.subject],
+            audit,
+        )
+        if written is None:
+            raise ConflictError("the thread is closed")
+        seq, created = written
         record = MessageRecord(
             message_id,
             thread.id,

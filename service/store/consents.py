@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -208,6 +209,25 @@ class ConsentStore:
         """The key's own current state (not its care teams')."""
         row = await tx.conn.fetchrow(self._STATE_OF, tenant_id, key.patient, key.scope, key.grantee, key.item)
         return None if row is None else _state(row)
+
+    # Several grantees at once (a thread's participants): their own states and their care teams'.
+    _DECIDE_MANY = """
+        SELECT g.grantee AS asked, s.grantee, s.event_id, s.kind, s.valid_from, s.valid_until, s.include_sensitive
+        FROM unnest($4::text[]) AS g (grantee)
+        JOIN consent_state s ON s.tenant_id = $1 AND s.patient = $2 AND s.scope = $3 AND s.item = ''
+          AND (s.grantee = g.grantee OR s.grantee IN (
+                SELECT m.team FROM care_team_members m
+                WHERE m.tenant_id = $1 AND m.member = g.grantee AND m.left_at IS NULL))
+    """
+
+    async def current_many(
+        self, tx: Tx, tenant_id: UUID, patient: str, scope: str, grantees: Sequence[str]
+    ) -> dict[str, list[ConsentStateRecord]]:
+        rows = await tx.conn.fetch(self._DECIDE_MANY, tenant_id, patient, scope, list(grantees))
+        found: dict[str, list[ConsentStateRecord]] = {g: [] for g in grantees}
+        for row in rows:
+            found[row["asked"]].append(_state(row))
+        return found
 
     async def current(self, tx: Tx, tenant_id: UUID, key: ConsentKey) -> list[ConsentStateRecord]:
         rows = await tx.conn.fetch(self._DECIDE, tenant_id, key.patient, key.scope, key.grantee, key.item)

@@ -11,6 +11,8 @@ from uuid import UUID
 
 import asyncpg
 
+from service.errors import AuditUnavailableError
+from service.store.audit import OutboxRow
 from service.store.db import Tx
 
 
@@ -128,17 +130,6 @@ class MessagingStore:
     _TEAMS_OF = """
         SELECT team FROM care_team_members WHERE tenant_id = $1 AND member = $2 AND left_at IS NULL
     """
-    # Next sequence number: the thread row's lock serializes the sends of one thread (and only those).
-    _NEXT_SEQ = """
-        UPDATE threads SET last_seq = last_seq + 1, last_activity = now()
-        WHERE tenant_id = $1 AND id = $2 AND status = 'open'
-        RETURNING last_seq
-    """
-    _INSERT_MESSAGE = """
-        INSERT INTO messages (tenant_id, thread_id, seq, id, sender, sender_role, body, in_reply_to, attachment_ids)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-        RETURNING created_at
-    """
     _MESSAGES_AFTER = f"""
         SELECT {_MESSAGE_COLUMNS} FROM messages
         WHERE thread_id = $1 AND tenant_id = $2 AND seq > $3 AND seq < $4
@@ -255,37 +246,81 @@ class MessagingStore:
     async def teams_of(self, tx: Tx, tenant_id: UUID, member: str) -> frozenset[str]:
         return frozenset(r["team"] for r in await tx.conn.fetch(self._TEAMS_OF, tenant_id, member))
 
-    async def next_seq(self, tx: Tx, tenant_id: UUID, thread_id: UUID) -> int | None:
-        """The next sequence number of an open thread (locking its row), or None if it is closed."""
-        value = await tx.conn.fetchval(self._NEXT_SEQ, tenant_id, thread_id)
-        return None if value is None else int(value)
+    # One round trip for the whole write of a send: the next sequence number under the thread's row lock,
+    # the message, one webhook outbox row per interested endpoint, and the audit event.
+    _SEND = """
+        WITH next AS (
+            UPDATE threads SET last_seq = last_seq + 1, last_activity = now()
+            WHERE tenant_id = $1 AND id = $2 AND status = 'open'
+            RETURNING last_seq
+        ), message AS (
+            INSERT INTO messages (tenant_id, thread_id, seq, id, sender, sender_role, body, in_reply_to, attachment_ids)
+            SELECT $1, $2, next.last_seq, $3, $4, $5, $6, $7, $8 FROM next
+            RETURNING seq, created_at
+        ), hook AS (
+            INSERT INTO webhook_outbox (tenant_id, id, endpoint_id, event_type, payload)
+            SELECT $1, gen_random_uuid(), e.id, 'message.created',
+                   jsonb_build_object('thread_id', $2::text, 'message_id', $3::text, 'seq', message.seq)
+            FROM webhook_endpoints e, message
+            WHERE e.tenant_id = $1 AND e.active AND e.subscriber = ANY($9::text[])
+              AND 'message.created' = ANY(e.event_types)
+        ), audit AS (
+            INSERT INTO audit_outbox (event_id, occurred_at, tenant_id, action, outcome, actor, actor_role, issuer,
+                                      act_for, patient, resource_type, resource_id, purpose, request_id, source,
+                                      details, entry)
+            SELECT $10, $11, $1, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24::jsonb, $25
+            FROM message
+        )
+        SELECT seq, created_at FROM message
+    """
 
-    async def insert_message(
+    async def send(
         self,
         tx: Tx,
         tenant_id: UUID,
         thread_id: UUID,
-        seq: int,
         message_id: UUID,
         sender: str,
         sender_role: str,
         body: bytes,
         in_reply_to: UUID | None,
         attachment_ids: Sequence[UUID],
-    ) -> datetime:
-        created: datetime = await tx.conn.fetchval(
-            self._INSERT_MESSAGE,
-            tenant_id,
-            thread_id,
-            seq,
-            message_id,
-            sender,
-            sender_role,
-            body,
-            in_reply_to,
-            list(attachment_ids),
-        )
-        return created
+        notify: Sequence[str],
+        audit: OutboxRow,
+    ) -> tuple[int, datetime] | None:
+        """Write a message and everything that goes with it; None when the thread is closed (nothing written)."""
+        try:
+            row = await tx.conn.fetchrow(
+                self._SEND,
+                tenant_id,
+                thread_id,
+                message_id,
+                sender,
+                sender_role,
+                body,
+                in_reply_to,
+                list(attachment_ids),
+                list(notify),
+                audit.event_id,
+                audit.occurred_at,
+                audit.action,
+                audit.outcome,
+                audit.actor,
+                audit.actor_role,
+                audit.issuer,
+                audit.act_for,
+                audit.patient,
+                audit.resource_type,
+                audit.resource_id,
+                audit.purpose,
+                audit.request_id,
+                audit.source,
+                audit.details,
+                audit.entry,
+            )
+        except asyncpg.exceptions.InsufficientPrivilegeError:
+            raise AuditUnavailableError() from None  # the audit insert is refused: nothing was written
+        return None if row is None else (row["seq"], row["created_at"])
 
     async def messages(
         self, tx: Tx, tenant_id: UUID, thread_id: UUID, *, after: int | None, before: int | None, limit: int

@@ -233,3 +233,16 @@ async def test_a_shredded_patients_messages_read_as_410(client, portals: Portals
     gone = await client.get(f"/v1/threads/{created['id']}/messages", headers=patient(portals))
     assert gone.status == 410
     assert (await gone.json())["shredded_at"]
+
+
+async def test_a_closed_thread_takes_no_more_messages(client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals)
+    closed = await client.post(f"/v1/threads/{created['id']}/close", headers=physician(portals))
+    assert (await closed.json())["status"] == "closed"
+    refused = await client.post(
+        f"/v1/threads/{created['id']}/messages", json={"body": "late"}, headers=patient(portals)
+    )
+    assert refused.status == 409
+    messages = await (await client.get(f"/v1/threads/{created['id']}/messages", headers=patient(portals))).json()
+    assert [m["seq"] for m in messages["items"]] == [1]
