@@ -122,6 +122,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             audience=settings.audience,
             leeway_seconds=settings.jwt_leeway_seconds,
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
+            verified_cache_seconds=settings.issuer_cache_seconds,
         )
         app[HEALTH] = HealthService(db, schema, audit_store)
         consents = ConsentLedger(

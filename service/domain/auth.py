@@ -7,8 +7,10 @@ cannot pass. Every failure is an `AuthenticationError` whose `reason` is a fixed
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,8 @@ class Authenticator:
         audience: str,
         leeway_seconds: int = 60,
         max_lifetime_seconds: int = 3600,
+        verified_cache_seconds: float = 30.0,
+        verified_cache_entries: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._issuers = issuers
@@ -42,6 +46,12 @@ class Authenticator:
         self._max_lifetime = max_lifetime_seconds
         self._clock = clock
         self._prepared: dict[tuple[str, str], Any] = {}
+        # Tokens already verified, by their SHA-256: reused until they expire, but never for longer than the
+        # issuer-key cache, so a withdrawn issuer key stops working within the same time either way.
+        # Failures are never cached.
+        self._verified: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()
+        self._verified_ttl = verified_cache_seconds
+        self._verified_max = verified_cache_entries
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal a valid `Authorization: Bearer` header proves, or AuthenticationError."""
@@ -51,6 +61,20 @@ class Authenticator:
         if match is None or len(match.group(1)) > MAX_TOKEN_LENGTH:
             raise AuthenticationError("malformed")
         token = match.group(1)
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._verified.get(digest)
+        if cached is not None:
+            if cached[0] > self._clock():
+                return cached[1]
+            del self._verified[digest]
+        principal, expires = await self._verify_token(token)
+        if self._verified_ttl > 0:
+            self._verified[digest] = (min(expires, self._clock() + self._verified_ttl), principal)
+            while len(self._verified) > self._verified_max:
+                self._verified.popitem(last=False)
+        return principal
+
+    async def _verify_token(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
@@ -74,7 +98,7 @@ class Authenticator:
             raise AuthenticationError("unknown-key", tenant_id=trusted.tenant_id, issuer=issuer)
         try:
             claims = self._verify(token, issuer, candidates)
-            return self._principal(claims, trusted.tenant_id, tenant, issuer)
+            return self._principal(claims, trusted.tenant_id, tenant, issuer), float(claims["exp"])
         except AuthenticationError as error:
             # The signature's issuer is one this tenant trusts: the attempt is the tenant's to review.
             raise AuthenticationError(error.reason, tenant_id=trusted.tenant_id, issuer=issuer) from None

@@ -490,7 +490,7 @@ class MessagingService:
             records = await self._store.messages(
                 tx, principal.tenant_id, thread.id, after=after, before=before, limit=limit
             )
-            views = [await self._view(tx, thread, record) for record in records]
+            views = await self._views(tx, records)
             await self._audit.record(
                 tx,
                 AuditEvent.by(
@@ -735,6 +735,17 @@ class MessagingService:
                 details={"grant_id": str(grant_id), "expires_at": expires.isoformat()},
             ),
         )
+
+    async def _views(self, tx: Tx, records: Sequence[MessageRecord]) -> list[MessageView]:
+        live = [r for r in records if r.recalled_at is None]
+        bodies = dict(
+            zip(
+                (r.id for r in live),
+                await self._keyring.open_many(tx, [(r.body, _body_context(r)) for r in live]),
+                strict=True,
+            )
+        )
+        return [MessageView(r, bodies[r.id].decode() if r.id in bodies else None) for r in records]
 
     async def _view(self, tx: Tx, thread: ThreadRecord, record: MessageRecord) -> MessageView:
         if record.recalled_at is not None:

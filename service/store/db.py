@@ -84,13 +84,26 @@ class Database:
     async def transaction(self, tenant_id: UUID | None = None) -> AsyncIterator[Tx]:
         """One transaction, scoped to `tenant_id` when given. Commits on normal exit, rolls back on error.
 
+        BEGIN and the tenant setting travel in one round trip (a simple-protocol batch). The tenant id is a
+        `UUID`, whose text form is 36 hex digits and dashes: nothing in it needs escaping. A request
+        cancelled mid-way leaves the transaction to the pool, whose reset rolls it back.
         A database that cannot be reached becomes `UnavailableError`: callers fail closed.
         """
+        begin = "BEGIN"
+        if tenant_id is not None:
+            if not isinstance(tenant_id, UUID):
+                raise TypeError("tenant_id must be a UUID")
+            begin = f"BEGIN; SELECT pg_catalog.set_config('bedside.tenant_id', '{tenant_id}', true)"
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                if tenant_id is not None:
-                    await conn.execute(_SET_TENANT, str(tenant_id))
-                yield Tx(conn=conn, tenant_id=tenant_id)
+            async with self._pool.acquire() as conn:
+                await conn.execute(begin)
+                try:
+                    yield Tx(conn=conn, tenant_id=tenant_id)
+                except BaseException:
+                    with contextlib.suppress(*_UNAVAILABLE, asyncpg.PostgresError):
+                        await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
         except _UNAVAILABLE:
             raise UnavailableError("the database is not reachable") from None
 

@@ -345,3 +345,21 @@ async def test_an_event_is_integrated_within_two_seconds_of_its_commit(
             await asyncio.sleep(0.01)
         worst = max(worst, time.monotonic() - committed)
     assert worst < 2.0
+
+
+async def test_a_time_range_returns_exactly_the_events_within_it(client, portals: Portals, services: Services) -> None:
+    from datetime import UTC, datetime
+
+    await _record(services, "acme", 3, patient="Patient/5")
+    start = datetime.now(UTC)
+    await _record(services, "acme", 4, patient="Patient/5")
+    end = datetime.now(UTC)
+    await _record(services, "acme", 2, patient="Patient/5")
+    await _integrated(client)
+    headers = portals.acme.auth(**COMPLIANCE)
+    for order in ("newest", "oldest"):
+        items = await _all(
+            client, headers, action="key:status", since=start.isoformat(), until=end.isoformat(), order=order, limit="3"
+        )
+        assert sorted(e["resource_id"] for e in items) == [f"acme-{i}" for i in range(4)]
+        assert [e["seq"] for e in items] == sorted((e["seq"] for e in items), reverse=order == "newest")

@@ -1,0 +1,436 @@
+"""The messaging benchmark: full sends and reads through `bedside serve` against a bare ceiling.
+
+    apt-get install -y wrk && .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python tests/perf/bench_messaging.py [--seconds 20] [--threads 1000] [--explain-rows 2000000]
+
+It starts `bedside serve` in embedded mode (its own PostgreSQL, synchronous_commit on, fsync on) in a
+temporary data directory, creates 1,000 patients each with a messaging consent and a thread, and drives it
+with wrk and a Lua script from this machine's loopback:
+
+- sends of 1 KiB messages to random threads at concurrency 1, 16 and 64 (auth, policy, consent, seal,
+  sequence, message, webhook outbox, audit: everything a real send does);
+- reads of the latest 50 messages of a random thread at concurrency 64;
+- in the same run, the ceiling: a bare aiohttp + asyncpg endpoint doing just the two INSERTs (a message
+  row and an audit row) in one transaction, on the same PostgreSQL, at the same concurrencies.
+
+For each run it reports requests/s, p50 and p99 (from wrk), non-2xx answers, and the CPU share of the
+service, PostgreSQL and wrk (from /proc). During the c=64 send run it samples the service with py-spy and
+prints where the time goes, including the share spent sealing and opening. Finally it grows the messages
+table to millions of rows and prints EXPLAIN (ANALYZE) of "the latest 50 of a thread".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+BEDSIDE = str(Path(sys.executable).parent / "bedside")
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
+BODY = "x" * 1000  # with the JSON around it, a 1 KiB message
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the bare ceiling --------------------------------------------------------------------------------------
+
+
+def run_bare_server(dsn: str, port: int) -> None:
+    """A bare aiohttp + asyncpg endpoint: two INSERTs in one transaction, nothing else."""
+    import uuid
+
+    import asyncpg
+    from aiohttp import web
+
+    async def init(app: web.Application) -> Any:
+        app["pool"] = await asyncpg.create_pool(dsn, min_size=20, max_size=20)
+        yield
+        await app["pool"].close()
+
+    async def post(request: web.Request) -> web.Response:
+        body = await request.read()
+        message_id = uuid.uuid4()
+        async with request.app["pool"].acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO bench_messages (id, body) VALUES ($1, $2)", message_id, body)
+            await conn.execute("INSERT INTO bench_audit (id, entry) VALUES ($1, $2)", uuid.uuid4(), b"x" * 400)
+        return web.json_response({"id": str(message_id)}, status=201)
+
+    app = web.Application()
+    app.cleanup_ctx.append(init)
+    app.router.add_post("/bare", post)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError):
+            continue
+    return total / ticks
+
+
+def postgres_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-u", "postgres"], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def wrk(url: str, script: Path, connections: int, seconds: int, service_pid: int) -> dict[str, Any]:
+    threads = min(2, connections)
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+    pg, svc = postgres_pids(), [service_pid]
+    before = (cpu_seconds(svc), cpu_seconds(pg))
+    started = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate()
+    wall = time.monotonic() - started
+    wrk_cpu = sum(os.times()[2:4])  # children's user + system time so far (wrk is the only busy child)
+    after = (cpu_seconds(svc), cpu_seconds(pg))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(label: str) -> float:
+        match = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)
+        assert match, out
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p50_ms": pct("50"),
+        "p99_ms": pct("99"),
+        "errors": int(non2xx.group(1)) if non2xx else 0,
+        "cpu_service": (after[0] - before[0]) / wall,
+        "cpu_postgres": (after[1] - before[1]) / wall,
+        "wrk_cpu_total": wrk_cpu,
+    }
+
+
+LUA_SEND = """
+local lines = {}
+for line in io.lines("%(targets)s") do
+  local id, token = line:match("(%%S+) (%%S+)")
+  lines[#lines + 1] = {id, token}
+end
+local body = '{"body":"%(body)s"}'
+request = function()
+  local t = lines[math.random(#lines)]
+  return wrk.format("POST", "/v1/threads/" .. t[1] .. "/messages",
+    {["Authorization"] = "Bearer " .. t[2], ["Content-Type"] = "application/json"}, body)
+end
+"""
+LUA_READ = """
+local lines = {}
+for line in io.lines("%(targets)s") do
+  local id, token = line:match("(%%S+) (%%S+)")
+  lines[#lines + 1] = {id, token}
+end
+request = function()
+  local t = lines[math.random(#lines)]
+  return wrk.format("GET", "/v1/threads/" .. t[1] .. "/messages?limit=50", {["Authorization"] = "Bearer " .. t[2]})
+end
+"""
+LUA_BARE = """
+local body = '{"body":"%(body)s"}'
+request = function()
+  return wrk.format("POST", "/bare", {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+async def setup(base: str, data_dir: Path, count: int, targets: Path) -> None:
+    """`count` patients, each with a messaging consent to Practitioner/1 and a thread with one message."""
+    import aiohttp
+
+    sys.path.insert(0, str(ROOT))
+    from crypto.issuer_keys import issuer_key_pair_from_private_pem
+    from service.domain.issuers import DEV_ISSUER, mint_token
+
+    pair = issuer_key_pair_from_private_pem(await asyncio.to_thread((data_dir / "dev-issuer.pem").read_bytes))
+    lines: list[str] = []
+    semaphore = asyncio.Semaphore(16)
+
+    async def one(session: aiohttp.ClientSession, n: int) -> None:
+        token = mint_token(
+            pair,
+            issuer=DEV_ISSUER,
+            audience="bedside",
+            tenant="demo",
+            role="patient",
+            subject=f"Patient/{n}",
+            lifetime_seconds=3600,
+        )
+        headers = {"Authorization": f"Bearer {token}"}
+        async with semaphore:
+            consent = {
+                "patient": f"Patient/{n}",
+                "grantee": "Practitioner/1",
+                "scope": "messaging",
+                "evidence": {"method": "portal", "text_version": "bench"},
+            }
+            async with session.post(f"{base}/v1/consents", json=consent, headers=headers) as response:
+                assert response.status == 201, await response.text()
+            thread = {
+                "patient": f"Patient/{n}",
+                "participants": ["Practitioner/1"],
+                "subject": "bench",
+                "message": {"body": BODY},
+            }
+            async with session.post(f"{base}/v1/threads", json=thread, headers=headers) as response:
+                assert response.status == 201, await response.text()
+                lines.append(f"{(await response.json())['id']} {token}")
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session, n) for n in range(1, count + 1)))
+    await asyncio.to_thread(targets.write_text, "\n".join(lines) + "\n")
+
+
+def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None:
+    if not Path(PY_SPY).exists():
+        print("(py-spy not installed: pip install -e '.[bench]')")
+        return None
+    return subprocess.Popen(
+        [
+            PY_SPY,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--rate",
+            "97",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def summarize_profile(path: Path) -> None:
+    """Where the service's time goes: share of samples per component, and the crypto share."""
+    if not path.exists():
+        return
+    components = collections.Counter()
+    leaves = collections.Counter()
+    total = 0
+    rules = [
+        (
+            "sealing/opening (crypto/, cryptography)",
+            ("crypto/envelope", "crypto/_format", "crypto/keys", "cryptography/"),
+        ),
+        ("JWT verification (PyJWT)", ("jwt/",)),
+        ("asyncpg (protocol, codecs)", ("asyncpg/",)),
+        ("pydantic (parsing, serializing)", ("pydantic",)),
+        ("structlog + logging", ("structlog/", "logging/")),
+        ("prometheus metrics", ("prometheus_client/",)),
+        ("aiohttp (HTTP, routing, middleware)", ("aiohttp/",)),
+        ("service/ (Bedside's own code)", ("service/",)),
+        ("asyncio event loop", ("asyncio/",)),
+    ]
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaves[frames[-1][:110]] += n
+        for label, needles in rules:  # attribute the sample to the innermost matching component
+            if any(needle in frame for frame in frames[-6:] for needle in needles):
+                components[label] += n
+                break
+        else:
+            components["other"] += n
+    if not total:
+        return
+    print(f"\nwhere the time goes (py-spy, {total} samples during the c=64 send run; innermost match):")
+    for label, n in components.most_common():
+        print(f"  {100 * n / total:5.1f}%  {label}")
+    print("  top frames:")
+    for frame, n in leaves.most_common(12):
+        print(f"  {100 * n / total:5.1f}%  {frame}")
+
+
+def explain(owner_dsn: str, rows: int) -> None:
+    """Grow messages to `rows` and show that the latest 50 of a thread is an index range scan."""
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(owner_dsn)
+        try:
+            threads = await conn.fetch("SELECT id, tenant_id FROM threads ORDER BY id")
+            per_thread = max(1, rows // len(threads))
+            print(f"\ngrowing messages by {per_thread * len(threads):,} rows for EXPLAIN ...", flush=True)
+            await conn.execute(
+                """
+                INSERT INTO messages (tenant_id, thread_id, seq, id, sender, sender_role, body)
+                SELECT t.tenant_id, t.id, 1000 + g, gen_random_uuid(), 'Practitioner/1', 'physician',
+                       '\\x00'::bytea
+                FROM threads t, generate_series(1, $1) AS g
+                """,
+                per_thread,
+            )
+            await conn.execute("UPDATE threads SET last_seq = last_seq + 1000 + $1", per_thread)
+            await conn.execute("ANALYZE messages")
+            total = await conn.fetchval("SELECT count(*) FROM messages")
+            plan = await conn.fetch(
+                """
+                EXPLAIN (ANALYZE, BUFFERS)
+                SELECT * FROM (
+                    SELECT id, thread_id, seq, sender, sender_role, body, in_reply_to, attachment_ids,
+                           created_at, recalled_at, recalled_by
+                    FROM messages WHERE thread_id = $1 AND tenant_id = $2 AND seq < $3
+                    ORDER BY seq DESC LIMIT 50
+                ) latest ORDER BY seq
+                """,
+                threads[0]["id"],
+                threads[0]["tenant_id"],
+                2**62,
+            )
+            print(f"EXPLAIN of the latest 50 of one thread, messages = {total:,} rows:")
+            for line in plan:
+                print("  " + line[0])
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1000)
+    parser.add_argument("--explain-rows", type=int, default=2_000_000)
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "bare"])
+    parser.add_argument("--dsn")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args()
+    if args.mode == "bare":
+        run_bare_server(args.dsn, args.port)
+        return
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is required: apt-get install -y wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="bedside-bench-"))
+    os.chmod(work, 0o711)
+    data_dir, port = work / "data", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
+    env.update(
+        BEDSIDE_DATA_DIR=str(data_dir), BEDSIDE_PORT=str(port), BEDSIDE_LOG_FORMAT="json", BEDSIDE_DB_POOL_MAX="20"
+    )
+    service = subprocess.Popen(
+        [BEDSIDE, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    bare: subprocess.Popen[bytes] | None = None
+    try:
+        assert service.stdout is not None
+        while "curl" not in service.stdout.readline():
+            if service.poll() is not None:
+                sys.exit("bedside serve did not start")
+        base = f"http://127.0.0.1:{port}"
+        targets = work / "targets.txt"
+        print(f"setting up {args.threads} patients, consents and threads ...", flush=True)
+        asyncio.run(setup(base, data_dir, args.threads, targets))
+
+        sys.path.insert(0, str(ROOT))
+        from service.embedded import EmbeddedPostgres
+
+        pg = EmbeddedPostgres(data_dir)
+        pg_port = pg.running_port()
+        assert pg_port is not None
+        owner_dsn = pg.connection(pg_port).dsn(owner=True, database="bedside")
+
+        async def bare_tables() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(owner_dsn)
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_messages (id uuid PRIMARY KEY, body bytea)")
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_audit (id uuid PRIMARY KEY, entry bytea)")
+            await conn.close()
+
+        asyncio.run(bare_tables())
+        bare_port = free_port()
+        bare = subprocess.Popen([sys.executable, __file__, "bare", "--dsn", owner_dsn, "--port", str(bare_port)])
+        time.sleep(2)
+
+        scripts = {}
+        for name, template in (("send", LUA_SEND), ("read", LUA_READ), ("bare", LUA_BARE)):
+            path = work / f"{name}.lua"
+            path.write_text(template % {"targets": targets, "body": BODY})
+            scripts[name] = path
+
+        results: list[tuple[str, int, dict[str, Any]]] = []
+        for connections in (1, 16, 64):
+            spy = profile(service.pid, args.seconds, work / "profile.txt") if connections == 64 else None
+            results.append(("send", connections, wrk(base, scripts["send"], connections, args.seconds, service.pid)))
+            if spy is not None:
+                spy.wait(timeout=args.seconds + 30)
+            results.append(
+                (
+                    "bare",
+                    connections,
+                    wrk(f"http://127.0.0.1:{bare_port}", scripts["bare"], connections, args.seconds, bare.pid),
+                )
+            )
+        results.append(("read50", 64, wrk(base, scripts["read"], 64, args.seconds, service.pid)))
+
+        print(
+            f"\n{'run':8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
+            f"{'cpu svc':>8} {'cpu pg':>7}"
+        )
+        for name, connections, r in results:
+            print(
+                f"{name:8} {connections:>4} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                f"{r['errors']:>8} {r['cpu_service']:>8.2f} {r['cpu_postgres']:>7.2f}"
+            )
+        by = {(n, c): r for n, c, r in results}
+        send64, bare64, read64 = by[("send", 64)], by[("bare", 64)], by[("read50", 64)]
+        print(
+            f"\nsend/bare at c=64: {send64['rps'] / bare64['rps']:.2f}   "
+            f"read50/bare at c=64: {read64['rps'] / bare64['rps']:.2f}"
+        )
+        print(
+            "(cpu columns: cores used on average by the service (or bare server) and by all PostgreSQL "
+            "processes during the run; wrk uses the rest of the 2 cores)"
+        )
+        summarize_profile(work / "profile.txt")
+        explain(owner_dsn, args.explain_rows)
+        (work / "results.json").write_text(json.dumps([{"run": n, "conc": c, **r} for n, c, r in results]))
+        print(f"\nraw results: {work / 'results.json'}")
+    finally:
+        if bare is not None:
+            bare.send_signal(signal.SIGINT)
+            bare.wait(timeout=30)
+        service.send_signal(signal.SIGINT)
+        service.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
