@@ -233,6 +233,16 @@ class KeyOperations:
                 await self._audit.record(tx, event)
         if result is None:
             if existing is None:
+                if by is not None:  # an admin asking about a patient this tenant does not have: audited
+                    await self._audit.record_alone(
+                        AuditEvent.by(
+                            by,
+                            AuditAction.ACCESS_DENIED,
+                            patient=patient,
+                            resource_type="DataKey",
+                            details={"attempt": "shred"},
+                        ).denied("not-found")
+                    )
                 raise NotFoundError("this patient has no stored content to shred")
             raise ConflictError("this patient's data key was already shredded")
         self._keyring.forget(result[0])

@@ -208,7 +208,7 @@ class MessagingService:
                         )
                     return await self._replay_thread(tx, principal, stored.response)
             standing = await self.standing(tx, principal, patient, None)
-            if not can_start_thread(principal, patient, members, standing):
+            if not can_start_thread(principal, patient, members, standing, sensitive=sensitive):
                 await self._deny(principal, None, "create", patient=patient)
             draft = ThreadRecord(
                 id=thread_id,
@@ -625,14 +625,14 @@ class MessagingService:
         if not can_review_break_glass(principal):
             await self._deny(principal, None, "break-glass review")
         async with self._db.transaction(principal.tenant_id) as tx:
-            if not await self._store.review_break_glass(tx, principal.tenant_id, grant_id, principal.subject):
-                raise NotFoundError("no unreviewed break-glass access with this id")
-            await self._audit.record(
-                tx,
-                AuditEvent.by(
+            reviewed = await self._store.review_break_glass(tx, principal.tenant_id, grant_id, principal.subject)
+            if reviewed:
+                event = AuditEvent.by(
                     principal, AuditAction.BREAK_GLASS_REVIEW, resource_type="BreakGlass", resource_id=str(grant_id)
-                ),
-            )
+                )
+                await self._audit.record(tx, event)
+        if not reviewed:
+            await self._deny_resource(principal, "BreakGlass", str(grant_id), "review")
 
     # -- care teams (admin) --------------------------------------------------------------------------------
 
@@ -654,9 +654,10 @@ class MessagingService:
         """Make `members` the team's current members; joins and leaves are audited and kept as history."""
         self._team_admin(principal, team, members)
         async with self._db.transaction(principal.tenant_id) as tx:
-            if not await self._store.team_exists(tx, principal.tenant_id, team):
-                raise NotFoundError("no such care team")
-            history = await self._store.team_members(tx, principal.tenant_id, team)
+            exists = await self._store.team_exists(tx, principal.tenant_id, team)
+            history = await self._store.team_members(tx, principal.tenant_id, team) if exists else []
+        if not exists:
+            await self._deny_resource(principal, "CareTeam", team, "set members")
         current = {member for member, _, left in history if left is None}
         for member in sorted(set(members) - current):
             await self._consents.join_team(principal.tenant_id, team, member, by=principal)
@@ -670,13 +671,14 @@ class MessagingService:
         if not can_manage_care_teams(principal):
             await self._deny(principal, None, "care team")
         async with self._db.transaction(principal.tenant_id) as tx:
-            if not await self._store.team_exists(tx, principal.tenant_id, team):
-                raise NotFoundError("no such care team")
-            history = await self._store.team_members(tx, principal.tenant_id, team)
-            if audited:
+            exists = await self._store.team_exists(tx, principal.tenant_id, team)
+            history = await self._store.team_members(tx, principal.tenant_id, team) if exists else []
+            if exists and audited:
                 await self._audit.record(
                     tx, AuditEvent.by(principal, AuditAction.CARE_TEAM_READ, resource_type="CareTeam", resource_id=team)
                 )
+        if not exists:
+            await self._deny_resource(principal, "CareTeam", team, "read")
         return history
 
     # -- internals -----------------------------------------------------------------------------------
@@ -779,6 +781,19 @@ class MessagingService:
             if record is not None:
                 message = await self._view(tx, thread, record)
         return ThreadView(thread, subject, access), message
+
+    async def _deny_resource(self, principal: Principal, resource_type: str, resource_id: str, attempt: str) -> None:
+        """Not found, or not the caller's: both answer 404, and the attempt is audited."""
+        await self._audit.record_alone(
+            AuditEvent.by(
+                principal,
+                AuditAction.ACCESS_DENIED,
+                resource_type=resource_type,
+                resource_id=resource_id[:200],
+                details={"attempt": attempt},
+            ).denied("not-found")
+        )
+        raise NotFoundError()
 
     async def _deny(
         self, principal: Principal, thread: ThreadRecord | None, attempt: str, patient: str | None = None

@@ -95,10 +95,13 @@ def thread_access(principal: Principal, thread: ThreadFacts, standing: Standing)
     return Access.NONE
 
 
-def can_start_thread(principal: Principal, patient: str, participants: frozenset[str], standing: Standing) -> bool:
-    """The patient or their proxy with anyone; a physician or staff member only in a thread they are part of."""
+def can_start_thread(
+    principal: Principal, patient: str, participants: frozenset[str], standing: Standing, *, sensitive: bool = False
+) -> bool:
+    """The patient or their proxy with anyone (a proxy starts a sensitive thread only if their consent
+    includes sensitive threads); a physician or staff member only in a thread they are part of."""
     if principal.role in (Role.PATIENT, Role.PROXY):
-        facts = ThreadFacts(patient, participants, sensitive=False)
+        facts = ThreadFacts(patient, participants, sensitive=sensitive)
         return thread_access(principal, facts, standing) is Access.WRITE
     if principal.role is Role.PHYSICIAN:
         return principal.subject in participants or bool(standing.teams & participants)

@@ -246,3 +246,15 @@ async def test_a_closed_thread_takes_no_more_messages(client, portals: Portals) 
     assert refused.status == 409
     messages = await (await client.get(f"/v1/threads/{created['id']}/messages", headers=patient(portals))).json()
     assert [m["seq"] for m in messages["items"]] == [1]
+
+
+async def test_a_proxy_without_sensitive_access_cannot_start_a_sensitive_thread(client, portals: Portals) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    await consent(client, portals)
+    until = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    await consent(client, portals, grantee="RelatedPerson/mum", scope="proxy", valid_until=until)
+    proxy = portals.acme.auth(role="proxy", sub="RelatedPerson/mum", act_for="Patient/1")
+    body = {"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "private", "sensitive": True}
+    assert (await client.post("/v1/threads", json=body, headers=proxy)).status == 404
+    assert (await client.post("/v1/threads", json={**body, "sensitive": False}, headers=proxy)).status == 201
