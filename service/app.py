@@ -18,6 +18,7 @@ from service.api.metrics import HttpMetrics
 from service.api.middleware import MIDDLEWARES
 from service.api.openapi import build_openapi
 from service.api.routes import ROUTES, add_routes, route_gates
+from service.domain.attachments import AttachmentReferences, AttachmentService
 from service.domain.audit import AuditRecorder
 from service.domain.audit_log import AuditLog, AuditQueries
 from service.domain.auth import Authenticator
@@ -30,6 +31,7 @@ from service.domain.messaging import MessagingService
 from service.domain.tenants import TenantService
 from service.errors import ConfigurationError
 from service.keys import (
+    ATTACHMENTS,
     AUDIT,
     AUDIT_QUERIES,
     AUTHENTICATOR,
@@ -47,6 +49,7 @@ from service.keys import (
     TENANTS,
 )
 from service.settings import Settings
+from service.store.attachments import AttachmentStore
 from service.store.audit import AuditStore
 from service.store.consents import ConsentStore
 from service.store.data_keys import DataKeyStore
@@ -133,15 +136,20 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             proxy_max_validity=timedelta(days=settings.proxy_consent_max_days),
         )
         app[CONSENTS] = consents
-        app[MESSAGING] = MessagingService(
+        attachment_store = AttachmentStore()
+        app[MESSAGING] = messaging = MessagingService(
             db,
             MessagingStore(),
             consents,
             keyring,
             IdempotencyStore(),
             recorder,
+            attachments=AttachmentReferences(attachment_store),
             recall_window=timedelta(seconds=settings.recall_window_seconds),
             break_glass_duration=timedelta(minutes=settings.break_glass_minutes),
+        )
+        app[ATTACHMENTS] = AttachmentService(
+            db, attachment_store, messaging, keyring, recorder, max_bytes=settings.max_attachment_bytes
         )
         workers = []
         if settings.audit_sequencer:

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from service.api.metrics import HttpMetrics
+from service.domain.attachments import AttachmentService
 from service.domain.audit import AuditRecorder
 from service.domain.audit_log import AuditQueries
 from service.domain.auth import Authenticator
@@ -37,6 +38,7 @@ AUDIT = web.AppKey("audit", AuditRecorder)
 AUDIT_QUERIES = web.AppKey("audit_queries", AuditQueries)
 CONSENTS = web.AppKey("consents", ConsentLedger)
 MESSAGING = web.AppKey("messaging", MessagingService)
+ATTACHMENTS = web.AppKey("attachments", AttachmentService)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     recall_window_seconds: int = Field(default=900, ge=0, le=86_400)
     break_glass_minutes: int = Field(default=60, ge=1, le=24 * 60)
 
+    # Attachments: the largest file accepted (streamed and sealed in chunks, never held whole in memory).
+    max_attachment_bytes: int = Field(default=25 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+
     # Tenant policy: how far ahead a proxy consent may run (18 months).
     proxy_consent_max_days: int = Field(default=548, ge=1, le=3650)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from pydantic import BaseModel
 
+from schemas.attachments import AttachmentOut
 from schemas.audit import (
     AuditEventListOut,
     CheckpointOut,
@@ -34,7 +35,7 @@ from schemas.messaging import (
     ThreadListOut,
     ThreadOut,
 )
-from service.api import audit, consents, health, issuers, keys, me, messaging
+from service.api import attachments, audit, consents, health, issuers, keys, me, messaging
 from service.domain import policy
 from service.domain.principal import Principal
 
@@ -410,6 +411,31 @@ ROUTES: tuple[Route, ...] = (
         "messaging",
         response=MessageOut,
         errors=(404, 409),
+    ),
+    Route(
+        "POST",
+        "/v1/attachments",
+        attachments.upload_attachment,
+        "upload_attachment",
+        "Upload a file into a thread as the raw body (application/pdf, image/png, image/jpeg or UTF-8 "
+        "text/plain, checked against the content): streamed, sealed in chunks, stored all or nothing. The file "
+        "name goes in the Bedside-File-Name header (percent-encoded UTF-8), never in the URL",
+        "messaging",
+        response=AttachmentOut,
+        status=201,
+        errors=(400, 403, 404, 409, 410, 413, 415, 422, 503),
+        query=(("thread_id", "the thread (write access and its messaging consent required)", True),),
+    ),
+    Route(
+        "GET",
+        "/v1/attachments/{id}",
+        attachments.download_attachment,
+        "download_attachment",
+        "Download an attachment (whoever may read its thread, break-glass included), verified whole before "
+        "the first byte is sent; served as its stored type, as a download, never sniffed or cached",
+        "messaging",
+        media_type="application/octet-stream",
+        errors=(404, 410),
     ),
     Route(
         "GET",

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
@@ -43,6 +43,9 @@ from service.errors import (
 from service.store.db import Database, Tx
 from service.store.idempotency import IdempotencyStore
 from service.store.messaging import BreakGlassRecord, MessageRecord, MessagingStore, ReceiptRecord, ThreadRecord
+
+if TYPE_CHECKING:  # domain/attachments imports this module; only the type is needed here
+    from service.domain.attachments import AttachmentReferences
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_SUBJECT_CHARS = 200
@@ -110,6 +113,7 @@ class MessagingService:
         idempotency: IdempotencyStore,
         audit: AuditRecorder,
         *,
+        attachments: AttachmentReferences,
         recall_window: timedelta = timedelta(minutes=15),
         break_glass_duration: timedelta = timedelta(minutes=60),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -120,6 +124,7 @@ class MessagingService:
         self._keyring = keyring
         self._idempotency = idempotency
         self._audit = audit
+        self._attachments = attachments
         self._recall_window = recall_window
         self._break_glass = break_glass_duration
         self._clock = clock
@@ -401,6 +406,7 @@ class MessagingService:
                     )
             thread, _ = await self.access(tx, principal, thread_id, write=True)
             decisions = await self.require_consent(tx, principal, thread, AuditAction.MESSAGE_SEND)
+            await self._attachments.check_attachments(tx, principal.tenant_id, thread.id, attachment_ids)
             view = await self._send_in(tx, principal, thread, body, attachment_ids, in_reply_to, decisions)
             if idempotency_key is not None:
                 await self._idempotency.complete(

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -209,7 +210,7 @@ async def build_world(client: Any, portals: Portals, owner: asyncpg.Connection, 
 
         async def attach(scope: str, portal: TestIssuer, who: str) -> None:
             name, content = canary(f"{scope}-file-name"), canary(f"{scope}-file")
-            query = {"thread_id": world.threads[scope].id, "file_name": name}
+            query = {"thread_id": world.threads[scope].id}
             identity = {"role": "patient", "sub": who}
             sent = await call(
                 client,
@@ -219,7 +220,7 @@ async def build_world(client: Any, portals: Portals, owner: asyncpg.Connection, 
                 portal,
                 params=query,
                 data=content.encode(),
-                extra={"Content-Type": TEXT},
+                extra={"Content-Type": TEXT, "Bedside-File-Name": quote(name, safe="")},
             )
             world.attachments[scope] = sent["id"]
             world.secrets[scope] += [name, content]
@@ -618,9 +619,9 @@ PENDING: dict[str, Row] = {
     "upload_attachment": Row(
         care(201),
         lambda w, role, scope: Call(
-            query={"thread_id": w.threads[scope].id, "file_name": "matrix.txt"},
+            query={"thread_id": w.threads[scope].id},
             data=b"matrix attachment",
-            headers={"Content-Type": TEXT},
+            headers={"Content-Type": TEXT, "Bedside-File-Name": "matrix.txt"},
         ),
         note="a UTF-8 text file into the scope's thread (the raw body; the thread is in the query)",
     ),

@@ -1,0 +1,116 @@
+"""`/v1/attachments`: upload a file into a thread as the raw request body (streamed, sealed in chunks) and
+download it (verified first, then streamed). Thin handlers over AttachmentService."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from urllib.parse import quote, unquote
+
+import structlog
+from aiohttp import ClientPayloadError, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from schemas.attachments import AttachmentOut, AttachmentUploadQuery
+from service.api.bodies import parse_query
+from service.api.consents import path_uuid
+from service.errors import FieldProblem, InvalidRequestError, MalformedRequestError
+from service.keys import ATTACHMENTS, PRINCIPAL, REQUEST_ID
+
+log = structlog.get_logger("bedside.attachments")
+
+
+async def _body(request: web.Request, piece_bytes: int) -> AsyncIterator[bytes]:
+    """The request body in pieces of at most `piece_bytes`, as they arrive (never the whole of it).
+    aiohttp's `client_max_size` does not apply to streamed reads: the domain enforces the limit."""
+    try:
+        async for piece in request.content.iter_chunked(piece_bytes):
+            yield piece
+    except (ClientPayloadError, HttpProcessingError, ConnectionError):
+        # The client went away or broke the framing mid-body: the upload's transaction rolls back.
+        raise MalformedRequestError("The upload ended before its body was complete") from None
+
+
+# The file name travels in a header, never in the URL: proxies and load balancers log URLs. Its value is
+# percent-encoded UTF-8 (RFC 3986), so any name fits in a header.
+FILE_NAME_HEADER = "Bedside-File-Name"
+
+
+def _file_name(request: web.Request) -> str:
+    raw = request.headers.get(FILE_NAME_HEADER)
+    try:
+        name = unquote(raw, errors="strict") if raw is not None else ""
+    except UnicodeDecodeError:
+        name = ""
+    if not name:
+        raise InvalidRequestError(
+            [FieldProblem((FILE_NAME_HEADER,), "required", "the file name, percent-encoded UTF-8")]
+        )
+    return name
+
+
+async def upload_attachment(request: web.Request) -> web.Response:
+    query = parse_query(request, AttachmentUploadQuery)
+    file_name = _file_name(request)
+    attachments = request.app[ATTACHMENTS]
+    view = await attachments.upload(
+        request[PRINCIPAL],
+        thread_id=query.thread_id,
+        file_name=file_name,
+        content_type=request.content_type,
+        charset=request.charset,
+        declared_size=request.content_length,
+        body=_body(request, attachments.chunk_bytes),
+    )
+    record = view.record
+    out = AttachmentOut(
+        id=str(record.id),
+        thread_id=str(record.thread_id),
+        content_type=record.content_type,  # type: ignore[arg-type]
+        size=record.size,
+        file_name=view.file_name,
+    )
+    return web.json_response(out.model_dump(mode="json"), status=201)
+
+
+def content_disposition(file_name: str) -> str:
+    """RFC 6266 / RFC 8187: `attachment` with the name percent-encoded as UTF-8 (no quoting pitfalls)."""
+    return f"attachment; filename*=UTF-8''{quote(file_name, safe='')}"
+
+
+async def download_attachment(request: web.Request) -> web.StreamResponse:
+    # Everything that can fail with an error status (access, shredding, integrity) fails in here,
+    # before a single header is sent.
+    download = await request.app[ATTACHMENTS].download(request[PRINCIPAL], path_uuid(request))
+    record = download.record
+    response = web.StreamResponse(
+        headers={
+            "Content-Disposition": content_disposition(download.file_name),
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "sandbox; default-src 'none'",
+            "X-Request-Id": request[REQUEST_ID],
+        }
+    )
+    response.content_type = record.content_type
+    if record.content_type == "text/plain":
+        response.charset = "utf-8"
+    # A declared length: a transfer cut short below is visibly incomplete to every HTTP client.
+    response.content_length = record.size
+    async with aclosing(download.chunks) as chunks:
+        await response.prepare(request)
+        try:
+            async for piece in chunks:
+                await response.write(piece)
+        except ConnectionError:
+            log.info("attachment.download_disconnected", attachment_id=str(record.id))
+            return response
+        except Exception:
+            # Headers are out: no error status can follow, and no exception may escape either (the error
+            # middleware would write a second response into this one's body). Cut the connection instead.
+            log.error("attachment.download_aborted", attachment_id=str(record.id), exc_info=True)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+    await response.write_eof()
+    return response

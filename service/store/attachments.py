@@ -1,0 +1,114 @@
+"""Attachments and their sealed chunks: one row per file, one row per chunk of its ciphertext."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from service.store.db import Tx
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRecord:
+    id: UUID
+    tenant_id: UUID
+    thread_id: UUID
+    uploaded_by: str
+    content_type: str
+    file_name: bytes = field(repr=False)  # sealed
+    size: int
+    chunks: int
+    complete: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    idx: int
+    data: bytes = field(repr=False)  # sealed
+
+
+_COLUMNS = "id, tenant_id, thread_id, uploaded_by, content_type, file_name, size, chunks, complete, created_at"
+
+
+def _attachment(row: asyncpg.Record) -> AttachmentRecord:
+    return AttachmentRecord(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        thread_id=row["thread_id"],
+        uploaded_by=row["uploaded_by"],
+        content_type=row["content_type"],
+        file_name=bytes(row["file_name"]),
+        size=row["size"],
+        chunks=row["chunks"],
+        complete=row["complete"],
+        created_at=row["created_at"],
+    )
+
+
+class AttachmentStore:
+    _INSERT = """
+        INSERT INTO attachments (tenant_id, id, thread_id, uploaded_by, content_type, file_name)
+        VALUES ($1, $2, $3, $4, $5, $6)
+    """
+    _INSERT_CHUNK = "INSERT INTO attachment_chunks (tenant_id, attachment_id, idx, data) VALUES ($1, $2, $3, $4)"
+    _COMPLETE = f"""
+        UPDATE attachments SET size = $3, chunks = $4, complete = true
+        WHERE tenant_id = $1 AND id = $2 AND NOT complete
+        RETURNING {_COLUMNS}
+    """  # noqa: S608
+    _ATTACHMENT = f"SELECT {_COLUMNS} FROM attachments WHERE tenant_id = $1 AND id = $2"  # noqa: S608
+    # A page of chunks from position `start` on, in order. A gap or an extra row shows up as an index the
+    # reader did not expect, which it treats as tampering.
+    _CHUNKS = """
+        SELECT idx, data FROM attachment_chunks
+        WHERE tenant_id = $1 AND attachment_id = $2 AND idx >= $3
+        ORDER BY idx LIMIT $4
+    """
+    _COMPLETE_IN_THREAD = """
+        SELECT id FROM attachments
+        WHERE tenant_id = $1 AND thread_id = $2 AND complete AND id = ANY($3::uuid[])
+    """
+
+    async def create(
+        self,
+        tx: Tx,
+        tenant_id: UUID,
+        attachment_id: UUID,
+        thread_id: UUID,
+        uploaded_by: str,
+        content_type: str,
+        file_name: bytes,
+    ) -> None:
+        """The attachment's row, not yet complete (size and chunk count 0)."""
+        await tx.conn.execute(self._INSERT, tenant_id, attachment_id, thread_id, uploaded_by, content_type, file_name)
+
+    async def add_chunk(self, tx: Tx, tenant_id: UUID, attachment_id: UUID, idx: int, data: bytes) -> None:
+        await tx.conn.execute(self._INSERT_CHUNK, tenant_id, attachment_id, idx, data)
+
+    async def complete(
+        self, tx: Tx, tenant_id: UUID, attachment_id: UUID, size: int, chunks: int
+    ) -> AttachmentRecord | None:
+        """Mark the attachment complete with its plaintext size and chunk count; None if it was already."""
+        row = await tx.conn.fetchrow(self._COMPLETE, tenant_id, attachment_id, size, chunks)
+        return None if row is None else _attachment(row)
+
+    async def attachment(self, tx: Tx, tenant_id: UUID, attachment_id: UUID) -> AttachmentRecord | None:
+        row = await tx.conn.fetchrow(self._ATTACHMENT, tenant_id, attachment_id)
+        return None if row is None else _attachment(row)
+
+    async def chunks(self, tx: Tx, tenant_id: UUID, attachment_id: UUID, start: int, limit: int) -> list[ChunkRecord]:
+        """Up to `limit` chunks with index >= `start`, in index order."""
+        rows = await tx.conn.fetch(self._CHUNKS, tenant_id, attachment_id, start, limit)
+        return [ChunkRecord(idx=row["idx"], data=bytes(row["data"])) for row in rows]
+
+    async def complete_in_thread(
+        self, tx: Tx, tenant_id: UUID, thread_id: UUID, attachment_ids: Sequence[UUID]
+    ) -> frozenset[UUID]:
+        """Which of `attachment_ids` are complete attachments of this thread."""
+        rows = await tx.conn.fetch(self._COMPLETE_IN_THREAD, tenant_id, thread_id, list(attachment_ids))
+        return frozenset(row["id"] for row in rows)

@@ -1,0 +1,642 @@
+"""Attachments over real HTTP, a real database and real keys: streamed uploads sealed in chunks, all or
+nothing; downloads verified whole before the first byte, so tampering is an error status, never a file."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import subprocess
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+from urllib.parse import quote, unquote
+
+import aiohttp
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from crypto.errors import DecryptionError
+from service.domain.attachments import AttachmentReferences
+from service.domain.principal import Principal, Role
+from service.embedded import find_pg_bindir
+from service.errors import InvalidRequestError
+from service.keys import ATTACHMENTS
+from service.store.attachments import AttachmentStore
+from tests.conftest import Dsns, Portals, Services
+from tests.support import canary
+
+URL = "/v1/attachments"
+PDF, PNG, JPEG, TEXT = "application/pdf", "image/png", "image/jpeg", "text/plain"
+KIB, MIB = 1024, 1024 * 1024
+LIMIT = 25 * MIB  # the default max_attachment_bytes
+CHUNK = 64 * KIB
+PORTAL = {"method": "portal", "text_version": "v3"}
+BREAK_GLASS = {"Break-Glass-Reason": "Unconscious in the ED, need history"}
+
+
+# -- what a portal does ------------------------------------------------------------------------------------
+
+
+def patient(portals: Portals, n: int = 1) -> dict[str, str]:
+    return portals.acme.auth(role="patient", sub=f"Patient/{n}")
+
+
+def physician(portals: Portals, n: int = 7) -> dict[str, str]:
+    return portals.acme.auth(role="physician", sub=f"Practitioner/{n}")
+
+
+async def open_thread(client: Any, portals: Portals, *, consent: bool = True) -> str:
+    """Patient/1 consents to messaging with Practitioner/7 and starts a thread with them."""
+    if consent:
+        grant = {"patient": "Patient/1", "grantee": "Practitioner/7", "scope": "messaging", "evidence": PORTAL}
+        response = await client.post("/v1/consents", json=grant, headers=patient(portals))
+        assert response.status == 201, await response.text()
+    body = {"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "My lab results"}
+    response = await client.post("/v1/threads", json=body, headers=patient(portals))
+    assert response.status == 201, await response.text()
+    return str((await response.json())["id"])
+
+
+async def upload(
+    client: Any,
+    headers: dict[str, str],
+    thread_id: str,
+    data: Any,
+    content_type: str | None = PDF,
+    file_name: str = "scan.pdf",
+    **extra_headers: str,
+) -> aiohttp.ClientResponse:
+    sent = {**headers, **extra_headers}
+    if content_type is not None:
+        sent["Content-Type"] = content_type
+    sent = {**sent, "Bedside-File-Name": quote(file_name, safe="")}
+    return await client.post(URL, params={"thread_id": thread_id}, data=data, headers=sent)
+
+
+async def uploaded(client: Any, portals: Portals, thread_id: str, data: Any, content_type: str = PDF) -> str:
+    response = await upload(client, patient(portals), thread_id, data, content_type)
+    assert response.status == 201, await response.text()
+    return str((await response.json())["id"])
+
+
+# -- deterministic content, generated piece by piece -----------------------------------------------------
+
+
+def pdf_pieces(total: int, piece: int = 50_000, seed: int = 7) -> Iterator[bytes]:
+    """`total` bytes that start like a PDF, in pieces whose size is not a multiple of the chunk size."""
+    rng = random.Random(seed)
+    sent = 0
+    while sent < total:
+        size = min(piece, total - sent)
+        data = rng.randbytes(size)
+        if sent == 0:
+            data = (b"%PDF-1.7\n" + data)[:size]
+        sent += size
+        yield data
+
+
+async def streamed(pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for data in pieces:
+        yield data
+
+
+def pdf(size: int) -> bytes:
+    return b"".join(pdf_pieces(size))
+
+
+async def collect(pieces: AsyncIterator[bytes], into: list[bytes]) -> None:
+    """Read `pieces` to the end (or the error), keeping what arrived."""
+    async for piece in pieces:
+        into.append(piece)
+
+
+# -- looking underneath, as the database owner -----------------------------------------------------------
+
+
+async def as_owner(database: Dsns, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    conn = await asyncpg.connect(database.owner)
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
+async def stored(database: Dsns) -> tuple[int, int]:
+    """(attachments, attachment_chunks) rows: committed ones, whoever wrote them."""
+
+    async def count(conn: asyncpg.Connection) -> tuple[int, int]:
+        return (
+            await conn.fetchval("SELECT count(*) FROM attachments"),
+            await conn.fetchval("SELECT count(*) FROM attachment_chunks"),
+        )
+
+    return await as_owner(database, count)
+
+
+_WRITES_IN_FLIGHT = """
+    SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+    WHERE c.relname = 'attachment_chunks' AND l.pid <> pg_backend_pid()
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+async def audit_events(database: Dsns, action: str) -> list[asyncpg.Record]:
+    query = """
+        SELECT actor, outcome, purpose, resource_id, details::text AS details FROM audit_outbox WHERE action = $1
+        UNION ALL
+        SELECT actor, outcome, purpose, resource_id, details::text FROM audit_leaves WHERE action = $1
+    """
+    return await as_owner(database, lambda conn: conn.fetch(query, action))
+
+
+# -- round trip ------------------------------------------------------------------------------------------
+
+
+async def test_a_25_mib_file_round_trips_in_bounded_memory(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    expected = hashlib.sha256()
+    for data in pdf_pieces(LIMIT):
+        expected.update(data)
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        response = await upload(client, patient(portals), thread_id, streamed(pdf_pieces(LIMIT)), file_name="ct.pdf")
+        created = await response.json()
+        upload_growth = tracemalloc.get_traced_memory()[1] - base
+
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        download = await client.get(f"{URL}/{created['id']}", headers=physician(portals))
+        received, length = hashlib.sha256(), 0
+        async for data in download.content.iter_chunked(CHUNK):
+            received.update(data)
+            length += len(data)
+        download_growth = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+    assert response.status == 201, created
+    assert created == {
+        "id": created["id"],
+        "thread_id": thread_id,
+        "content_type": PDF,
+        "size": LIMIT,
+        "file_name": "ct.pdf",
+    }
+    assert download.status == 200
+    assert download.headers["Content-Type"] == PDF
+    assert download.headers["Content-Length"] == str(LIMIT)
+    assert download.headers["Content-Disposition"] == "attachment; filename*=UTF-8''ct.pdf"
+    assert download.headers["X-Content-Type-Options"] == "nosniff"
+    assert download.headers["Cache-Control"] == "no-store"
+    assert (length, received.hexdigest()) == (LIMIT, expected.hexdigest())
+    # The server (same process) never held the file: not on the way in, not on the way out.
+    assert upload_growth < 8 * MIB, upload_growth
+    assert download_growth < 8 * MIB, download_growth
+    assert await stored(database) == (1, LIMIT // CHUNK)  # the last full chunk is the final one
+
+
+async def test_small_files_keep_their_type_and_name(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    # A multi-byte character straddles the 64 KiB chunk boundary: still valid UTF-8.
+    text = ("a" * (CHUNK - 1) + "é" + "fin\n").encode()
+    files = [
+        (TEXT, text, "résumé 2024.txt", "text/plain; charset=utf-8"),
+        (PNG, b"\x89PNG\r\n\x1a\n" + bytes(100), "x-ray.png", PNG),
+        (JPEG, b"\xff\xd8\xff\xe0" + bytes(10), "photo.jpg", JPEG),
+        (PDF, b"%PDF-", "tiny.pdf", PDF),
+    ]
+    for content_type, data, name, served_as in files:
+        response = await upload(client, patient(portals), thread_id, data, content_type, name)
+        assert response.status == 201, await response.text()
+        created = await response.json()
+        assert (created["size"], created["file_name"]) == (len(data), name)
+
+        download = await client.get(f"{URL}/{created['id']}", headers=patient(portals))
+        assert download.status == 200
+        assert await download.read() == data
+        assert download.headers["Content-Type"] == served_as
+        disposition = download.headers["Content-Disposition"]
+        assert disposition.startswith("attachment; filename*=UTF-8''")
+        assert unquote(disposition.removeprefix("attachment; filename*=UTF-8''")) == name
+    assert (await stored(database))[0] == len(files)
+
+
+# -- all or nothing --------------------------------------------------------------------------------------
+
+
+async def test_an_upload_past_the_limit_is_413_and_stores_nothing(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+
+    streaming = await upload(client, patient(portals), thread_id, streamed(pdf_pieces(LIMIT + 1)))
+    assert streaming.status == 413
+    assert (await streaming.json())["code"] == "payload-too-large"
+
+    # Declared up front: refused before the body is read.
+    declared = await upload(
+        client, patient(portals), thread_id, b"%PDF-" + bytes(100), **{"Content-Length": str(LIMIT + 1)}
+    )
+    assert declared.status == 413
+    assert await stored(database) == (0, 0)
+
+
+async def test_content_that_is_not_its_declared_type_is_415_and_stores_nothing(
+    client, portals: Portals, database: Dsns
+) -> None:
+    thread_id = await open_thread(client, portals)
+    cases = [
+        (PNG, pdf(3 * CHUNK)),  # a PDF declared as a PNG
+        (PDF, b"\x89PNG\r\n\x1a\n" + bytes(1000)),
+        (JPEG, b"\xff\xd8"),  # too short for the signature
+        (TEXT, b"a" * (3 * CHUNK) + b"\xff" + b"a" * 100),  # invalid UTF-8 after chunks were written
+        (TEXT, b"a" * (2 * CHUNK - 1) + "é".encode()[:1]),  # cut in the middle of a character
+        (TEXT, b"plain text\x00with a NUL"),
+    ]
+    for content_type, data in cases:
+        response = await upload(client, patient(portals), thread_id, data, content_type)
+        assert response.status == 415, (content_type, response.status)
+        assert (await response.json())["detail"] == "The content does not match its declared type"
+    assert await stored(database) == (0, 0)
+
+
+async def test_types_other_than_pdf_png_jpeg_and_utf8_text_are_415(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    for content_type in ("text/html", "application/octet-stream", "image/svg+xml", "text/plain; charset=latin-1"):
+        response = await upload(client, patient(portals), thread_id, b"<html></html>", content_type)
+        assert response.status == 415, content_type
+        assert (await response.json())["code"] == "unsupported-media-type"
+    assert (await upload(client, patient(portals), thread_id, b"%PDF-", None)).status == 415  # no type at all
+    assert await stored(database) == (0, 0)
+
+
+async def test_an_interrupted_upload_stores_nothing(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    watcher = await asyncpg.connect(database.owner)
+    started = False
+
+    async def crashing_portal() -> AsyncIterator[bytes]:
+        nonlocal started
+        yield b"%PDF-"
+        for _ in range(5):
+            yield bytes(60_000)
+        for _ in range(250):  # until the server has written chunks in its (open) transaction
+            if await watcher.fetchval(_WRITES_IN_FLIGHT):
+                started = True
+                break
+            await asyncio.sleep(0.02)
+        raise ConnectionAbortedError("the portal crashed mid-upload")
+
+    try:
+        with pytest.raises((aiohttp.ClientError, ConnectionAbortedError)):
+            await upload(client, patient(portals), thread_id, crashing_portal())
+        for _ in range(250):  # until the server's transaction has ended
+            if not await watcher.fetchval(_WRITES_IN_FLIGHT):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the interrupted upload's transaction never ended")
+    finally:
+        await watcher.close()
+
+    assert started
+    assert await stored(database) == (0, 0)
+    await uploaded(client, portals, thread_id, pdf(1000))  # and the service is fine
+    assert await stored(database) == (1, 1)
+
+
+async def test_bad_uploads_are_refused_before_anything_is_stored(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    me = patient(portals)
+    for name in ("../etc/passwd", "a\\b.pdf", "tab\there.pdf", "x" * 256, ".."):
+        response = await upload(client, me, thread_id, b"%PDF-", file_name=name)
+        assert response.status == 422, name
+        assert (await response.json())["errors"][0]["loc"] == ["file_name"]
+    missing = await client.post(
+        URL, params={"thread_id": thread_id}, data=b"%PDF-", headers={**me, "Content-Type": PDF}
+    )
+    assert missing.status == 422
+    assert (await missing.json())["errors"][0]["loc"] == ["Bedside-File-Name"]
+    assert (await upload(client, me, "not-a-uuid", b"%PDF-")).status == 422
+    assert (await upload(client, me, thread_id, b"", TEXT)).status == 422  # an empty file
+    assert (await upload(client, me, str(uuid.uuid4()), b"%PDF-")).status == 404
+
+    closed = await client.post(f"/v1/threads/{thread_id}/close", headers=me)
+    assert closed.status == 200
+    assert (await upload(client, me, thread_id, b"%PDF-")).status == 409
+    assert await stored(database) == (0, 0)
+
+
+# -- who may --------------------------------------------------------------------------------------------
+
+
+async def test_only_those_who_may_read_the_thread_download_and_only_writers_upload(
+    client, portals: Portals, database: Dsns
+) -> None:
+    thread_id = await open_thread(client, portals)
+    data = pdf(100_000)
+    attachment_id = await uploaded(client, portals, thread_id, data)
+    url = f"{URL}/{attachment_id}"
+
+    outsiders = [
+        patient(portals, 2),
+        physician(portals, 99),
+        portals.acme.auth(role="compliance", sub="Practitioner/c1"),
+        portals.acme.auth(role="admin", sub="Practitioner/admin1"),
+        portals.globex.auth(role="patient", sub="Patient/1"),  # another tenant's Patient/1
+    ]
+    for headers in outsiders:
+        assert (await client.get(url, headers=headers)).status == 404
+        assert (await upload(client, headers, thread_id, b"%PDF-")).status == 404
+    assert (await client.get(f"{URL}/{uuid.uuid4()}", headers=patient(portals))).status == 404
+    assert (await client.get(f"{URL}/not-a-uuid", headers=patient(portals))).status == 404
+
+    # Break-glass: the physician reads the thread with a reason, then may read (only read) its files.
+    outsider = physician(portals, 99)
+    assert (await client.get(f"/v1/threads/{thread_id}", headers={**outsider, **BREAK_GLASS})).status == 200
+    download = await client.get(url, headers=outsider)
+    assert download.status == 200
+    assert await download.read() == data
+    assert (await upload(client, outsider, thread_id, b"%PDF-")).status == 404
+    assert await stored(database) == (1, 2)
+
+    reads = await audit_events(database, "attachment:read")
+    assert ("Practitioner/99", "success", "ETREAT", attachment_id) in [tuple(r)[:4] for r in reads]
+    uploads = await audit_events(database, "attachment:upload")
+    assert [(r["actor"], r["outcome"], r["resource_id"]) for r in uploads] == [("Patient/1", "success", attachment_id)]
+
+
+async def test_a_revoked_consent_stops_uploads(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    history = await (await client.get("/v1/patients/1/consents", headers=patient(portals))).json()
+    consent_id = history["in_force"][0]["id"]
+    revoked = await client.post(
+        f"/v1/consents/{consent_id}/revoke", json={"reason": "patient-request"}, headers=patient(portals)
+    )
+    assert revoked.status == 200
+
+    response = await upload(client, patient(portals), thread_id, b"%PDF-")
+    assert response.status == 403
+    assert (await response.json())["code"] == "consent-required"
+    assert await stored(database) == (0, 0)
+
+
+async def test_a_shredded_patients_attachment_is_gone(client, portals: Portals) -> None:
+    thread_id = await open_thread(client, portals)
+    attachment_id = await uploaded(client, portals, thread_id, pdf(1000))
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin1")
+    shred = {"patient": "Patient/1", "confirm": "Patient/1"}
+    assert (await client.post("/v1/admin/keys/shred", json=shred, headers=admin)).status == 200
+
+    response = await client.get(f"{URL}/{attachment_id}", headers=patient(portals))
+    assert response.status == 410
+    assert (await response.json())["code"] == "content-shredded"
+    assert (await upload(client, patient(portals), thread_id, b"%PDF-")).status == 410
+
+
+# -- tampering is an error, never a file ----------------------------------------------------------------
+
+ORIGINAL = pdf(3 * CHUNK + 10_000)  # chunks 0, 1, 2 full; 3 the final one
+
+
+async def _chunk(conn: asyncpg.Connection, attachment_id: uuid.UUID, idx: int) -> bytes:
+    return bytes(
+        await conn.fetchval(
+            "SELECT data FROM attachment_chunks WHERE attachment_id = $1 AND idx = $2", attachment_id, idx
+        )
+    )
+
+
+async def _set_chunk(conn: asyncpg.Connection, attachment_id: uuid.UUID, idx: int, data: bytes) -> None:
+    await conn.execute(
+        "UPDATE attachment_chunks SET data = $3 WHERE attachment_id = $1 AND idx = $2", attachment_id, idx, data
+    )
+
+
+async def _fix_counts(conn: asyncpg.Connection, attachment_id: uuid.UUID, chunks: int, size: int) -> None:
+    # Cover the tracks: the row's counts agree with the tampered chunks, so only the crypto can tell.
+    await conn.execute("UPDATE attachments SET chunks = $2, size = $3 WHERE id = $1", attachment_id, chunks, size)
+
+
+async def flip_a_byte_at(conn: asyncpg.Connection, attachment_id: uuid.UUID, idx: int) -> None:
+    data = bytearray(await _chunk(conn, attachment_id, idx))
+    data[500] ^= 0x01
+    await _set_chunk(conn, attachment_id, idx, bytes(data))
+
+
+async def flip_a_byte(conn: asyncpg.Connection, attachment_id: uuid.UUID) -> None:
+    await flip_a_byte_at(conn, attachment_id, 1)
+
+
+async def swap_two_chunks(conn: asyncpg.Connection, attachment_id: uuid.UUID) -> None:
+    first, second = await _chunk(conn, attachment_id, 1), await _chunk(conn, attachment_id, 2)
+    await _set_chunk(conn, attachment_id, 1, second)
+    await _set_chunk(conn, attachment_id, 2, first)
+
+
+async def drop_a_chunk(conn: asyncpg.Connection, attachment_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM attachment_chunks WHERE attachment_id = $1 AND idx = 1", attachment_id)
+    for idx in (2, 3):  # close the gap
+        await conn.execute(
+            "UPDATE attachment_chunks SET idx = $2 - 1 WHERE attachment_id = $1 AND idx = $2", attachment_id, idx
+        )
+    await _fix_counts(conn, attachment_id, 3, len(ORIGINAL) - CHUNK)
+
+
+async def duplicate_a_chunk(conn: asyncpg.Connection, attachment_id: uuid.UUID) -> None:
+    for idx in (3, 2):  # make room after chunk 1, then put a copy of it there
+        await conn.execute(
+            "UPDATE attachment_chunks SET idx = $2 + 1 WHERE attachment_id = $1 AND idx = $2", attachment_id, idx
+        )
+    await conn.execute(
+        "INSERT INTO attachment_chunks (tenant_id, attachment_id, idx, data) "
+        "SELECT tenant_id, attachment_id, 2, data FROM attachment_chunks WHERE attachment_id = $1 AND idx = 1",
+        attachment_id,
+    )
+    await _fix_counts(conn, attachment_id, 5, len(ORIGINAL) + CHUNK)
+
+
+async def truncate_the_end(conn: asyncpg.Connection, attachment_id: uuid.UUID) -> None:
+    await conn.execute("DELETE FROM attachment_chunks WHERE attachment_id = $1 AND idx = 3", attachment_id)
+    await _fix_counts(conn, attachment_id, 3, 3 * CHUNK)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [flip_a_byte, swap_two_chunks, drop_a_chunk, duplicate_a_chunk, truncate_the_end],
+    ids=lambda t: t.__name__,
+)
+async def test_a_tampered_attachment_is_an_error_status_not_bytes(
+    client, portals: Portals, database: Dsns, tamper: Callable[[asyncpg.Connection, uuid.UUID], Awaitable[None]]
+) -> None:
+    thread_id = await open_thread(client, portals)
+    attachment_id = await uploaded(client, portals, thread_id, ORIGINAL)
+    intact = await client.get(f"{URL}/{attachment_id}", headers=patient(portals))
+    assert await intact.read() == ORIGINAL
+    await as_owner(database, lambda conn: tamper(conn, uuid.UUID(attachment_id)))
+
+    response = await client.get(f"{URL}/{attachment_id}", headers=patient(portals))
+
+    assert response.status == 500
+    assert response.content_type == "application/problem+json"
+    body = await response.read()
+    assert len(body) < 1000
+    assert ORIGINAL[CHUNK : CHUNK + 64] not in body
+    failures = [r for r in await audit_events(database, "attachment:read") if r["outcome"] == "failure"]
+    assert [(r["actor"], r["resource_id"]) for r in failures] == [("Patient/1", attachment_id)]
+
+
+async def test_tampering_between_verification_and_streaming_cuts_the_transfer_short(
+    client, portals: Portals, database: Dsns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thread_id = await open_thread(client, portals)
+    size = 40 * CHUNK + 123
+    attachment_id = await uploaded(client, portals, thread_id, streamed(pdf_pieces(size)))
+    data = pdf(size)
+    pages = 0
+    original = AttachmentStore.chunks
+
+    async def chunks_then_tamper(self: AttachmentStore, tx: Any, *args: Any) -> Any:
+        nonlocal pages
+        pages += 1
+        if pages == 9:  # pass 1 read 6 pages; pass 2 is on its third
+            await as_owner(database, lambda conn: flip_a_byte_at(conn, uuid.UUID(attachment_id), 30))
+        return await original(self, tx, *args)
+
+    monkeypatch.setattr(AttachmentStore, "chunks", chunks_then_tamper)
+    response = await client.get(f"{URL}/{attachment_id}", headers=patient(portals))
+    assert response.status == 200  # verified: the headers went out
+    received: list[bytes] = []
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await collect(response.content.iter_chunked(CHUNK), received)
+    got = b"".join(received)
+    assert 0 < len(got) < len(data)  # visibly incomplete: never a complete-looking file
+    assert got == data[: len(got)]
+
+
+async def test_the_stream_never_releases_its_last_piece_unproven(client, app, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    attachment_id = uuid.UUID(await uploaded(client, portals, thread_id, ORIGINAL))
+    tenant_id = await as_owner(database, lambda conn: conn.fetchval("SELECT id FROM tenants WHERE slug = 'acme'"))
+    me = Principal(tenant_id, "acme", "Patient/1", Role.PATIENT, portals.acme.issuer)
+
+    download = await app[ATTACHMENTS].download(me, attachment_id)  # verified whole
+    await as_owner(database, lambda conn: truncate_the_end(conn, attachment_id))  # then cut short
+    released: list[bytes] = []
+    with pytest.raises(DecryptionError):
+        await collect(download.chunks, released)
+    assert b"".join(released) == ORIGINAL[: 2 * CHUNK]  # chunk 2 was held back: nothing proved it complete
+
+
+# -- references from messages --------------------------------------------------------------------------
+
+
+async def test_messages_may_reference_only_complete_attachments_of_their_thread(
+    client, portals: Portals, database: Dsns, services: Services
+) -> None:
+    thread_id = await open_thread(client, portals)
+    other_thread = await open_thread(client, portals, consent=False)
+    mine = uuid.UUID(await uploaded(client, portals, thread_id, b"%PDF-1"))
+    elsewhere = uuid.UUID(await uploaded(client, portals, other_thread, b"%PDF-2"))
+
+    async def incomplete_one(conn: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
+        tenant_id, attachment_id = await conn.fetchval("SELECT id FROM tenants WHERE slug = 'acme'"), uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO attachments (tenant_id, id, thread_id, uploaded_by, content_type, file_name) "
+            "VALUES ($1, $2, $3, 'Patient/1', 'application/pdf', '\\x00')",
+            tenant_id,
+            attachment_id,
+            uuid.UUID(thread_id),
+        )
+        return tenant_id, attachment_id
+
+    tenant_id, incomplete = await as_owner(database, incomplete_one)
+    references = AttachmentReferences(AttachmentStore())
+    async with services.db.transaction(tenant_id) as tx:
+        await references.check_attachments(tx, tenant_id, uuid.UUID(thread_id), [mine])
+        await references.check_attachments(tx, tenant_id, uuid.UUID(thread_id), [])
+        with pytest.raises(InvalidRequestError) as refused:
+            await references.check_attachments(
+                tx, tenant_id, uuid.UUID(thread_id), [mine, elsewhere, uuid.uuid4(), incomplete, mine]
+            )
+    assert [(p.loc, p.type) for p in refused.value.problems] == [
+        (("attachment_ids", 1), "unknown"),
+        (("attachment_ids", 2), "unknown"),
+        (("attachment_ids", 3), "unknown"),
+        (("attachment_ids", 4), "duplicate"),
+    ]
+
+    # And through the API, as MessagingService.send checks it.
+    url = f"/v1/threads/{thread_id}/messages"
+    sent = await client.post(
+        url, json={"body": "See attached", "attachment_ids": [str(mine)]}, headers=patient(portals)
+    )
+    assert sent.status == 201, await sent.text()
+    assert (await sent.json())["attachment_ids"] == [str(mine)]
+    foreign = await client.post(url, json={"body": "x", "attachment_ids": [str(elsewhere)]}, headers=patient(portals))
+    assert foreign.status == 422
+    assert (await foreign.json())["errors"][0]["loc"] == ["attachment_ids", 0]
+
+
+# -- no PHI anywhere but in its ciphertext ---------------------------------------------------------------
+
+
+async def test_canaries_in_file_names_and_content_stay_in_their_ciphertext(
+    client, portals: Portals, database: Dsns
+) -> None:
+    name_canary, content_canary = canary("filename"), canary("content")
+    name = f"{name_canary}.txt"
+    text = (("Results: " + content_canary + "\n") * 4000).encode()  # several chunks, the canary in each
+    thread_id = await open_thread(client, portals)
+
+    with capture_logs() as logs:  # raw: before the allow-list could drop anything
+        attachment_id = (await (await upload(client, patient(portals), thread_id, text, TEXT, name)).json())["id"]
+        download = await client.get(f"{URL}/{attachment_id}", headers=physician(portals))
+        assert await download.read() == text
+        errors = [
+            await upload(client, patient(portals), thread_id, text, TEXT, f"../{name}"),
+            await upload(client, patient(portals), thread_id, text, PNG, name),
+            await upload(client, patient(portals), thread_id, text + b"\x00" + text, TEXT, name),
+            await upload(client, patient(portals), str(uuid.uuid4()), text, TEXT, name),
+            await upload(client, physician(portals, 99), thread_id, text, TEXT, name),
+            await upload(client, patient(portals), thread_id, text, "text/html", name),
+        ]
+        error_bodies = [await e.text() for e in errors]
+    assert [e.status for e in errors] == [422, 415, 415, 404, 404, 415]
+
+    canaries = (name_canary, content_canary)
+    for text_out in (*error_bodies, repr(logs)):
+        assert not [c for c in canaries if c in text_out]
+
+    async def raw(conn: asyncpg.Connection) -> list[bytes]:
+        names = [bytes(r["file_name"]) for r in await conn.fetch("SELECT file_name FROM attachments")]
+        chunks = [bytes(r["data"]) for r in await conn.fetch("SELECT data FROM attachment_chunks")]
+        audit = [
+            bytes(r["entry"])
+            for r in await conn.fetch("SELECT entry FROM audit_outbox UNION ALL SELECT entry FROM audit_leaves")
+        ]
+        return [*names, *chunks, *audit]
+
+    rows = await as_owner(database, raw)
+    assert len(rows) > 5
+    assert not [c for c in canaries for row in rows if c.encode() in row]
+    dump = await asyncio.to_thread(
+        subprocess.run,
+        [
+            str(find_pg_bindir() / "pg_dump"),
+            "--dbname",
+            database.owner,
+            "--data-only",
+            "--table=attachments",
+            "--table=attachment_chunks",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert len(dump.stdout) > len(text)  # the ciphertext is in there
+    assert not [c for c in canaries if c.encode() in dump.stdout]
