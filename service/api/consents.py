@@ -7,7 +7,6 @@ import uuid
 from uuid import UUID
 
 from aiohttp import web
-from schemas.fhir_consent import ConsentFields, to_fhir_consent
 
 from schemas.consents import (
     ConsentBody,
@@ -18,6 +17,7 @@ from schemas.consents import (
     EvidenceBody,
     RevokeBody,
 )
+from schemas.fhir_consent import ConsentFields, to_fhir_consent
 from service.api.bodies import parse_query, read_json
 from service.domain.consents import ConsentRequest, ConsentView, Evidence, EvidenceMethod, RevokeReason, Scope
 from service.errors import FieldProblem, InvalidRequestError, NotFoundError
