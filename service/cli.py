@@ -338,7 +338,7 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     async def run(effective: Settings) -> int:
         async with _key_operations(effective) as operations:
             if args.keys_command == "status":
-                _print_status(await operations.status(args.tenant))
+                _print_status(await operations.operator_status(args.tenant))
             elif args.keys_command == "rotate":
                 if not args.resume:
                     version = await operations.add_kek_version()

@@ -98,6 +98,16 @@ class KeyOperations:
             shredded_keys=shredded,
         )
 
+    async def operator_status(self, tenant: str | None = None) -> KeyStatus:
+        """`status` for the operator's `bedside keys status`, audited."""
+        status = await self.status(tenant)
+        await self._audit.record_alone(
+            AuditEvent.by_operator(
+                AuditAction.KEY_STATUS, resource_type="Kek", details={"tenant": tenant, "kek_id": status.kek_id[:200]}
+            )
+        )
+        return status
+
     async def add_kek_version(self) -> int:
         """A new KEK version, primary from now on for new wraps. Rewrap to move the old ones."""
         version = await self._kek.call(self._kek.provider.add_version)

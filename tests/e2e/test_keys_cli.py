@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.conftest import Services
@@ -49,6 +50,11 @@ async def test_operator_rotates_retires_and_shreds(database, services: Services,
     status = _run("keys", "status", env=env)
     assert status.returncode == 0, status.stderr
     assert "primary version 1" in status.stdout
+    owner = await asyncpg.connect(database.owner)
+    try:  # every key operation of the command line is an audit event too
+        assert await owner.fetchval("SELECT count(*) FROM audit_outbox WHERE action = 'key:status'") == 1
+    finally:
+        await owner.close()
     assert "version 1: 3 data key wrap(s)" in status.stdout
 
     rotated = _run("keys", "rotate", env=env)
