@@ -131,16 +131,21 @@ class MessagingService:
 
     # -- access (also used by attachments) --------------------------------------------------------------
 
-    async def standing(self, tx: Tx, principal: Principal, patient: str, thread_id: UUID | None) -> Standing:
-        """What the caller is to this patient (and thread): teams, proxy consent, break-glass."""
+    async def standing(self, tx: Tx, principal: Principal, patient: str, thread: ThreadRecord | None) -> Standing:
+        """What the caller is to this patient (and thread): teams, proxy consent, break-glass. Looks up
+        only what can change the answer: a physician taking part directly needs neither their care teams
+        nor a break-glass grant (this runs on every send and read)."""
+        participants = frozenset(thread.participants) if thread is not None else frozenset()
+        if principal.role is Role.PHYSICIAN and principal.subject in participants:
+            return Standing()
         teams: frozenset[str] = frozenset()
         if principal.role in (Role.PHYSICIAN, Role.STAFF):
             teams = await self._store.teams_of(tx, principal.tenant_id, principal.subject)
         if principal.role is Role.PROXY and principal.act_for == patient:
             proxy = await self._consents.decide(tx, patient, principal.subject, Scope.PROXY)
             return Standing(teams, proxy.permit, proxy.include_sensitive)
-        if principal.role is Role.PHYSICIAN and thread_id is not None:
-            grant = await self._store.active_break_glass(tx, principal.tenant_id, thread_id, principal.subject)
+        if principal.role is Role.PHYSICIAN and thread is not None and not teams & participants:
+            grant = await self._store.active_break_glass(tx, principal.tenant_id, thread.id, principal.subject)
             return Standing(teams, break_glass=grant is not None)
         return Standing(teams)
 
@@ -151,7 +156,7 @@ class MessagingService:
         thread = await self._store.thread(tx, principal.tenant_id, thread_id)
         access = Access.NONE
         if thread is not None:
-            standing = await self.standing(tx, principal, thread.patient, thread.id)
+            standing = await self.standing(tx, principal, thread.patient, thread)
             access = thread_access(principal, _facts(thread), standing)
         if access is Access.NONE or (write and access is not Access.WRITE):
             await self._deny(principal, thread, "write" if write else "read")
@@ -708,7 +713,7 @@ class MessagingService:
         if break_glass_reason is not None and can_break_glass(principal):
             thread = await self._store.thread(tx, principal.tenant_id, thread_id)
             if thread is not None:
-                standing = await self.standing(tx, principal, thread.patient, thread.id)
+                standing = await self.standing(tx, principal, thread.patient, thread)
                 if thread_access(principal, _facts(thread), standing) is Access.NONE:
                     await self._open_break_glass(tx, principal, thread, break_glass_reason)
         return await self.access(tx, principal, thread_id, write=False)
