@@ -28,8 +28,10 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
+
+from schemas.fhir_common import FHIR_CODE, FHIR_STRING, LITERAL_REFERENCE, coding, instant, is_instant, matches
 
 DetailValue = str | int | bool | list[str] | tuple[str, ...] | None
 
@@ -129,10 +131,7 @@ FHIR_RESOURCE_TYPES: Final = frozenset(
 
 # FHIR primitive shapes (R4 datatypes): a string is non-empty and has no whitespace but space, CR, LF
 # and tab; a code has no leading, trailing or doubled whitespace; an id is at most 64 of [A-Za-z0-9-.].
-_FHIR_STRING = re.compile(r"[ \r\n\t\S]+")
-_FHIR_CODE = re.compile(r"[^\s]+( [^\s]+)*")
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_LITERAL_REFERENCE = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}")
 _ACTION = re.compile(r"[a-z][a-z0-9_]*:[a-z][a-z0-9_]*")
 _DETAIL_KEY = re.compile(r"[a-z][a-z0-9_]{0,40}")
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
@@ -170,52 +169,31 @@ class AuditEventFields:
 
 def _checks(event: AuditEventFields) -> list[tuple[str, bool]]:
     def required(value: object, pattern: re.Pattern[str]) -> bool:
-        return _matches(value, pattern)
+        return matches(value, pattern)
 
     def optional(value: object, pattern: re.Pattern[str]) -> bool:
-        return value is None or _matches(value, pattern)
+        return value is None or matches(value, pattern)
 
     return [
         ("seq", isinstance(event.seq, int) and not isinstance(event.seq, bool) and event.seq >= 0),
         ("leaf_hash", required(event.leaf_hash, _HEX)),
         ("event_id", required(event.event_id, _FHIR_ID)),
-        ("occurred_at", _is_instant(event.occurred_at)),
-        ("tenant", required(event.tenant, _FHIR_STRING)),
+        ("occurred_at", is_instant(event.occurred_at)),
+        ("tenant", required(event.tenant, FHIR_STRING)),
         ("action", required(event.action, _ACTION)),
         ("outcome", event.outcome in OUTCOMES),
-        ("actor", optional(event.actor, _FHIR_STRING)),
-        ("actor_role", optional(event.actor_role, _FHIR_CODE)),
-        ("issuer", optional(event.issuer, _FHIR_STRING)),
-        ("act_for", optional(event.act_for, _FHIR_STRING)),
-        ("patient", optional(event.patient, _FHIR_STRING)),
-        ("resource_type", optional(event.resource_type, _FHIR_CODE)),
-        ("resource_id", optional(event.resource_id, _FHIR_STRING)),
-        ("purpose", optional(event.purpose, _FHIR_CODE)),
-        ("request_id", optional(event.request_id, _FHIR_STRING)),
-        ("source", optional(event.source, _FHIR_STRING)),
+        ("actor", optional(event.actor, FHIR_STRING)),
+        ("actor_role", optional(event.actor_role, FHIR_CODE)),
+        ("issuer", optional(event.issuer, FHIR_STRING)),
+        ("act_for", optional(event.act_for, FHIR_STRING)),
+        ("patient", optional(event.patient, FHIR_STRING)),
+        ("resource_type", optional(event.resource_type, FHIR_CODE)),
+        ("resource_id", optional(event.resource_id, FHIR_STRING)),
+        ("purpose", optional(event.purpose, FHIR_CODE)),
+        ("request_id", optional(event.request_id, FHIR_STRING)),
+        ("source", optional(event.source, FHIR_STRING)),
         ("details", _are_details(event.details)),
     ]
-
-
-def _matches(value: object, pattern: re.Pattern[str]) -> bool:
-    """`value` is a string of `pattern` that encodes as UTF-8 (no lone surrogates)."""
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _is_instant(moment: object) -> bool:
-    if not isinstance(moment, datetime) or moment.utcoffset() is None:
-        return False
-    try:
-        moment.astimezone(UTC)
-    except OverflowError:
-        return False
-    return True
 
 
 def _are_details(details: object) -> bool:
@@ -234,7 +212,7 @@ def _are_details(details: object) -> bool:
 
 def to_fhir_audit_event(event: AuditEventFields, *, observer: str) -> dict[str, Any]:
     """The FHIR R4 `AuditEvent` for `event`, as recorded by the deployment named `observer`."""
-    if not _matches(observer, _FHIR_STRING):
+    if not matches(observer, FHIR_STRING):
         raise ValueError("observer must be a non-empty name")
     subject = event.action.split(":", 1)[0]
     action, interaction = _VERBS.get(event.action.split(":", 1)[1], ("E", None))
@@ -245,11 +223,11 @@ def to_fhir_audit_event(event: AuditEventFields, *, observer: str) -> dict[str, 
         "type": _event_type(subject),
         "subtype": _subtypes(event.action, interaction),
         "action": action,
-        "recorded": _instant(event.occurred_at),
+        "recorded": instant(event.occurred_at),
         "outcome": OUTCOMES[event.outcome],
     }
     reason = event.details.get("reason")
-    if event.outcome != "success" and _matches(reason, _FHIR_STRING):
+    if event.outcome != "success" and matches(reason, FHIR_STRING):
         resource["outcomeDesc"] = reason  # a reason code, as the domain records it; never prose
     if event.purpose is not None:
         resource["purposeOfEvent"] = [_purpose(event.purpose)]
@@ -257,49 +235,36 @@ def to_fhir_audit_event(event: AuditEventFields, *, observer: str) -> dict[str, 
     resource["source"] = {
         "site": event.tenant,
         "observer": {"display": observer},
-        "type": [_coding(SECURITY_SOURCE_TYPE, "4", "Application Server")],
+        "type": [coding(SECURITY_SOURCE_TYPE, "4", "Application Server")],
     }
     resource["entity"] = _entities(event, interaction)
     return resource
 
 
-def _coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
-    coding = {"system": system, "code": code}
-    if display is not None:
-        coding["display"] = display
-    return coding
-
-
-def _instant(moment: datetime) -> str:
-    # UTC with a Z, and microseconds only when there are some: the canonical form, which FHIR parsers
-    # hand back unchanged.
-    return moment.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z"
-
-
 def _event_type(subject: str) -> dict[str, str]:
     if subject == "auth":
-        return _coding(DICOM, "110114", "User Authentication")
+        return coding(DICOM, "110114", "User Authentication")
     if subject in ("key", "break_glass"):
-        return _coding(DICOM, "110113", "Security Alert")
-    return _coding(AUDIT_EVENT_TYPE, "rest", "Restful Operation")
+        return coding(DICOM, "110113", "Security Alert")
+    return coding(AUDIT_EVENT_TYPE, "rest", "Restful Operation")
 
 
 def _subtypes(action: str, interaction: str | None) -> list[dict[str, str]]:
-    subtypes = [_coding(BEDSIDE_ACTION, action)]
+    subtypes = [coding(BEDSIDE_ACTION, action)]
     if interaction is not None:
-        subtypes.append(_coding(RESTFUL_INTERACTION, interaction, interaction))
+        subtypes.append(coding(RESTFUL_INTERACTION, interaction, interaction))
     if action in _SECURITY_SUBTYPES:
-        subtypes.append(_coding(DICOM, *_SECURITY_SUBTYPES[action]))
+        subtypes.append(coding(DICOM, *_SECURITY_SUBTYPES[action]))
     return subtypes
 
 
 def _purpose(code: str) -> dict[str, Any]:
-    return {"coding": [_coding(ACT_REASON, code, _PURPOSE_DISPLAYS.get(code))]}
+    return {"coding": [coding(ACT_REASON, code, _PURPOSE_DISPLAYS.get(code))]}
 
 
 def _reference(value: str) -> dict[str, Any]:
     """`Patient/123` as a literal reference; anything else as an identifier, so it stays valid."""
-    if _LITERAL_REFERENCE.fullmatch(value):
+    if LITERAL_REFERENCE.fullmatch(value):
         return {"reference": value}
     return {"identifier": {"value": value}}
 
@@ -311,14 +276,14 @@ def _agents(event: AuditEventFields, action: str, observer: str) -> list[dict[st
     if event.issuer is not None:
         agents.append(
             {
-                "type": {"coding": [_coding(SECURITY_ROLE_TYPE, "authserver", "Authorization Server")]},
+                "type": {"coding": [coding(SECURITY_ROLE_TYPE, "authserver", "Authorization Server")]},
                 "who": {"identifier": {"value": event.issuer}},
                 "requestor": False,
             }
         )
     # DICOM and BALP name the side the data flows from "Source": the server for a read, else the client.
-    source_role = _coding(DICOM, "110153", "Source Role ID")
-    destination_role = _coding(DICOM, "110152", "Destination Role ID")
+    source_role = coding(DICOM, "110153", "Source Role ID")
+    destination_role = coding(DICOM, "110152", "Destination Role ID")
     client_role, server_role = (destination_role, source_role) if action == "R" else (source_role, destination_role)
     if event.source is not None:
         agents.append(
@@ -338,21 +303,21 @@ def _user_agent(event: AuditEventFields, actor: str, action: str) -> dict[str, A
     # (its Create/Update/Delete bind the user to author|informant|custodian), and PAT when the user is
     # the patient. "humanuser" says it is a person, not a system.
     if action in ("R", "E"):
-        codings = [_coding(PARTICIPATION_TYPE, "IRCP", "information recipient")]
+        codings = [coding(PARTICIPATION_TYPE, "IRCP", "information recipient")]
     else:
-        codings = [_coding(PARTICIPATION_TYPE, "AUT", "author (originator)")]
+        codings = [coding(PARTICIPATION_TYPE, "AUT", "author (originator)")]
     if event.actor_role == "patient":
-        codings.append(_coding(ROLE_CLASS, "PAT", "patient"))
-    codings.append(_coding(SECURITY_ROLE_TYPE, "humanuser", "Human User"))
+        codings.append(coding(ROLE_CLASS, "PAT", "patient"))
+    codings.append(coding(SECURITY_ROLE_TYPE, "humanuser", "Human User"))
 
     agent: dict[str, Any] = {}
     if event.act_for is not None:
         agent["extension"] = [{"url": ON_BEHALF_OF, "valueReference": _reference(event.act_for)}]
     agent["type"] = {"coding": codings}
     if event.actor_role is not None:
-        role = [_coding(BEDSIDE_ROLE, event.actor_role)]
+        role = [coding(BEDSIDE_ROLE, event.actor_role)]
         if event.actor_role in _ROLE_CLASSES:
-            role.append(_coding(ROLE_CLASS, *_ROLE_CLASSES[event.actor_role]))
+            role.append(coding(ROLE_CLASS, *_ROLE_CLASSES[event.actor_role]))
         agent["role"] = [{"coding": role}]
     agent["who"] = _reference(actor)
     agent["requestor"] = True
@@ -373,13 +338,13 @@ def _entities(event: AuditEventFields, interaction: str | None) -> list[dict[str
     entities: list[dict[str, Any]] = []
     if event.resource_type is not None or event.resource_id is not None:
         if interaction == "search-type" and event.resource_id is None:
-            role = _coding(OBJECT_ROLE, "24", "Query")
+            role = coding(OBJECT_ROLE, "24", "Query")
         else:
-            role = _coding(OBJECT_ROLE, "4", "Domain Resource")
+            role = coding(OBJECT_ROLE, "4", "Domain Resource")
         entities.append(
             {
                 "what": _resource_what(event.resource_type, event.resource_id),
-                "type": _coding(AUDIT_ENTITY_TYPE, "2", "System Object"),
+                "type": coding(AUDIT_ENTITY_TYPE, "2", "System Object"),
                 "role": role,
             }
         )
@@ -390,13 +355,13 @@ def _entities(event: AuditEventFields, interaction: str | None) -> list[dict[str
         entities.append(
             {
                 "what": _reference(patient),
-                "type": _coding(AUDIT_ENTITY_TYPE, "1", "Person"),
-                "role": _coding(OBJECT_ROLE, "1", "Patient"),
+                "type": coding(AUDIT_ENTITY_TYPE, "1", "Person"),
+                "role": coding(OBJECT_ROLE, "1", "Patient"),
             }
         )
     if event.request_id is not None:
         entities.append(
-            {"what": {"identifier": {"value": event.request_id}}, "type": _coding(BALP_ENTITY_TYPE, "XrequestId")}
+            {"what": {"identifier": {"value": event.request_id}}, "type": coding(BALP_ENTITY_TYPE, "XrequestId")}
         )
     details = [
         {"type": "bedside-seq", "valueString": str(event.seq)},
@@ -407,7 +372,7 @@ def _entities(event: AuditEventFields, interaction: str | None) -> list[dict[str
         detail = _detail(key, event.details[key])
         if detail is not None:
             details.append(detail)
-    entities.append({"type": _coding(BEDSIDE_ENTITY_TYPE, "log-entry"), "detail": details})
+    entities.append({"type": coding(BEDSIDE_ENTITY_TYPE, "log-entry"), "detail": details})
     return entities
 
 
@@ -421,7 +386,7 @@ def _resource_what(resource_type: str | None, resource_id: str | None) -> dict[s
         return what
     identifier: dict[str, Any] = {}
     if resource_type is not None:
-        identifier["type"] = {"coding": [_coding(BEDSIDE_RESOURCE_TYPE, resource_type)]}
+        identifier["type"] = {"coding": [coding(BEDSIDE_RESOURCE_TYPE, resource_type)]}
     if resource_id is not None:
         identifier["value"] = resource_id
     return {"identifier": identifier}
@@ -443,6 +408,6 @@ def _detail(key: str, value: DetailValue) -> dict[str, str] | None:
         text = value
     if not text:
         return None
-    if _matches(text, _FHIR_STRING):
+    if matches(text, FHIR_STRING):
         return {"type": key, "valueString": text}
     return {"type": key, "valueBase64Binary": base64.b64encode(text.encode("utf-8", "surrogatepass")).decode("ascii")}

@@ -55,8 +55,10 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
+
+from schemas.fhir_common import FHIR_CODE, FHIR_STRING, LITERAL_REFERENCE, coding, instant, is_instant, matches
 
 # Code systems and extensions. Bedside's own are URNs, so they never pretend to resolve.
 CONSENT_SCOPE: Final = "http://terminology.hl7.org/CodeSystem/consentscope"
@@ -122,9 +124,6 @@ _PURPOSE_DISPLAYS: Final = {
 }
 
 # FHIR primitive shapes (R4 datatypes), as in `schemas.fhir_audit`.
-_FHIR_STRING = re.compile(r"[ \r\n\t\S]+")
-_FHIR_CODE = re.compile(r"[^\s]+( [^\s]+)*")
-_LITERAL_REFERENCE = re.compile(r"[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}")
 _PATIENT = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 _SLUG = re.compile(r"[a-z][a-z0-9-]{1,62}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -166,42 +165,31 @@ def _checks(consent: ConsentFields) -> list[tuple[str, bool]]:
     window = (
         consent.valid_from is None
         or consent.valid_until is None
-        or not (_is_instant(consent.valid_from) and _is_instant(consent.valid_until))
+        or not (is_instant(consent.valid_from) and is_instant(consent.valid_until))
         or consent.valid_until > consent.valid_from
     )
     return [
         ("id", _is_uuid(consent.id)),
-        ("tenant", _matches(consent.tenant, _SLUG)),
-        ("patient", _matches(consent.patient, _PATIENT)),
+        ("tenant", matches(consent.tenant, _SLUG)),
+        ("patient", matches(consent.patient, _PATIENT)),
         ("grantee", _grantee_fits(consent.grantee, consent.scope)),
         ("scope", consent.scope in SCOPES),
-        ("item", consent.item == "" or _matches(consent.item, _LITERAL_REFERENCE)),
-        ("purpose", consent.purpose is None or _matches(consent.purpose, _FHIR_CODE)),
+        ("item", consent.item == "" or matches(consent.item, LITERAL_REFERENCE)),
+        ("purpose", consent.purpose is None or matches(consent.purpose, FHIR_CODE)),
         ("kind", consent.kind in KINDS),
         ("revokes", _is_uuid(consent.revokes) if consent.kind == "revoke" else consent.revokes is None),
-        ("valid_from", consent.valid_from is None or _is_instant(consent.valid_from)),
-        ("valid_until", (consent.valid_until is None or _is_instant(consent.valid_until)) and window),
+        ("valid_from", consent.valid_from is None or is_instant(consent.valid_from)),
+        ("valid_until", (consent.valid_until is None or is_instant(consent.valid_until)) and window),
         ("include_sensitive", isinstance(consent.include_sensitive, bool)),
         ("evidence", _is_evidence(consent.evidence)),
-        ("reason", consent.reason is None or _matches(consent.reason, _FHIR_CODE)),
-        ("recorded_by", _matches(consent.recorded_by, _LITERAL_REFERENCE)),
+        ("reason", consent.reason is None or matches(consent.reason, FHIR_CODE)),
+        ("recorded_by", matches(consent.recorded_by, LITERAL_REFERENCE)),
         ("recorded_role", consent.recorded_role in ROLES),
-        ("recorded_at", _is_instant(consent.recorded_at)),
+        ("recorded_at", is_instant(consent.recorded_at)),
         ("version", type(consent.version) is int and consent.version >= 1),  # an int, not a bool
-        ("hash", _matches(consent.hash, _SHA256_HEX)),
+        ("hash", matches(consent.hash, _SHA256_HEX)),
         ("status_now", consent.status_now in STATUSES),
     ]
-
-
-def _matches(value: object, pattern: re.Pattern[str]) -> bool:
-    """`value` is a string of `pattern` that encodes as UTF-8 (no lone surrogates)."""
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_uuid(value: object) -> bool:
@@ -213,34 +201,24 @@ def _is_uuid(value: object) -> bool:
         return False
 
 
-def _is_instant(moment: object) -> bool:
-    if not isinstance(moment, datetime) or moment.utcoffset() is None:
-        return False
-    try:
-        moment.astimezone(UTC)
-    except OverflowError:
-        return False
-    return True
-
-
 def _grantee_fits(grantee: object, scope: object) -> bool:
     if scope == "public_share" or grantee == PUBLIC:
         return scope == "public_share" and grantee == PUBLIC
-    return _matches(grantee, _LITERAL_REFERENCE) and str(grantee).split("/", 1)[0] in _ACTOR_TYPES
+    return matches(grantee, LITERAL_REFERENCE) and str(grantee).split("/", 1)[0] in _ACTOR_TYPES
 
 
 def _is_evidence(evidence: object) -> bool:
     if not isinstance(evidence, Mapping) or evidence.get("method") not in EVIDENCE_METHODS:
         return False
-    if not set(evidence) <= EVIDENCE_KEYS or not all(_matches(v, _FHIR_STRING) for v in evidence.values()):
+    if not set(evidence) <= EVIDENCE_KEYS or not all(matches(v, FHIR_STRING) for v in evidence.values()):
         return False
-    return "witness" not in evidence or _matches(evidence["witness"], _LITERAL_REFERENCE)
+    return "witness" not in evidence or matches(evidence["witness"], LITERAL_REFERENCE)
 
 
 def to_fhir_consent(consent: ConsentFields, *, organization: str) -> dict[str, Any]:
     """The FHIR R4 `Consent` for one ledger event of the tenant named `organization` (its display name,
     or an `Organization/..` reference)."""
-    if not _matches(organization, _FHIR_STRING):
+    if not matches(organization, FHIR_STRING):
         raise ValueError("organization must be a non-empty name")
     grantor = consent.recorded_by if consent.recorded_role == "proxy" else consent.patient
     evidence = consent.evidence
@@ -255,11 +233,11 @@ def to_fhir_consent(consent: ConsentFields, *, organization: str) -> dict[str, A
             {"system": BEDSIDE_CONSENT_VERSION, "value": str(consent.version)},
         ],
         "status": consent.status_now,
-        "scope": {"coding": [_coding(CONSENT_SCOPE, "patient-privacy", "Privacy Consent")]},
+        "scope": {"coding": [coding(CONSENT_SCOPE, "patient-privacy", "Privacy Consent")]},
         "category": [_CATEGORY_CONSENT]
         + ([_CATEGORY_RELEASE] if consent.scope in ("disclosure", "public_share") else []),
         "patient": {"reference": consent.patient},
-        "dateTime": _instant(consent.recorded_at),
+        "dateTime": instant(consent.recorded_at),
         "performer": [_reference(grantor, _PERFORMER_TYPES)],
         "organization": [_organization(organization, consent.tenant)],
     }
@@ -272,37 +250,24 @@ def to_fhir_consent(consent: ConsentFields, *, organization: str) -> dict[str, A
             {
                 "verified": True,
                 "verifiedWith": _reference(grantor, _VERIFIED_WITH_TYPES),
-                "verificationDate": _instant(consent.recorded_at),
+                "verificationDate": instant(consent.recorded_at),
             }
         ]
     resource["provision"] = _provision(consent)
     return resource
 
 
-def _coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
-    coding = {"system": system, "code": code}
-    if display is not None:
-        coding["display"] = display
-    return coding
-
-
-def _instant(moment: datetime) -> str:
-    # UTC with a Z, and microseconds only when there are some: the canonical form, which FHIR parsers
-    # hand back unchanged.
-    return moment.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z"
-
-
 def _reference(value: str, types: frozenset[str]) -> dict[str, Any]:
     """A literal reference when its type may be the element's target; otherwise an identifier, so the
     Consent never points at a type R4 does not allow there."""
-    if _LITERAL_REFERENCE.fullmatch(value) and value.split("/", 1)[0] in types:
+    if LITERAL_REFERENCE.fullmatch(value) and value.split("/", 1)[0] in types:
         return {"reference": value}
     return {"identifier": {"value": value}}
 
 
 def _organization(organization: str, tenant: str) -> dict[str, Any]:
     tenant_identifier = {"system": BEDSIDE_TENANT, "value": tenant}
-    if _LITERAL_REFERENCE.fullmatch(organization) and organization.startswith("Organization/"):
+    if LITERAL_REFERENCE.fullmatch(organization) and organization.startswith("Organization/"):
         return {"reference": organization, "identifier": tenant_identifier}
     return {"type": "Organization", "identifier": tenant_identifier, "display": organization}
 
@@ -315,13 +280,13 @@ def _extensions(consent: ConsentFields) -> list[dict[str, Any]]:
     if witness is not None:
         extensions.append({"url": WITNESS, "valueReference": _reference(witness, _PARTY_TYPES)})
     event: list[dict[str, Any]] = [
-        {"url": "recordedRole", "valueCoding": _coding(BEDSIDE_ROLE, consent.recorded_role)},
+        {"url": "recordedRole", "valueCoding": coding(BEDSIDE_ROLE, consent.recorded_role)},
         {"url": "evidenceMethod", "valueCode": consent.evidence["method"]},
     ]
     if consent.revokes is not None:
         event.append({"url": "revokes", "valueReference": {"reference": f"Consent/{consent.revokes}"}})
     if consent.reason is not None:
-        event.append({"url": "reason", "valueCoding": _coding(BEDSIDE_REVOKE_REASON, consent.reason)})
+        event.append({"url": "reason", "valueCoding": coding(BEDSIDE_REVOKE_REASON, consent.reason)})
     extensions.append({"url": BEDSIDE_CONSENT_EVENT, "extension": event})
     return extensions
 
@@ -330,7 +295,7 @@ def _source(evidence: Mapping[str, str]) -> dict[str, Any] | None:
     # R4 has one source[x]: the signed form, when there is one, is the stronger evidence.
     document = evidence.get("document_ref")
     if document is not None:
-        if _LITERAL_REFERENCE.fullmatch(document) and document.split("/", 1)[0] in _SOURCE_TYPES:
+        if LITERAL_REFERENCE.fullmatch(document) and document.split("/", 1)[0] in _SOURCE_TYPES:
             return {"reference": document}
         return {"type": "DocumentReference", "identifier": {"system": BEDSIDE_CONSENT_FORM, "value": document}}
     text_version = evidence.get("text_version")
@@ -341,10 +306,10 @@ def _source(evidence: Mapping[str, str]) -> dict[str, Any] | None:
 
 def _policy_rule(consent: ConsentFields) -> dict[str, str]:
     if consent.kind == "revoke":
-        return _coding(ACT_CODE, "OPTOUT")  # THO's display for it is misspelt ("op-out"); better none
+        return coding(ACT_CODE, "OPTOUT")  # THO's display for it is misspelt ("op-out"); better none
     if _keeps_sensitive_back(consent):
-        return _coding(ACT_CODE, "OPTINR", "opt-in with restrictions")
-    return _coding(ACT_CODE, "OPTIN", "opt-in")
+        return coding(ACT_CODE, "OPTINR", "opt-in with restrictions")
+    return coding(ACT_CODE, "OPTIN", "opt-in")
 
 
 def _keeps_sensitive_back(consent: ConsentFields) -> bool:
@@ -355,22 +320,22 @@ def _provision(consent: ConsentFields) -> dict[str, Any]:
     provision: dict[str, Any] = {"type": "permit" if consent.kind == "grant" else "deny"}
     period: dict[str, str] = {}
     if consent.valid_from is not None:
-        period["start"] = _instant(consent.valid_from)
+        period["start"] = instant(consent.valid_from)
     if consent.valid_until is not None:
-        period["end"] = _instant(consent.valid_until)
+        period["end"] = instant(consent.valid_until)
     if period:
         provision["period"] = period
     if consent.grantee != PUBLIC:
         if consent.scope == "proxy":
-            role = _coding(ROLE_CODE, "DELEGATEE", "Delegatee")
+            role = coding(ROLE_CODE, "DELEGATEE", "Delegatee")
         else:
-            role = _coding(PARTICIPATION_TYPE, "IRCP", "information recipient")
+            role = coding(PARTICIPATION_TYPE, "IRCP", "information recipient")
         provision["actor"] = [{"role": {"coding": [role]}, "reference": {"reference": consent.grantee}}]
-    provision["action"] = [{"coding": [_coding(CONSENT_ACTION, *action)]} for action in _ACTIONS[consent.scope]]
+    provision["action"] = [{"coding": [coding(CONSENT_ACTION, *action)]} for action in _ACTIONS[consent.scope]]
     if _keeps_sensitive_back(consent):
-        provision["securityLabel"] = [_coding(CONFIDENTIALITY, "N", "normal")]
+        provision["securityLabel"] = [coding(CONFIDENTIALITY, "N", "normal")]
     if consent.purpose is not None:
-        provision["purpose"] = [_coding(ACT_REASON, consent.purpose, _PURPOSE_DISPLAYS.get(consent.purpose))]
+        provision["purpose"] = [coding(ACT_REASON, consent.purpose, _PURPOSE_DISPLAYS.get(consent.purpose))]
     if consent.item:
         provision["data"] = [{"meaning": "instance", "reference": _item(consent.item)}]
     return provision
@@ -380,4 +345,4 @@ def _item(item: str) -> dict[str, Any]:
     resource_type, item_id = item.split("/", 1)
     if resource_type in _ITEM_TYPES:
         return {"reference": item}
-    return {"identifier": {"type": {"coding": [_coding(BEDSIDE_RESOURCE_TYPE, resource_type)]}, "value": item_id}}
+    return {"identifier": {"type": {"coding": [coding(BEDSIDE_RESOURCE_TYPE, resource_type)]}, "value": item_id}}
