@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Self
 from uuid import UUID
 
 
@@ -21,6 +22,15 @@ class DomainError(Exception):
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
+        # The audit event of a refusal. It is recorded by whoever handles the error, after the refused
+        # work's transaction has ended: recording it from inside would take a second connection while
+        # the first is held, and enough refusals at once would leave the pool waiting on itself.
+        self.audit: object | None = None
+
+    def recording(self, event: object) -> Self:
+        """This error, carrying the audit event that records the refusal."""
+        self.audit = event
+        return self
 
 
 class NotFoundError(DomainError):

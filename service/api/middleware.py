@@ -74,6 +74,11 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except DomainError as error:
+        if isinstance(error.audit, AuditEvent):
+            try:  # the refused work's transaction has ended: record its refusal now
+                await request.app[AUDIT].record_alone(error.audit)
+            except UnavailableError as unavailable:
+                return domain_problem(unavailable, request_id)
         if isinstance(error, AuthenticationError):
             log.info("auth.denied", reason=error.reason)
             try:

@@ -440,7 +440,7 @@ class AttachmentService:
         await self._audit.record_alone(replace(event, outcome=Outcome.FAILURE))
 
     async def _deny(self, principal: Principal, attachment_id: UUID) -> None:
-        await self._audit.record_alone(
+        raise NotFoundError().recording(
             AuditEvent.by(
                 principal,
                 AuditAction.ACCESS_DENIED,
@@ -449,4 +449,3 @@ class AttachmentService:
                 details={"attempt": "read"},
             ).denied("policy")
         )
-        raise NotFoundError()

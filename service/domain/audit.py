@@ -21,7 +21,7 @@ from enum import StrEnum
 from uuid import UUID
 
 from crypto.merkle import FieldValue, decode_fields, encode_fields
-from service.domain.principal import Principal
+from service.domain.principal import Principal, is_plain_text
 from service.store.audit import AuditStore, OutboxRow
 from service.store.db import Database, Tx
 
@@ -189,6 +189,34 @@ def decode_entry(entry: bytes) -> dict[str, FieldValue]:
     return fields
 
 
+MAX_IDENTIFIER = 200
+
+
+def _identifier(value: str | None) -> str | None:
+    """An identifier fit for the log: printable, valid UTF-8, at most 200 characters; anything else
+    (a NUL, a lone surrogate, a novel in a path segment) becomes a marker rather than breaking the log's
+    indexes or carrying text into it."""
+    if value is None:
+        return None
+    if not is_plain_text(value, MAX_IDENTIFIER):
+        return "<invalid>"
+    return value
+
+
+def _bounded(event: AuditEvent) -> AuditEvent:
+    return replace(
+        event,
+        actor=_identifier(event.actor),
+        actor_role=_identifier(event.actor_role),
+        issuer=_identifier(event.issuer),
+        act_for=_identifier(event.act_for),
+        patient=_identifier(event.patient),
+        resource_type=_identifier(event.resource_type),
+        resource_id=_identifier(event.resource_id),
+        purpose=_identifier(event.purpose),
+    )
+
+
 class AuditRecorder:
     def __init__(
         self, store: AuditStore, db: Database, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
@@ -202,6 +230,7 @@ class AuditRecorder:
         return self._row(event)
 
     def _row(self, event: AuditEvent) -> OutboxRow:
+        event = _bounded(event)
         meta = REQUEST_META.get()
         row = OutboxRow(
             event_id=uuid.uuid4(),

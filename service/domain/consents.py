@@ -354,8 +354,8 @@ class ConsentLedger:
 
     async def history(self, principal: Principal, patient: str, as_of: datetime | None = None) -> ConsentHistory:
         """What was in force at `as_of` (default now), and the full history of the patient's consents."""
-        if not can_read_consents(principal, patient):
-            await self._deny(principal, patient, "consent:read")
+        if not is_reference(patient, "Patient") or not can_read_consents(principal, patient):
+            await self._deny(principal, patient if is_reference(patient, "Patient") else None, "consent:read")
         moment = as_of or self._clock()
         async with self._db.transaction(principal.tenant_id) as tx:
             latest = await self._store.latest_as_of(tx, principal.tenant_id, patient, moment)
@@ -529,7 +529,7 @@ class ConsentLedger:
             raise InvalidRequestError(problems)
 
     async def _deny(self, principal: Principal, patient: str | None, what: str) -> None:
-        await self._audit.record_alone(
+        raise NotFoundError().recording(
             AuditEvent.by(
                 principal,
                 AuditAction.ACCESS_DENIED,
@@ -538,7 +538,6 @@ class ConsentLedger:
                 details={"attempt": what},
             ).denied("policy")
         )
-        raise NotFoundError()
 
 
 def _fields(record: ConsentEventRecord) -> dict[str, Any]:

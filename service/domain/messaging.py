@@ -171,7 +171,9 @@ class MessagingService:
         decisions = await self._consents.decide_many(tx, thread.patient, thread.participants, Scope.MESSAGING)
         refused = [d for d in decisions if not d.permit]
         if refused:
-            await self._audit.record_alone(
+            raise ConsentRequiredError(
+                "The patient's messaging consent is not in force for everyone in this thread"
+            ).recording(
                 AuditEvent.by(
                     principal,
                     action,
@@ -181,7 +183,6 @@ class MessagingService:
                     details=_consent_details(decisions),
                 ).denied("consent-required")
             )
-            raise ConsentRequiredError("The patient's messaging consent is not in force for everyone in this thread")
         return decisions
 
     # -- threads -----------------------------------------------------------------------------------
@@ -795,7 +796,7 @@ class MessagingService:
 
     async def _deny_resource(self, principal: Principal, resource_type: str, resource_id: str, attempt: str) -> None:
         """Not found, or not the caller's: both answer 404, and the attempt is audited."""
-        await self._audit.record_alone(
+        raise NotFoundError().recording(
             AuditEvent.by(
                 principal,
                 AuditAction.ACCESS_DENIED,
@@ -804,12 +805,11 @@ class MessagingService:
                 details={"attempt": attempt},
             ).denied("not-found")
         )
-        raise NotFoundError()
 
     async def _deny(
         self, principal: Principal, thread: ThreadRecord | None, attempt: str, patient: str | None = None
     ) -> None:
-        await self._audit.record_alone(
+        raise NotFoundError().recording(
             AuditEvent.by(
                 principal,
                 AuditAction.ACCESS_DENIED,
@@ -819,7 +819,6 @@ class MessagingService:
                 details={"attempt": attempt},
             ).denied("policy")
         )
-        raise NotFoundError()
 
 
 def _facts(thread: ThreadRecord) -> ThreadFacts:
