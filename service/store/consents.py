@@ -90,9 +90,11 @@ def _state(row: asyncpg.Record) -> ConsentStateRecord:
 class ConsentStore:
     # One key's appends serialize on a transaction advisory lock of the key; the clock is read after it,
     # so the later commit also has the later recorded_at.
-    _LOCK_AND_READ = """
-        SELECT pg_advisory_xact_lock(hashtextextended($6, 0)),
-               clock_timestamp() AS now,
+    # The key's lock first, in a statement of its own; then the key's state, read in a new statement (a
+    # fresh snapshot under READ COMMITTED) so it sees what the append it waited for committed.
+    _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))"
+    _READ_LOCKED = """
+        SELECT clock_timestamp() AS now,
                (SELECT version FROM consent_state
                 WHERE tenant_id = $1 AND patient = $2 AND scope = $4 AND grantee = $3 AND item = $5) AS version,
                (SELECT event_id FROM consent_state
@@ -154,9 +156,8 @@ class ConsentStore:
     async def lock_key(self, tx: Tx, tenant_id: UUID, key: ConsentKey) -> tuple[datetime, int, UUID | None]:
         """Serialize appends to `key` for this transaction; return (now, current version, current event)."""
         lock = "|".join(("consent", str(tenant_id), key.patient, key.grantee, key.scope, key.item))
-        row = await tx.conn.fetchrow(
-            self._LOCK_AND_READ, tenant_id, key.patient, key.grantee, key.scope, key.item, lock
-        )
+        await tx.conn.execute(self._LOCK, lock)
+        row = await tx.conn.fetchrow(self._READ_LOCKED, tenant_id, key.patient, key.grantee, key.scope, key.item)
         assert row is not None
         return row["now"], row["version"] or 0, row["current"]
 

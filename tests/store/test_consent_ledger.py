@@ -326,3 +326,10 @@ def test_as_of_matches_a_model_of_the_rules(world: World, ops, probes) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, example()).result()
+
+
+async def test_concurrent_grants_on_one_key_each_get_their_own_version(world: World) -> None:
+    results = await asyncio.gather(*(world.ledger.grant(world.patient, messaging()) for _ in range(10)))
+    assert sorted(r.record.version for r in results) == list(range(1, 11))
+    latest = max(results, key=lambda r: r.record.version)
+    assert (await world.decide("Practitioner/7")).consent_id == latest.record.id
