@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.common import MAX_INDEX, Instant
+
 
 class AuditEventQuery(BaseModel):
     """Filters of `GET /v1/audit/events` and `/v1/audit/export` (query string)."""
@@ -19,8 +21,8 @@ class AuditEventQuery(BaseModel):
     outcome: Literal["success", "denied", "failure"] | None = None
     resource_type: str | None = Field(default=None, max_length=60)
     resource_id: str | None = Field(default=None, max_length=200)
-    since: datetime | None = None
-    until: datetime | None = None
+    since: Instant | None = None
+    until: Instant | None = None
     order: Literal["newest", "oldest"] = "newest"
     limit: int = Field(default=100, ge=1, le=500)
     cursor: str | None = Field(default=None, max_length=100)
@@ -36,8 +38,8 @@ class AuditExportQuery(BaseModel):
     outcome: Literal["success", "denied", "failure"] | None = None
     resource_type: str | None = Field(default=None, max_length=60)
     resource_id: str | None = Field(default=None, max_length=200)
-    since: datetime | None = None
-    until: datetime | None = None
+    since: Instant | None = None
+    until: Instant | None = None
 
 
 class AuditEventOut(BaseModel):
@@ -77,8 +79,8 @@ class CheckpointOut(BaseModel):
 class InclusionProofQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    index: int = Field(ge=0)
-    size: int = Field(ge=1)
+    index: int = Field(ge=0, le=MAX_INDEX)
+    size: int = Field(ge=1, le=MAX_INDEX)
 
 
 class InclusionProofOut(BaseModel):
@@ -91,8 +93,8 @@ class InclusionProofOut(BaseModel):
 class ConsistencyProofQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    from_: int = Field(ge=1, alias="from")
-    to: int = Field(ge=1)
+    from_: int = Field(ge=1, le=MAX_INDEX, alias="from")
+    to: int = Field(ge=1, le=MAX_INDEX)
 
 
 class ConsistencyProofOut(BaseModel):
@@ -106,8 +108,8 @@ class ConsistencyProofOut(BaseModel):
 class LeafHashesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    start: int = Field(ge=0)
-    end: int = Field(ge=1)
+    start: int = Field(ge=0, le=MAX_INDEX)
+    end: int = Field(ge=1, le=MAX_INDEX)
 
 
 class LeafHashOut(BaseModel):

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+
+# The largest sequence number or offset a query takes: beyond it PostgreSQL's bigint would overflow.
+MAX_INDEX = 2**62
+
+
+def _in_range(moment: datetime) -> datetime:
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("a time between the years 1900 and 9000") from None
+    if not 1900 <= utc.year <= 9000:
+        raise ValueError("a time between the years 1900 and 9000")
+    return moment
+
+
+# A timezone-aware time that converts to UTC and stays within reason: RFC 3339 with an offset.
+Instant = Annotated[AwareDatetime, AfterValidator(_in_range)]
 
 
 class StrictBody(BaseModel):

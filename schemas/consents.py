@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.common import StrictBody
+from schemas.common import Instant, StrictBody
 
 ScopeName = Literal["messaging", "proxy", "disclosure", "public_share"]
 ReasonCode = Literal["patient-request", "care-ended", "proxy-ended", "entered-in-error", "other"]
@@ -33,8 +33,8 @@ class ConsentBody(StrictBody):
     scope: ScopeName
     item: str = Field(default="", max_length=200, description="The named item, for disclosure and public_share")
     purpose: str | None = Field(default=None, max_length=40, description="Purpose of use, for disclosure")
-    valid_from: AwareDatetime | None = None
-    valid_until: AwareDatetime | None = None
+    valid_from: Instant | None = None
+    valid_until: Instant | None = None
     include_sensitive: bool = Field(default=False, description="Proxy only: may see sensitive threads")
     evidence: EvidenceBody
 
@@ -82,4 +82,4 @@ class ConsentQuery(BaseModel):
 class ConsentHistoryQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    as_of: AwareDatetime | None = None
+    as_of: Instant | None = None

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.common import StrictBody
+from schemas.common import MAX_INDEX, StrictBody
 
 
 class FirstMessageBody(StrictBody):
@@ -31,7 +31,7 @@ class MessageBody(StrictBody):
 
 
 class ReadBody(StrictBody):
-    up_to: int = Field(ge=0, description="Sequence number read up to (inclusive)")
+    up_to: int = Field(ge=0, le=MAX_INDEX, description="Sequence number read up to (inclusive)")
 
 
 class ReceiptOut(BaseModel):
@@ -95,8 +95,8 @@ class ThreadListQuery(BaseModel):
 class MessageListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    after: int | None = Field(default=None, ge=0)
-    before: int | None = Field(default=None, ge=1)
+    after: int | None = Field(default=None, ge=0, le=MAX_INDEX)
+    before: int | None = Field(default=None, ge=1, le=MAX_INDEX)
     limit: int = Field(default=50, ge=1, le=200)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 from aiohttp import web
@@ -89,8 +89,10 @@ def _cursor(value: str | None) -> tuple[datetime, UUID] | None:
         return None
     try:
         when, ident = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode().split("|")
-        return datetime.fromisoformat(when), UUID(ident)
-    except (ValueError, UnicodeDecodeError):
+        moment = datetime.fromisoformat(when)
+        moment.astimezone(UTC)  # a forged cursor whose time cannot be converted is not one of ours
+        return moment, UUID(ident)
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise InvalidRequestError([FieldProblem(("cursor",), "cursor", "not a cursor from this listing")]) from None
 
 

@@ -100,7 +100,10 @@ def decode_cursor(cursor: str, newest_first: bool) -> int:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if raw[0] != ("d" if newest_first else "a"):
             raise ValueError
-        return int(raw[1:])
+        seq = int(raw[1:])
+        if not 0 <= seq <= 2**62:
+            raise ValueError
+        return seq
     except (ValueError, IndexError, UnicodeDecodeError):
         raise InvalidRequestError(
             [FieldProblem(("cursor",), "cursor", "not a cursor from this listing (or of another order)")]
