@@ -80,7 +80,7 @@ class PatientKeyring:
 
     async def key_for_writing(self, tx: Tx, patient: str) -> DataKey:
         tenant_id = _tenant(tx)
-        record = await self._store.for_patient(tx, tenant_id, patient)
+        record = await self._store.for_patient(tx, tenant_id, patient, for_write=True)
         if record is None:
             key = DataKey.generate()
             wrapped = await self._kek.wrap(key, wrap_aad(tenant_id, key, patient))
@@ -89,7 +89,7 @@ class PatientKeyring:
                 self._cache.put(key)
                 return key
             # A concurrent request created the patient's key first: use that one.
-            record = await self._store.for_patient(tx, tenant_id, patient)
+            record = await self._store.for_patient(tx, tenant_id, patient, for_write=True)
             if record is None:
                 raise DecryptionError()
         return await self._unwrapped(tenant_id, record)

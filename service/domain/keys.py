@@ -210,10 +210,11 @@ class KeyOperations:
         moved = 0
         while True:
             kek_id, primary, _ = await self._kek.usable_versions()
+            left = 0
             async with self._db.transaction(tenant_id) as tx:
                 batch = await self._keys.stale_wraps(tx, tenant_id, kek_id, primary, REWRAP_BATCH)
                 if not batch:
-                    return moved
+                    left = await self._keys.count_stale(tx, tenant_id, kek_id, primary)
                 for candidate in batch:
                     record = DataKeyRecord(candidate.dek_id, candidate.dek_version, candidate.patient, None, ())
                     aad = wrap_aad(tenant_id, record, candidate.patient)
@@ -224,6 +225,12 @@ class KeyOperations:
                         tx, tenant_id, candidate.dek_id, WrapRecord(new.kek_id, new.kek_version, new.wrapped)
                     )
                     await self._keys.remove_wrap(tx, tenant_id, candidate.dek_id, old.kek_id, old.kek_version)
+            if not batch:
+                if not left:
+                    return moved
+                # Key rows a concurrent write (or another rewrapper) holds were skipped: come back for them.
+                await asyncio.sleep(0.05)
+                continue
             moved += len(batch)
             if progress:
                 progress(moved)

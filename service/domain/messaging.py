@@ -544,6 +544,7 @@ class MessagingService:
             thread, _ = await self.access(tx, principal, thread_id, write=True)
             if not 0 <= up_to <= thread.last_seq:
                 raise InvalidRequestError([FieldProblem(("up_to",), "range", f"0 to {thread.last_seq}")])
+            await self._store.lock_thread(tx, principal.tenant_id, thread.id)
             receipt = await self._store.mark_read(tx, principal.tenant_id, thread.id, principal.subject, up_to)
             await self._audit.record(
                 tx,
@@ -572,6 +573,7 @@ class MessagingService:
                 raise ConflictError("the message is already recalled")
             if self._clock() - record.created_at > self._recall_window:
                 raise ConflictError("the recall window has passed")
+            await self._store.lock_thread(tx, principal.tenant_id, thread.id)
             if await self._store.read_by_others(tx, principal.tenant_id, thread.id, principal.subject, record.seq):
                 raise ConflictError("the message has already been read")
             recalled_at = await self._store.recall(tx, principal.tenant_id, record.id, principal.subject)

@@ -60,6 +60,9 @@ class DataKeyStore:
         WHERE k.tenant_id = $1 AND {where}
     """
     _BY_PATIENT = _SELECT.format(where="k.patient = $2")
+    # For writing: the key row shared-locked until the write commits, so a shred (which updates the row)
+    # waits for it, and a write that waited for a shred sees the key shredded.
+    _BY_PATIENT_FOR_WRITE = _BY_PATIENT + " FOR SHARE OF k"
     _BY_ID = _SELECT.format(where="k.id = $2")
     _INSERT_KEY = """
         INSERT INTO data_keys (tenant_id, id, version, patient) VALUES ($1, $2, $3, $4)
@@ -101,8 +104,11 @@ class DataKeyStore:
     _DELETE_WRAPS = "DELETE FROM data_key_wraps WHERE tenant_id = $1 AND dek_id = $2"
     _SHREDDED_AT = "SELECT id, shredded_at FROM data_keys WHERE tenant_id = $1 AND patient = $2"
 
-    async def for_patient(self, tx: Tx, tenant_id: UUID, patient: str) -> DataKeyRecord | None:
-        return _key(await tx.conn.fetch(self._BY_PATIENT, tenant_id, patient))
+    async def for_patient(
+        self, tx: Tx, tenant_id: UUID, patient: str, *, for_write: bool = False
+    ) -> DataKeyRecord | None:
+        query = self._BY_PATIENT_FOR_WRITE if for_write else self._BY_PATIENT
+        return _key(await tx.conn.fetch(query, tenant_id, patient))
 
     async def by_id(self, tx: Tx, tenant_id: UUID, dek_id: UUID) -> DataKeyRecord | None:
         return _key(await tx.conn.fetch(self._BY_ID, tenant_id, dek_id))
@@ -133,6 +139,14 @@ class DataKeyStore:
             )
             for r in rows
         ]
+
+    _COUNT_STALE = """
+        SELECT count(*) FROM data_key_wraps WHERE tenant_id = $1 AND kek_id = $2 AND kek_version < $3
+    """
+
+    async def count_stale(self, tx: Tx, tenant_id: UUID, kek_id: str, primary_version: int) -> int:
+        """Wraps under older versions, locked or not (what `stale_wraps` may have skipped)."""
+        return int(await tx.conn.fetchval(self._COUNT_STALE, tenant_id, kek_id, primary_version))
 
     async def wrap_counts(self, tx: Tx, tenant_id: UUID) -> list[WrapCount]:
         rows = await tx.conn.fetch(self._COUNT_WRAPS, tenant_id)

@@ -149,6 +149,9 @@ class MessagingStore:
         WHERE tenant_id = $1 AND id = $2 AND recalled_at IS NULL
         RETURNING recalled_at
     """
+    # Recall and read receipts of one thread serialize on its row: "nobody else has read it" stays true
+    # until the recall commits.
+    _LOCK_THREAD = "SELECT 1 FROM threads WHERE tenant_id = $1 AND id = $2 FOR UPDATE"
     _CLOSE = """
         UPDATE threads SET status = 'closed', closed_by = $3, closed_at = now(), last_activity = now()
         WHERE tenant_id = $1 AND id = $2 AND status = 'open'
@@ -342,6 +345,9 @@ class MessagingStore:
     ) -> MessageRecord | None:
         row = await tx.conn.fetchrow(self._MESSAGE_IN_THREAD, tenant_id, thread_id, message_id)
         return None if row is None else _message(row)
+
+    async def lock_thread(self, tx: Tx, tenant_id: UUID, thread_id: UUID) -> None:
+        await tx.conn.execute(self._LOCK_THREAD, tenant_id, thread_id)
 
     async def recall(self, tx: Tx, tenant_id: UUID, message_id: UUID, by: str) -> datetime | None:
         value: datetime | None = await tx.conn.fetchval(self._RECALL, tenant_id, message_id, by)
