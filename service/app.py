@@ -28,7 +28,6 @@ from service.domain.issuers import IssuerService
 from service.domain.keyring import KekClient, PatientKeyring
 from service.domain.keys import KeyOperations
 from service.domain.messaging import MessagingService
-from service.domain.tenants import TenantService
 from service.errors import ConfigurationError
 from service.keys import (
     ATTACHMENTS,
@@ -39,14 +38,12 @@ from service.keys import (
     HEALTH,
     ISSUERS,
     KEY_OPERATIONS,
-    KEYRING,
     MESSAGING,
     METRICS,
     OPENAPI,
     PUBLIC_ROUTES,
     ROUTE_GATES,
     SETTINGS,
-    TENANTS,
 )
 from service.settings import Settings
 from service.store.attachments import AttachmentStore
@@ -115,10 +112,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         )
         tenant_store, issuer_store = TenantStore(), IssuerStore()
         key_operations = KeyOperations(db, tenant_store, DataKeyStore(), kek, keyring, recorder)
-        app[KEYRING] = keyring
         app[KEY_OPERATIONS] = key_operations
         issuers = IssuerService(db, tenant_store, issuer_store, recorder, cache_seconds=settings.issuer_cache_seconds)
-        app[TENANTS] = TenantService(db, tenant_store, recorder)
         app[ISSUERS] = issuers
         app[AUTHENTICATOR] = Authenticator(
             issuers,

@@ -15,11 +15,9 @@ from service.domain.auth import Authenticator
 from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
 from service.domain.issuers import IssuerService
-from service.domain.keyring import PatientKeyring
 from service.domain.keys import KeyOperations
 from service.domain.messaging import MessagingService
 from service.domain.principal import Principal
-from service.domain.tenants import TenantService
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -29,9 +27,7 @@ OPENAPI = web.AppKey[dict[str, Any]]("openapi")
 ROUTE_GATES = web.AppKey[dict[str, Callable[[Principal], bool]]]("route_gates")
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 HEALTH = web.AppKey("health", HealthService)
-TENANTS = web.AppKey("tenants", TenantService)
 ISSUERS = web.AppKey("issuers", IssuerService)
-KEYRING = web.AppKey("keyring", PatientKeyring)
 KEY_OPERATIONS = web.AppKey("key_operations", KeyOperations)
 
 AUDIT = web.AppKey("audit", AuditRecorder)

@@ -227,15 +227,10 @@ class AttachmentService:
         self._messaging = messaging
         self._keyring = keyring
         self._audit = audit
-        self._references = AttachmentReferences(store)
         self.max_bytes = max_bytes
         self.chunk_bytes = chunk_bytes
         self._max_uploads = max_concurrent_uploads
         self._uploads = 0
-
-    async def check_attachments(self, tx: Tx, tenant_id: UUID, thread_id: UUID, ids: Sequence[UUID]) -> None:
-        """See `AttachmentReferences.check_attachments`."""
-        await self._references.check_attachments(tx, tenant_id, thread_id, ids)
 
     async def upload(
         self,

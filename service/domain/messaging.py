@@ -503,18 +503,7 @@ class MessagingService:
                 tx, principal.tenant_id, thread.id, after=after, before=before, limit=limit
             )
             views = await self._views(tx, records)
-            await self._audit.record(
-                tx,
-                AuditEvent.by(
-                    principal,
-                    AuditAction.MESSAGE_READ,
-                    patient=thread.patient,
-                    resource_type="Thread",
-                    resource_id=str(thread.id),
-                    purpose=ETREAT if access is Access.READ else None,
-                    details={"message_ids": [str(r.id) for r in records]},
-                ),
-            )
+            await self._record_read(tx, principal, thread, access, records, resource=("Thread", thread.id))
         return views
 
     async def message(self, principal: Principal, message_id: UUID) -> MessageView:
@@ -524,20 +513,31 @@ class MessagingService:
                 await self._deny(principal, None, "read")
             assert record is not None
             thread, access = await self.access(tx, principal, record.thread_id, write=False)
-            view = await self._view(tx, thread, record)
-            await self._audit.record(
-                tx,
-                AuditEvent.by(
-                    principal,
-                    AuditAction.MESSAGE_READ,
-                    patient=thread.patient,
-                    resource_type="Message",
-                    resource_id=str(record.id),
-                    purpose=ETREAT if access is Access.READ else None,
-                    details={"message_ids": [str(record.id)]},
-                ),
-            )
+            (view,) = await self._views(tx, [record])
+            await self._record_read(tx, principal, thread, access, [record], resource=("Message", record.id))
         return view
+
+    async def _record_read(
+        self,
+        tx: Tx,
+        principal: Principal,
+        thread: ThreadRecord,
+        access: Access,
+        records: Sequence[MessageRecord],
+        *,
+        resource: tuple[str, UUID],
+    ) -> None:
+        """Reads are audited with the messages they returned; a break-glass read with purpose ETREAT."""
+        event = AuditEvent.by(
+            principal,
+            AuditAction.MESSAGE_READ,
+            patient=thread.patient,
+            resource_type=resource[0],
+            resource_id=str(resource[1]),
+            purpose=ETREAT if access is Access.READ else None,
+            details={"message_ids": [str(r.id) for r in records]},
+        )
+        await self._audit.record(tx, event)
 
     async def mark_read(self, principal: Principal, thread_id: UUID, up_to: int) -> ReceiptRecord:
         async with self._db.transaction(principal.tenant_id) as tx:
@@ -763,11 +763,6 @@ class MessagingService:
         )
         return [MessageView(r, bodies[r.id].decode() if r.id in bodies else None) for r in records]
 
-    async def _view(self, tx: Tx, thread: ThreadRecord, record: MessageRecord) -> MessageView:
-        if record.recalled_at is not None:
-            return MessageView(record, None)
-        return MessageView(record, (await self._keyring.open(tx, record.body, _body_context(record))).decode())
-
     async def _replay_message(
         self, tx: Tx, principal: Principal, stored_hash: bytes, response: dict[str, Any] | None, fingerprint: bytes
     ) -> MessageView:
@@ -778,8 +773,10 @@ class MessagingService:
         record = await self._store.message(tx, principal.tenant_id, UUID(str(response["message_id"])))
         if record is None:
             raise ConflictError("the first request with this key did not complete")
-        thread, _ = await self.access(tx, principal, record.thread_id, write=False)
-        view = await self._view(tx, thread, record)
+        thread, access = await self.access(tx, principal, record.thread_id, write=False)
+        (view,) = await self._views(tx, [record])
+        # A replay hands the message back: it is a read, and recorded as one.
+        await self._record_read(tx, principal, thread, access, [record], resource=("Message", record.id))
         return MessageView(view.record, view.body, replayed=True)
 
     async def _replay_thread(
@@ -789,11 +786,23 @@ class MessagingService:
             raise ConflictError("the first request with this key did not complete")
         thread, access = await self.access(tx, principal, UUID(str(response["thread_id"])), write=False)
         subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
+        await self._audit.record(
+            tx,
+            AuditEvent.by(
+                principal,
+                AuditAction.THREAD_READ,
+                patient=thread.patient,
+                resource_type="Thread",
+                resource_id=str(thread.id),
+                details={"replay": True},
+            ),
+        )
         message = None
         if response.get("message_id"):
             record = await self._store.message(tx, principal.tenant_id, UUID(str(response["message_id"])))
             if record is not None:
-                message = await self._view(tx, thread, record)
+                (message,) = await self._views(tx, [record])
+                await self._record_read(tx, principal, thread, access, [record], resource=("Message", record.id))
         return ThreadView(thread, subject, access), message
 
     async def _deny_resource(self, principal: Principal, resource_type: str, resource_id: str, attempt: str) -> None:

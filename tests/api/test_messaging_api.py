@@ -61,7 +61,7 @@ async def test_no_consent_no_thread_and_a_revocation_stops_the_next_message(clie
         assert [m["body"] for m in (await old.json())["items"]] == ["Hello"]
 
 
-async def test_twenty_concurrent_sends_with_one_key_make_one_message(client, portals: Portals) -> None:
+async def test_twenty_concurrent_sends_with_one_key_make_one_message(client, portals: Portals, database) -> None:
     await consent(client, portals)
     created = await thread(client, portals, message=None)
     headers = {**patient(portals), "Idempotency-Key": "retry-me"}
@@ -74,6 +74,16 @@ async def test_twenty_concurrent_sends_with_one_key_make_one_message(client, por
     assert len(listed["items"]) == 1
     different = await client.post(url, json={"body": "another"}, headers=headers)
     assert different.status == 422
+    owner = await asyncpg.connect(database.owner)
+    try:  # each replay handed the message back, so each is recorded as a read of it
+        reads = await owner.fetchval(
+            "SELECT count(*) FROM (SELECT action, resource_id FROM audit_outbox UNION ALL "
+            "SELECT action, resource_id FROM audit_leaves) e WHERE action = 'message:read' AND resource_id = $1",
+            bodies[0]["id"],
+        )
+    finally:
+        await owner.close()
+    assert reads == sum(1 for r in responses if r.headers.get("Idempotent-Replayed") == "true") == 19
 
 
 async def test_message_pages_never_skip_or_repeat_while_messages_arrive(client, portals: Portals) -> None:

@@ -333,3 +333,15 @@ async def test_concurrent_grants_on_one_key_each_get_their_own_version(world: Wo
     assert sorted(r.record.version for r in results) == list(range(1, 11))
     latest = max(results, key=lambda r: r.record.version)
     assert (await world.decide("Practitioner/7")).consent_id == latest.record.id
+
+
+async def test_a_ledger_that_cannot_be_read_denies(world: World, database: Dsns) -> None:
+    from service.store.db import Database
+
+    await world.ledger.grant(world.patient, messaging())
+    gone = await Database.connect(database.app, min_size=1, max_size=1)
+    ledger = ConsentLedger(gone, ConsentStore(), IdempotencyStore(), AuditRecorder(AuditStore(), gone))
+    assert (await ledger.decide_now(world.tenant_id, "Patient/1", "Practitioner/7", Scope.MESSAGING)).permit
+    await gone.close()  # the database can no longer be reached through it
+    decision = await ledger.decide_now(world.tenant_id, "Patient/1", "Practitioner/7", Scope.MESSAGING)
+    assert (decision.permit, decision.reason) == (False, "ledger-unavailable")
