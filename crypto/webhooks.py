@@ -223,8 +223,8 @@ def verify(
     now: int,
     tolerance: int = DEFAULT_TOLERANCE_SECONDS,
     public_keys: Sequence[str] = (),
-) -> None:
-    """Check a received webhook; return nothing if it is authentic and fresh.
+) -> int:
+    """Check a received webhook; if it is authentic and fresh, return which key verified it.
 
     `body` is the raw request body, exactly as received (never re-serialized JSON). Header names are
     matched without regard to case; a repeated webhook header is refused. The message is accepted if any
@@ -233,6 +233,10 @@ def verify(
     the timestamp must be within `tolerance` seconds of it either way. Raises `WebhookVerificationError`
     with the first `Reason` that applies, in the order of the `Reason` members. Replays within the
     tolerance are the caller's to stop, with `webhook-id` as the idempotency key.
+
+    The value returned is the position of the key that verified the first matching entry: an index into
+    `secrets`, or `len(secrets)` plus an index into `public_keys` (the receiver records which key of a
+    rotation the sender used).
     """
     hmac_keys = [parse_secret(s) for s in _strings(secrets, "secrets")]
     verify_keys = [
@@ -272,12 +276,14 @@ def verify(
         version, _, encoded = entry.partition(",")
         if version == _V1 and expected:
             candidate = _b64decode(encoded, _HMAC_BYTES)
-            if candidate is not None and _any_equal(candidate, expected):
-                return
+            if candidate is not None and (found_at := _index_equal(candidate, expected)) is not None:
+                return found_at
         elif version == _V1A and verify_keys:
             candidate = _b64decode(encoded, _ED25519_SIGNATURE_BYTES)
-            if candidate is not None and any(_ed25519_ok(key, candidate, content) for key in verify_keys):
-                return
+            if candidate is not None:
+                for index, key in enumerate(verify_keys):
+                    if _ed25519_ok(key, candidate, content):
+                        return len(hmac_keys) + index
     raise WebhookVerificationError(Reason.BAD_SIGNATURE)
 
 
@@ -311,12 +317,13 @@ def _hmac(key: bytes, content: bytes) -> bytes:
     return hmac.new(key, content, hashlib.sha256).digest()
 
 
-def _any_equal(candidate: bytes, expected: Iterable[bytes]) -> bool:
+def _index_equal(candidate: bytes, expected: Iterable[bytes]) -> int | None:
     # compare_digest against every secret, no early exit: timing does not tell which secret matched.
-    matched = False
-    for digest in expected:
-        matched |= hmac.compare_digest(candidate, digest)
-    return matched
+    found: int | None = None
+    for index, digest in enumerate(expected):
+        if hmac.compare_digest(candidate, digest) and found is None:
+            found = index
+    return found
 
 
 def _ed25519_ok(key: Ed25519PublicKey, signature: bytes, content: bytes) -> bool:

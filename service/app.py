@@ -24,10 +24,12 @@ from service.domain.audit_log import AuditLog, AuditQueries
 from service.domain.auth import Authenticator
 from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
+from service.domain.inbound import InboundReplies
 from service.domain.issuers import IssuerService
 from service.domain.keyring import KekClient, PatientKeyring
 from service.domain.keys import KeyOperations
 from service.domain.messaging import MessagingService
+from service.domain.webhooks import DeliveryPolicy, UrlGuard, WebhookDispatcher, WebhookEndpoints
 from service.errors import ConfigurationError
 from service.keys import (
     ATTACHMENTS,
@@ -36,6 +38,7 @@ from service.keys import (
     AUTHENTICATOR,
     CONSENTS,
     HEALTH,
+    INBOUND,
     ISSUERS,
     KEY_OPERATIONS,
     MESSAGING,
@@ -44,6 +47,7 @@ from service.keys import (
     PUBLIC_ROUTES,
     ROUTE_GATES,
     SETTINGS,
+    WEBHOOKS,
 )
 from service.settings import Settings
 from service.store.attachments import AttachmentStore
@@ -56,7 +60,10 @@ from service.store.issuers import IssuerStore
 from service.store.messaging import MessagingStore
 from service.store.migrate import SchemaStore
 from service.store.tenants import TenantStore
+from service.store.webhooks import WebhookStore
+from service.workers.http import HttpTransport, system_resolver
 from service.workers.sequencer import Sequencer
+from service.workers.webhooks import WebhookWorker
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -129,6 +136,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             IdempotencyStore(),
             recorder,
             proxy_max_validity=timedelta(days=settings.proxy_consent_max_days),
+            outbox=WebhookStore(),
         )
         app[CONSENTS] = consents
         attachment_store = AttachmentStore()
@@ -146,7 +154,42 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[ATTACHMENTS] = AttachmentService(
             db, attachment_store, messaging, keyring, recorder, max_bytes=settings.max_attachment_bytes
         )
+        webhook_store = WebhookStore()
+        guard = UrlGuard(
+            system_resolver,
+            allow_http_loopback=settings.webhook_allow_http_loopback,
+            allow_networks=settings.webhook_networks,
+        )
+        delivery_policy = DeliveryPolicy(
+            schedule=settings.webhook_retry_schedule_seconds,
+            jitter=settings.webhook_retry_jitter,
+            retry_after_max=settings.webhook_retry_after_max_seconds,
+            disable_after=timedelta(seconds=settings.webhook_disable_after_seconds),
+            secret_overlap=timedelta(seconds=settings.webhook_secret_overlap_seconds),
+        )
+        app[WEBHOOKS] = WebhookEndpoints(db, webhook_store, keyring, recorder, guard, policy=delivery_policy)
+        app[INBOUND] = InboundReplies(
+            db,
+            webhook_store,
+            tenant_store,
+            MessagingStore(),
+            keyring,
+            messaging,
+            tolerance_seconds=settings.inbound_tolerance_seconds,
+        )
+        transport = HttpTransport(timeout_seconds=settings.webhook_timeout_seconds)
         workers = []
+        if settings.webhook_worker:
+            dispatcher = WebhookDispatcher(
+                db, webhook_store, keyring, consents, recorder, transport, guard, policy=delivery_policy
+            )
+            webhook_worker = WebhookWorker(
+                dispatcher,
+                lease_seconds=settings.webhook_lease_seconds,
+                poll_interval=settings.webhook_poll_interval_seconds,
+                concurrency=settings.webhook_concurrency,
+            )
+            workers.append(asyncio.create_task(webhook_worker.run(), name="webhook-worker"))
         if settings.audit_sequencer:
             sequencer = Sequencer(db, audit_log, interval=settings.audit_batch_interval_seconds)
             workers.append(asyncio.create_task(sequencer.run(), name="audit-sequencer"))
@@ -156,6 +199,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            await transport.close()
             await key_operations.close()
             kek.close()
             _close_provider(kek.provider)

@@ -56,6 +56,13 @@ class AuthenticationError(DomainError):
         self.issuer = issuer
 
 
+class WebhookSignatureError(AuthenticationError):
+    """A signed webhook whose signature is missing, wrong or stale (no bearer token is involved)."""
+
+    code = "webhook-signature-invalid"
+    title = "Webhook signature not acceptable"
+
+
 class ForbiddenError(DomainError):
     code = "forbidden"
     title = "Not allowed"

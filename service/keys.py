@@ -14,10 +14,12 @@ from service.domain.audit_log import AuditQueries
 from service.domain.auth import Authenticator
 from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
+from service.domain.inbound import InboundReplies
 from service.domain.issuers import IssuerService
 from service.domain.keys import KeyOperations
 from service.domain.messaging import MessagingService
 from service.domain.principal import Principal
+from service.domain.webhooks import WebhookEndpoints
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -35,6 +37,8 @@ AUDIT_QUERIES = web.AppKey("audit_queries", AuditQueries)
 CONSENTS = web.AppKey("consents", ConsentLedger)
 MESSAGING = web.AppKey("messaging", MessagingService)
 ATTACHMENTS = web.AppKey("attachments", AttachmentService)
+WEBHOOKS = web.AppKey("webhooks", WebhookEndpoints)
+INBOUND = web.AppKey("inbound", InboundReplies)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)

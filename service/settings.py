@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
@@ -71,6 +73,30 @@ class Settings(BaseSettings):
     # Tenant policy: how far ahead a proxy consent may run (18 months).
     proxy_consent_max_days: int = Field(default=548, ge=1, le=3650)
 
+    # Webhooks. Delivery: whether this process runs a delivery worker (any number may: leases keep them
+    # apart), the retry schedule (Standard Webhooks'), its jitter (a fraction added), the longest
+    # Retry-After honoured, the per-attempt timeout, the lease (longer than the timeout), and how long an
+    # endpoint may fail continuously before it is disabled (5 days).
+    webhook_worker: bool = True
+    webhook_retry_schedule_seconds: tuple[float, ...] = Field(
+        default=(5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400), min_length=1, max_length=50
+    )
+    webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    webhook_retry_after_max_seconds: float = Field(default=86_400, ge=0, le=7 * 86_400)
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=60)
+    webhook_lease_seconds: float = Field(default=60.0, gt=0, le=3600)
+    webhook_poll_interval_seconds: float = Field(default=0.25, gt=0, le=60)
+    webhook_concurrency: int = Field(default=32, ge=1, le=1000)
+    webhook_disable_after_seconds: float = Field(default=5 * 86_400, gt=0)
+    webhook_secret_overlap_seconds: float = Field(default=86_400, ge=0, le=30 * 86_400)
+    # Where webhooks may go: https to globally routable addresses only, plus these networks (CIDRs, for
+    # on-premises receivers and tests), and http to loopback only when allowed (development).
+    webhook_allow_networks: tuple[str, ...] = ()
+    webhook_allow_http_loopback: bool = False
+    # Inbound replies: the largest body, and how far a signature's timestamp may be from now.
+    inbound_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=4 * 1024 * 1024)
+    inbound_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -82,6 +108,33 @@ class Settings(BaseSettings):
         if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @field_validator("webhook_retry_schedule_seconds")
+    @classmethod
+    def _schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 <= delay <= 7 * 86_400 for delay in value):
+            raise ValueError("each delay is 0 to 604800 seconds")
+        return value
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError:
+                raise ValueError("each entry is a network in CIDR notation, such as 10.20.0.0/16") from None
+        return value
+
+    @property
+    def webhook_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n) for n in self.webhook_allow_networks)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_timeout(self) -> Settings:
+        if self.webhook_lease_seconds < self.webhook_timeout_seconds + 5:
+            raise ValueError("BEDSIDE_WEBHOOK_LEASE_SECONDS must exceed the timeout by 5 seconds or more")
+        return self
 
     @model_validator(mode="after")
     def _pkcs11_complete(self) -> Settings:

@@ -84,7 +84,7 @@ def _json(
     return web.json_response(model.model_dump(mode="json"), status=status, headers=headers)
 
 
-def _cursor(value: str | None) -> tuple[datetime, UUID] | None:
+def decode_cursor(value: str | None) -> tuple[datetime, UUID] | None:
     if value is None:
         return None
     try:
@@ -96,7 +96,7 @@ def _cursor(value: str | None) -> tuple[datetime, UUID] | None:
         raise InvalidRequestError([FieldProblem(("cursor",), "cursor", "not a cursor from this listing")]) from None
 
 
-def _encode_cursor(cursor: tuple[datetime, UUID] | None) -> str | None:
+def encode_cursor(cursor: tuple[datetime, UUID] | None) -> str | None:
     if cursor is None:
         return None
     return base64.urlsafe_b64encode(f"{cursor[0].isoformat()}|{cursor[1]}".encode()).decode().rstrip("=")
@@ -124,10 +124,10 @@ async def list_threads(request: web.Request) -> web.Response:
         patient=query.patient,
         status=query.status,
         unread_only=query.unread,
-        cursor=_cursor(query.cursor),
+        cursor=decode_cursor(query.cursor),
         limit=query.limit,
     )
-    return _json(ThreadListOut(items=[thread_out(v) for v in page.items], next_cursor=_encode_cursor(page.next_cursor)))
+    return _json(ThreadListOut(items=[thread_out(v) for v in page.items], next_cursor=encode_cursor(page.next_cursor)))
 
 
 async def get_thread(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from service.errors import (
     ShreddedError,
     UnavailableError,
     UnsupportedMediaTypeError,
+    WebhookSignatureError,
 )
 
 PROBLEM_TYPE_PREFIX = "urn:bedside:problem:"
@@ -102,7 +103,7 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
     status = status_for(error)
     headers = {}
     errors = None
-    if isinstance(error, AuthenticationError):
+    if isinstance(error, AuthenticationError) and not isinstance(error, WebhookSignatureError):
         # RFC 6750: a missing token gets the bare challenge, a bad one says invalid_token.
         challenge = 'Bearer realm="bedside"'
         if error.reason != "missing":

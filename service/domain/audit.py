@@ -26,6 +26,7 @@ from service.store.audit import AuditStore, OutboxRow
 from service.store.db import Database, Tx
 
 ENTRY_FORMAT = "bedside-audit/1"
+SYSTEM_ACTOR = "Device/bedside"  # the actor of background work: deliveries, holds, automatic disabling
 
 
 class AuditAction(StrEnum):
@@ -63,6 +64,18 @@ class AuditAction(StrEnum):
     CARE_TEAM_READ = "care_team:read"
     CARE_TEAM_JOIN = "care_team:join"
     CARE_TEAM_LEAVE = "care_team:leave"
+    WEBHOOK_REGISTER = "webhook:register"
+    WEBHOOK_READ = "webhook:read"
+    WEBHOOK_UPDATE = "webhook:update"
+    WEBHOOK_DELETE = "webhook:delete"
+    WEBHOOK_ROTATE = "webhook:rotate"
+    WEBHOOK_ENABLE = "webhook:enable"
+    WEBHOOK_DISABLE = "webhook:disable"
+    WEBHOOK_RESEND = "webhook:resend"
+    WEBHOOK_RECOVER = "webhook:recover"
+    WEBHOOK_DELIVER = "webhook:deliver"
+    WEBHOOK_HOLD = "webhook:hold"
+    WEBHOOK_DEAD_LETTER = "webhook:dead_letter"
 
 
 class Outcome(StrEnum):
@@ -121,6 +134,11 @@ class AuditEvent:
     def by_operator(cls, action: AuditAction, **fields: object) -> AuditEvent:
         """An event of the operator's `bedside` command line (no token: the host's own access)."""
         return cls(action=action, actor_role="operator", **fields)  # type: ignore[arg-type]
+
+    @classmethod
+    def by_system(cls, action: AuditAction, tenant_id: UUID, **fields: object) -> AuditEvent:
+        """An event of Bedside's own background work (the webhook worker), within a tenant."""
+        return cls(action=action, tenant_id=tenant_id, actor=SYSTEM_ACTOR, actor_role="system", **fields)  # type: ignore[arg-type]
 
     def denied(self, reason: str) -> AuditEvent:
         return replace(self, outcome=Outcome.DENIED, details={**self.details, "reason": reason})

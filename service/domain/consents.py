@@ -29,6 +29,7 @@ from service.errors import ConflictError, FieldProblem, InvalidRequestError, Not
 from service.store.consents import ConsentEventRecord, ConsentKey, ConsentStore
 from service.store.db import Database, Tx
 from service.store.idempotency import IdempotencyStore
+from service.store.webhooks import WebhookStore
 
 CONSENT_FORMAT = "bedside-consent/1"
 PUBLIC = "public"
@@ -219,7 +220,9 @@ class ConsentLedger:
         *,
         proxy_max_validity: timedelta = timedelta(days=548),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        outbox: WebhookStore | None = None,
     ) -> None:
+        self._outbox = outbox or WebhookStore()
         self._db = db
         self._store = store
         self._idempotency = idempotency
@@ -347,6 +350,10 @@ class ConsentLedger:
                 purpose=grant.purpose,
                 evidence=(evidence or Evidence(EvidenceMethod.PORTAL, text_version="revocation")).as_dict(),
                 reason=reason.value,
+            )
+            # The grantee's systems hear that the consent ended (its id only), in the same transaction.
+            await self._outbox.enqueue(
+                tx, principal.tenant_id, [grant.key.grantee], "consent.revoked", {"consent_id": str(current)}
             )
         return ConsentView(event, "inactive")
 

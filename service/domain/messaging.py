@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -425,6 +425,27 @@ class MessagingService:
                 )
         return view
 
+    async def send_within(
+        self,
+        tx: Tx,
+        principal: Principal,
+        thread_id: UUID,
+        body: str,
+        *,
+        in_reply_to: UUID | None,
+        message_id: UUID,
+        evidence: Mapping[str, str],
+    ) -> MessageView:
+        """A send inside the caller's transaction (an inbound webhook reply, whose receipt commits with
+        it): the same policy, consent, sealing, outbox and audit as `send`; `evidence` joins the audit
+        event's details."""
+        _check_body(body)
+        thread, _ = await self.access(tx, principal, thread_id, write=True)
+        decisions = await self.require_consent(tx, principal, thread, AuditAction.MESSAGE_SEND)
+        return await self._send_in(
+            tx, principal, thread, body, (), in_reply_to, decisions, message_id=message_id, evidence=evidence
+        )
+
     async def _send_in(
         self,
         tx: Tx,
@@ -434,13 +455,16 @@ class MessagingService:
         attachment_ids: Sequence[UUID],
         in_reply_to: UUID | None,
         decisions: list[Decision],
+        *,
+        message_id: UUID | None = None,
+        evidence: Mapping[str, str] | None = None,
     ) -> MessageView:
         if (
             in_reply_to is not None
             and await self._store.message_in_thread(tx, principal.tenant_id, thread.id, in_reply_to) is None
         ):
             raise InvalidRequestError([FieldProblem(("in_reply_to",), "unknown", "not a message of this thread")])
-        message_id = uuid.uuid4()
+        message_id = message_id or uuid.uuid4()
         sealed = await self._keyring.seal_for(
             tx, thread.patient, body.encode(), _body_context((message_id, thread.id, principal.subject))
         )
@@ -451,7 +475,7 @@ class MessagingService:
                 patient=thread.patient,
                 resource_type="Message",
                 resource_id=str(message_id),
-                details={"thread_id": str(thread.id), **_consent_details(decisions)},
+                details={"thread_id": str(thread.id), **_consent_details(decisions), **(evidence or {})},
             )
         )
         written = await self._store.send(

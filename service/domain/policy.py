@@ -121,3 +121,8 @@ def can_review_break_glass(principal: Principal) -> bool:
 
 def can_manage_care_teams(principal: Principal) -> bool:
     return principal.role is Role.ADMIN
+
+
+def can_manage_webhooks(principal: Principal) -> bool:
+    """Webhook endpoints, their secrets and deliveries: the tenant's admins."""
+    return principal.role is Role.ADMIN

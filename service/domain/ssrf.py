@@ -25,7 +25,7 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TypeAlias
 
-from service.errors import DomainError
+from service.errors import FieldProblem, InvalidRequestError
 
 __all__ = [
     "MAX_URL_LENGTH",
@@ -93,10 +93,11 @@ _MESSAGES: dict[str, str] = {
 }
 
 
-class UnsafeUrlError(DomainError):
+class UnsafeUrlError(InvalidRequestError):
     """A webhook URL Bedside will not call. `reason` is a `UrlReason` or `AddressReason`.
 
-    The message is fixed per reason and never quotes the URL, its host or an address.
+    A 422 on the `url` field. The message is fixed per reason and never quotes the URL, its host or an
+    address.
     """
 
     code = "unsafe-url"
@@ -107,7 +108,7 @@ class UnsafeUrlError(DomainError):
             detail = f"The webhook URL resolves to an address that is not publicly routable ({reason.value})"
         else:
             detail = _MESSAGES[reason]
-        super().__init__(detail)
+        super().__init__([FieldProblem(("url",), f"unsafe-url:{reason.value}", detail)], detail)
         self.reason = reason
 
 

@@ -14,6 +14,7 @@ import asyncpg
 from service.errors import AuditUnavailableError
 from service.store.audit import OutboxRow
 from service.store.db import Tx
+from service.store.webhooks import WebhookStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,11 +211,7 @@ class MessagingStore:
         WHERE tenant_id = $1 AND id = $2 AND reviewed_at IS NULL
         RETURNING id
     """
-    _HOOK = """
-        INSERT INTO webhook_outbox (tenant_id, id, endpoint_id, event_type, payload)
-        SELECT $1, gen_random_uuid(), e.id, $3, $4::jsonb FROM webhook_endpoints e
-        WHERE e.tenant_id = $1 AND e.active AND e.subscriber = ANY($2::text[]) AND $3 = ANY(e.event_types)
-    """
+    _HOOK = WebhookStore.ENQUEUE  # one outbox row per registered endpoint that wants the event
     _CREATE_TEAM = """
         INSERT INTO care_teams (tenant_id, team, created_by) VALUES ($1, $2, $3)
         ON CONFLICT DO NOTHING RETURNING created_at

@@ -30,6 +30,7 @@ class TenantStore:
     """
     _BY_SLUG = "SELECT id, slug, created_at FROM tenants WHERE slug = $1"
     _ALL = "SELECT id, slug, created_at FROM tenants ORDER BY slug"
+    _BY_ID = "SELECT id, slug, created_at FROM tenants WHERE id = $1"
 
     async def create(self, tx: Tx, slug: str) -> TenantRecord | None:
         """The new tenant, or None when the slug is taken."""
@@ -38,6 +39,10 @@ class TenantStore:
 
     async def by_slug(self, tx: Tx, slug: str) -> TenantRecord | None:
         row = await tx.conn.fetchrow(self._BY_SLUG, slug)
+        return None if row is None else _tenant(row)
+
+    async def by_id(self, tx: Tx, tenant_id: UUID) -> TenantRecord | None:
+        row = await tx.conn.fetchrow(self._BY_ID, tenant_id)
         return None if row is None else _tenant(row)
 
     async def all(self, tx: Tx) -> list[TenantRecord]:

@@ -22,6 +22,10 @@ the tenant tells the resources apart. References in bodies and paths, which do n
 Each route is one test (`parametrize` over the table) that builds the world through the API in a fresh
 database, calls every cell, and reports every mismatch at once: the status, the problem code of a 404,
 leaked canaries, and the audit event each denial must have left (matched by the request id the cell sends).
+
+Public routes are not in the table: the probes carry nothing, and `POST /v1/inbound/{endpoint_id}/replies`
+takes no bearer token at all (its credential is the endpoint's webhook signature, and its sender must be
+the endpoint's practitioner or a member of its care team: `tests/webhooks/test_inbound.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,6 +45,7 @@ import pytest
 
 from service.api.routes import ROUTES, Route
 from service.domain.audit import decode_entry
+from service.settings import Settings
 from tests.conftest import Portals
 from tests.support import TestIssuer, canary
 
@@ -66,6 +72,19 @@ PAPER = {"method": "paper", "document_ref": "scan-0042"}
 SCOPE_PATIENT = {"own": "Patient/1", "other": "Patient/2", "xtenant": "Patient/g1"}
 BREAK_GLASS_REASON = "Unconscious in the ED, need history"
 TEXT = "text/plain; charset=utf-8"
+ENDPOINTS = "/v1/admin/webhook-endpoints"
+# A public IP literal: registration resolves nothing, and no delivery worker runs here (see `settings`).
+WEBHOOK_URL = "https://93.184.215.14/hook"
+# Whose endpoint each scope names: own, Patient/1's physician's in acme; other, the cardio team's in acme
+# (an admin's scope is the tenant, so both are theirs); xtenant, the mirror physician's in globex.
+WEBHOOK_SUBSCRIBER = {"own": "Practitioner/7", "other": CARE_TEAM, "xtenant": "Practitioner/7"}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """No webhook delivery worker: deliveries stay pending and unleased, so a resend never meets an
+    attempt in flight (409) and a delivery reads the same before and after the cells."""
+    return settings.model_copy(update={"webhook_worker": False})
 
 
 # -- the world -----------------------------------------------------------------------------------------
@@ -91,13 +110,18 @@ class World:
     grants: dict[str, str] = field(default_factory=dict)  # scope -> unreviewed break-glass grant
     leaves: dict[str, int] = field(default_factory=dict)  # scope -> an audit leaf of the scope
     attachments: dict[str, str] = field(default_factory=dict)  # scope -> a file in the scope's thread
+    endpoints: dict[str, str] = field(default_factory=dict)  # scope -> a webhook endpoint
+    deliveries: dict[str, str] = field(default_factory=dict)  # scope -> a delivery of that endpoint
+    globex_webhooks: dict[str, Any] = field(default_factory=dict)  # globex's endpoint and delivery as built
+    never: list[str] = field(default_factory=list)  # shown once when made, then in no response at all
     tree_size: int = 0
 
     def forbidden(self, denied: bool) -> list[tuple[str, str]]:
         """(what, string) that must not appear in an acme caller's response: what is not theirs, and in
-        a denied cell their own content too."""
+        a denied cell their own content too; webhook secrets never."""
         scopes = ("own", "other", "xtenant") if denied else ("other", "xtenant")
         found = [(f"the {scope} scope's canary {secret}", secret) for scope in scopes for secret in self.secrets[scope]]
+        found += [(f"a webhook secret {secret[:10]}..", secret) for secret in self.never]
         return found + [(f"the globex id {ident}", ident) for ident in sorted(self.globex_ids)]
 
 
@@ -238,6 +262,42 @@ async def build_world(client: Any, portals: Portals, owner: asyncpg.Connection, 
             call(client, "POST", "/v1/admin/care-teams", admin, acme, json=acme_team),
             call(client, "POST", "/v1/admin/care-teams", admin, globex, json=globex_team),
         ]
+
+    if "webhooks" in needs:
+
+        async def register(scope: str, portal: TestIssuer) -> None:
+            token = canary(f"{scope}-url-token")
+            body = {
+                "subscriber": WEBHOOK_SUBSCRIBER[scope],
+                "url": f"{WEBHOOK_URL}?token={token}",
+                "event_types": ["message.created"],
+            }
+            created = await call(client, "POST", ENDPOINTS, admin, portal, json=body)
+            world.endpoints[scope] = created["endpoint"]["id"]
+            world.never += [created["secrets"]["outbound_secret"], created["secrets"]["inbound_secret"]]
+            if scope != "other":  # an admin reads the other endpoint, URL and all: it is their tenant's
+                world.secrets[scope].append(token)
+
+        async def webhooks() -> None:
+            """An endpoint per scope, then a message in Patient/1's thread of each tenant: one delivery
+            to each endpoint (own and other both take part in acme's thread)."""
+            await asyncio.gather(*(register(scope, globex if scope == "xtenant" else acme) for scope in SCOPES))
+            await asyncio.gather(
+                *(
+                    call(client, "POST", f"/v1/threads/{t.id}/messages", patient, portal, json={"body": "hook me"})
+                    for t, portal in ((world.threads["own"], acme), (world.threads["xtenant"], globex))
+                )
+            )
+            for scope in SCOPES:
+                portal = globex if scope == "xtenant" else acme
+                listed = await call(client, "GET", f"{ENDPOINTS}/{world.endpoints[scope]}/deliveries", admin, portal)
+                (delivery,) = listed["items"]
+                world.deliveries[scope] = delivery["id"]
+            xt_endpoint, xt_delivery = world.endpoints["xtenant"], world.deliveries["xtenant"]
+            world.globex_ids |= {xt_endpoint, xt_delivery, f"msg_{uuid.UUID(xt_delivery).hex}"}
+            world.globex_webhooks = await globex_webhooks(client, portals)
+
+        steps.append(webhooks())
 
     if "break_glass" in needs:
         reason = {"Break-Glass-Reason": BREAK_GLASS_REASON}
@@ -445,6 +505,56 @@ async def globex_content_readable(client: Any, portals: Portals, w: World) -> li
     return problems
 
 
+async def globex_webhooks(client: Any, portals: Portals) -> dict[str, Any]:
+    """Globex's endpoints, each with its deliveries, as globex's admin sees them."""
+    admin = IDENTITIES["admin"]
+    seen: dict[str, Any] = {}
+    for endpoint in (await call(client, "GET", ENDPOINTS, admin, portals.globex))["items"]:
+        path = f"{ENDPOINTS}/{endpoint['id']}/deliveries"
+        listed = await call(client, "GET", path, admin, portals.globex)
+        seen[endpoint["id"]] = {
+            "endpoint": endpoint,
+            "deliveries": [
+                await call(client, "GET", f"{path}/{d['id']}", admin, portals.globex) for d in listed["items"]
+            ],
+        }
+    return seen
+
+
+async def globex_webhooks_untouched(client: Any, portals: Portals, w: World) -> list[str]:
+    now = await globex_webhooks(client, portals)
+    return [] if now == w.globex_webhooks else [f"globex's webhooks were {w.globex_webhooks}, now {now}"]
+
+
+def only_acme_endpoints(w: World, role: str, scope: str, body: str) -> str | None:
+    listed = {item["id"] for item in json.loads(body)["items"]}
+    wanted = {w.endpoints["own"], w.endpoints["other"]}
+    return None if listed == wanted else f"endpoints {sorted(listed)}, expected {sorted(wanted)}"
+
+
+def only_the_delivery(w: World, role: str, scope: str, body: str) -> str | None:
+    listed = [item["id"] for item in json.loads(body)["items"]]
+    return None if listed == [w.deliveries[scope]] else f"deliveries {listed}, expected [{w.deliveries[scope]}]"
+
+
+def endpoint_id(w: World, role: str, scope: str) -> Call:
+    return Call(ids={"id": w.endpoints[scope]})
+
+
+def delivery_ids(w: World, role: str, scope: str) -> Call:
+    return Call(ids={"id": w.endpoints[scope], "delivery_id": w.deliveries[scope]})
+
+
+def new_endpoint(w: World, role: str, scope: str) -> Call:
+    # Subscribers carry no tenant: xtenant names Practitioner/g7, whom only globex knows, and the
+    # endpoint is made in acme, the token's tenant, and only there.
+    subscriber = {"own": "Practitioner/7", "other": "Practitioner/20", "xtenant": "Practitioner/g7"}[scope]
+    return Call(json={"subscriber": subscriber, "url": WEBHOOK_URL, "event_types": ["message.created"]})
+
+
+WEBHOOKS = frozenset({"webhooks"})
+
+
 async def globex_ledger_untouched(client: Any, portals: Portals, w: World) -> list[str]:
     compliance = IDENTITIES["compliance"]
     history = await call(client, "GET", "/v1/patients/g1/consents", compliance, portals.globex)
@@ -492,6 +602,100 @@ MATRIX: dict[str, Row] = {
         team_path,
         needs=frozenset({"teams"}),
         note="as set_care_team_members: cardio, neuro, and globex's g-onc, which acme does not have",
+    ),
+    # -- webhooks: admins only (policy.can_manage_webhooks); own is Practitioner/7's endpoint, other the
+    #    cardio team's (both acme's: an admin's scope is the tenant), xtenant globex's, unknown in acme
+    "register_webhook_endpoint": Row(
+        only(admin=(201, 201, 201)),
+        new_endpoint,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="xtenant: for Practitioner/g7 (globex's only), made in acme and only there",
+    ),
+    "list_webhook_endpoints": Row(
+        only(admin=(200, 200, 200)),
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        check=only_acme_endpoints,
+        note="no scope in the request: acme's two endpoints, never globex's",
+    ),
+    "get_webhook_endpoint": Row(
+        only(admin=(200, 200, 404)),
+        endpoint_id,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="the URL is shown to the admin (own and other); secrets never",
+    ),
+    "update_webhook_endpoint": Row(
+        only(admin=(200, 200, 404)),
+        lambda w, role, scope: Call(ids=endpoint_id(w, role, scope).ids, json={"event_types": ["message.created"]}),
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="the event types it already has: an allowed call changes nothing the other cells rely on",
+    ),
+    "delete_webhook_endpoint": Row(
+        only(admin=(204, 204, 404)),
+        endpoint_id,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        destructive=True,
+        note="admin's own and other cells delete acme's two endpoints; globex's stays",
+    ),
+    "rotate_webhook_secret": Row(
+        only(admin=(201, 201, 404)),
+        lambda w, role, scope: Call(ids=endpoint_id(w, role, scope).ids, json={"purpose": "ed25519"}),
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="an Ed25519 key, whose public key the endpoint then shows: globex's must show none",
+    ),
+    "enable_webhook_endpoint": Row(
+        only(admin=(200, 200, 404)),
+        endpoint_id,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="enabling an enabled endpoint changes nothing",
+    ),
+    "disable_webhook_endpoint": Row(
+        only(admin=(200, 200, 404)),
+        endpoint_id,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="disabling is idempotent; globex's endpoint must stay enabled",
+    ),
+    "list_webhook_deliveries": Row(
+        only(admin=(200, 200, 404)),
+        endpoint_id,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        check=only_the_delivery,
+        note="each endpoint has one delivery: the message.created of its tenant's Patient/1 thread",
+    ),
+    "get_webhook_delivery": Row(
+        only(admin=(200, 200, 404)),
+        delivery_ids,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="the scope's endpoint and its delivery",
+    ),
+    "resend_webhook_delivery": Row(
+        only(admin=(202, 202, 404)),
+        delivery_ids,
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="no worker runs here, so no attempt is ever in flight (that would be 409)",
+    ),
+    "recover_webhook_deliveries": Row(
+        only(admin=(202, 202, 404)),
+        lambda w, role, scope: Call(
+            ids=endpoint_id(w, role, scope).ids,
+            json={
+                "since": (datetime.now(UTC) - timedelta(days=1)).isoformat(),
+                "until": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
+            },
+        ),
+        needs=WEBHOOKS,
+        post=globex_webhooks_untouched,
+        note="a day either side of now: nothing is dead-lettered, so it recovers 0, but only in acme",
     ),
     # -- audit: compliance only; the log's proofs and leaf hashes are shared and carry no tenant's data
     "list_audit_events": Row(

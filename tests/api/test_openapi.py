@@ -4,6 +4,7 @@ true to what the service actually sends."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -13,8 +14,10 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+from standardwebhooks import Webhook
 
 from service.keys import PUBLIC_ROUTES
+from tests.api.messaging_helpers import consent, thread
 from tests.conftest import Dsns, Portals
 from tests.support import TestIssuer
 
@@ -73,8 +76,16 @@ async def test_every_non_public_operation_declares_bearer_security_and_401(clien
             assert "401" in operation["responses"], name
 
 
-async def test_public_routes_are_only_the_operational_ones(app: web.Application) -> None:
-    assert app[PUBLIC_ROUTES] == {"get_health", "get_readiness", "get_metrics", "get_openapi"}
+async def test_public_routes_are_only_the_operational_ones_and_signed_replies(app: web.Application) -> None:
+    # receive_webhook_reply takes no bearer token: the endpoint's webhook signature is its credential.
+    operational = {"get_health", "get_readiness", "get_metrics", "get_openapi"}
+    assert app[PUBLIC_ROUTES] == operational | {"receive_webhook_reply"}
+
+
+async def test_the_signed_reply_operation_documents_its_refusals(client) -> None:
+    operation = (await _document(client))["paths"]["/v1/inbound/{endpoint_id}/replies"]["post"]
+    assert "security" not in operation
+    assert {"200", "201", "400", "401", "409", "413", "422"} <= set(operation["responses"])
 
 
 # --- the document describes what is actually sent -------------------------------------------------------------
@@ -95,6 +106,9 @@ async def _conforms(document: dict[str, Any], method: str, path: str, response: 
     responses = document["paths"][path][method.lower()]["responses"]
     assert str(response.status) in responses, (method, path, response.status)
     content = responses[str(response.status)].get("content", {})
+    if response.status == 204:  # no content, documented as none
+        assert (content, await response.read()) == ({}, b""), (method, path)
+        return
     assert response.content_type in content, (method, path, response.status, response.content_type, list(content))
     if response.content_type.endswith("json"):
         body = json.loads(await response.text())
@@ -132,6 +146,67 @@ async def test_responses_match_what_the_document_says(client, portals: Portals) 
 
     assert {("GET", "/v1/me", 401), ("POST", "/v1/admin/issuers", 201), ("POST", "/v1/admin/issuers", 409)} <= seen
     assert {("POST", "/v1/admin/issuers", 422), ("GET", "/v1/admin/issuers", 404)} <= seen
+
+
+async def test_webhook_responses_match_what_the_document_says(client, portals: Portals) -> None:
+    document = await _document(client)
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin1")
+    endpoints = "/v1/admin/webhook-endpoints"
+    body = {"subscriber": "Practitioner/7", "url": "https://93.184.215.14/hook", "event_types": ["message.created"]}
+    registered = await client.post(endpoints, json=body, headers=admin)
+    await _conforms(document, "POST", endpoints, registered)
+    created = await registered.json()
+    endpoint = f"{endpoints}/{created['endpoint']['id']}"
+    await consent(client, portals)
+    made = await thread(client, portals)
+
+    reply = json.dumps({"thread_id": made["id"], "body": "Yes.", "sender": "Practitioner/7"})
+    other = reply.replace("Yes", "No")
+    at = datetime.now(UTC)
+
+    def signed(text: str) -> dict[str, str]:
+        return {
+            "webhook-id": "msg_openapi",
+            "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": Webhook(created["secrets"]["inbound_secret"]).sign("msg_openapi", at, text),
+            "Content-Type": "application/json",
+        }
+
+    inbound = f"/v1/inbound/{created['endpoint']['id']}/replies"
+    exchanges: list[tuple[str, str, str, dict[str, str], Any]] = [
+        ("POST", endpoints, endpoints, admin, {**body, "url": "https://10.0.0.1/hook"}),
+        ("GET", endpoints, endpoints, admin, None),
+        ("GET", "/v1/admin/webhook-endpoints/{id}", endpoint, admin, None),
+        ("PATCH", "/v1/admin/webhook-endpoints/{id}", endpoint, admin, {"event_types": ["thread.created"]}),
+        ("POST", "/v1/admin/webhook-endpoints/{id}/rotate", f"{endpoint}/rotate", admin, {"purpose": "inbound"}),
+        ("POST", "/v1/admin/webhook-endpoints/{id}/disable", f"{endpoint}/disable", admin, None),
+        ("POST", "/v1/admin/webhook-endpoints/{id}/enable", f"{endpoint}/enable", admin, None),
+        ("GET", "/v1/admin/webhook-endpoints/{id}/deliveries", f"{endpoint}/deliveries", admin, None),
+        ("POST", "/v1/inbound/{endpoint_id}/replies", inbound, signed(reply), reply.encode()),
+        ("POST", "/v1/inbound/{endpoint_id}/replies", inbound, signed(reply), reply.encode()),
+        ("POST", "/v1/inbound/{endpoint_id}/replies", inbound, signed(other), other.encode()),
+        ("POST", "/v1/inbound/{endpoint_id}/replies", inbound, {**signed(reply), "webhook-id": "msg.x"}, b"{}"),
+        (
+            "POST",
+            "/v1/inbound/{endpoint_id}/replies",
+            inbound,
+            {**signed(reply), "webhook-signature": "v1,AA=="},
+            b"{}",
+        ),
+        ("DELETE", "/v1/admin/webhook-endpoints/{id}", endpoint, admin, None),
+    ]
+    seen = set()
+    for method, template, path, headers, payload in exchanges:
+        if isinstance(payload, bytes):
+            response = await client.request(method, path, headers=headers, data=payload)
+        else:
+            response = await client.request(method, path, headers=headers, json=payload)
+        await _conforms(document, method, template, response)
+        seen.add((method, template, response.status))
+
+    replies = {status for method, template, status in seen if template.startswith("/v1/inbound")}
+    assert replies == {201, 200, 409, 400, 401}
+    assert ("POST", endpoints, 422) in seen
 
 
 @pytest.mark.parametrize(
