@@ -81,7 +81,9 @@ class HttpTransport:
                 await response.content.read(_DRAIN_LIMIT)
                 if not response.content.at_eof():
                     response.close()  # too much to drain: drop the connection instead
-            if 300 <= status < 400:
+            if not 100 <= status <= 599:
+                status, error = None, "bad-response"  # not an HTTP status (aiohttp passes 600-999 through)
+            elif 300 <= status < 400:
                 error = "redirect"  # never followed: a redirect could point anywhere
             elif not 200 <= status < 300:
                 error = "http-status"
