@@ -96,15 +96,16 @@ _DELIVERY_COLUMNS = (
 )
 
 
-def _endpoint(row: asyncpg.Record) -> EndpointRecord:
+def _endpoint(row: asyncpg.Record, *, joined: bool = False) -> EndpointRecord:
+    """An endpoint row; `joined`: read from a delivery's row, where its id and creation time are renamed."""
     return EndpointRecord(
-        id=row["id"],
+        id=row["endpoint_id" if joined else "id"],
         subscriber=row["subscriber"],
         url=bytes(row["url"]),
         event_types=tuple(row["event_types"]),
         active=row["active"],
         created_by=row["created_by"],
-        created_at=row["created_at"],
+        created_at=row["endpoint_created_at" if joined else "created_at"],
         updated_at=row["updated_at"],
         disabled_at=row["disabled_at"],
         disabled_reason=row["disabled_reason"],
@@ -411,19 +412,7 @@ class WebhookStore:
         if row is None:
             return None
         delivery = _delivery(row)
-        endpoint = EndpointRecord(
-            id=row["endpoint_id"],
-            subscriber=row["subscriber"],
-            url=bytes(row["url"]),
-            event_types=tuple(row["event_types"]),
-            active=row["active"],
-            created_by=row["created_by"],
-            created_at=row["endpoint_created_at"],
-            updated_at=row["updated_at"],
-            disabled_at=row["disabled_at"],
-            disabled_reason=row["disabled_reason"],
-            failing_since=row["failing_since"],
-        )
+        endpoint = _endpoint(row, joined=True)
         keys = tuple(
             EndpointKeyRecord(key_id, endpoint.id, purpose, bytes(secret), None, delivery.created_at, None)
             for key_id, purpose, secret in zip(row["key_ids"], row["key_purposes"], row["key_secrets"], strict=True)
