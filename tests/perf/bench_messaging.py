@@ -369,6 +369,7 @@ def count_round_trips(owner_dsn: str, logfile: Path, base: str, targets: Path, r
                     assert response.status == 200, await response.text()
 
     async def run() -> int:
+        await traffic()  # first, so that every pooled connection has prepared its statements
         await set_logging("all")
         offset = (await asyncio.to_thread(logfile.stat)).st_size
         try:
