@@ -467,6 +467,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1000)
     parser.add_argument("--explain-rows", type=int, default=2_000_000, help="0: no EXPLAIN")
     parser.add_argument("--concurrency", default="1,16,64", help="send and bare runs (reads run at 64)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="no py-spy sampling")
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "bare"])
     parser.add_argument("--dsn")
     parser.add_argument("--port", type=int)
@@ -530,7 +531,8 @@ def main() -> None:
 
         results: list[tuple[str, int, dict[str, Any]]] = []
         for connections in sorted(int(c) for c in args.concurrency.split(",")):
-            spy = profile(service.pid, args.seconds, work / "profile.txt") if connections == 64 else None
+            wanted = args.profile and connections == 64
+            spy = profile(service.pid, args.seconds, work / "profile.txt") if wanted else None
             results.append(("send", connections, wrk(base, scripts["send"], connections, args.seconds, service.pid)))
             if spy is not None:
                 spy.wait(timeout=args.seconds + 30)
@@ -542,19 +544,20 @@ def main() -> None:
                 )
             )
         top_up(base, owner_dsn, targets, read_targets, threads=100)
-        spy = profile(service.pid, args.seconds, work / "profile-read.txt")
+        spy = profile(service.pid, args.seconds, work / "profile-read.txt") if args.profile else None
         results.append(("read50", 64, wrk(base, scripts["read"], 64, args.seconds, service.pid)))
         if spy is not None:
             spy.wait(timeout=args.seconds + 30)
 
         print(
             f"\n{'run':8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
-            f"{'cpu svc':>8} {'cpu pg':>7}"
+            f"{'cpu svc':>8} {'cpu pg':>7} {'svc ms/req':>10} {'pg ms/req':>9}"
         )
         for name, connections, r in results:
             print(
                 f"{name:8} {connections:>4} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                f"{r['errors']:>8} {r['cpu_service']:>8.2f} {r['cpu_postgres']:>7.2f}"
+                f"{r['errors']:>8} {r['cpu_service']:>8.2f} {r['cpu_postgres']:>7.2f} "
+                f"{1000 * r['cpu_service'] / r['rps']:>10.2f} {1000 * r['cpu_postgres'] / r['rps']:>9.2f}"
             )
         by = {(n, c): r for n, c, r in results}
         send64, bare64, read64 = by[("send", 64)], by[("bare", 64)], by[("read50", 64)]
@@ -563,8 +566,9 @@ def main() -> None:
             f"read50/bare at c=64: {read64['rps'] / bare64['rps']:.2f}"
         )
         print(
-            "(cpu columns: cores used on average by the service (or bare server) and by all PostgreSQL "
-            "processes during the run; wrk uses the rest of the 2 cores)"
+            "(cpu columns: cores used on average by the service (or bare server) and by this run's PostgreSQL "
+            "during the run, and their CPU time per request, which moves less than req/s when other work "
+            "shares the machine; wrk uses the rest of the 2 cores)"
         )
         summarize_profile(work / "profile.txt", "send")
         summarize_profile(work / "profile-read.txt", "read of 50")
