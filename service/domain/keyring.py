@@ -125,6 +125,7 @@ class PatientKeyring:
         has already read (the patient's, read with the page), used for the records it sealed without
         another lookup."""
         tenant_id = _tenant(tx)
+        tenant = str(tenant_id)  # formatted once per page, not once per record
         keys: dict[tuple[UUID, int], DataKey] = {}
         opened = []
         for sealed, context in items:
@@ -136,7 +137,9 @@ class PatientKeyring:
                 else:
                     key = await self.key_for_reading(tx, sealed)
                 keys[(ref.dek_id, ref.dek_version)] = key
-            opened.append(open_record(key, sealed, _with_tenant(tenant_id, context)))
+            if "tenant" in context:
+                raise ValueError("the keyring binds the tenant itself; do not pass it in the context")
+            opened.append(open_record(key, sealed, {"tenant": tenant, **context}))
         return opened
 
     async def _unwrapped(self, tenant_id: UUID, record: DataKeyRecord) -> DataKey:
