@@ -402,8 +402,10 @@ class MessagingService:
         idempotency_key: str | None = None,
     ) -> MessageView:
         _check_body(body)
-        fingerprint = _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to)
-        claim = None if idempotency_key is None else IdempotencyClaim(principal.subject, idempotency_key, fingerprint)
+        claim, fingerprint = None, b""
+        if idempotency_key is not None:
+            fingerprint = _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to)
+            claim = IdempotencyClaim(principal.subject, idempotency_key, fingerprint)
         async with self._db.transaction(principal.tenant_id) as tx:
             # One round trip reads everything the decisions below need, and claims the idempotency key.
             facts = await self._store.send_facts(
