@@ -26,7 +26,7 @@ from service.domain.audit import AuditAction, AuditEvent, AuditRecorder, format_
 from service.domain.policy import can_read_consents, can_record_consent, can_revoke_consent
 from service.domain.principal import Principal, Role, is_plain_text, is_reference
 from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError, UnavailableError
-from service.store.consents import ConsentEventRecord, ConsentKey, ConsentStore
+from service.store.consents import ConsentEventRecord, ConsentKey, ConsentStateRecord, ConsentStore
 from service.store.db import Database, Tx
 from service.store.idempotency import IdempotencyStore
 from service.store.webhooks import WebhookStore
@@ -260,14 +260,22 @@ class ConsentLedger:
         """`decide` for several grantees now, in one query (a thread's practitioners and care teams)."""
         if tx.tenant_id is None:
             raise RuntimeError("consent is decided within a tenant")
-        moment = self._clock()
         found = await self._store.current_many(tx, tx.tenant_id, patient, scope.value, grantees)
+        return self.decide_from(grantees, found)
+
+    def decide_from(
+        self, grantees: Sequence[str], states: Mapping[str, Sequence[ConsentStateRecord]]
+    ) -> list[Decision]:
+        """`decide_many` on consent states the caller's transaction has just read (with the rows of
+        `current_many_sql`, for one patient and scope), so a use case can fetch them in the same round
+        trip as the rest of what it decides on. A grantee without states is denied (no consent)."""
+        moment = self._clock()
         return [
             _choose(
                 grantee,
                 [
                     (s.grantee, s.event_id, s.include_sensitive, _evaluate(s.kind, s.valid_from, s.valid_until, moment))
-                    for s in found[grantee]
+                    for s in states.get(grantee, ())
                 ],
             )
             for grantee in grantees

@@ -71,6 +71,21 @@ class PatientKeyring:
         key = await self.key_for_writing(tx, patient)
         return seal(key, plaintext, _with_tenant(tenant_id, context))
 
+    async def seal_with(
+        self, tx: Tx, patient: str, record: DataKeyRecord | None, plaintext: bytes, context: Mapping[str, str]
+    ) -> bytes:
+        """`seal_for` with the patient's key row as this transaction has already read it FOR SHARE (in a
+        statement that read more, such as MessagingStore.send_facts), so it costs no round trip; a
+        shredded key is refused the same way. None: the patient has no key yet, made as `seal_for` does."""
+        tenant_id = _tenant(tx)
+        if record is None:
+            key = await self.key_for_writing(tx, patient)
+        elif record.patient != patient:
+            raise ValueError("the key row is not this patient's")
+        else:
+            key = await self._unwrapped(tenant_id, record)
+        return seal(key, plaintext, _with_tenant(tenant_id, context))
+
     async def open(self, tx: Tx, sealed: bytes, context: Mapping[str, str]) -> bytes:
         """Open a record sealed by `seal_for` with the same context. `ShreddedError` if its key was
         destroyed; `DecryptionError` (an alarm, not a client error) for anything else that is wrong."""
@@ -102,18 +117,29 @@ class PatientKeyring:
             raise DecryptionError()
         return await self._unwrapped(tenant_id, record)
 
-    async def open_many(self, tx: Tx, items: Sequence[tuple[bytes, Mapping[str, str]]]) -> list[bytes]:
+    async def open_many(
+        self, tx: Tx, items: Sequence[tuple[bytes, Mapping[str, str]]], known: DataKeyRecord | None = None
+    ) -> list[bytes]:
         """Open several records (a page of messages): each distinct data key is looked up, and its
-        shredding checked, once per call rather than once per record."""
+        shredding checked, once per call rather than once per record. `known`: a key row this transaction
+        has already read (the patient's, read with the page), used for the records it sealed without
+        another lookup."""
         tenant_id = _tenant(tx)
+        tenant = str(tenant_id)  # formatted once per page, not once per record
         keys: dict[tuple[UUID, int], DataKey] = {}
         opened = []
         for sealed, context in items:
             ref = read_key_ref(sealed)
             key = keys.get((ref.dek_id, ref.dek_version))
             if key is None:
-                key = keys[(ref.dek_id, ref.dek_version)] = await self.key_for_reading(tx, sealed)
-            opened.append(open_record(key, sealed, _with_tenant(tenant_id, context)))
+                if known is not None and (known.id, known.version) == (ref.dek_id, ref.dek_version):
+                    key = await self._unwrapped(tenant_id, known)
+                else:
+                    key = await self.key_for_reading(tx, sealed)
+                keys[(ref.dek_id, ref.dek_version)] = key
+            if "tenant" in context:
+                raise ValueError("the keyring binds the tenant itself; do not pass it in the context")
+            opened.append(open_record(key, sealed, {"tenant": tenant, **context}))
         return opened
 
     async def _unwrapped(self, tenant_id: UUID, record: DataKeyRecord) -> DataKey:

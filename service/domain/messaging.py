@@ -40,8 +40,9 @@ from service.errors import (
     InvalidRequestError,
     NotFoundError,
 )
+from service.store.data_keys import DataKeyRecord
 from service.store.db import Database, Tx
-from service.store.idempotency import IdempotencyStore
+from service.store.idempotency import IdempotencyClaim, IdempotencyStore
 from service.store.messaging import BreakGlassRecord, MessageRecord, MessagingStore, ReceiptRecord, ThreadRecord
 
 if TYPE_CHECKING:  # domain/attachments imports this module; only the type is needed here
@@ -131,15 +132,25 @@ class MessagingService:
 
     # -- access (also used by attachments) --------------------------------------------------------------
 
-    async def standing(self, tx: Tx, principal: Principal, patient: str, thread: ThreadRecord | None) -> Standing:
+    async def standing(
+        self,
+        tx: Tx,
+        principal: Principal,
+        patient: str,
+        thread: ThreadRecord | None,
+        *,
+        teams: frozenset[str] | None = None,
+    ) -> Standing:
         """What the caller is to this patient (and thread): teams, proxy consent, break-glass. Looks up
         only what can change the answer: a physician taking part directly needs neither their care teams
-        nor a break-glass grant (this runs on every send and read)."""
+        nor a break-glass grant (this runs on every send and read). `teams`: the caller's current care
+        teams if this transaction has already read them (with the thread)."""
         participants = frozenset(thread.participants) if thread is not None else frozenset()
         if principal.role is Role.PHYSICIAN and principal.subject in participants:
             return Standing()
-        teams: frozenset[str] = frozenset()
-        if principal.role in (Role.PHYSICIAN, Role.STAFF):
+        if principal.role not in (Role.PHYSICIAN, Role.STAFF):
+            teams = frozenset()
+        elif teams is None:
             teams = await self._store.teams_of(tx, principal.tenant_id, principal.subject)
         if principal.role is Role.PROXY and principal.act_for == patient:
             proxy = await self._consents.decide(tx, patient, principal.subject, Scope.PROXY)
@@ -154,9 +165,21 @@ class MessagingService:
     ) -> tuple[ThreadRecord, Access]:
         """The thread and what the caller may do with it; NotFoundError (audited) if not enough."""
         thread = await self._store.thread(tx, principal.tenant_id, thread_id)
+        return await self._access_to(tx, principal, thread, write=write)
+
+    async def _access_to(
+        self,
+        tx: Tx,
+        principal: Principal,
+        thread: ThreadRecord | None,
+        *,
+        write: bool,
+        teams: frozenset[str] | None = None,
+    ) -> tuple[ThreadRecord, Access]:
+        """`access` to a thread this transaction has already read (None: no such thread)."""
         access = Access.NONE
         if thread is not None:
-            standing = await self.standing(tx, principal, thread.patient, thread)
+            standing = await self.standing(tx, principal, thread.patient, thread, teams=teams)
             access = thread_access(principal, _facts(thread), standing)
         if access is Access.NONE or (write and access is not Access.WRITE):
             await self._deny(principal, thread, "write" if write else "read")
@@ -169,21 +192,7 @@ class MessagingService:
         """Every practitioner or care team of the thread must have the patient's messaging consent now;
         else the attempt is recorded (with the deciding consents) and refused with 403 consent-required."""
         decisions = await self._consents.decide_many(tx, thread.patient, thread.participants, Scope.MESSAGING)
-        refused = [d for d in decisions if not d.permit]
-        if refused:
-            raise ConsentRequiredError(
-                "The patient's messaging consent is not in force for everyone in this thread"
-            ).recording(
-                AuditEvent.by(
-                    principal,
-                    action,
-                    patient=thread.patient,
-                    resource_type="Thread",
-                    resource_id=str(thread.id),
-                    details=_consent_details(decisions),
-                ).denied("consent-required")
-            )
-        return decisions
+        return _consented(principal, thread, action, decisions)
 
     # -- threads -----------------------------------------------------------------------------------
 
@@ -393,37 +402,46 @@ class MessagingService:
         idempotency_key: str | None = None,
     ) -> MessageView:
         _check_body(body)
+        claim, fingerprint = None, b""
+        if idempotency_key is not None:
+            fingerprint = _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to)
+            claim = IdempotencyClaim(principal.subject, idempotency_key, fingerprint)
         async with self._db.transaction(principal.tenant_id) as tx:
-            if idempotency_key is not None:
+            # One round trip reads everything the decisions below need, and claims the idempotency key.
+            facts = await self._store.send_facts(
+                tx,
+                principal.tenant_id,
+                thread_id,
+                scope=Scope.MESSAGING.value,
+                teams_of=_teams_needed(principal),
+                claim=claim,
+            )
+            if idempotency_key is not None and not facts.claimed:
+                # The key is on record: the first request's (replayed), or expired (claimed anew here).
                 stored = await self._idempotency.claim(
-                    tx,
-                    principal.tenant_id,
-                    principal.subject,
-                    idempotency_key,
-                    _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to),
+                    tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
                 )
                 if stored is not None:
-                    return await self._replay_message(
-                        tx,
-                        principal,
-                        stored.request_hash,
-                        stored.response,
-                        _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to),
-                    )
-            thread, _ = await self.access(tx, principal, thread_id, write=True)
-            decisions = await self.require_consent(tx, principal, thread, AuditAction.MESSAGE_SEND)
+                    return await self._replay_message(tx, principal, stored.request_hash, stored.response, fingerprint)
+            thread, _ = await self._access_to(tx, principal, facts.thread, write=True, teams=facts.teams)
+            decisions = _consented(
+                principal,
+                thread,
+                AuditAction.MESSAGE_SEND,
+                self._consents.decide_from(thread.participants, facts.consents),
+            )
             await self._attachments.check_attachments(tx, principal.tenant_id, thread.id, attachment_ids)
-            view = await self._send_in(tx, principal, thread, body, attachment_ids, in_reply_to, decisions)
-            if idempotency_key is not None:
-                await self._idempotency.complete(
-                    tx,
-                    principal.tenant_id,
-                    principal.subject,
-                    idempotency_key,
-                    201,
-                    {"message_id": str(view.record.id)},
-                )
-        return view
+            return await self._send_in(
+                tx,
+                principal,
+                thread,
+                body,
+                attachment_ids,
+                in_reply_to,
+                decisions,
+                key=facts.key,
+                idempotency_key=idempotency_key,
+            )
 
     async def send_within(
         self,
@@ -456,17 +474,23 @@ class MessagingService:
         in_reply_to: UUID | None,
         decisions: list[Decision],
         *,
+        key: DataKeyRecord | None = None,
+        idempotency_key: str | None = None,
         message_id: UUID | None = None,
         evidence: Mapping[str, str] | None = None,
     ) -> MessageView:
+        """Seal and write one message. `key`: the patient's key row as this transaction read it for
+        writing (else it is read here); `idempotency_key`: the sender's key this transaction claimed, to
+        complete with this message in the same statement; `message_id`: the id to give it (made here if
+        not given); `evidence`: details added to its audit event."""
         if (
             in_reply_to is not None
             and await self._store.message_in_thread(tx, principal.tenant_id, thread.id, in_reply_to) is None
         ):
             raise InvalidRequestError([FieldProblem(("in_reply_to",), "unknown", "not a message of this thread")])
         message_id = message_id or uuid.uuid4()
-        sealed = await self._keyring.seal_for(
-            tx, thread.patient, body.encode(), _body_context((message_id, thread.id, principal.subject))
+        sealed = await self._keyring.seal_with(
+            tx, thread.patient, key, body.encode(), _body_context((message_id, thread.id, principal.subject))
         )
         audit = self._audit.row(
             AuditEvent.by(
@@ -490,6 +514,7 @@ class MessagingService:
             attachment_ids,
             [p for p in thread.participants if p != principal.subject],
             audit,
+            None if idempotency_key is None else (idempotency_key, {"message_id": str(message_id)}),
         )
         if written is None:
             raise ConflictError("the thread is closed")
@@ -522,11 +547,27 @@ class MessagingService:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequestError([FieldProblem(("limit",), "range", f"between 1 and {MAX_PAGE}")])
         async with self._db.transaction(principal.tenant_id) as tx:
-            thread, access = await self._reading(tx, principal, thread_id, break_glass_reason)
-            records = await self._store.messages(
-                tx, principal.tenant_id, thread.id, after=after, before=before, limit=limit
-            )
-            views = await self._views(tx, records)
+            if break_glass_reason is None:
+                # One round trip: the thread, what the access decision needs, the patient's key and the
+                # page. The page is opened and handed out only if the policy allows this read.
+                facts = await self._store.read_facts(
+                    tx,
+                    principal.tenant_id,
+                    thread_id,
+                    teams_of=_teams_needed(principal),
+                    after=after,
+                    before=before,
+                    limit=limit,
+                )
+                thread, access = await self._access_to(tx, principal, facts.thread, write=False, teams=facts.teams)
+                records, key = facts.messages, facts.key
+            else:
+                thread, access = await self._reading(tx, principal, thread_id, break_glass_reason)
+                records = await self._store.messages(
+                    tx, principal.tenant_id, thread.id, after=after, before=before, limit=limit
+                )
+                key = None
+            views = await self._views(tx, records, key)
             await self._record_read(tx, principal, thread, access, records, resource=("Thread", thread.id))
         return views
 
@@ -776,12 +817,14 @@ class MessagingService:
             ),
         )
 
-    async def _views(self, tx: Tx, records: Sequence[MessageRecord]) -> list[MessageView]:
+    async def _views(
+        self, tx: Tx, records: Sequence[MessageRecord], key: DataKeyRecord | None = None
+    ) -> list[MessageView]:
         live = [r for r in records if r.recalled_at is None]
         bodies = dict(
             zip(
                 (r.id for r in live),
-                await self._keyring.open_many(tx, [(r.body, _body_context(r)) for r in live]),
+                await self._keyring.open_many(tx, [(r.body, _body_context(r)) for r in live], key),
                 strict=True,
             )
         )
@@ -854,6 +897,32 @@ class MessagingService:
                 details={"attempt": attempt},
             ).denied("policy")
         )
+
+
+def _teams_needed(principal: Principal) -> str | None:
+    """Whose care teams an access decision may need (read along with the thread), if anyone's."""
+    return principal.subject if principal.role in (Role.PHYSICIAN, Role.STAFF) else None
+
+
+def _consented(
+    principal: Principal, thread: ThreadRecord, action: AuditAction, decisions: list[Decision]
+) -> list[Decision]:
+    """The decisions, if every one permits; else the attempt is recorded (with the deciding consents) and
+    refused with 403 consent-required."""
+    if not all(d.permit for d in decisions):
+        raise ConsentRequiredError(
+            "The patient's messaging consent is not in force for everyone in this thread"
+        ).recording(
+            AuditEvent.by(
+                principal,
+                action,
+                patient=thread.patient,
+                resource_type="Thread",
+                resource_id=str(thread.id),
+                details=_consent_details(decisions),
+            ).denied("consent-required")
+        )
+    return decisions
 
 
 def _facts(thread: ThreadRecord) -> ThreadFacts:

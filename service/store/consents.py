@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -85,6 +86,31 @@ def _state(row: asyncpg.Record) -> ConsentStateRecord:
     return ConsentStateRecord(
         row["grantee"], row["event_id"], row["kind"], row["valid_from"], row["valid_until"], row["include_sensitive"]
     )
+
+
+def current_many_sql(*, tenant: str, patient: str, scope: str, grantees: str) -> str:
+    """The current consent states that decide for each of several grantees (a thread's practitioners and
+    care teams) about one patient and scope: each grantee's own line and the lines of the care teams it
+    is a current member of. Columns: asked, grantee, event_id, kind, valid_from, valid_until,
+    include_sensitive. The arguments are SQL expressions (parameters or columns), never values: another
+    store embeds this in a larger statement to decide in the same round trip as its own reads."""
+    return f"""
+        SELECT g.grantee AS asked, s.grantee, s.event_id, s.kind, s.valid_from, s.valid_until, s.include_sensitive
+        FROM unnest({grantees}) AS g (grantee)
+        JOIN consent_state s ON s.tenant_id = {tenant} AND s.patient = {patient} AND s.scope = {scope} AND s.item = ''
+          AND (s.grantee = g.grantee OR s.grantee IN (
+                SELECT m.team FROM care_team_members m
+                WHERE m.tenant_id = {tenant} AND m.member = g.grantee AND m.left_at IS NULL))
+    """  # noqa: S608 (SQL expressions from constants, no values)
+
+
+def states_by_grantee(grantees: Sequence[str], rows: Iterable[Iterable[Any]]) -> dict[str, list[ConsentStateRecord]]:
+    """`current_many_sql`'s rows (records or tuples, in its column order) by the grantee asked about;
+    every grantee has an entry, empty when nothing is on record (which decides as no consent)."""
+    found: dict[str, list[ConsentStateRecord]] = {g: [] for g in grantees}
+    for asked, grantee, event_id, kind, valid_from, valid_until, include_sensitive in rows:
+        found[asked].append(ConsentStateRecord(grantee, event_id, kind, valid_from, valid_until, include_sensitive))
+    return found
 
 
 class ConsentStore:
@@ -211,24 +237,13 @@ class ConsentStore:
         row = await tx.conn.fetchrow(self._STATE_OF, tenant_id, key.patient, key.scope, key.grantee, key.item)
         return None if row is None else _state(row)
 
-    # Several grantees at once (a thread's participants): their own states and their care teams'.
-    _DECIDE_MANY = """
-        SELECT g.grantee AS asked, s.grantee, s.event_id, s.kind, s.valid_from, s.valid_until, s.include_sensitive
-        FROM unnest($4::text[]) AS g (grantee)
-        JOIN consent_state s ON s.tenant_id = $1 AND s.patient = $2 AND s.scope = $3 AND s.item = ''
-          AND (s.grantee = g.grantee OR s.grantee IN (
-                SELECT m.team FROM care_team_members m
-                WHERE m.tenant_id = $1 AND m.member = g.grantee AND m.left_at IS NULL))
-    """
+    _DECIDE_MANY = current_many_sql(tenant="$1", patient="$2", scope="$3", grantees="$4::text[]")
 
     async def current_many(
         self, tx: Tx, tenant_id: UUID, patient: str, scope: str, grantees: Sequence[str]
     ) -> dict[str, list[ConsentStateRecord]]:
         rows = await tx.conn.fetch(self._DECIDE_MANY, tenant_id, patient, scope, list(grantees))
-        found: dict[str, list[ConsentStateRecord]] = {g: [] for g in grantees}
-        for row in rows:
-            found[row["asked"]].append(_state(row))
-        return found
+        return states_by_grantee(grantees, rows)
 
     async def current(self, tx: Tx, tenant_id: UUID, key: ConsentKey) -> list[ConsentStateRecord]:
         rows = await tx.conn.fetch(self._DECIDE, tenant_id, key.patient, key.scope, key.grantee, key.item)

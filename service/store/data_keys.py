@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -42,28 +44,46 @@ class WrapCount:
     count: int
 
 
-def _key(rows: list[asyncpg.Record]) -> DataKeyRecord | None:
-    if not rows:
-        return None
-    first = rows[0]
-    wraps = tuple(
-        WrapRecord(r["kek_id"], r["kek_version"], bytes(r["wrapped"])) for r in rows if r["kek_id"] is not None
+def key_sql(*, tenant: str, where: str, for_write: bool = False) -> str:
+    """One patient key as one row: id, version, patient, shredded_at, and its wraps as an array of
+    (kek_id, kek_version, wrapped) records. `tenant` and `where` are SQL expressions over `k` (parameters
+    or columns of an enclosing statement), never values, so other stores can embed it.
+
+    For writing, the key row is shared-locked until the transaction ends: a shred (which updates the row)
+    waits for the write to commit, and a write that waited for a shred sees the key shredded."""
+    return f"""
+        SELECT k.id, k.version, k.patient, k.shredded_at,
+               ARRAY(SELECT ROW(w.kek_id, w.kek_version, w.wrapped) FROM data_key_wraps w
+                     WHERE w.tenant_id = k.tenant_id AND w.dek_id = k.id) AS wraps
+        FROM data_keys k
+        WHERE k.tenant_id = {tenant} AND {where}
+        {"FOR SHARE OF k" if for_write else ""}
+    """  # noqa: S608 (SQL expressions from constants, no values)
+
+
+def key_record(
+    dek_id: UUID, version: int, patient: str, shredded_at: datetime | None, wraps: Iterable[Iterable[Any]]
+) -> DataKeyRecord:
+    """A key from `key_sql`'s columns (its wraps as (kek_id, kek_version, wrapped) tuples)."""
+    return DataKeyRecord(
+        dek_id,
+        version,
+        patient,
+        shredded_at,
+        tuple(WrapRecord(kek_id, kek_version, bytes(wrapped)) for kek_id, kek_version, wrapped in wraps),
     )
-    return DataKeyRecord(first["id"], first["version"], first["patient"], first["shredded_at"], wraps)
+
+
+def _key(row: asyncpg.Record | None) -> DataKeyRecord | None:
+    if row is None:
+        return None
+    return key_record(row["id"], row["version"], row["patient"], row["shredded_at"], row["wraps"])
 
 
 class DataKeyStore:
-    _SELECT = """
-        SELECT k.id, k.version, k.patient, k.shredded_at, w.kek_id, w.kek_version, w.wrapped
-        FROM data_keys k
-        LEFT JOIN data_key_wraps w ON w.tenant_id = k.tenant_id AND w.dek_id = k.id
-        WHERE k.tenant_id = $1 AND {where}
-    """
-    _BY_PATIENT = _SELECT.format(where="k.patient = $2")
-    # For writing: the key row shared-locked until the write commits, so a shred (which updates the row)
-    # waits for it, and a write that waited for a shred sees the key shredded.
-    _BY_PATIENT_FOR_WRITE = _BY_PATIENT + " FOR SHARE OF k"
-    _BY_ID = _SELECT.format(where="k.id = $2")
+    _BY_PATIENT = key_sql(tenant="$1", where="k.patient = $2")
+    _BY_PATIENT_FOR_WRITE = key_sql(tenant="$1", where="k.patient = $2", for_write=True)
+    _BY_ID = key_sql(tenant="$1", where="k.id = $2")
     _INSERT_KEY = """
         INSERT INTO data_keys (tenant_id, id, version, patient) VALUES ($1, $2, $3, $4)
         ON CONFLICT (tenant_id, patient) DO NOTHING
@@ -108,10 +128,10 @@ class DataKeyStore:
         self, tx: Tx, tenant_id: UUID, patient: str, *, for_write: bool = False
     ) -> DataKeyRecord | None:
         query = self._BY_PATIENT_FOR_WRITE if for_write else self._BY_PATIENT
-        return _key(await tx.conn.fetch(query, tenant_id, patient))
+        return _key(await tx.conn.fetchrow(query, tenant_id, patient))
 
     async def by_id(self, tx: Tx, tenant_id: UUID, dek_id: UUID) -> DataKeyRecord | None:
-        return _key(await tx.conn.fetch(self._BY_ID, tenant_id, dek_id))
+        return _key(await tx.conn.fetchrow(self._BY_ID, tenant_id, dek_id))
 
     async def create(self, tx: Tx, tenant_id: UUID, dek_id: UUID, version: int, patient: str, wrap: WrapRecord) -> bool:
         """Store a new patient key with its first wrap. False when the patient already has one (a

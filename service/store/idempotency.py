@@ -16,14 +16,30 @@ class StoredResponse:
     response: dict[str, Any] | None
 
 
-class IdempotencyStore:
-    # A concurrent claim of the same key waits on the unique index until the first transaction ends,
-    # then finds its row: exactly one request does the work.
-    _CLAIM = """
-        INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash) VALUES ($1, $2, $3, $4)
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """A request's claim of `key` for `principal`, with the request's fingerprint."""
+
+    principal: str
+    key: str
+    request_hash: bytes
+
+
+def claim_sql(*, tenant: str, principal: str, key: str, request_hash: str) -> str:
+    """Claim a key (nothing when `key` is NULL); returns a row when this statement claimed it. A
+    concurrent claim of the same key waits on the unique index until the first transaction ends, then
+    finds its row: exactly one request does the work. The arguments are SQL expressions (parameters),
+    never values, so another store can claim in a statement that also reads what the request needs."""
+    return f"""
+        INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash)
+        SELECT {tenant}, {principal}, {key}, {request_hash} WHERE {key}::text IS NOT NULL
         ON CONFLICT (tenant_id, principal, key) DO NOTHING
         RETURNING 1
     """
+
+
+class IdempotencyStore:
+    _CLAIM = claim_sql(tenant="$1", principal="$2", key="$3", request_hash="$4")
     _EXISTING = """
         SELECT request_hash, response FROM idempotency_keys
         WHERE tenant_id = $1 AND principal = $2 AND key = $3 AND expires_at > now()
@@ -31,6 +47,7 @@ class IdempotencyStore:
     _EXPIRED = """
         DELETE FROM idempotency_keys WHERE tenant_id = $1 AND principal = $2 AND key = $3 AND expires_at <= now()
     """
+    # (MessagingStore.send completes a message's key in its own statement, the same way.)
     _COMPLETE = """
         UPDATE idempotency_keys SET status = $4, response = $5::jsonb
         WHERE tenant_id = $1 AND principal = $2 AND key = $3

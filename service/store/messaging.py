@@ -13,7 +13,10 @@ import asyncpg
 
 from service.errors import AuditUnavailableError
 from service.store.audit import OutboxRow
+from service.store.consents import ConsentStateRecord, current_many_sql, states_by_grantee
+from service.store.data_keys import DataKeyRecord, key_record, key_sql
 from service.store.db import Tx
+from service.store.idempotency import IdempotencyClaim, claim_sql
 from service.store.webhooks import WebhookStore
 
 
@@ -74,6 +77,33 @@ class BreakGlassRecord:
     reviewed_by: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class SendFacts:
+    """What a send decides on, read in one statement: the thread (None if the tenant has no such thread),
+    the caller's current care teams (when asked for), the current consent states of the thread's
+    practitioners and care teams, the patient's data key, share-locked until the transaction ends (None
+    if the patient has none yet), and whether this statement claimed the idempotency key (None: none
+    given)."""
+
+    thread: ThreadRecord | None
+    teams: frozenset[str]
+    consents: dict[str, list[ConsentStateRecord]]
+    key: DataKeyRecord | None
+    claimed: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFacts:
+    """What a read of a page of messages needs, in one statement: the thread, the caller's current care
+    teams (when asked for), the patient's data key (its shredding checked in this transaction), and the
+    page itself. The page is handed out only after the policy allowed the read."""
+
+    thread: ThreadRecord | None
+    teams: frozenset[str]
+    key: DataKeyRecord | None
+    messages: list[MessageRecord]
+
+
 _THREAD_COLUMNS = (
     "t.id, t.tenant_id, t.patient, t.subject, t.priority, t.sensitive, t.status, t.created_by, t.created_at, "
     "t.closed_at, t.last_seq, t.last_activity, "
@@ -81,6 +111,13 @@ _THREAD_COLUMNS = (
 )
 _MESSAGE_COLUMNS = (
     "id, thread_id, seq, sender, sender_role, body, in_reply_to, attachment_ids, created_at, recalled_at, recalled_by"
+)
+
+
+# The caller's current care teams (none when $member is NULL: the use case does not need them).
+_TEAMS_ARRAY = (
+    "ARRAY(SELECT m.team FROM care_team_members m WHERE m.tenant_id = $1 AND m.member = {member} "
+    "AND m.left_at IS NULL) AS teams"
 )
 
 
@@ -116,6 +153,12 @@ def _message(row: asyncpg.Record) -> MessageRecord:
         recalled_at=row["recalled_at"],
         recalled_by=row["recalled_by"],
     )
+
+
+def _key_from(row: asyncpg.Record) -> DataKeyRecord | None:
+    if row["key_id"] is None:
+        return None
+    return key_record(row["key_id"], row["key_version"], row["key_patient"], row["key_shredded_at"], row["key_wraps"])
 
 
 class MessagingStore:
@@ -239,6 +282,117 @@ class MessagingStore:
         )
         await tx.conn.execute(self._INSERT_PARTICIPANTS, tenant_id, thread_id, list(participants))
 
+    # Everything a send decides on, in one round trip (see SendFacts). The base row makes the statement
+    # return one row even when the thread does not exist, with the claim's outcome. The claim waits, as
+    # IdempotencyStore.claim does, for a concurrent request holding the same key; the key row is locked
+    # as DataKeyStore.for_patient(for_write=True) locks it. The consent states and wraps come as arrays of
+    # anonymous records of scalar types only, which the driver always decodes.
+    _SEND_FACTS = f"""
+        WITH claim AS (
+            {claim_sql(tenant="$1", principal="$5", key="$6", request_hash="$7")}
+        ), thread AS (
+            SELECT {_THREAD_COLUMNS} FROM threads t WHERE t.tenant_id = $1 AND t.id = $2
+        ), key AS (
+            {key_sql(tenant="$1", where="k.patient = (SELECT patient FROM thread)", for_write=True)}
+        )
+        SELECT thread.*,
+               {_TEAMS_ARRAY.format(member="$4")},
+               ARRAY(SELECT ROW(c.*) FROM (
+                   {current_many_sql(tenant="$1", patient="thread.patient", scope="$3", grantees="thread.participants")}
+               ) c) AS consents,
+               key.id AS key_id, key.version AS key_version, key.patient AS key_patient,
+               key.shredded_at AS key_shredded_at, key.wraps AS key_wraps,
+               EXISTS (SELECT 1 FROM claim) AS claimed
+        FROM (VALUES (1)) AS base (one)
+        LEFT JOIN thread ON true
+        LEFT JOIN key ON true
+    """  # noqa: S608 (SQL from constants)
+
+    async def send_facts(
+        self,
+        tx: Tx,
+        tenant_id: UUID,
+        thread_id: UUID,
+        *,
+        scope: str,
+        teams_of: str | None,
+        claim: IdempotencyClaim | None,
+    ) -> SendFacts:
+        """The thread, `teams_of`'s care teams (if given), the consent states of the participants for
+        `scope`, the patient's key (locked for writing) and the idempotency claim, in one round trip."""
+        row = await tx.conn.fetchrow(
+            self._SEND_FACTS,
+            tenant_id,
+            thread_id,
+            scope,
+            teams_of,
+            claim.principal if claim else None,
+            claim.key if claim else None,
+            claim.request_hash if claim else None,
+        )
+        assert row is not None  # the base row
+        thread = None if row["id"] is None else _thread(row)
+        return SendFacts(
+            thread=thread,
+            teams=frozenset(row["teams"]),
+            consents=states_by_grantee(thread.participants if thread else (), row["consents"]),
+            key=_key_from(row),
+            claimed=None if claim is None else row["claimed"],
+        )
+
+    # A page of messages with what reading it needs (see ReadFacts), in one round trip: with `after`
+    # ($4), the next $6 after it; else the latest $6 before $5. Both are range scans of the
+    # (thread_id, seq) key. The page is an array of the table's own row type, which the driver decodes
+    # by name and type (an anonymous record with a uuid[] in it, it may not).
+    _READ_FACTS = f"""
+        WITH thread AS (
+            SELECT {_THREAD_COLUMNS} FROM threads t WHERE t.tenant_id = $1 AND t.id = $2
+        ), key AS (
+            {key_sql(tenant="$1", where="k.patient = (SELECT patient FROM thread)")}
+        )
+        SELECT thread.*,
+               {_TEAMS_ARRAY.format(member="$3")},
+               CASE WHEN $4::bigint IS NULL THEN ARRAY(
+                   SELECT latest.m FROM (
+                       SELECT m, m.seq FROM messages m
+                       WHERE m.thread_id = $2 AND m.tenant_id = $1 AND m.seq < $5
+                       ORDER BY m.seq DESC LIMIT $6
+                   ) latest ORDER BY latest.seq)
+               ELSE ARRAY(
+                   SELECT m FROM messages m
+                   WHERE m.thread_id = $2 AND m.tenant_id = $1 AND m.seq > $4 AND m.seq < $5
+                   ORDER BY m.seq LIMIT $6)
+               END AS messages,
+               key.id AS key_id, key.version AS key_version, key.patient AS key_patient,
+               key.shredded_at AS key_shredded_at, key.wraps AS key_wraps
+        FROM thread
+        LEFT JOIN key ON true
+    """  # noqa: S608 (SQL from constants)
+
+    async def read_facts(
+        self,
+        tx: Tx,
+        tenant_id: UUID,
+        thread_id: UUID,
+        *,
+        teams_of: str | None,
+        after: int | None,
+        before: int | None,
+        limit: int,
+    ) -> ReadFacts:
+        """The thread, `teams_of`'s care teams (if given), the patient's key and a page of messages (as
+        `messages` pages them), in one round trip."""
+        upper = before if before is not None else 2**62
+        row = await tx.conn.fetchrow(self._READ_FACTS, tenant_id, thread_id, teams_of, after, upper, limit)
+        if row is None:
+            return ReadFacts(thread=None, teams=frozenset(), key=None, messages=[])
+        return ReadFacts(
+            thread=_thread(row),
+            teams=frozenset(row["teams"]),
+            key=_key_from(row),
+            messages=[_message(m) for m in row["messages"]],
+        )
+
     async def thread(self, tx: Tx, tenant_id: UUID, thread_id: UUID) -> ThreadRecord | None:
         row = await tx.conn.fetchrow(self._THREAD, tenant_id, thread_id)
         return None if row is None else _thread(row)
@@ -270,6 +424,9 @@ class MessagingStore:
                                       details, entry)
             SELECT $10, $11, $1, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24::jsonb, $25
             FROM message
+        ), done AS (
+            UPDATE idempotency_keys SET status = 201, response = $27::jsonb
+            WHERE tenant_id = $1 AND principal = $4 AND key = $26 AND EXISTS (SELECT 1 FROM message)
         )
         SELECT seq, created_at FROM message
     """
@@ -287,8 +444,11 @@ class MessagingStore:
         attachment_ids: Sequence[UUID],
         notify: Sequence[str],
         audit: OutboxRow,
+        completes: tuple[str, dict[str, Any]] | None = None,
     ) -> tuple[int, datetime] | None:
-        """Write a message and everything that goes with it; None when the thread is closed (nothing written)."""
+        """Write a message and everything that goes with it; None when the thread is closed (nothing written).
+        `completes`: the sender's idempotency key this transaction claimed, and the response to keep for it
+        (status 201), stored in the same statement."""
         try:
             row = await tx.conn.fetchrow(
                 self._SEND,
@@ -317,6 +477,8 @@ class MessagingStore:
                 audit.source,
                 audit.details,
                 audit.entry,
+                completes[0] if completes else None,
+                json.dumps(completes[1]) if completes else None,
             )
         except asyncpg.exceptions.InsufficientPrivilegeError:
             raise AuditUnavailableError() from None  # the audit insert is refused: nothing was written

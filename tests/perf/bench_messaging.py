@@ -2,6 +2,7 @@
 
     apt-get install -y wrk && .venv/bin/pip install -e '.[bench]'
     .venv/bin/python tests/perf/bench_messaging.py [--seconds 20] [--threads 1000] [--explain-rows 2000000]
+        [--concurrency 1,16,64]
 
 It starts `bedside serve` in embedded mode (its own PostgreSQL, synchronous_commit on, fsync on) in a
 temporary data directory, creates 1,000 patients each with a messaging consent and a thread, and drives it
@@ -9,14 +10,17 @@ with wrk and a Lua script from this machine's loopback:
 
 - sends of 1 KiB messages to random threads at concurrency 1, 16 and 64 (auth, policy, consent, seal,
   sequence, message, webhook outbox, audit: everything a real send does);
-- reads of the latest 50 messages of a random thread at concurrency 64;
+- reads of the latest 50 messages of a random one of 100 threads at concurrency 64 (each topped up to
+  50 messages first, so every read returns a full page);
 - in the same run, the ceiling: a bare aiohttp + asyncpg endpoint doing just the two INSERTs (a message
   row and an audit row) in one transaction, on the same PostgreSQL, at the same concurrencies.
 
-For each run it reports requests/s, p50 and p99 (from wrk), non-2xx answers, and the CPU share of the
-service, PostgreSQL and wrk (from /proc). During the c=64 send run it samples the service with py-spy and
-prints where the time goes, including the share spent sealing and opening. Finally it grows the messages
-table to millions of rows and prints EXPLAIN (ANALYZE) of "the latest 50 of a thread".
+Before the timed runs it counts the statements (each one a round trip) of a send and of a read from
+PostgreSQL's statement log: a deterministic figure on a noisy machine. For each run it reports requests/s,
+p50 and p99 (from wrk), non-2xx answers, and the CPU share of the service, PostgreSQL and wrk (from
+/proc). During the c=64 send and read runs it samples the service with py-spy and prints where the time
+goes, including the share spent sealing and opening. Finally it grows the messages table to millions of
+rows and prints EXPLAIN (ANALYZE) of "the latest 50 of a thread".
 """
 
 from __future__ import annotations
@@ -93,9 +97,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+POSTMASTER: list[int] = []  # this run's PostgreSQL (other clusters on the machine are not ours to count)
+
+
 def postgres_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-u", "postgres"], capture_output=True, text=True, check=False).stdout
-    return [int(p) for p in out.split()]
+    if not POSTMASTER:
+        return []
+    out = subprocess.run(["pgrep", "-P", str(POSTMASTER[0])], capture_output=True, text=True, check=False).stdout
+    return [POSTMASTER[0], *(int(p) for p in out.split())]
 
 
 def wrk(url: str, script: Path, connections: int, seconds: int, service_pid: int) -> dict[str, Any]:
@@ -208,6 +217,46 @@ async def setup(base: str, data_dir: Path, count: int, targets: Path) -> None:
     await asyncio.to_thread(targets.write_text, "\n".join(lines) + "\n")
 
 
+def top_up(base: str, owner_dsn: str, targets: Path, read_targets: Path, threads: int, messages: int = 50) -> None:
+    """Give the first `threads` threads at least `messages` messages each and make them the read targets,
+    so every "latest 50" read returns a full page however long the send runs were."""
+    import aiohttp
+    import asyncpg
+
+    lines = targets.read_text().split("\n")[:threads]
+
+    async def run() -> None:
+        conn = await asyncpg.connect(owner_dsn)
+        try:
+            ids = [line.split()[0] for line in lines]
+            rows = await conn.fetch("SELECT id::text, last_seq FROM threads WHERE id = ANY($1::uuid[])", ids)
+        finally:
+            await conn.close()
+        have = {r["id"]: r["last_seq"] for r in rows}
+        semaphore = asyncio.Semaphore(16)
+
+        async def send(session: aiohttp.ClientSession, thread_id: str, token: str) -> None:
+            async with (
+                semaphore,
+                session.post(
+                    f"{base}/v1/threads/{thread_id}/messages",
+                    json={"body": BODY},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as response,
+            ):
+                assert response.status == 201, await response.text()
+
+        async with aiohttp.ClientSession() as session:
+            jobs = []
+            for line in lines:
+                thread_id, token = line.split()
+                jobs += [send(session, thread_id, token) for _ in range(messages - have[thread_id])]
+            await asyncio.gather(*jobs)
+
+    asyncio.run(run())
+    read_targets.write_text("\n".join(lines) + "\n")
+
+
 def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None:
     if not Path(PY_SPY).exists():
         print("(py-spy not installed: pip install -e '.[bench]')")
@@ -233,12 +282,13 @@ def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None
     )
 
 
-def summarize_profile(path: Path) -> None:
+def summarize_profile(path: Path, run: str) -> None:
     """Where the service's time goes: share of samples per component, and the crypto share."""
     if not path.exists():
         return
     components = collections.Counter()
     leaves = collections.Counter()
+    inclusive = collections.Counter()  # Bedside's own functions, with everything they call
     total = 0
     rules = [
         (
@@ -262,6 +312,9 @@ def summarize_profile(path: Path) -> None:
         total += n
         frames = stack.split(";")
         leaves[frames[-1][:110]] += n
+        for frame in set(frames):
+            if "service/" in frame or "crypto/" in frame or "schemas/" in frame:
+                inclusive[frame[:110]] += n
         for label, needles in rules:  # attribute the sample to the innermost matching component
             if any(needle in frame for frame in frames[-6:] for needle in needles):
                 components[label] += n
@@ -270,12 +323,97 @@ def summarize_profile(path: Path) -> None:
             components["other"] += n
     if not total:
         return
-    print(f"\nwhere the time goes (py-spy, {total} samples during the c=64 send run; innermost match):")
+    print(f"\nwhere the time goes (py-spy, {total} samples during the c=64 {run} run; innermost match):")
     for label, n in components.most_common():
         print(f"  {100 * n / total:5.1f}%  {label}")
     print("  top frames:")
-    for frame, n in leaves.most_common(12):
+    for frame, n in leaves.most_common(20):
         print(f"  {100 * n / total:5.1f}%  {frame}")
+    print("  Bedside's own functions, inclusive of what they call:")
+    for frame, n in inclusive.most_common(25):
+        print(f"  {100 * n / total:5.1f}%  {frame}")
+
+
+_LOG_ENTRY = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] (\w+):  (.*)$")
+
+
+def count_round_trips(owner_dsn: str, logfile: Path, base: str, targets: Path, requests: int = 20) -> dict[str, float]:
+    """Statements per send and per read of 50, from PostgreSQL's statement log: a deterministic measure,
+    unlike timings on a shared machine. Each statement the service sends (asyncpg's cached prepared
+    statements, the BEGIN + tenant batch, COMMIT) is one round trip."""
+    import asyncpg
+
+    async def set_logging(value: str | None) -> None:
+        conn = await asyncpg.connect(owner_dsn)
+        try:
+            if value is None:
+                await conn.execute("ALTER SYSTEM RESET log_statement")
+            else:
+                await conn.execute(f"ALTER SYSTEM SET log_statement = '{value}'")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+        await asyncio.sleep(1)
+
+    async def traffic() -> None:
+        import aiohttp
+
+        thread_id, token = (await asyncio.to_thread(targets.read_text)).split("\n")[0].split()
+        headers = {"Authorization": f"Bearer {token}"}
+        url = f"{base}/v1/threads/{thread_id}/messages"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(requests):
+                async with session.post(url, json={"body": BODY}, headers=headers) as response:
+                    assert response.status == 201, await response.text()
+                async with session.get(url, params={"limit": "50"}, headers=headers) as response:
+                    assert response.status == 200, await response.text()
+
+    async def run() -> int:
+        await traffic()  # first, so that every pooled connection has prepared its statements
+        await set_logging("all")
+        offset = (await asyncio.to_thread(logfile.stat)).st_size
+        try:
+            await traffic()
+        finally:
+            await set_logging(None)
+        return offset
+
+    offset = asyncio.run(run())
+    with logfile.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    # Group each backend's entries into transactions; a tenant transaction of a send or a read is
+    # recognized by its audit action (in the logged parameters of its audit insert).
+    entries: dict[str, list[str]] = collections.defaultdict(list)
+    for line in text.splitlines():
+        match = _LOG_ENTRY.match(line)
+        if match:
+            pid, level, message = match.groups()
+            entries[pid].append(f"{level}: {message}")
+            last = pid
+        elif entries:
+            entries[last][-1] += "\n" + line
+    counts: dict[str, list[int]] = {"message:send": [], "message:read": []}
+    for lines in entries.values():
+        current: list[str] = []
+        for entry in lines:
+            if entry.startswith("LOG: statement: BEGIN"):
+                current = [entry]
+                continue
+            if current:
+                current.append(entry)
+            if entry.startswith("LOG: statement: COMMIT") and current:
+                statements = sum(1 for e in current if e.startswith("LOG: "))
+                joined = "\n".join(current)
+                for action in counts:
+                    if action in joined and "set_config('bedside.tenant_id'" in current[0]:
+                        counts[action].append(statements)
+                current = []
+    result = {}
+    for action, found in counts.items():
+        result[action] = sum(found) / len(found) if found else float("nan")
+        print(f"round trips per {action.split(':')[1]}: {result[action]:.1f} (over {len(found)} transactions)")
+    return result
 
 
 def explain(owner_dsn: str, rows: int) -> None:
@@ -327,7 +465,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1000)
-    parser.add_argument("--explain-rows", type=int, default=2_000_000)
+    parser.add_argument("--explain-rows", type=int, default=2_000_000, help="0: no EXPLAIN")
+    parser.add_argument("--concurrency", default="1,16,64", help="send and bare runs (reads run at 64)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="no py-spy sampling")
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "bare"])
     parser.add_argument("--dsn")
     parser.add_argument("--port", type=int)
@@ -366,6 +506,7 @@ def main() -> None:
         pg_port = pg.running_port()
         assert pg_port is not None
         owner_dsn = pg.connection(pg_port).dsn(owner=True, database="bedside")
+        POSTMASTER.append(int((pg.pgdata / "postmaster.pid").read_text().split()[0]))
 
         async def bare_tables() -> None:
             import asyncpg
@@ -376,19 +517,22 @@ def main() -> None:
             await conn.close()
 
         asyncio.run(bare_tables())
+        count_round_trips(owner_dsn, pg.logfile, base, targets)
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, __file__, "bare", "--dsn", owner_dsn, "--port", str(bare_port)])
         time.sleep(2)
 
+        read_targets = work / "read-targets.txt"
         scripts = {}
         for name, template in (("send", LUA_SEND), ("read", LUA_READ), ("bare", LUA_BARE)):
             path = work / f"{name}.lua"
-            path.write_text(template % {"targets": targets, "body": BODY})
+            path.write_text(template % {"targets": read_targets if name == "read" else targets, "body": BODY})
             scripts[name] = path
 
         results: list[tuple[str, int, dict[str, Any]]] = []
-        for connections in (1, 16, 64):
-            spy = profile(service.pid, args.seconds, work / "profile.txt") if connections == 64 else None
+        for connections in sorted(int(c) for c in args.concurrency.split(",")):
+            wanted = args.profile and connections == 64
+            spy = profile(service.pid, args.seconds, work / "profile.txt") if wanted else None
             results.append(("send", connections, wrk(base, scripts["send"], connections, args.seconds, service.pid)))
             if spy is not None:
                 spy.wait(timeout=args.seconds + 30)
@@ -399,16 +543,21 @@ def main() -> None:
                     wrk(f"http://127.0.0.1:{bare_port}", scripts["bare"], connections, args.seconds, bare.pid),
                 )
             )
+        top_up(base, owner_dsn, targets, read_targets, threads=100)
+        spy = profile(service.pid, args.seconds, work / "profile-read.txt") if args.profile else None
         results.append(("read50", 64, wrk(base, scripts["read"], 64, args.seconds, service.pid)))
+        if spy is not None:
+            spy.wait(timeout=args.seconds + 30)
 
         print(
             f"\n{'run':8} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
-            f"{'cpu svc':>8} {'cpu pg':>7}"
+            f"{'cpu svc':>8} {'cpu pg':>7} {'svc ms/req':>10} {'pg ms/req':>9}"
         )
         for name, connections, r in results:
             print(
                 f"{name:8} {connections:>4} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                f"{r['errors']:>8} {r['cpu_service']:>8.2f} {r['cpu_postgres']:>7.2f}"
+                f"{r['errors']:>8} {r['cpu_service']:>8.2f} {r['cpu_postgres']:>7.2f} "
+                f"{1000 * r['cpu_service'] / r['rps']:>10.2f} {1000 * r['cpu_postgres'] / r['rps']:>9.2f}"
             )
         by = {(n, c): r for n, c, r in results}
         send64, bare64, read64 = by[("send", 64)], by[("bare", 64)], by[("read50", 64)]
@@ -417,11 +566,14 @@ def main() -> None:
             f"read50/bare at c=64: {read64['rps'] / bare64['rps']:.2f}"
         )
         print(
-            "(cpu columns: cores used on average by the service (or bare server) and by all PostgreSQL "
-            "processes during the run; wrk uses the rest of the 2 cores)"
+            "(cpu columns: cores used on average by the service (or bare server) and by this run's PostgreSQL "
+            "during the run, and their CPU time per request, which moves less than req/s when other work "
+            "shares the machine; wrk uses the rest of the 2 cores)"
         )
-        summarize_profile(work / "profile.txt")
-        explain(owner_dsn, args.explain_rows)
+        summarize_profile(work / "profile.txt", "send")
+        summarize_profile(work / "profile-read.txt", "read of 50")
+        if args.explain_rows:
+            explain(owner_dsn, args.explain_rows)
         (work / "results.json").write_text(json.dumps([{"run": n, "conc": c, **r} for n, c, r in results]))
         print(f"\nraw results: {work / 'results.json'}")
     finally:
