@@ -438,21 +438,19 @@ def explain(owner_dsn: str, rows: int) -> None:
             await conn.execute("UPDATE threads SET last_seq = last_seq + 1000 + $1", per_thread)
             await conn.execute("ANALYZE messages")
             total = await conn.fetchval("SELECT count(*) FROM messages")
+            # The service's own statement for a read of the latest 50 (thread, teams, key and page).
+            from service.store.messaging import MessagingStore
+
             plan = await conn.fetch(
-                """
-                EXPLAIN (ANALYZE, BUFFERS)
-                SELECT * FROM (
-                    SELECT id, thread_id, seq, sender, sender_role, body, in_reply_to, attachment_ids,
-                           created_at, recalled_at, recalled_by
-                    FROM messages WHERE thread_id = $1 AND tenant_id = $2 AND seq < $3
-                    ORDER BY seq DESC LIMIT 50
-                ) latest ORDER BY seq
-                """,
-                threads[0]["id"],
+                "EXPLAIN (ANALYZE, BUFFERS) " + MessagingStore._READ_FACTS,
                 threads[0]["tenant_id"],
+                threads[0]["id"],
+                None,
+                None,
                 2**62,
+                50,
             )
-            print(f"EXPLAIN of the latest 50 of one thread, messages = {total:,} rows:")
+            print(f"EXPLAIN of the latest 50 of one thread (MessagingStore._READ_FACTS), messages = {total:,} rows:")
             for line in plan:
                 print("  " + line[0])
         finally:
