@@ -26,6 +26,7 @@ __all__ = [
     "DataKey",
     "DecryptionError",
     "KeyRef",
+    "key_ref_bytes",
     "open_record",
     "read_key_ref",
     "seal",
@@ -86,6 +87,14 @@ def open_record(key: DataKey, record: bytes, context: Mapping[str, str]) -> byte
         # A context that cannot be encoded was never used to seal anything.
         raise DecryptionError from None
     return _format.open_core(key, _RECORD_LABEL, record, RECORD_HEADER_BYTES, aad_suffix)
+
+
+def key_ref_bytes(sealed: bytes) -> bytes:
+    """The header bytes that name the key of a record or chunk (magic, version, suite, DEK id and
+    version), unparsed and unchecked: two records with equal bytes here name the same key, so a caller
+    opening many can look a key up once per distinct value and skip `read_key_ref` for the rest.
+    Opening still checks the whole header against the key."""
+    return sealed[: _format.PREFIX.size]
 
 
 def read_key_ref(sealed: bytes) -> KeyRef:

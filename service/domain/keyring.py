@@ -15,7 +15,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from crypto.dek_cache import DataKeyCache
-from crypto.envelope import open_record, read_key_ref, seal
+from crypto.envelope import key_ref_bytes, open_record, read_key_ref, seal
 from crypto.errors import DecryptionError, KekVersionUnavailableError
 from crypto.kek import KekProvider, WrappedKey, dek_wrap_aad
 from crypto.keys import DataKey
@@ -127,16 +127,21 @@ class PatientKeyring:
         tenant_id = _tenant(tx)
         tenant = str(tenant_id)  # formatted once per page, not once per record
         keys: dict[tuple[UUID, int], DataKey] = {}
+        by_header: dict[bytes, DataKey] = {}  # the same key bytes need no parsing the second time
         opened = []
         for sealed, context in items:
-            ref = read_key_ref(sealed)
-            key = keys.get((ref.dek_id, ref.dek_version))
+            header = key_ref_bytes(sealed)
+            key = by_header.get(header)
             if key is None:
-                if known is not None and (known.id, known.version) == (ref.dek_id, ref.dek_version):
-                    key = await self._unwrapped(tenant_id, known)
-                else:
-                    key = await self.key_for_reading(tx, sealed)
-                keys[(ref.dek_id, ref.dek_version)] = key
+                ref = read_key_ref(sealed)
+                key = keys.get((ref.dek_id, ref.dek_version))
+                if key is None:
+                    if known is not None and (known.id, known.version) == (ref.dek_id, ref.dek_version):
+                        key = await self._unwrapped(tenant_id, known)
+                    else:
+                        key = await self.key_for_reading(tx, sealed)
+                    keys[(ref.dek_id, ref.dek_version)] = key
+                by_header[header] = key
             if "tenant" in context:
                 raise ValueError("the keyring binds the tenant itself; do not pass it in the context")
             opened.append(open_record(key, sealed, {"tenant": tenant, **context}))

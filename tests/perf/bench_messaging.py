@@ -85,16 +85,22 @@ def run_bare_server(dsn: str, port: int) -> None:
 # -- helpers -------------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    found = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            found[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
         except (OSError, IndexError):
             continue
-    return total / ticks
+    return found
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two readings: processes that ended meanwhile (an autovacuum worker, say) are
+    left out rather than subtracted, processes that started count whole."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 POSTMASTER: list[int] = []  # this run's PostgreSQL (other clusters on the machine are not ours to count)
@@ -111,13 +117,13 @@ def wrk(url: str, script: Path, connections: int, seconds: int, service_pid: int
     threads = min(2, connections)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
     pg, svc = postgres_pids(), [service_pid]
-    before = (cpu_seconds(svc), cpu_seconds(pg))
+    before = (cpu_by_pid(svc), cpu_by_pid(pg))
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate()
     wall = time.monotonic() - started
     wrk_cpu = sum(os.times()[2:4])  # children's user + system time so far (wrk is the only busy child)
-    after = (cpu_seconds(svc), cpu_seconds(pg))
+    after = (cpu_by_pid(svc), cpu_by_pid(postgres_pids()))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
     def pct(label: str) -> float:
@@ -132,8 +138,8 @@ def wrk(url: str, script: Path, connections: int, seconds: int, service_pid: int
         "p50_ms": pct("50"),
         "p99_ms": pct("99"),
         "errors": int(non2xx.group(1)) if non2xx else 0,
-        "cpu_service": (after[0] - before[0]) / wall,
-        "cpu_postgres": (after[1] - before[1]) / wall,
+        "cpu_service": cpu_used(before[0], after[0]) / wall,
+        "cpu_postgres": cpu_used(before[1], after[1]) / wall,
         "wrk_cpu_total": wrk_cpu,
     }
 
@@ -438,21 +444,19 @@ def explain(owner_dsn: str, rows: int) -> None:
             await conn.execute("UPDATE threads SET last_seq = last_seq + 1000 + $1", per_thread)
             await conn.execute("ANALYZE messages")
             total = await conn.fetchval("SELECT count(*) FROM messages")
+            # The service's own statement for a read of the latest 50 (thread, teams, key and page).
+            from service.store.messaging import MessagingStore
+
             plan = await conn.fetch(
-                """
-                EXPLAIN (ANALYZE, BUFFERS)
-                SELECT * FROM (
-                    SELECT id, thread_id, seq, sender, sender_role, body, in_reply_to, attachment_ids,
-                           created_at, recalled_at, recalled_by
-                    FROM messages WHERE thread_id = $1 AND tenant_id = $2 AND seq < $3
-                    ORDER BY seq DESC LIMIT 50
-                ) latest ORDER BY seq
-                """,
-                threads[0]["id"],
+                "EXPLAIN (ANALYZE, BUFFERS) " + MessagingStore._READ_FACTS,
                 threads[0]["tenant_id"],
+                threads[0]["id"],
+                None,
+                None,
                 2**62,
+                50,
             )
-            print(f"EXPLAIN of the latest 50 of one thread, messages = {total:,} rows:")
+            print(f"EXPLAIN of the latest 50 of one thread (MessagingStore._READ_FACTS), messages = {total:,} rows:")
             for line in plan:
                 print("  " + line[0])
         finally:

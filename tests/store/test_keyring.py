@@ -10,6 +10,7 @@ import pytest
 
 from crypto.errors import DecryptionError
 from service.errors import ConflictError, InvalidRequestError, NotFoundError, ShreddedError
+from service.store.data_keys import DataKeyStore
 from tests.conftest import Services, build_key_services
 from tests.support import canary
 
@@ -260,3 +261,24 @@ async def test_rotation_while_content_is_written_and_read(services: Services, ke
     assert sum(completed) > 0
     assert (await services.keys.rewrap()) + moved >= 200
     assert (await services.keys.status()).stale_wraps == 0
+
+
+async def test_open_many_opens_records_of_several_keys_and_refuses_a_shredded_one(services: Services) -> None:
+    tenant = await _tenant(services)
+    sealed = [
+        (await _seal(services, tenant, f"Patient/{n % 2}", f"text {n}", row=str(n)), _context(str(n))) for n in range(6)
+    ]
+    async with services.db.transaction(tenant.id) as tx:
+        known = await DataKeyStore().for_patient(tx, tenant.id, "Patient/0")
+        assert await services.keyring.open_many(tx, sealed, known) == [f"text {n}".encode() for n in range(6)]
+        assert await services.keyring.open_many(tx, sealed) == [f"text {n}".encode() for n in range(6)]
+
+    await services.keys.shred("acme", "Patient/1", confirm="Patient/1", actor="cli")
+    async with services.db.transaction(tenant.id) as tx:
+        known = await DataKeyStore().for_patient(tx, tenant.id, "Patient/0")
+        assert await services.keyring.open_many(tx, sealed[0::2], known) == [b"text 0", b"text 2", b"text 4"]
+        with pytest.raises(ShreddedError):
+            await services.keyring.open_many(tx, sealed, known)
+        stale = await DataKeyStore().for_patient(tx, tenant.id, "Patient/1")  # a known row that is shredded
+        with pytest.raises(ShreddedError):
+            await services.keyring.open_many(tx, sealed[1::2], stale)

@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto import _format, envelope
-from crypto.envelope import RECORD_HEADER_BYTES, RECORD_OVERHEAD_BYTES, KeyRef, open_record, read_key_ref, seal
+from crypto.envelope import (
+    RECORD_HEADER_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    KeyRef,
+    key_ref_bytes,
+    open_record,
+    read_key_ref,
+    seal,
+)
 from crypto.errors import DecryptionError
 from crypto.keys import DataKey
 
@@ -272,3 +280,12 @@ def test_generated_keys_are_distinct() -> None:
     assert first.secret != second.secret
     assert len(first.secret) == 32
     assert first.version == 1
+
+
+def test_key_ref_bytes_are_equal_exactly_when_records_name_the_same_key() -> None:
+    key, other = DataKey.generate(), DataKey.generate()
+    newer = DataKey.generate(id=key.id, version=key.version + 1)
+    first, second = seal(key, b"one", {"row": "1"}), seal(key, b"two", {"row": "2"})
+    assert key_ref_bytes(first) == key_ref_bytes(second)
+    assert key_ref_bytes(seal(other, b"one", {"row": "1"})) != key_ref_bytes(first)
+    assert key_ref_bytes(seal(newer, b"one", {"row": "1"})) != key_ref_bytes(first)
