@@ -182,11 +182,11 @@ async def test_who_may_record_and_with_what_evidence(world: World) -> None:
 async def test_a_racing_grant_and_revoke_end_in_the_later_commit_and_both_are_recorded(
     world: World, database: Dsns
 ) -> None:
-    first = await world.ledger.grant(world.patient, messaging())
+    first_id = (await world.ledger.grant(world.patient, messaging())).record.id
     for _ in range(5):
         results = await asyncio.gather(
             world.ledger.grant(world.patient, messaging()),
-            world.ledger.revoke(world.patient, first.record.id, RevokeReason.PATIENT_REQUEST, None),
+            world.ledger.revoke(world.patient, first_id, RevokeReason.PATIENT_REQUEST, None),
             return_exceptions=True,
         )
         assert not [r for r in results if isinstance(r, BaseException) and not isinstance(r, ConflictError)]
@@ -199,9 +199,9 @@ async def test_a_racing_grant_and_revoke_end_in_the_later_commit_and_both_are_re
         assert decision.consent_id == latest.id
         assert decision.permit == (latest.kind == "grant")
         if latest.kind == "revoke":  # let the next round start from a grant again
-            first = await world.ledger.grant(world.patient, messaging())
-        else:
-            first = latest  # type: ignore[assignment]
+            first_id = (await world.ledger.grant(world.patient, messaging())).record.id
+        else:  # the revoke came first: the grant after it is in force
+            first_id = latest.id
     owner = await asyncpg.connect(database.owner)
     try:
         recorded = {
