@@ -46,9 +46,6 @@ from service.store.webhooks import WebhookStore
 
 # Header problems that are malformed requests (400) rather than failed authentication (401).
 _MALFORMED = frozenset({Reason.MISSING_HEADER, Reason.BAD_ID, Reason.BAD_TIMESTAMP})
-# What an unknown endpoint's requests are checked against, so that they meet the same checks (and
-# answers) as a known endpoint's. Random, never stored or shown: nothing can be signed with it.
-_DECOY_SECRET = generate_secret()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +88,9 @@ class InboundReplies:
         self._keyring = keyring
         self._messaging = messaging
         self._tolerance = tolerance_seconds
+        # What an unknown endpoint's requests are checked against, so that they meet the same checks (and
+        # answers) as a known endpoint's. Random, never stored or shown: nothing can be signed with it.
+        self._decoy = generate_secret()
         self._clock = clock
 
     async def verify(self, endpoint_id: UUID, headers: Mapping[str, str], body: bytes) -> VerifiedReply:
@@ -121,7 +121,7 @@ class InboundReplies:
         known endpoint gives a request not signed with its secret. The headers' form is checked as for
         any endpoint (400 when malformed), and the rest is 401, so no answer tells whether it exists."""
         try:
-            verify(headers, body, [_DECOY_SECRET], now=now, tolerance=self._tolerance)
+            verify(headers, body, [self._decoy], now=now, tolerance=self._tolerance)
         except WebhookVerificationError as exc:
             if exc.reason in _MALFORMED:
                 return _refused(exc.reason, tenant_id, endpoint_id, f"webhook-{exc.reason.value}")
