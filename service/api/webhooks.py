@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiohttp import web
 
 from schemas.webhooks import (
@@ -29,6 +31,7 @@ from service.api.messaging import decode_cursor, encode_cursor
 from service.domain.webhooks import DeliveryView, EndpointView, NewSecrets
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.keys import INBOUND, PRINCIPAL, SETTINGS, WEBHOOKS
+from service.store.webhooks import DeliveryRecord, EndpointRecord
 
 # Never cached: secrets are shown once, and the rest is an admin's current view.
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -45,7 +48,7 @@ def endpoint_out(view: EndpointView) -> EndpointOut:
         disabled_at=record.disabled_at,
         disabled_reason=record.disabled_reason,  # type: ignore[arg-type]
         failing_since=record.failing_since,
-        signing_public_keys=list(view.signing_public_keys),
+        signing_public_keys=list(record.signing_public_keys),
         created_by=record.created_by,
         created_at=record.created_at,
         updated_at=record.updated_at,
@@ -92,6 +95,13 @@ def _secrets_out(secrets: NewSecrets) -> SecretsOut:
     )
 
 
+def _next_cursor(records: Sequence[EndpointRecord | DeliveryRecord], limit: int) -> str | None:
+    """A full page may have a next one: it starts after the last item (newest first, by creation)."""
+    if len(records) < limit:
+        return None
+    return encode_cursor((records[-1].created_at, records[-1].id))
+
+
 def _json(model: object, status: int = 200) -> web.Response:
     assert hasattr(model, "model_dump")
     return web.json_response(model.model_dump(mode="json"), status=status, headers=_NO_STORE)
@@ -110,11 +120,10 @@ async def list_endpoints(request: web.Request) -> web.Response:
     views = await request.app[WEBHOOKS].list_endpoints(
         request[PRINCIPAL], query.subscriber, decode_cursor(query.cursor), query.limit
     )
-    last = views[-1].record if len(views) == query.limit else None
     return _json(
         EndpointListOut(
             items=[endpoint_out(v) for v in views],
-            next_cursor=encode_cursor((last.created_at, last.id) if last else None),
+            next_cursor=_next_cursor([v.record for v in views], query.limit),
         )
     )
 
@@ -159,11 +168,10 @@ async def list_deliveries(request: web.Request) -> web.Response:
     views = await request.app[WEBHOOKS].deliveries(
         request[PRINCIPAL], endpoint_id, query.status, decode_cursor(query.cursor), query.limit
     )
-    last = views[-1].record if len(views) == query.limit else None
     return _json(
         DeliveryListOut(
             items=[delivery_out(v) for v in views],
-            next_cursor=encode_cursor((last.created_at, last.id) if last else None),
+            next_cursor=_next_cursor([v.record for v in views], query.limit),
         )
     )
 

@@ -301,12 +301,10 @@ class MessagingService:
             receipts = await self._store.receipts(tx, principal.tenant_id, thread.id)
             await self._audit.record(
                 tx,
-                AuditEvent.by(
+                _on_thread(
                     principal,
                     AuditAction.THREAD_READ,
-                    patient=thread.patient,
-                    resource_type="Thread",
-                    resource_id=str(thread.id),
+                    thread,
                     purpose=ETREAT if access is Access.READ else None,
                 ),
             )
@@ -376,12 +374,10 @@ class MessagingService:
                 raise ConflictError("the thread is already closed")
             await self._audit.record(
                 tx,
-                AuditEvent.by(
+                _on_thread(
                     principal,
                     AuditAction.THREAD_CLOSE,
-                    patient=thread.patient,
-                    resource_type="Thread",
-                    resource_id=str(thread.id),
+                    thread,
                 ),
             )
             closed = await self._store.thread(tx, principal.tenant_id, thread.id)
@@ -613,12 +609,10 @@ class MessagingService:
             receipt = await self._store.mark_read(tx, principal.tenant_id, thread.id, principal.subject, up_to)
             await self._audit.record(
                 tx,
-                AuditEvent.by(
+                _on_thread(
                     principal,
                     AuditAction.RECEIPT_MARK,
-                    patient=thread.patient,
-                    resource_type="Thread",
-                    resource_id=str(thread.id),
+                    thread,
                     details={"up_to": up_to},
                 ),
             )
@@ -806,12 +800,10 @@ class MessagingService:
         )
         await self._audit.record(
             tx,
-            AuditEvent.by(
+            _on_thread(
                 principal,
                 AuditAction.BREAK_GLASS_OPEN,
-                patient=thread.patient,
-                resource_type="Thread",
-                resource_id=str(thread.id),
+                thread,
                 purpose=ETREAT,
                 details={"grant_id": str(grant_id), "expires_at": expires.isoformat()},
             ),
@@ -855,12 +847,10 @@ class MessagingService:
         subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
         await self._audit.record(
             tx,
-            AuditEvent.by(
+            _on_thread(
                 principal,
                 AuditAction.THREAD_READ,
-                patient=thread.patient,
-                resource_type="Thread",
-                resource_id=str(thread.id),
+                thread,
                 details={"replay": True},
             ),
         )
@@ -913,16 +903,21 @@ def _consented(
         raise ConsentRequiredError(
             "The patient's messaging consent is not in force for everyone in this thread"
         ).recording(
-            AuditEvent.by(
+            _on_thread(
                 principal,
                 action,
-                patient=thread.patient,
-                resource_type="Thread",
-                resource_id=str(thread.id),
+                thread,
                 details=_consent_details(decisions),
             ).denied("consent-required")
         )
     return decisions
+
+
+def _on_thread(principal: Principal, action: AuditAction, thread: ThreadRecord, **fields: object) -> AuditEvent:
+    """An audit event by `principal` about `thread` (and so about its patient)."""
+    return AuditEvent.by(
+        principal, action, patient=thread.patient, resource_type="Thread", resource_id=str(thread.id), **fields
+    )
 
 
 def _facts(thread: ThreadRecord) -> ThreadFacts:

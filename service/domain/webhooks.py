@@ -65,7 +65,6 @@ EVENT_TYPES = ("message.created", "message.recalled", "thread.created", "consent
 CONSENT_GATED = frozenset({"message.created", "message.recalled", "thread.created"})
 TENANT_SECRETS = "Tenant/secrets"  # the owner of the tenant's own data key
 SECRET_PURPOSES = ("outbound", "inbound", "ed25519")
-DELIVERY_STATUSES = ("pending", "succeeded", "held", "dead")
 USER_AGENT = "Bedside-Webhooks/1"
 
 Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
@@ -180,9 +179,8 @@ class DeliveryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class EndpointView:
-    record: EndpointRecord
+    record: EndpointRecord  # its signing_public_keys are the v1a keys in use, public
     url: str
-    signing_public_keys: tuple[str, ...]  # the v1a keys in use (newest first), public
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +213,9 @@ def _secret_context(key_id: UUID, endpoint_id: UUID, purpose: str) -> dict[str, 
 
 
 async def open_secrets(keyring: PatientKeyring, tx: Tx, keys: Sequence[EndpointKeyRecord]) -> list[str]:
-    return [(await keyring.open(tx, k.secret, _secret_context(k.id, k.endpoint_id, k.purpose))).decode() for k in keys]
+    """The secrets in the clear (one key lookup for all: they are sealed under the one tenant key)."""
+    opened = await keyring.open_many(tx, [(k.secret, _secret_context(k.id, k.endpoint_id, k.purpose)) for k in keys])
+    return [o.decode() for o in opened]
 
 
 def _check_event_types(event_types: Sequence[str]) -> list[FieldProblem]:
@@ -292,7 +292,7 @@ class WebhookEndpoints:
         self._admin(principal, "webhook:list")
         async with self._db.transaction(principal.tenant_id) as tx:
             records = await self._store.endpoints(tx, principal.tenant_id, subscriber, cursor, limit)
-            views = [await self._view_of(tx, r) for r in records]
+            views = await self._views(tx, records)
             await self._audit.record(
                 tx,
                 AuditEvent.by(
@@ -481,12 +481,13 @@ class WebhookEndpoints:
         return record
 
     async def _view(self, tx: Tx, principal: Principal, endpoint_id: UUID) -> EndpointView:
-        return await self._view_of(tx, await self._existing(tx, principal, endpoint_id))
+        (view,) = await self._views(tx, [await self._existing(tx, principal, endpoint_id)])
+        return view
 
-    async def _view_of(self, tx: Tx, record: EndpointRecord) -> EndpointView:
-        url = (await self._keyring.open(tx, record.url, _url_context(record.id))).decode()
-        keys = await self._store.keys(tx, record_tenant(tx), record.id, ["ed25519"])
-        return EndpointView(record, url, tuple(k.public_key for k in keys if k.public_key is not None))
+    async def _views(self, tx: Tx, records: Sequence[EndpointRecord]) -> list[EndpointView]:
+        """The endpoints with their URLs opened (one key lookup for the whole page)."""
+        urls = await self._keyring.open_many(tx, [(r.url, _url_context(r.id)) for r in records])
+        return [EndpointView(r, url.decode()) for r, url in zip(records, urls, strict=True)]
 
     def _admin(self, principal: Principal, attempt: str) -> None:
         if not can_manage_webhooks(principal):
@@ -517,12 +518,6 @@ class WebhookEndpoints:
             resource_id=str(endpoint_id),
             details={k: v for k, v in details.items() if v is not None},
         )
-
-
-def record_tenant(tx: Tx) -> UUID:
-    if tx.tenant_id is None:
-        raise RuntimeError("webhook endpoints are read within a tenant")
-    return tx.tenant_id
 
 
 # -- the worker's side --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class EndpointRecord:
     disabled_at: datetime | None
     disabled_reason: str | None
     failing_since: datetime | None
+    signing_public_keys: tuple[str, ...] = ()  # whpk_ keys verifying its v1a signatures now, newest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +87,14 @@ class ReceiptRecord:
     message_id: UUID
 
 
+# The v1a public keys in use ride along with the endpoint, so a listing costs one query, not one per row.
+_PUBLIC_KEYS = (
+    "ARRAY(SELECT k.public_key FROM webhook_endpoint_keys k WHERE k.endpoint_id = e.id AND k.purpose = 'ed25519' "
+    "AND (k.expires_at IS NULL OR k.expires_at > now()) ORDER BY k.created_at DESC, k.id) AS signing_public_keys"
+)
 _ENDPOINT_COLUMNS = (
     "e.id, e.subscriber, e.url, e.event_types, e.active, e.created_by, e.created_at, e.updated_at, "
-    "e.disabled_at, e.disabled_reason, e.failing_since"
+    f"e.disabled_at, e.disabled_reason, e.failing_since, {_PUBLIC_KEYS}"
 )
 _DELIVERY_COLUMNS = (
     "o.id, o.endpoint_id, o.event_type, o.payload, o.created_at, o.status, o.held_reason, o.tries, o.attempts, "
@@ -110,6 +116,7 @@ def _endpoint(row: asyncpg.Record, *, joined: bool = False) -> EndpointRecord:
         disabled_at=row["disabled_at"],
         disabled_reason=row["disabled_reason"],
         failing_since=row["failing_since"],
+        signing_public_keys=() if joined else tuple(row["signing_public_keys"]),
     )
 
 

@@ -3,7 +3,7 @@ sending the same delivery at once, and the reaper returns the leases of workers 
 
 Each turn: now and then reap expired leases; lease as many due deliveries as there are free slots; run
 each in its own task (`WebhookDispatcher.deliver`), at most `concurrency` at once. When nothing is due it
-sleeps for `poll_interval`, or less if `wake()` is called (a send in this process just committed).
+sleeps for `poll_interval`; when every slot is busy, until one frees up.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ class WebhookWorker:
         self._concurrency = concurrency
         self._reap_interval = reap_interval
         self._tasks: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
-
-    def wake(self) -> None:
-        self._wake.set()
 
     async def run(self) -> None:
         """Run until cancelled. Errors are logged and retried, never fatal; cancelling also cancels the
@@ -69,7 +65,7 @@ class WebhookWorker:
                 for tenant_id, delivery_id in claimed:
                     task = asyncio.create_task(self._one(tenant_id, delivery_id))
                     self._tasks.add(task)
-                    task.add_done_callback(self._done)
+                    task.add_done_callback(self._tasks.discard)
                 if not claimed or len(self._tasks) >= self._concurrency:
                     await self._idle()
         finally:
@@ -78,21 +74,11 @@ class WebhookWorker:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _idle(self) -> None:
-        """Sleep until the poll interval passes, a slot frees up (when full), or `wake()`."""
-        self._wake.clear()
-        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(self._wake.wait())]
+        """Sleep until the poll interval passes, or a slot frees up (when all were busy)."""
         if len(self._tasks) >= self._concurrency:
-            waiters.append(asyncio.ensure_future(asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)))
-        try:
-            await asyncio.wait(waiters, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if len(self._tasks) == self._concurrency - 1:
-            self._wake.set()
+            await asyncio.wait(self._tasks, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(self._poll)
 
     async def _one(self, tenant_id: UUID, delivery_id: UUID) -> None:
         try:

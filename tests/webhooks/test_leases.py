@@ -1,0 +1,61 @@
+"""A worker sends only what it still holds: the lease is checked again right before the attempt."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from service.domain.audit import AuditRecorder
+from service.domain.consents import ConsentLedger
+from service.domain.webhooks import UrlGuard, WebhookDispatcher
+from service.settings import Settings
+from service.store.audit import AuditStore
+from service.store.consents import ConsentStore
+from service.store.idempotency import IdempotencyStore
+from service.store.webhooks import WebhookStore
+from service.workers.http import HttpTransport, system_resolver
+from tests.api.messaging_helpers import consent, thread
+from tests.api.webhook_helpers import Receiver, register
+from tests.conftest import Dsns, Portals, Services
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # No worker in the app: this test drives a dispatcher itself, with leases it controls.
+    return settings.model_copy(update={"webhook_worker": False})
+
+
+async def test_a_delivery_whose_lease_passed_to_another_worker_is_not_sent(
+    client, portals: Portals, receiver: Receiver, services: Services, database: Dsns
+) -> None:
+    await register(client, portals, receiver.url, event_types=["message.created"])
+    await consent(client, portals)
+    await thread(client, portals)
+    recorder = AuditRecorder(AuditStore(), services.db)
+    transport = HttpTransport(timeout_seconds=2)
+    dispatcher = WebhookDispatcher(
+        services.db,
+        WebhookStore(),
+        services.keyring,
+        ConsentLedger(services.db, ConsentStore(), IdempotencyStore(), recorder),
+        recorder,
+        transport,
+        UrlGuard(system_resolver, allow_http_loopback=True),
+    )
+    try:
+        stalled, current = uuid.uuid4(), uuid.uuid4()
+        [(tenant_id, delivery_id)] = await dispatcher.claim(stalled, 30.0, 10)
+        owner = await asyncpg.connect(database.owner)
+        try:  # the stalled worker's lease expired and another worker leased the delivery meanwhile
+            await owner.execute("UPDATE webhook_outbox SET lease_owner = $1 WHERE id = $2", current, delivery_id)
+        finally:
+            await owner.close()
+
+        assert await dispatcher.deliver(stalled, tenant_id, delivery_id) == "lost"
+        assert receiver.received == []
+        assert await dispatcher.deliver(current, tenant_id, delivery_id) == "succeeded"
+        assert len(receiver.received) == 1
+    finally:
+        await transport.close()
