@@ -1,8 +1,10 @@
 """A private PostgreSQL for development: initdb + pg_ctl into a data directory, reused across runs.
 
 Embedded mode is what runs when no database URL is given. It listens on 127.0.0.1 only, on a free port,
-with no Unix socket, and password (SCRAM) authentication for every connection. PostgreSQL refuses to run
-as root, so under root the server runs as the `postgres` system user (created by Debian's package).
+and on a Unix socket in a private directory beside its data (0700, the server's user only), with password
+(SCRAM) authentication for every connection on either. Bedside itself connects through the socket: a
+round trip over it costs both sides less CPU than one over loopback TCP. PostgreSQL refuses to run as
+root, so under root the server runs as the `postgres` system user (created by Debian's package).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,18 @@ def find_pg_bindir() -> Path:
     raise EmbeddedError(INSTALL_HINT)
 
 
+# A socket's path is `<dir>/.s.PGSQL.<port>`, at most 107 bytes on Linux; pg_ctl passes the directory
+# through a shell, so it must need no quoting. Past either limit the cluster listens on TCP only.
+_SOCKET_DIR_MAX = 90
+_SOCKET_DIR_CHARS = re.compile(r"^[A-Za-z0-9/._-]+$")
+
+
+def socket_dir_usable(directory: Path) -> bool:
+    """Whether the server can be given `directory` for its Unix socket (short enough, nothing to quote)."""
+    text = str(directory)
+    return len(text) <= _SOCKET_DIR_MAX and bool(_SOCKET_DIR_CHARS.match(text))
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,10 +96,15 @@ class Connection:
     port: int
     owner_password: str
     app_password: str
+    socket_dir: Path | None = None
 
     def dsn(self, *, database: str = "bedside", owner: bool = False) -> str:
+        """A URL for the Unix socket when the server has one, else for 127.0.0.1."""
         user, password = (OWNER_ROLE, self.owner_password) if owner else (APP_LOGIN_ROLE, self.app_password)
-        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+        if self.socket_dir is None:
+            return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}"
+        host = urllib.parse.quote(str(self.socket_dir), safe="/")
+        return f"postgresql://{user}:{password}@/{database}?host={host}&port={self.port}"
 
 
 class EmbeddedPostgres:
@@ -96,6 +116,7 @@ class EmbeddedPostgres:
         self._as_postgres = os.geteuid() == 0
         self.pgdata = self._cluster_home() / "pgdata"
         self.logfile = self._cluster_home() / "postgres.log"
+        self.socket_dir = self._cluster_home() / "socket"
 
     # -- layout ------------------------------------------------------------------------------------
 
@@ -208,6 +229,26 @@ class EmbeddedPostgres:
         except (OSError, IndexError, ValueError):
             return None
 
+    def _running_socket_dir(self) -> Path | None:
+        """The Unix socket directory the running server listens in (postmaster.pid's fifth line), or None
+        (a server started without one)."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        return Path(lines[4]) if len(lines) > 4 and lines[4].strip() else None
+
+    def _socket_options(self) -> str:
+        """The server options for the private socket directory, made here; '' for TCP only."""
+        if not socket_dir_usable(self.socket_dir):
+            return "-c unix_socket_directories=''"
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.socket_dir, 0o700)
+        if self._as_postgres:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.socket_dir, user.pw_uid, user.pw_gid)
+        return f"-c unix_socket_directories={self.socket_dir} -c unix_socket_permissions=0700"
+
     def start(self, *, durable: bool = True) -> int:
         """Start the server on a free loopback port (initdb first if needed); return the port.
 
@@ -217,7 +258,7 @@ class EmbeddedPostgres:
         self._prepare_dirs()
         port = _free_port()
         options = (
-            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='' "
+            f"-c listen_addresses=127.0.0.1 -c port={port} {self._socket_options()} "
             "-c synchronous_commit=on -c max_connections=200"
         )
         options += " -c fsync=on" if durable else " -c fsync=off -c full_page_writes=off"
@@ -249,6 +290,7 @@ class EmbeddedPostgres:
             port=port,
             owner_password=read_or_create_secret(self.root / "owner-password"),
             app_password=read_or_create_secret(self.root / "app-password"),
+            socket_dir=self._running_socket_dir(),
         )
 
 

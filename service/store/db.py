@@ -34,6 +34,18 @@ FROM pg_catalog.pg_roles r
 WHERE r.rolname = current_user
 """
 
+
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """The pool's release step, in place of asyncpg's default `RESET ALL` batch.
+
+    Pooled connections carry no session state: the tenant is set for one transaction (`set_config(...,
+    true)`), advisory locks are transaction-scoped, cursors live inside transactions, nothing LISTENs,
+    and the sequencer's session lock lives on a connection of its own (`Database.session`). So the
+    default reset (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`) would be a round trip per
+    request that finds nothing to undo. The driver still rolls back a transaction left open (a cancelled
+    request) before it calls this, and that is what keeps one request's work out of the next one's."""
+
+
 # The driver raises these when the server is unreachable or the connection dies mid-way.
 _UNAVAILABLE = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
 
@@ -68,7 +80,9 @@ class Database:
             "idle_in_transaction_session_timeout": str(statement_timeout_ms * 2),
         }
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, server_settings=server_settings)
+            pool = await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, server_settings=server_settings, reset=_keep_session
+            )
         except _UNAVAILABLE as exc:
             raise ConfigurationError(f"cannot connect to the database ({type(exc).__name__})") from None
         except asyncpg.exceptions.InvalidAuthorizationSpecificationError:

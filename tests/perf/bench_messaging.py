@@ -472,6 +472,9 @@ def main() -> None:
     parser.add_argument("--explain-rows", type=int, default=2_000_000, help="0: no EXPLAIN")
     parser.add_argument("--concurrency", default="1,16,64", help="send and bare runs (reads run at 64)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no py-spy sampling")
+    parser.add_argument(
+        "--service-env", action="append", default=[], metavar="NAME=VALUE", help="a bedside serve setting (A/B)"
+    )
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "bare"])
     parser.add_argument("--dsn")
     parser.add_argument("--port", type=int)
@@ -489,6 +492,7 @@ def main() -> None:
     env.update(
         BEDSIDE_DATA_DIR=str(data_dir), BEDSIDE_PORT=str(port), BEDSIDE_LOG_FORMAT="json", BEDSIDE_DB_POOL_MAX="20"
     )
+    env.update(item.split("=", 1) for item in args.service_env)
     service = subprocess.Popen(
         [BEDSIDE, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
