@@ -588,7 +588,14 @@ class MessagingService:
         *,
         resource: tuple[str, UUID],
     ) -> None:
-        """Reads are audited with the messages they returned; a break-glass read with purpose ETREAT."""
+        """Reads are audited with the messages they returned; a break-glass read with purpose ETREAT.
+
+        The messages are named by their thread and the range of sequence numbers returned: a thread's
+        sequence is dense and its messages are never deleted, so a page is exactly the messages from
+        `first_seq` to `last_seq`, and the event stays the same small size whatever the page's."""
+        details: dict[str, Any] = {"thread_id": str(thread.id), "returned": len(records)}
+        if records:
+            details.update(first_seq=records[0].seq, last_seq=records[-1].seq)
         event = AuditEvent.by(
             principal,
             AuditAction.MESSAGE_READ,
@@ -596,7 +603,7 @@ class MessagingService:
             resource_type=resource[0],
             resource_id=str(resource[1]),
             purpose=ETREAT if access is Access.READ else None,
-            details={"message_ids": [str(r.id) for r in records]},
+            details=details,
         )
         await self._audit.record(tx, event)
 

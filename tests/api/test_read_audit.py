@@ -1,0 +1,69 @@
+"""A read of messages is audited with exactly the messages it returned: the thread and the range of
+sequence numbers, from which compliance recovers the message ids (a thread's sequence is dense, and its
+messages are never deleted)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from tests.api.messaging_helpers import consent, patient, physician, thread
+from tests.conftest import Dsns, Portals
+
+
+async def _read_events(owner_dsn: str, resource_id: str) -> list[dict[str, Any]]:
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        rows = await owner.fetch(
+            "SELECT details::text AS details FROM (SELECT action, resource_id, details, occurred_at FROM audit_outbox "
+            "UNION ALL SELECT action, resource_id, details, occurred_at FROM audit_leaves) e "
+            "WHERE action = 'message:read' AND resource_id = $1 ORDER BY occurred_at",
+            resource_id,
+        )
+    finally:
+        await owner.close()
+    return [json.loads(r["details"]) for r in rows]
+
+
+async def _ids_in(owner_dsn: str, thread_id: str, first: int, last: int) -> list[str]:
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        rows = await owner.fetch(
+            "SELECT id::text FROM messages WHERE thread_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq",
+            thread_id,
+            first,
+            last,
+        )
+    finally:
+        await owner.close()
+    return [r["id"] for r in rows]
+
+
+async def test_a_page_read_is_audited_with_the_messages_it_returned(client, portals: Portals, database: Dsns) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="first")
+    url = f"/v1/threads/{created['id']}/messages"
+    for i in range(5):
+        assert (await client.post(url, json={"body": f"m{i}"}, headers=patient(portals))).status == 201
+
+    page = await (await client.get(f"{url}?after=2&limit=3", headers=physician(portals))).json()
+    returned = [m["id"] for m in page["items"]]
+    assert [m["seq"] for m in page["items"]] == [3, 4, 5]
+    empty = await (await client.get(f"{url}?after=6", headers=physician(portals))).json()
+    assert empty["items"] == []
+
+    events = await _read_events(database.owner, created["id"])
+    assert events[-2] == {"thread_id": created["id"], "returned": 3, "first_seq": 3, "last_seq": 5}
+    assert await _ids_in(database.owner, created["id"], 3, 5) == returned
+    assert events[-1] == {"thread_id": created["id"], "returned": 0}
+
+
+async def test_a_single_message_read_names_its_sequence_number(client, portals: Portals, database: Dsns) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="first")
+    message_id = created["message"]["id"]
+    assert (await client.get(f"/v1/messages/{message_id}", headers=physician(portals))).status == 200
+    (event,) = await _read_events(database.owner, message_id)
+    assert event == {"thread_id": created["id"], "returned": 1, "first_seq": 1, "last_seq": 1}
