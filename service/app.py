@@ -62,6 +62,7 @@ from service.store.migrate import SchemaStore
 from service.store.tenants import TenantStore
 from service.store.webhooks import WebhookStore
 from service.workers.http import HttpTransport, system_resolver
+from service.workers.maintenance import IdempotencyPurger
 from service.workers.sequencer import Sequencer
 from service.workers.webhooks import WebhookWorker
 
@@ -117,7 +118,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 max_uses=settings.dek_cache_max_uses,
             ),
         )
-        tenant_store, issuer_store = TenantStore(), IssuerStore()
+        tenant_store, issuer_store, idempotency_store = TenantStore(), IssuerStore(), IdempotencyStore()
         key_operations = KeyOperations(db, tenant_store, DataKeyStore(), kek, keyring, recorder)
         app[KEY_OPERATIONS] = key_operations
         issuers = IssuerService(db, tenant_store, issuer_store, recorder, cache_seconds=settings.issuer_cache_seconds)
@@ -133,7 +134,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         consents = ConsentLedger(
             db,
             ConsentStore(),
-            IdempotencyStore(),
+            idempotency_store,
             recorder,
             proxy_max_validity=timedelta(days=settings.proxy_consent_max_days),
             outbox=WebhookStore(),
@@ -145,7 +146,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             MessagingStore(),
             consents,
             keyring,
-            IdempotencyStore(),
+            idempotency_store,
             recorder,
             attachments=AttachmentReferences(attachment_store),
             recall_window=timedelta(seconds=settings.recall_window_seconds),
@@ -193,6 +194,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         if settings.audit_sequencer:
             sequencer = Sequencer(db, audit_log, interval=settings.audit_batch_interval_seconds)
             workers.append(asyncio.create_task(sequencer.run(), name="audit-sequencer"))
+        if settings.idempotency_purge_interval_seconds:
+            purger = IdempotencyPurger(db, idempotency_store, interval=settings.idempotency_purge_interval_seconds)
+            workers.append(asyncio.create_task(purger.run(), name="idempotency-purge"))
         try:
             yield
         finally:

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     audit_sequencer: bool = True
     audit_batch_interval_seconds: float = Field(default=0.25, gt=0, le=10)
 
+    # How often expired idempotency keys (kept 24 hours) are purged; 0 turns the purge off in this process.
+    idempotency_purge_interval_seconds: float = Field(default=600.0, ge=0, le=86_400)
+
     # Messaging: how long a sender may recall an unread message; how long a break-glass grant lasts.
     recall_window_seconds: int = Field(default=900, ge=0, le=86_400)
     break_glass_minutes: int = Field(default=60, ge=1, le=24 * 60)

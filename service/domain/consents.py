@@ -300,13 +300,14 @@ class ConsentLedger:
         self._check_request(request)
         if not can_record_consent(principal, request.patient, request.evidence.method.value):
             await self._deny(principal, request.patient, "consent:grant")
+        fingerprint = request.fingerprint() if idempotency_key is not None else b""
         async with self._db.transaction(principal.tenant_id) as tx:
             if idempotency_key is not None:
                 stored = await self._idempotency.claim(
-                    tx, principal.tenant_id, principal.subject, idempotency_key, request.fingerprint()
+                    tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
                 )
                 if stored is not None:
-                    return await self._replay(tx, principal, stored.request_hash, request, stored.response)
+                    return await self._replay(tx, principal, stored.request_hash, fingerprint, stored.response)
             key = ConsentKey(request.patient, request.grantee, request.scope.value, request.item)
             event = await self._append(
                 tx,
@@ -496,9 +497,9 @@ class ConsentLedger:
         return event
 
     async def _replay(
-        self, tx: Tx, principal: Principal, stored_hash: bytes, request: ConsentRequest, response: dict[str, Any] | None
+        self, tx: Tx, principal: Principal, stored_hash: bytes, fingerprint: bytes, response: dict[str, Any] | None
     ) -> ConsentView:
-        if stored_hash != request.fingerprint() or response is None:
+        if stored_hash != fingerprint or response is None:
             raise InvalidRequestError(
                 [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
             )

@@ -41,8 +41,8 @@ def claim_sql(*, tenant: str, principal: str, key: str, request_hash: str) -> st
 class IdempotencyStore:
     _CLAIM = claim_sql(tenant="$1", principal="$2", key="$3", request_hash="$4")
     _EXISTING = """
-        SELECT request_hash, response FROM idempotency_keys
-        WHERE tenant_id = $1 AND principal = $2 AND key = $3 AND expires_at > now()
+        SELECT request_hash, response, expires_at <= now() AS expired FROM idempotency_keys
+        WHERE tenant_id = $1 AND principal = $2 AND key = $3
     """
     _EXPIRED = """
         DELETE FROM idempotency_keys WHERE tenant_id = $1 AND principal = $2 AND key = $3 AND expires_at <= now()
@@ -52,16 +52,22 @@ class IdempotencyStore:
         UPDATE idempotency_keys SET status = $4, response = $5::jsonb
         WHERE tenant_id = $1 AND principal = $2 AND key = $3
     """
+    _PURGE = "SELECT bedside_idempotency_purge($1)"
 
     async def claim(
         self, tx: Tx, tenant_id: UUID, principal: str, key: str, request_hash: bytes
     ) -> StoredResponse | None:
-        """None when this request owns the key now; else what the first request stored."""
-        await tx.conn.execute(self._EXPIRED, tenant_id, principal, key)
+        """None when this request owns the key now; else what the first request stored. One round trip
+        for a new key; a key on record costs a read, and an expired one is deleted and claimed anew."""
         if await tx.conn.fetchval(self._CLAIM, tenant_id, principal, key, request_hash):
             return None
         row = await tx.conn.fetchrow(self._EXISTING, tenant_id, principal, key)
-        if row is None:  # expired between the two statements: treat as in use
+        if row is not None and row["expired"]:
+            await tx.conn.execute(self._EXPIRED, tenant_id, principal, key)
+            if await tx.conn.fetchval(self._CLAIM, tenant_id, principal, key, request_hash):
+                return None
+            row = None
+        if row is None:  # taken again, or gone, between the statements: treat as in use
             return StoredResponse(request_hash=b"", response=None)
         response = row["response"]
         return StoredResponse(
@@ -72,3 +78,8 @@ class IdempotencyStore:
         self, tx: Tx, tenant_id: UUID, principal: str, key: str, status: int, response: dict[str, Any]
     ) -> None:
         await tx.conn.execute(self._COMPLETE, tenant_id, principal, key, status, json.dumps(response))
+
+    async def purge_expired(self, tx: Tx, limit: int) -> int:
+        """Delete up to `limit` expired keys of every tenant (a SECURITY DEFINER function: ids and
+        deadlines only); returns how many."""
+        return int(await tx.conn.fetchval(self._PURGE, limit))

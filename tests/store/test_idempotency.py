@@ -1,0 +1,130 @@
+"""Idempotency keys in the store: a new key is claimed in one statement, an expired one is claimed anew,
+and expired keys of every tenant are purged by the worker, not by each request."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+from asyncpg.connection import LoggedQuery
+
+from service.store.db import Database
+from service.store.idempotency import IdempotencyStore
+from service.workers.maintenance import IdempotencyPurger
+from tests.conftest import Dsns, Portals
+
+
+async def _tenants(owner_dsn: str) -> tuple[uuid.UUID, uuid.UUID]:
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        acme = await owner.fetchval("SELECT id FROM tenants WHERE slug = 'acme'")
+        globex = await owner.fetchval("SELECT id FROM tenants WHERE slug = 'globex'")
+    finally:
+        await owner.close()
+    return acme, globex
+
+
+async def _expire(owner_dsn: str, keys: list[str]) -> None:
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        await owner.execute(
+            "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = ANY($1)", keys
+        )
+    finally:
+        await owner.close()
+
+
+async def test_a_new_key_is_claimed_in_one_statement_and_a_stored_one_replays(database: Dsns, portals: Portals) -> None:
+    acme, _ = await _tenants(database.owner)
+    db = await Database.connect(database.app, min_size=1, max_size=1)
+    store, sent = IdempotencyStore(), []
+
+    def note(query: LoggedQuery) -> None:
+        sent.append(query.query)
+
+    try:
+        async with db.transaction(acme) as tx:
+            with tx.conn.query_logger(note):
+                assert await store.claim(tx, acme, "Patient/1", "k-1", b"first") is None
+            await store.complete(tx, acme, "Patient/1", "k-1", 201, {"id": "x"})
+        async with db.transaction(acme) as tx:
+            stored = await store.claim(tx, acme, "Patient/1", "k-1", b"second")
+    finally:
+        await db.close()
+    assert len(sent) == 1, sent
+    assert "DELETE" not in sent[0]
+    assert stored is not None
+    assert (stored.request_hash, stored.response) == (b"first", {"id": "x"})
+
+
+async def test_an_expired_key_is_claimed_anew(database: Dsns, portals: Portals) -> None:
+    acme, _ = await _tenants(database.owner)
+    db = await Database.connect(database.app, min_size=1, max_size=1)
+    store = IdempotencyStore()
+    try:
+        async with db.transaction(acme) as tx:
+            assert await store.claim(tx, acme, "Patient/1", "old", b"first") is None
+        await _expire(database.owner, ["old"])
+        async with db.transaction(acme) as tx:
+            assert await store.claim(tx, acme, "Patient/1", "old", b"second") is None
+        async with db.transaction(acme) as tx:
+            stored = await store.claim(tx, acme, "Patient/1", "old", b"third")
+    finally:
+        await db.close()
+    assert stored is not None
+    assert stored.request_hash == b"second"
+
+
+async def test_the_purge_deletes_expired_keys_of_every_tenant_and_nothing_else(
+    database: Dsns, portals: Portals
+) -> None:
+    acme, globex = await _tenants(database.owner)
+    db = await Database.connect(database.app, min_size=1, max_size=2)
+    store = IdempotencyStore()
+    try:
+        for tenant, prefix in ((acme, "a"), (globex, "g")):
+            async with db.transaction(tenant) as tx:
+                for i in range(5):
+                    assert await store.claim(tx, tenant, "Patient/1", f"{prefix}{i}", b"h") is None
+        await _expire(database.owner, ["a0", "a1", "a2", "g0", "g1"])
+        purged = await IdempotencyPurger(db, store, interval=60, batch=2).purge()
+        again = await IdempotencyPurger(db, store, interval=60, batch=2).purge()
+    finally:
+        await db.close()
+    owner = await asyncpg.connect(database.owner)
+    try:
+        left = sorted(r["key"] for r in await owner.fetch("SELECT key FROM idempotency_keys"))
+    finally:
+        await owner.close()
+    assert (purged, again) == (5, 0)
+    assert left == ["a3", "a4", "g2", "g3", "g4"]
+
+
+async def test_without_the_foreign_keys_rows_still_cannot_name_another_tenant(database: Dsns, portals: Portals) -> None:
+    """The audit outbox and the idempotency keys have no foreign key to `tenants` (migration 0008): their
+    row-level security is what keeps a row to the transaction's own tenant."""
+    acme, globex = await _tenants(database.owner)
+    conn = await asyncpg.connect(database.app)
+    try:
+        for tenant in (globex, uuid.uuid4()):
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('bedside.tenant_id', $1, true)", str(acme))
+                with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+                    await conn.execute(
+                        "INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash) "
+                        "VALUES ($1, 'Patient/1', 'k', '\\x00')",
+                        tenant,
+                    )
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('bedside.tenant_id', $1, true)", str(acme))
+                with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+                    await conn.execute(
+                        "INSERT INTO audit_outbox (event_id, occurred_at, tenant_id, action, outcome, entry) "
+                        "VALUES (gen_random_uuid(), now(), $1, 'x', 'success', '\\x00')",
+                        tenant,
+                    )
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            await conn.execute("DELETE FROM tenants WHERE id = $1", acme)
+    finally:
+        await conn.close()
