@@ -113,18 +113,58 @@ def postgres_pids() -> list[int]:
     return [POSTMASTER[0], *(int(p) for p in out.split())]
 
 
-def wrk(url: str, script: Path, connections: int, seconds: int, service_pid: int) -> dict[str, Any]:
+def postgres_kind(pid: int) -> str:
+    """What a PostgreSQL process is, from its title: a backend (`postgres: user db ...`) or a helper."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    for kind in ("walwriter", "checkpointer", "background writer", "autovacuum", "logical replication"):
+        if kind in title:
+            return kind
+    return "backends" if title.startswith("postgres: ") else "postmaster"
+
+
+def wal_stats(dsn: str | None) -> tuple[int, int]:
+    """(WAL bytes, full-page images) written so far by the whole cluster (pg_stat_wal)."""
+    if dsn is None:
+        return 0, 0
+
+    async def read() -> tuple[int, int]:
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            row = await conn.fetchrow("SELECT wal_bytes::bigint AS bytes, wal_fpi FROM pg_stat_wal")
+        finally:
+            await conn.close()
+        assert row is not None
+        return int(row["bytes"]), int(row["wal_fpi"])
+
+    return asyncio.run(read())
+
+
+def wrk(
+    url: str, script: Path, connections: int, seconds: int, service_pid: int, stats_dsn: str | None = None
+) -> dict[str, Any]:
     threads = min(2, connections)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
     pg, svc = postgres_pids(), [service_pid]
+    wal_before = wal_stats(stats_dsn)
     before = (cpu_by_pid(svc), cpu_by_pid(pg))
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate()
     wall = time.monotonic() - started
     wrk_cpu = sum(os.times()[2:4])  # children's user + system time so far (wrk is the only busy child)
-    after = (cpu_by_pid(svc), cpu_by_pid(postgres_pids()))
+    pids_after = postgres_pids()
+    after = (cpu_by_pid(svc), cpu_by_pid(pids_after))
+    wal_after = wal_stats(stats_dsn)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = max(rps * wall, 1.0)
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    for pid, cpu in after[1].items():
+        by_kind[postgres_kind(pid)] += cpu - before[1].get(pid, 0.0)
 
     def pct(label: str) -> float:
         match = re.search(rf"\s{label}%\s+([\d.]+)(us|ms|s)", out)
@@ -141,6 +181,9 @@ def wrk(url: str, script: Path, connections: int, seconds: int, service_pid: int
         "cpu_service": cpu_used(before[0], after[0]) / wall,
         "cpu_postgres": cpu_used(before[1], after[1]) / wall,
         "wrk_cpu_total": wrk_cpu,
+        "pg_ms_per_request_by_kind": {k: round(1000 * v / requests, 3) for k, v in sorted(by_kind.items())},
+        "wal_bytes_per_request": round((wal_after[0] - wal_before[0]) / requests),
+        "wal_fpi_per_request": round((wal_after[1] - wal_before[1]) / requests, 3),
     }
 
 
@@ -541,19 +584,22 @@ def main() -> None:
         for connections in sorted(int(c) for c in args.concurrency.split(",")):
             wanted = args.profile and connections == 64
             spy = profile(service.pid, args.seconds, work / "profile.txt") if wanted else None
-            results.append(("send", connections, wrk(base, scripts["send"], connections, args.seconds, service.pid)))
+            sent = wrk(base, scripts["send"], connections, args.seconds, service.pid, owner_dsn)
+            results.append(("send", connections, sent))
             if spy is not None:
                 spy.wait(timeout=args.seconds + 30)
             results.append(
                 (
                     "bare",
                     connections,
-                    wrk(f"http://127.0.0.1:{bare_port}", scripts["bare"], connections, args.seconds, bare.pid),
+                    wrk(
+                        f"http://127.0.0.1:{bare_port}", scripts["bare"], connections, args.seconds, bare.pid, owner_dsn
+                    ),
                 )
             )
         top_up(base, owner_dsn, targets, read_targets, threads=100)
         spy = profile(service.pid, args.seconds, work / "profile-read.txt") if args.profile else None
-        results.append(("read50", 64, wrk(base, scripts["read"], 64, args.seconds, service.pid)))
+        results.append(("read50", 64, wrk(base, scripts["read"], 64, args.seconds, service.pid, owner_dsn)))
         if spy is not None:
             spy.wait(timeout=args.seconds + 30)
 
@@ -567,6 +613,11 @@ def main() -> None:
                 f"{r['errors']:>8} {r['cpu_service']:>8.2f} {r['cpu_postgres']:>7.2f} "
                 f"{1000 * r['cpu_service'] / r['rps']:>10.2f} {1000 * r['cpu_postgres'] / r['rps']:>9.2f}"
             )
+        print("\nPostgreSQL per request: ms of CPU by process kind; WAL bytes and full-page images")
+        for name, connections, r in results:
+            kinds = "  ".join(f"{k} {v:.3f}" for k, v in r["pg_ms_per_request_by_kind"].items())
+            wal = f"wal {r['wal_bytes_per_request']} B  fpi {r['wal_fpi_per_request']}"
+            print(f"{name:8} {connections:>4}  {kinds}  {wal}")
         by = {(n, c): r for n, c, r in results}
         send64, bare64, read64 = by[("send", 64)], by[("bare", 64)], by[("read50", 64)]
         print(

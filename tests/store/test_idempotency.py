@@ -105,25 +105,19 @@ async def test_without_the_foreign_keys_rows_still_cannot_name_another_tenant(da
     """The audit outbox and the idempotency keys have no foreign key to `tenants` (migration 0008): their
     row-level security is what keeps a row to the transaction's own tenant."""
     acme, globex = await _tenants(database.owner)
+    inserts = (
+        "INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash) VALUES ($1, 'Patient/1', 'k', '\\x00')",
+        "INSERT INTO audit_outbox (event_id, occurred_at, tenant_id, action, outcome, entry) "
+        "VALUES (gen_random_uuid(), now(), $1, 'x', 'success', '\\x00')",
+    )
     conn = await asyncpg.connect(database.app)
     try:
         for tenant in (globex, uuid.uuid4()):
-            async with conn.transaction():
-                await conn.execute("SELECT set_config('bedside.tenant_id', $1, true)", str(acme))
-                with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
-                    await conn.execute(
-                        "INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash) "
-                        "VALUES ($1, 'Patient/1', 'k', '\\x00')",
-                        tenant,
-                    )
-            async with conn.transaction():
-                await conn.execute("SELECT set_config('bedside.tenant_id', $1, true)", str(acme))
-                with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
-                    await conn.execute(
-                        "INSERT INTO audit_outbox (event_id, occurred_at, tenant_id, action, outcome, entry) "
-                        "VALUES (gen_random_uuid(), now(), $1, 'x', 'success', '\\x00')",
-                        tenant,
-                    )
+            for insert in inserts:
+                async with conn.transaction():
+                    await conn.execute("SELECT set_config('bedside.tenant_id', $1, true)", str(acme))
+                    with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+                        await conn.execute(insert, tenant)
         with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
             await conn.execute("DELETE FROM tenants WHERE id = $1", acme)
     finally:
