@@ -72,6 +72,7 @@ def thread_out(view: ThreadView, message: MessageView | None = None) -> ThreadOu
         access=view.access.value,  # type: ignore[arg-type]
         receipts=[ReceiptOut(reader=r.reader, up_to=r.up_to, read_at=r.read_at) for r in view.receipts],
         message=None if message is None else message_out(message),
+        shredded_at=view.shredded_at,
     )
 
 
@@ -201,6 +202,7 @@ async def list_break_glass(request: web.Request) -> web.Response:
                     reviewed=g.record.reviewed_at is not None,
                     reviewed_at=g.record.reviewed_at,
                     reviewed_by=g.record.reviewed_by,
+                    shredded_at=g.shredded_at,
                 )
                 for g in grants
             ]

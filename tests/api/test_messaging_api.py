@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import asyncpg
 
@@ -270,3 +271,61 @@ async def test_a_proxy_without_sensitive_access_cannot_start_a_sensitive_thread(
     body = {"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "private", "sensitive": True}
     assert (await client.post("/v1/threads", json=body, headers=proxy)).status == 404
     assert (await client.post("/v1/threads", json={**body, "sensitive": False}, headers=proxy)).status == 201
+
+
+async def _shred(client, portals: Portals, n: int) -> str:
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    body = {"patient": f"Patient/{n}", "confirm": f"Patient/{n}"}
+    shred = await client.post("/v1/admin/keys/shred", json=body, headers=admin)
+    assert shred.status == 200, await shred.text()
+    return str((await shred.json())["shredded_at"])
+
+
+async def test_one_shredded_patient_is_a_tombstone_in_a_thread_listing_not_a_410(client, portals: Portals) -> None:
+    await consent(client, portals, n=1)
+    await consent(client, portals, n=2)
+    gone = await thread(client, portals, n=1)
+    kept = await thread(client, portals, n=2)
+    shredded_at = await _shred(client, portals, 1)
+
+    listed = await client.get("/v1/threads", headers=physician(portals))
+    assert listed.status == 200, await listed.text()
+    items = {t["id"]: t for t in (await listed.json())["items"]}
+    assert set(items) == {gone["id"], kept["id"]}
+    tombstone = items[gone["id"]]
+    assert tombstone["subject"] is None
+    assert datetime.fromisoformat(tombstone["shredded_at"]) == datetime.fromisoformat(shredded_at)
+    assert (tombstone["patient"], tombstone["participants"], tombstone["last_seq"]) == (
+        "Patient/1",
+        ["Practitioner/7"],
+        1,
+    )
+    assert items[kept["id"]]["subject"] == "Question about my medication"
+    assert items[kept["id"]]["shredded_at"] is None
+    # The thread itself still answers 410 with its tombstone.
+    assert (await client.get(f"/v1/threads/{gone['id']}", headers=physician(portals))).status == 410
+
+
+async def test_one_shredded_patient_is_a_tombstone_in_the_break_glass_review(client, portals: Portals) -> None:
+    outsider = physician(portals, n=99)
+    reason = "Unconscious in the ED, need history"
+    for n in (1, 2):
+        await consent(client, portals, n=n)
+        created = await thread(client, portals, n=n)
+        opened = await client.get(f"/v1/threads/{created['id']}", headers={**outsider, "Break-Glass-Reason": reason})
+        assert opened.status == 200
+    await _shred(client, portals, 1)
+
+    compliance = portals.acme.auth(role="compliance", sub="Practitioner/c1")
+    review = await client.get("/v1/audit/break-glass", headers=compliance)
+    assert review.status == 200, await review.text()
+    items = (await review.json())["items"]
+    assert len(items) == 2
+    by_reason = {(g["reason"], g["shredded_at"] is None) for g in items}
+    assert by_reason == {(None, False), (reason, True)}
+    tombstone = next(g for g in items if g["reason"] is None)
+    assert tombstone["physician"] == "Practitioner/99"
+    assert tombstone["reviewed"] is False
+    # A tombstoned grant is still reviewable.
+    done = await client.post(f"/v1/audit/break-glass/{tombstone['id']}/review", headers=compliance)
+    assert done.status == 204
