@@ -48,7 +48,7 @@ class MessageOut(BaseModel):
     sender_role: str
     body: str | None = Field(description="Absent once recalled (a tombstone)")
     in_reply_to: str | None
-    attachment_ids: list[str]
+    attachment_ids: list[str] = Field(description="Empty once recalled: the recall withdraws them too")
     created_at: datetime
     recalled_at: datetime | None
     recalled_by: str | None

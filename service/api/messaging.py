@@ -46,7 +46,7 @@ def message_out(view: MessageView) -> MessageOut:
         sender_role=record.sender_role,
         body=view.body,
         in_reply_to=None if record.in_reply_to is None else str(record.in_reply_to),
-        attachment_ids=[str(a) for a in record.attachment_ids],
+        attachment_ids=[str(a) for a in view.attachment_ids],
         created_at=record.created_at,
         recalled_at=record.recalled_at,
         recalled_by=record.recalled_by,

@@ -71,6 +71,11 @@ class MessageView:
     body: str | None  # None once recalled: recipients see a tombstone
     replayed: bool = False
 
+    @property
+    def attachment_ids(self) -> tuple[UUID, ...]:
+        """The attachments it carries; none in a recalled message's tombstone, which withdraws them too."""
+        return () if self.record.recalled_at is not None else self.record.attachment_ids
+
 
 @dataclass(frozen=True, slots=True)
 class ThreadPage:
