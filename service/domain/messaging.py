@@ -355,11 +355,10 @@ class MessagingService:
                     cursor=cursor,
                     limit=limit + 1,
                     hide_sensitive=hide_sensitive,
+                    unread_only=unread_only,
                 )
             views = []
             for item in items[:limit]:
-                if unread_only and not item.unread:
-                    continue
                 subject, shredded_at = await self._open_in_listing(
                     tx, item.thread.subject, _subject_context(item.thread.id)
                 )

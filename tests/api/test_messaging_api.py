@@ -329,3 +329,30 @@ async def test_one_shredded_patient_is_a_tombstone_in_the_break_glass_review(cli
     # A tombstoned grant is still reviewable.
     done = await client.post(f"/v1/audit/break-glass/{tombstone['id']}/review", headers=compliance)
     assert done.status == 204
+
+
+async def test_unread_pages_are_full_and_walk_exactly_the_unread_threads(client, portals: Portals) -> None:
+    await consent(client, portals)
+    # Newest first, as listed: read and unread interleaved, with runs of read threads longer than a page.
+    unread_pattern = [False, False, True, False, False, False, True, True, False, True, False, False]
+    created = [await thread(client, portals) for _ in unread_pattern]  # oldest first
+    newest_first = list(reversed(created))
+    for item, unread in zip(newest_first, unread_pattern, strict=True):
+        if not unread:
+            receipt = await client.post(f"/v1/threads/{item['id']}/read", json={"up_to": 1}, headers=physician(portals))
+            assert receipt.status == 200
+    expected = [t["id"] for t, unread in zip(newest_first, unread_pattern, strict=True) if unread]
+
+    pages, cursor = [], None
+    while True:
+        params = {"unread": "true", "limit": "2", **({"cursor": cursor} if cursor else {})}
+        response = await client.get("/v1/threads", params=params, headers=physician(portals))
+        assert response.status == 200
+        page = await response.json()
+        pages.append([t["id"] for t in page["items"]])
+        assert all(t["unread"] > 0 for t in page["items"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert [i for page in pages for i in page] == expected
+    assert [len(page) for page in pages] == [2, 2]  # every page full while unread threads remain
