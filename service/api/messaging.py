@@ -135,17 +135,19 @@ async def list_threads(request: web.Request) -> web.Response:
 
 async def get_thread(request: web.Request) -> web.Response:
     view = await request.app[MESSAGING].get_thread(
-        request[PRINCIPAL], path_uuid(request), request.headers.get(BREAK_GLASS_HEADER)
+        request[PRINCIPAL], path_uuid(request, "Thread"), request.headers.get(BREAK_GLASS_HEADER)
     )
     return _json(thread_out(view))
 
 
 async def close_thread(request: web.Request) -> web.Response:
-    return _json(thread_out(await request.app[MESSAGING].close_thread(request[PRINCIPAL], path_uuid(request))))
+    return _json(
+        thread_out(await request.app[MESSAGING].close_thread(request[PRINCIPAL], path_uuid(request, "Thread")))
+    )
 
 
 async def send_message(request: web.Request) -> web.Response:
-    thread_id = path_uuid(request)
+    thread_id = path_uuid(request, "Thread")
     body = await read_json(request, MessageBody)
     view = await request.app[MESSAGING].send(
         request[PRINCIPAL],
@@ -162,7 +164,7 @@ async def list_messages(request: web.Request) -> web.Response:
     query = parse_query(request, MessageListQuery)
     views = await request.app[MESSAGING].messages(
         request[PRINCIPAL],
-        path_uuid(request),
+        path_uuid(request, "Thread"),
         after=query.after,
         before=query.before,
         limit=query.limit,
@@ -172,18 +174,18 @@ async def list_messages(request: web.Request) -> web.Response:
 
 
 async def get_message(request: web.Request) -> web.Response:
-    return _json(message_out(await request.app[MESSAGING].message(request[PRINCIPAL], path_uuid(request))))
+    return _json(message_out(await request.app[MESSAGING].message(request[PRINCIPAL], path_uuid(request, "Message"))))
 
 
 async def mark_read(request: web.Request) -> web.Response:
-    thread_id = path_uuid(request)
+    thread_id = path_uuid(request, "Thread")
     body = await read_json(request, ReadBody)
     receipt = await request.app[MESSAGING].mark_read(request[PRINCIPAL], thread_id, body.up_to)
     return _json(ReceiptOut(reader=receipt.reader, up_to=receipt.up_to, read_at=receipt.read_at))
 
 
 async def recall_message(request: web.Request) -> web.Response:
-    return _json(message_out(await request.app[MESSAGING].recall(request[PRINCIPAL], path_uuid(request))))
+    return _json(message_out(await request.app[MESSAGING].recall(request[PRINCIPAL], path_uuid(request, "Message"))))
 
 
 async def list_break_glass(request: web.Request) -> web.Response:
@@ -211,7 +213,7 @@ async def list_break_glass(request: web.Request) -> web.Response:
 
 
 async def review_break_glass(request: web.Request) -> web.Response:
-    await request.app[MESSAGING].review_break_glass(request[PRINCIPAL], path_uuid(request))
+    await request.app[MESSAGING].review_break_glass(request[PRINCIPAL], path_uuid(request, "BreakGlass"))
     return web.Response(status=204)
 
 

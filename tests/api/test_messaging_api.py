@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 
 import asyncpg
 
 from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Portals
+from tests.support import canary
 
 
 async def test_a_patient_and_a_physician_converse(client, portals: Portals) -> None:
@@ -356,3 +358,46 @@ async def test_unread_pages_are_full_and_walk_exactly_the_unread_threads(client,
             break
     assert [i for page in pages for i in page] == expected
     assert [len(page) for page in pages] == [2, 2]  # every page full while unread threads remain
+
+
+async def test_ids_that_are_not_uuids_are_404_audited_as_denied_without_the_callers_text(
+    client, portals: Portals, database
+) -> None:
+    planted = canary("path")  # attacker-controlled text in the id's place; never a UUID
+    probes = [
+        ("GET", f"/v1/threads/{planted}", "Thread", "get_thread"),
+        ("POST", f"/v1/threads/{planted}/messages", "Thread", "send_message"),
+        ("GET", f"/v1/messages/{planted}", "Message", "get_message"),
+        ("POST", f"/v1/messages/{planted}/recall", "Message", "recall_message"),
+        ("GET", f"/v1/attachments/{planted}", "Attachment", "download_attachment"),
+        ("GET", f"/v1/consents/{planted}", "Consent", "get_consent"),
+    ]
+    for method, url, _, _ in probes:
+        response = await client.request(method, url, json={"body": "x"}, headers=patient(portals))
+        assert response.status == 404, url
+        assert (await response.json())["code"] == "not-found"
+
+    owner = await asyncpg.connect(database.owner)
+    try:
+        events = await owner.fetch(
+            "SELECT actor, outcome, resource_type, resource_id, details::text AS details FROM audit_outbox "
+            "WHERE action = 'access:denied' UNION ALL "
+            "SELECT actor, outcome, resource_type, resource_id, details::text FROM audit_leaves "
+            "WHERE action = 'access:denied'"
+        )
+        leaked = await owner.fetchval(
+            "SELECT count(*) FROM (SELECT o::text AS row, entry FROM audit_outbox o "
+            "UNION ALL SELECT l::text, entry FROM audit_leaves l) e "
+            "WHERE strpos(e.row, $1) > 0 OR position($2::bytea IN e.entry) > 0",
+            planted,
+            planted.encode(),
+        )
+    finally:
+        await owner.close()
+    recorded = sorted(
+        (e["actor"], e["outcome"], e["resource_type"], e["resource_id"], json.loads(e["details"])["route"])
+        for e in events
+    )
+    assert recorded == sorted(("Patient/1", "denied", kind, None, route) for _, _, kind, route in probes)
+    assert all(json.loads(e["details"])["reason"] == "malformed-id" for e in events)
+    assert leaked == 0
