@@ -54,6 +54,9 @@ class AuditEventOut(BaseModel):
     actor_role: str | None
     issuer: str | None
     act_for: str | None
+    token_id: str | None = Field(
+        default=None, description="The `jti` of the actor's token, as the signed entry records it (not a filter)"
+    )
     patient: str | None
     resource_type: str | None
     resource_id: str | None

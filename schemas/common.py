@@ -54,3 +54,6 @@ class Problem(BaseModel):
     shredded_at: datetime | None = Field(
         default=None, description="For content-shredded (410): when the key was destroyed (the tombstone)"
     )
+    recalled_at: datetime | None = Field(
+        default=None, description="For content-recalled (410): when the message it was sent with was recalled"
+    )

@@ -14,6 +14,8 @@ How it follows BALP 1.1.4 (`IHE.BasicAudit.Read`, `Query`, `Create`, `Update`, `
   the patient (`Person`, role `Patient`), the request id as BALP's `XrequestId` transaction entity, and
   a Bedside log entry carrying the Merkle `seq` and `leaf_hash` so an export ties back to the log.
 - searches are action `E` (Execute), as BALP's Query profile and the FHIR action codes have them.
+- the token the user presented: its `jti` in the user agent's `policy`, as `urn:ietf:params:oauth:jti:<jti>`
+  (percent-encoded where a URI needs it), as BALP's OAuth access-token patterns record it.
 
 BALP says nothing of a proxy. Bedside records the patient a proxy acts for with the HL7 extension
 `auditevent-OnBehalfOf` on the user agent and, since that patient is the subject of what the proxy does,
@@ -30,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import quote
 
 from schemas.fhir_common import FHIR_CODE, FHIR_STRING, LITERAL_REFERENCE, coding, instant, is_instant, matches
 
@@ -48,6 +51,8 @@ AUDIT_ENTITY_TYPE: Final = "http://terminology.hl7.org/CodeSystem/audit-entity-t
 OBJECT_ROLE: Final = "http://terminology.hl7.org/CodeSystem/object-role"
 BALP_ENTITY_TYPE: Final = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType"
 ON_BEHALF_OF: Final = "http://hl7.org/fhir/StructureDefinition/auditevent-OnBehalfOf"
+JTI_URN: Final = "urn:ietf:params:oauth:jti:"  # BALP's prefix for a token's jti in agent.policy
+_URI_SAFE: Final = "!$&'()*+,;=:@/"  # RFC 3986 sub-delims and path characters; the rest is percent-encoded
 BEDSIDE_ACTION: Final = "urn:bedside:audit-action"
 BEDSIDE_ROLE: Final = "urn:bedside:role"
 BEDSIDE_RESOURCE_TYPE: Final = "urn:bedside:resource-type"
@@ -153,6 +158,7 @@ class AuditEventFields:
     actor_role: str | None = None
     issuer: str | None = None
     act_for: str | None = None
+    token_id: str | None = None
     patient: str | None = None
     resource_type: str | None = None
     resource_id: str | None = None
@@ -186,6 +192,7 @@ def _checks(event: AuditEventFields) -> list[tuple[str, bool]]:
         ("actor_role", optional(event.actor_role, FHIR_CODE)),
         ("issuer", optional(event.issuer, FHIR_STRING)),
         ("act_for", optional(event.act_for, FHIR_STRING)),
+        ("token_id", optional(event.token_id, FHIR_STRING)),
         ("patient", optional(event.patient, FHIR_STRING)),
         ("resource_type", optional(event.resource_type, FHIR_CODE)),
         ("resource_id", optional(event.resource_id, FHIR_STRING)),
@@ -321,6 +328,9 @@ def _user_agent(event: AuditEventFields, actor: str, action: str) -> dict[str, A
         agent["role"] = [{"coding": role}]
     agent["who"] = _reference(actor)
     agent["requestor"] = True
+    if event.token_id is not None:
+        # BALP's OAuth access-token patterns put the token's jti in the user agent's policy, as a URN.
+        agent["policy"] = [JTI_URN + quote(event.token_id, safe=_URI_SAFE)]
     if event.purpose is not None:
         agent["purposeOfUse"] = [_purpose(event.purpose)]
     return agent

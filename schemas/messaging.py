@@ -48,7 +48,7 @@ class MessageOut(BaseModel):
     sender_role: str
     body: str | None = Field(description="Absent once recalled (a tombstone)")
     in_reply_to: str | None
-    attachment_ids: list[str]
+    attachment_ids: list[str] = Field(description="Empty once recalled: the recall withdraws them too")
     created_at: datetime
     recalled_at: datetime | None
     recalled_by: str | None
@@ -62,7 +62,9 @@ class ThreadOut(BaseModel):
     id: str
     patient: str
     participants: list[str]
-    subject: str
+    subject: str | None = Field(
+        description="Absent (null) only in a listing's tombstone of a crypto-shredded patient's thread"
+    )
     priority: str
     sensitive: bool
     status: str
@@ -75,6 +77,10 @@ class ThreadOut(BaseModel):
     access: Literal["read", "write"] = Field(description="read: a break-glass grant; write: a participant")
     receipts: list[ReceiptOut] = Field(default_factory=list)
     message: MessageOut | None = Field(default=None, description="The first message, when created with one")
+    shredded_at: datetime | None = Field(
+        default=None,
+        description="In a listing: when the patient's key was destroyed (a tombstone: ids and metadata, no subject)",
+    )
 
 
 class ThreadListOut(BaseModel):
@@ -110,12 +116,15 @@ class BreakGlassOut(BaseModel):
     id: str
     thread_id: str
     physician: str
-    reason: str
+    reason: str | None = Field(description="Absent (null) in the tombstone of a crypto-shredded patient's grant")
     opened_at: datetime
     expires_at: datetime
     reviewed: bool
     reviewed_at: datetime | None
     reviewed_by: str | None
+    shredded_at: datetime | None = Field(
+        default=None, description="When the patient's key was destroyed (a tombstone: no reason)"
+    )
 
 
 class BreakGlassListOut(BaseModel):

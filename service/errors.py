@@ -140,6 +140,17 @@ class ConfigurationError(Exception):
     """Bedside cannot start as configured (wrong database role, unknown schema, bad key file)."""
 
 
+class RecalledError(DomainError):
+    """The content was withdrawn with a recalled message (an attachment of recalled messages only)."""
+
+    code = "content-recalled"
+    title = "This content was recalled"
+
+    def __init__(self, recalled_at: datetime) -> None:
+        super().__init__("The message this content was sent with was recalled by its sender")
+        self.recalled_at = recalled_at
+
+
 class ShreddedError(DomainError):
     """The content was crypto-shredded: its key is destroyed and it can never be read again."""
 

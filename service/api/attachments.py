@@ -81,7 +81,7 @@ def content_disposition(file_name: str) -> str:
 async def download_attachment(request: web.Request) -> web.StreamResponse:
     # Everything that can fail with an error status (access, shredding, integrity) fails in here,
     # before a single header is sent.
-    download = await request.app[ATTACHMENTS].download(request[PRINCIPAL], path_uuid(request))
+    download = await request.app[ATTACHMENTS].download(request[PRINCIPAL], path_uuid(request, "Attachment"))
     record = download.record
     response = web.StreamResponse(
         headers={

@@ -19,6 +19,7 @@ from schemas.consents import (
 )
 from schemas.fhir_consent import ConsentFields, to_fhir_consent
 from service.api.bodies import parse_query, read_json
+from service.domain.audit import AuditAction, AuditEvent
 from service.domain.consents import ConsentRequest, ConsentView, Evidence, EvidenceMethod, RevokeReason, Scope
 from service.errors import FieldProblem, InvalidRequestError, NotFoundError
 from service.keys import CONSENTS, PRINCIPAL
@@ -34,12 +35,25 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def path_uuid(request: web.Request, name: str = "id") -> UUID:
-    """A path id that is not a UUID names nothing: 404, like any id that is not found."""
+def path_uuid(request: web.Request, resource_type: str, name: str = "id") -> UUID:
+    """A path id that is not a UUID names nothing: 404, like any id that is not found, and audited like
+    one (`access:denied`, reason `malformed-id`, recorded by the problem middleware) with the resource
+    type and the route's name but no id: the caller's text is attacker-controlled and audit columns are
+    indexed, so none of it is recorded."""
     try:
         return uuid.UUID(request.match_info[name])
     except ValueError:
-        raise NotFoundError() from None
+        error = NotFoundError()
+        principal = request.get(PRINCIPAL)
+        if principal is not None:  # a signed inbound webhook has no principal: nobody to record
+            denied = AuditEvent.by(
+                principal,
+                AuditAction.ACCESS_DENIED,
+                resource_type=resource_type,
+                details={"route": request.match_info.route.name or ""},
+            )
+            error.recording(denied.denied("malformed-id"))
+        raise error from None
 
 
 def _evidence(body: EvidenceBody) -> Evidence:
@@ -100,7 +114,7 @@ async def record_consent(request: web.Request) -> web.Response:
 
 
 async def revoke_consent(request: web.Request) -> web.Response:
-    consent_id = path_uuid(request)
+    consent_id = path_uuid(request, "Consent")
     body = await read_json(request, RevokeBody)
     evidence = None if body.evidence is None else _evidence(body.evidence)
     view = await request.app[CONSENTS].revoke(request[PRINCIPAL], consent_id, RevokeReason(body.reason), evidence)
@@ -108,7 +122,7 @@ async def revoke_consent(request: web.Request) -> web.Response:
 
 
 async def get_consent(request: web.Request) -> web.Response:
-    consent_id = path_uuid(request)
+    consent_id = path_uuid(request, "Consent")
     query = parse_query(request, ConsentQuery)
     principal = request[PRINCIPAL]
     view = await request.app[CONSENTS].get(principal, consent_id)

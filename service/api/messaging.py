@@ -46,7 +46,7 @@ def message_out(view: MessageView) -> MessageOut:
         sender_role=record.sender_role,
         body=view.body,
         in_reply_to=None if record.in_reply_to is None else str(record.in_reply_to),
-        attachment_ids=[str(a) for a in record.attachment_ids],
+        attachment_ids=[str(a) for a in view.attachment_ids],
         created_at=record.created_at,
         recalled_at=record.recalled_at,
         recalled_by=record.recalled_by,
@@ -72,6 +72,7 @@ def thread_out(view: ThreadView, message: MessageView | None = None) -> ThreadOu
         access=view.access.value,  # type: ignore[arg-type]
         receipts=[ReceiptOut(reader=r.reader, up_to=r.up_to, read_at=r.read_at) for r in view.receipts],
         message=None if message is None else message_out(message),
+        shredded_at=view.shredded_at,
     )
 
 
@@ -134,17 +135,19 @@ async def list_threads(request: web.Request) -> web.Response:
 
 async def get_thread(request: web.Request) -> web.Response:
     view = await request.app[MESSAGING].get_thread(
-        request[PRINCIPAL], path_uuid(request), request.headers.get(BREAK_GLASS_HEADER)
+        request[PRINCIPAL], path_uuid(request, "Thread"), request.headers.get(BREAK_GLASS_HEADER)
     )
     return _json(thread_out(view))
 
 
 async def close_thread(request: web.Request) -> web.Response:
-    return _json(thread_out(await request.app[MESSAGING].close_thread(request[PRINCIPAL], path_uuid(request))))
+    return _json(
+        thread_out(await request.app[MESSAGING].close_thread(request[PRINCIPAL], path_uuid(request, "Thread")))
+    )
 
 
 async def send_message(request: web.Request) -> web.Response:
-    thread_id = path_uuid(request)
+    thread_id = path_uuid(request, "Thread")
     body = await read_json(request, MessageBody)
     view = await request.app[MESSAGING].send(
         request[PRINCIPAL],
@@ -161,7 +164,7 @@ async def list_messages(request: web.Request) -> web.Response:
     query = parse_query(request, MessageListQuery)
     views = await request.app[MESSAGING].messages(
         request[PRINCIPAL],
-        path_uuid(request),
+        path_uuid(request, "Thread"),
         after=query.after,
         before=query.before,
         limit=query.limit,
@@ -171,18 +174,18 @@ async def list_messages(request: web.Request) -> web.Response:
 
 
 async def get_message(request: web.Request) -> web.Response:
-    return _json(message_out(await request.app[MESSAGING].message(request[PRINCIPAL], path_uuid(request))))
+    return _json(message_out(await request.app[MESSAGING].message(request[PRINCIPAL], path_uuid(request, "Message"))))
 
 
 async def mark_read(request: web.Request) -> web.Response:
-    thread_id = path_uuid(request)
+    thread_id = path_uuid(request, "Thread")
     body = await read_json(request, ReadBody)
     receipt = await request.app[MESSAGING].mark_read(request[PRINCIPAL], thread_id, body.up_to)
     return _json(ReceiptOut(reader=receipt.reader, up_to=receipt.up_to, read_at=receipt.read_at))
 
 
 async def recall_message(request: web.Request) -> web.Response:
-    return _json(message_out(await request.app[MESSAGING].recall(request[PRINCIPAL], path_uuid(request))))
+    return _json(message_out(await request.app[MESSAGING].recall(request[PRINCIPAL], path_uuid(request, "Message"))))
 
 
 async def list_break_glass(request: web.Request) -> web.Response:
@@ -201,6 +204,7 @@ async def list_break_glass(request: web.Request) -> web.Response:
                     reviewed=g.record.reviewed_at is not None,
                     reviewed_at=g.record.reviewed_at,
                     reviewed_by=g.record.reviewed_by,
+                    shredded_at=g.shredded_at,
                 )
                 for g in grants
             ]
@@ -209,7 +213,7 @@ async def list_break_glass(request: web.Request) -> web.Response:
 
 
 async def review_break_glass(request: web.Request) -> web.Response:
-    await request.app[MESSAGING].review_break_glass(request[PRINCIPAL], path_uuid(request))
+    await request.app[MESSAGING].review_break_glass(request[PRINCIPAL], path_uuid(request, "BreakGlass"))
     return web.Response(status=204)
 
 

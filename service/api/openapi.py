@@ -18,7 +18,7 @@ _STATUS_TEXT = {
     401: "Missing or invalid bearer token",
     403: "Not allowed",
     404: "Not found, or not the caller's to see",
-    410: "The content was crypto-shredded (the tombstone says when)",
+    410: "The content was crypto-shredded or recalled (shredded_at or recalled_at says when)",
     409: "Conflict",
     413: "Body too large",
     415: "Unsupported media type",

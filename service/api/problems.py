@@ -19,6 +19,7 @@ from service.errors import (
     MalformedRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RecalledError,
     ShreddedError,
     UnavailableError,
     UnsupportedMediaTypeError,
@@ -34,6 +35,7 @@ STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (ForbiddenError, 403),  # ConsentRequiredError included: 403 consent-required
     (NotFoundError, 404),
     (ShreddedError, 410),
+    (RecalledError, 410),
     (AlreadyExistsError, 409),
     (ConflictError, 409),
     (PayloadTooLargeError, 413),
@@ -80,6 +82,7 @@ def problem_response(
     errors: list[FieldProblemOut] | None = None,
     headers: dict[str, str] | None = None,
     shredded_at: datetime | None = None,
+    recalled_at: datetime | None = None,
 ) -> web.Response:
     problem = Problem(
         type=PROBLEM_TYPE_PREFIX + code,
@@ -90,6 +93,7 @@ def problem_response(
         request_id=request_id,
         errors=errors,
         shredded_at=shredded_at,
+        recalled_at=recalled_at,
     )
     return web.Response(
         status=status,
@@ -114,6 +118,7 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
     if isinstance(error, InvalidRequestError):
         errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
     shredded_at = error.shredded_at if isinstance(error, ShreddedError) else None
+    recalled_at = error.recalled_at if isinstance(error, RecalledError) else None
     return problem_response(
         status=status,
         code=error.code,
@@ -123,6 +128,7 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         errors=errors,
         headers=headers,
         shredded_at=shredded_at,
+        recalled_at=recalled_at,
     )
 
 

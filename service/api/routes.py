@@ -380,7 +380,7 @@ ROUTES: tuple[Route, ...] = (
         body=MessageBody,
         response=MessageOut,
         status=201,
-        errors=(403, 404, 409, 410),
+        errors=(403, 404, 409, 410, 422),
     ),
     Route(
         "GET",

@@ -129,11 +129,13 @@ async def list_endpoints(request: web.Request) -> web.Response:
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
-    return _json(endpoint_out(await request.app[WEBHOOKS].get(request[PRINCIPAL], path_uuid(request))))
+    return _json(
+        endpoint_out(await request.app[WEBHOOKS].get(request[PRINCIPAL], path_uuid(request, "WebhookEndpoint")))
+    )
 
 
 async def update_endpoint(request: web.Request) -> web.Response:
-    endpoint_id = path_uuid(request)
+    endpoint_id = path_uuid(request, "WebhookEndpoint")
     body = await read_json(request, EndpointPatchBody)
     view = await request.app[WEBHOOKS].update(
         request[PRINCIPAL], endpoint_id, body.url, None if body.event_types is None else list(body.event_types)
@@ -142,28 +144,30 @@ async def update_endpoint(request: web.Request) -> web.Response:
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:
-    await request.app[WEBHOOKS].delete(request[PRINCIPAL], path_uuid(request))
+    await request.app[WEBHOOKS].delete(request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"))
     return web.Response(status=204)
 
 
 async def rotate_secret(request: web.Request) -> web.Response:
-    endpoint_id = path_uuid(request)
+    endpoint_id = path_uuid(request, "WebhookEndpoint")
     body = await read_json(request, RotateBody)
     secrets = await request.app[WEBHOOKS].rotate(request[PRINCIPAL], endpoint_id, body.purpose)
     return _json(_secrets_out(secrets), 201)
 
 
 async def enable_endpoint(request: web.Request) -> web.Response:
-    view, released = await request.app[WEBHOOKS].enable(request[PRINCIPAL], path_uuid(request))
+    view, released = await request.app[WEBHOOKS].enable(request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"))
     return _json(EndpointEnabledOut(endpoint=endpoint_out(view), released=released))
 
 
 async def disable_endpoint(request: web.Request) -> web.Response:
-    return _json(endpoint_out(await request.app[WEBHOOKS].disable(request[PRINCIPAL], path_uuid(request))))
+    return _json(
+        endpoint_out(await request.app[WEBHOOKS].disable(request[PRINCIPAL], path_uuid(request, "WebhookEndpoint")))
+    )
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
-    endpoint_id = path_uuid(request)
+    endpoint_id = path_uuid(request, "WebhookEndpoint")
     query = parse_query(request, DeliveryQuery)
     views = await request.app[WEBHOOKS].deliveries(
         request[PRINCIPAL], endpoint_id, query.status, decode_cursor(query.cursor), query.limit
@@ -178,18 +182,20 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 async def get_delivery(request: web.Request) -> web.Response:
     view = await request.app[WEBHOOKS].delivery(
-        request[PRINCIPAL], path_uuid(request), path_uuid(request, "delivery_id")
+        request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"), path_uuid(request, "WebhookDelivery", "delivery_id")
     )
     return _json(delivery_out(view))
 
 
 async def resend_delivery(request: web.Request) -> web.Response:
-    view = await request.app[WEBHOOKS].resend(request[PRINCIPAL], path_uuid(request), path_uuid(request, "delivery_id"))
+    view = await request.app[WEBHOOKS].resend(
+        request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"), path_uuid(request, "WebhookDelivery", "delivery_id")
+    )
     return _json(delivery_out(view), 202)
 
 
 async def recover_deliveries(request: web.Request) -> web.Response:
-    endpoint_id = path_uuid(request)
+    endpoint_id = path_uuid(request, "WebhookEndpoint")
     body = await read_json(request, RecoverBody)
     count = await request.app[WEBHOOKS].recover(request[PRINCIPAL], endpoint_id, body.since, body.until)
     return _json(RecoveredOut(recovered=count), 202)
@@ -198,7 +204,7 @@ async def recover_deliveries(request: web.Request) -> web.Response:
 async def receive_reply(request: web.Request) -> web.Response:
     """A physician's reply from their own system. The signature is verified on the raw bytes first;
     only then is the body parsed."""
-    endpoint_id = path_uuid(request, "endpoint_id")
+    endpoint_id = path_uuid(request, "WebhookEndpoint", "endpoint_id")
     limit = request.app[SETTINGS].inbound_max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(f"The limit for a reply is {limit} bytes")

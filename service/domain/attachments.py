@@ -45,6 +45,7 @@ from service.errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    RecalledError,
     UnavailableError,
     UnsupportedMediaTypeError,
 )
@@ -188,9 +189,10 @@ class AttachmentReferences:
         self._store = store
 
     async def check_attachments(self, tx: Tx, tenant_id: UUID, thread_id: UUID, ids: Sequence[UUID]) -> None:
-        """Only complete attachments of this very thread may be referenced by its messages, each once.
-        InvalidRequestError (422, `attachment_ids`) naming the position of each id that is unknown,
-        incomplete, of another thread or another tenant, or repeated."""
+        """Only complete attachments of this very thread may be referenced by its messages, each once, and
+        none withdrawn with a recalled message. InvalidRequestError (422, `attachment_ids`) naming the
+        position of each id that is unknown, incomplete, of another thread or another tenant, repeated, or
+        withdrawn (`recalled`)."""
         if not ids:
             return
         if len(ids) > MAX_REFERENCES:
@@ -202,6 +204,11 @@ class AttachmentReferences:
                 problems.append(FieldProblem(("attachment_ids", index), "duplicate", "each attachment once"))
             elif attachment_id not in found:
                 problems.append(FieldProblem(("attachment_ids", index), "unknown", "not an attachment of this thread"))
+            elif found[attachment_id]:
+                # Recalling a message withdrew its attachments; another message must not bring them back.
+                problems.append(
+                    FieldProblem(("attachment_ids", index), "recalled", "withdrawn with a recalled message")
+                )
             seen.add(attachment_id)
         if problems:
             raise InvalidRequestError(problems)
@@ -328,6 +335,7 @@ class AttachmentService:
         attachment, record the read; then hand back its plaintext as a stream (see the module docstring).
 
         NotFoundError (audited) for an unknown attachment or a thread the caller may not read;
+        RecalledError (audited) if only recalled messages carry it: it was withdrawn with them;
         ShreddedError if the patient was shredded; `DecryptionError` (an alarm: logged, recorded as a
         failed read, answered 500) if the file name or any chunk is altered, or a chunk missing, extra,
         duplicated or out of order, or the attachment cut short.
@@ -343,6 +351,19 @@ class AttachmentService:
                 assert record is not None
                 thread, access = await self._messaging.access(tx, principal, record.thread_id, write=False)
                 patient = thread.patient
+                withdrawn = await self._store.withdrawn_at(tx, tenant_id, thread.id, record.id)
+                if withdrawn is not None:
+                    raise RecalledError(withdrawn).recording(
+                        AuditEvent.by(
+                            principal,
+                            AuditAction.ATTACHMENT_READ,
+                            patient=thread.patient,
+                            resource_type="Attachment",
+                            resource_id=str(record.id),
+                            purpose=ETREAT if access is Access.READ else None,
+                            details={"thread_id": str(thread.id)},
+                        ).denied("recalled")
+                    )
                 file_name = (
                     await self._keyring.open(tx, record.file_name, _name_context(record.id, record.thread_id))
                 ).decode()

@@ -116,6 +116,9 @@ class AuditEvent:
     resource_id: str | None = None
     purpose: str | None = None
     details: Mapping[str, DetailValue] = field(default_factory=dict)
+    # The `jti` of the token the actor presented: which credential did this, so the events of one leaked
+    # or stolen token can be found. In the signed entry only (see `encode_entry`), not an outbox column.
+    token_id: str | None = None
 
     @classmethod
     def by(cls, principal: Principal, action: AuditAction, **fields: object) -> AuditEvent:
@@ -127,6 +130,7 @@ class AuditEvent:
             actor_role=principal.role.value,
             issuer=principal.issuer,
             act_for=principal.act_for,
+            token_id=principal.token_id,
             **fields,  # type: ignore[arg-type]
         )
 
@@ -184,8 +188,17 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def encode_entry(row: OutboxRow) -> bytes:
-    """The canonical bytes of one event: what its Merkle leaf hashes."""
+def encode_entry(row: OutboxRow, token_id: str | None = None) -> bytes:
+    """The canonical bytes of one event: what its Merkle leaf hashes.
+
+    `token_id` (the actor's token's `jti`) joins the actor's fields, right after `act_for`, only when
+    there is one. An event without it encodes exactly as every event did before it existed, so leaves
+    written then keep their hashes and verify as they always did; the encoding is named fields, so a
+    reader finds it by name, and an entry without it simply has none."""
+    actor_fields: list[tuple[str, FieldValue]] = list(optional_fields(row).items())
+    if token_id is not None:
+        at = [name for name, _ in actor_fields].index("act_for") + 1
+        actor_fields.insert(at, ("token_id", token_id))
     fields: list[tuple[str, FieldValue]] = [
         ("format", ENTRY_FORMAT),
         ("event_id", str(row.event_id)),
@@ -193,7 +206,7 @@ def encode_entry(row: OutboxRow) -> bytes:
         ("tenant_id", None if row.tenant_id is None else str(row.tenant_id)),
         ("action", row.action),
         ("outcome", row.outcome),
-        *optional_fields(row).items(),
+        *actor_fields,
         ("details", row.details),
     ]
     return encode_fields(fields)
@@ -205,6 +218,15 @@ def decode_entry(entry: bytes) -> dict[str, FieldValue]:
     if fields.get("format") != ENTRY_FORMAT:
         raise ValueError("not a bedside audit entry")
     return fields
+
+
+def token_id_of(entry: bytes) -> str | None:
+    """The actor's token id a canonical entry records (None: none, or not an entry)."""
+    try:
+        value = decode_entry(entry).get("token_id")
+    except ValueError:  # crypto.merkle.EncodingError is one
+        return None
+    return value if isinstance(value, str) else None
 
 
 MAX_IDENTIFIER = 200
@@ -232,6 +254,7 @@ def _bounded(event: AuditEvent) -> AuditEvent:
         resource_type=_identifier(event.resource_type),
         resource_id=_identifier(event.resource_id),
         purpose=_identifier(event.purpose),
+        token_id=_identifier(event.token_id),
     )
 
 
@@ -269,7 +292,7 @@ class AuditRecorder:
             details=canonical_details(event.details),
             entry=b"",
         )
-        return replace(row, entry=encode_entry(row))
+        return replace(row, entry=encode_entry(row, event.token_id))
 
     async def record(self, tx: Tx, event: AuditEvent) -> UUID:
         """Record `event` in the caller's transaction: it commits with the work, or neither does."""

@@ -39,6 +39,7 @@ from service.errors import (
     FieldProblem,
     InvalidRequestError,
     NotFoundError,
+    ShreddedError,
 )
 from service.store.data_keys import DataKeyRecord
 from service.store.db import Database, Tx
@@ -57,10 +58,11 @@ ETREAT = "ETREAT"
 @dataclass(frozen=True, slots=True)
 class ThreadView:
     record: ThreadRecord
-    subject: str
+    subject: str | None  # None in a listing's tombstone of a shredded patient's thread
     access: Access
     unread: int = 0
     receipts: tuple[ReceiptRecord, ...] = ()
+    shredded_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,11 @@ class MessageView:
     record: MessageRecord
     body: str | None  # None once recalled: recipients see a tombstone
     replayed: bool = False
+
+    @property
+    def attachment_ids(self) -> tuple[UUID, ...]:
+        """The attachments it carries; none in a recalled message's tombstone, which withdraws them too."""
+        return () if self.record.recalled_at is not None else self.record.attachment_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +86,8 @@ class ThreadPage:
 @dataclass(frozen=True, slots=True)
 class BreakGlassView:
     record: BreakGlassRecord
-    reason: str
+    reason: str | None  # None in the tombstone of a shredded patient's grant
+    shredded_at: datetime | None = None
 
 
 def _context(column: str, row: UUID, thread: UUID, sender: str | None = None) -> dict[str, str]:
@@ -347,13 +355,14 @@ class MessagingService:
                     cursor=cursor,
                     limit=limit + 1,
                     hide_sensitive=hide_sensitive,
+                    unread_only=unread_only,
                 )
             views = []
             for item in items[:limit]:
-                if unread_only and not item.unread:
-                    continue
-                subject = (await self._keyring.open(tx, item.thread.subject, _subject_context(item.thread.id))).decode()
-                views.append(ThreadView(item.thread, subject, Access.WRITE, item.unread))
+                subject, shredded_at = await self._open_in_listing(
+                    tx, item.thread.subject, _subject_context(item.thread.id)
+                )
+                views.append(ThreadView(item.thread, subject, Access.WRITE, item.unread, shredded_at=shredded_at))
             await self._audit.record(
                 tx,
                 AuditEvent.by(
@@ -688,8 +697,10 @@ class MessagingService:
             for grant in grants:
                 thread = await self._store.thread(tx, principal.tenant_id, grant.thread_id)
                 assert thread is not None
-                reason = await self._keyring.open(tx, grant.reason, _context("break_glass.reason", grant.id, thread.id))
-                views.append(BreakGlassView(grant, reason.decode()))
+                reason, shredded_at = await self._open_in_listing(
+                    tx, grant.reason, _context("break_glass.reason", grant.id, thread.id)
+                )
+                views.append(BreakGlassView(grant, reason, shredded_at))
             await self._audit.record(
                 tx,
                 AuditEvent.by(
@@ -815,6 +826,17 @@ class MessagingService:
                 details={"grant_id": str(grant_id), "expires_at": expires.isoformat()},
             ),
         )
+
+    async def _open_in_listing(
+        self, tx: Tx, sealed: bytes, context: Mapping[str, str]
+    ) -> tuple[str | None, datetime | None]:
+        """One item of a listing that spans patients: its text, or, if its patient was crypto-shredded,
+        no text and when (the item becomes a tombstone). One shredded patient must not make a whole page
+        of everyone else's items answer 410; a resource read on its own still does."""
+        try:
+            return (await self._keyring.open(tx, sealed, context)).decode(), None
+        except ShreddedError as shredded:
+            return None, shredded.shredded_at
 
     async def _views(
         self, tx: Tx, records: Sequence[MessageRecord], key: DataKeyRecord | None = None

@@ -217,13 +217,17 @@ class MessagingStore:
     """
     # The caller's threads: as the patient, or as a participant directly or through a care team; newest
     # first, keyset-paginated on (created_at, id), which activity never changes, so no page skips or
-    # repeats a thread while messages arrive. Unread = others' messages after the caller's receipt.
+    # repeats a thread while messages arrive. Unread = others' messages after the caller's receipt. With
+    # $11 only threads with unread messages, filtered here, before the LIMIT: a page is full whenever
+    # enough of them exist, and the cursor (the page's last thread) continues after the right one.
     _LIST = f"""
-        SELECT {_THREAD_COLUMNS},
-               (SELECT count(*) FROM messages m WHERE m.thread_id = t.id AND m.seq > coalesce(r.up_to, 0)
-                AND m.sender <> $3) AS unread
+        SELECT {_THREAD_COLUMNS}, u.unread
         FROM threads t
         LEFT JOIN read_receipts r ON r.thread_id = t.id AND r.reader = $3
+        CROSS JOIN LATERAL (
+            SELECT count(*) AS unread FROM messages m
+            WHERE m.thread_id = t.id AND m.seq > coalesce(r.up_to, 0) AND m.sender <> $3
+        ) u
         WHERE t.tenant_id = $1
           AND (t.patient = $2 OR EXISTS (
                 SELECT 1 FROM thread_participants p WHERE p.thread_id = t.id AND p.participant = ANY($4::text[])))
@@ -231,6 +235,7 @@ class MessagingStore:
           AND ($6::text IS NULL OR t.status = $6)
           AND ($7::timestamptz IS NULL OR (t.created_at, t.id) < ($7, $8::uuid))
           AND ($10::boolean IS NOT TRUE OR t.sensitive = false)
+          AND ($11::boolean IS NOT TRUE OR u.unread > 0)
         ORDER BY t.created_at DESC, t.id DESC
         LIMIT $9
     """  # noqa: S608
@@ -541,6 +546,7 @@ class MessagingStore:
         cursor: tuple[datetime, UUID] | None,
         limit: int,
         hide_sensitive: bool,
+        unread_only: bool = False,
     ) -> list[ThreadListItem]:
         rows = await tx.conn.fetch(
             self._LIST,
@@ -554,6 +560,7 @@ class MessagingStore:
             cursor[1] if cursor else None,
             limit,
             hide_sensitive,
+            unread_only,
         )
         return [ThreadListItem(_thread(r), r["unread"]) for r in rows]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import subprocess
 import tracemalloc
@@ -580,6 +581,54 @@ async def test_messages_may_reference_only_complete_attachments_of_their_thread(
     foreign = await client.post(url, json={"body": "x", "attachment_ids": [str(elsewhere)]}, headers=patient(portals))
     assert foreign.status == 422
     assert (await foreign.json())["errors"][0]["loc"] == ["attachment_ids", 0]
+
+
+async def test_a_recalled_message_takes_its_attachments_with_it(client, portals: Portals, database: Dsns) -> None:
+    thread_id = await open_thread(client, portals)
+    url = f"/v1/threads/{thread_id}/messages"
+    withdrawn = await uploaded(client, portals, thread_id, pdf(1000))
+    shared = await uploaded(client, portals, thread_id, pdf(2000))
+
+    async def send(*attachment_ids: str) -> str:
+        sent = await client.post(
+            url, json={"body": "See attached", "attachment_ids": list(attachment_ids)}, headers=patient(portals)
+        )
+        assert sent.status == 201, await sent.text()
+        return str((await sent.json())["id"])
+
+    recalled_id = await send(withdrawn, shared)
+    await send(shared)  # `shared` also belongs to a message that stays
+    recall = await client.post(f"/v1/messages/{recalled_id}/recall", headers=patient(portals))
+    assert recall.status == 200
+    assert (await recall.json())["attachment_ids"] == []
+
+    # The tombstone lists no attachments, however it is read.
+    for headers in (patient(portals), physician(portals)):
+        one = await (await client.get(f"/v1/messages/{recalled_id}", headers=headers)).json()
+        assert (one["body"], one["attachment_ids"]) == (None, [])
+        page = await (await client.get(url, headers=headers)).json()
+        assert [m["attachment_ids"] for m in page["items"]] == [[], [shared]]
+
+    # An attachment of recalled messages only is gone, for the sender too; one still sent elsewhere is not.
+    for headers in (patient(portals), physician(portals)):
+        gone = await client.get(f"{URL}/{withdrawn}", headers=headers)
+        assert gone.status == 410
+        problem = await gone.json()
+        assert (problem["code"], problem["type"]) == ("content-recalled", "urn:bedside:problem:content-recalled")
+        assert problem["recalled_at"]
+        assert (await client.get(f"{URL}/{shared}", headers=headers)).status == 200
+    assert (await client.get(f"{URL}/{withdrawn}", headers=physician(portals, 99))).status == 404
+
+    # Nor can a new message bring it back.
+    again = await client.post(url, json={"body": "x", "attachment_ids": [withdrawn]}, headers=physician(portals))
+    assert again.status == 422
+    assert [(e["loc"], e["type"]) for e in (await again.json())["errors"]] == [(["attachment_ids", 0], "recalled")]
+
+    refusals = [r for r in await audit_events(database, "attachment:read") if r["outcome"] == "denied"]
+    assert sorted((r["actor"], r["resource_id"], json.loads(r["details"])["reason"]) for r in refusals) == [
+        ("Patient/1", withdrawn, "recalled"),
+        ("Practitioner/7", withdrawn, "recalled"),
+    ]
 
 
 # -- no PHI anywhere but in its ciphertext ---------------------------------------------------------------

@@ -363,3 +363,67 @@ async def test_a_time_range_returns_exactly_the_events_within_it(client, portals
         )
         assert sorted(e["resource_id"] for e in items) == [f"acme-{i}" for i in range(4)]
         assert [e["seq"] for e in items] == sorted((e["seq"] for e in items), reverse=order == "newest")
+
+
+async def _verify_export(lines: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    export, vkey = tmp_path / "export.ndjson", tmp_path / "log.vkey"
+    export.write_text("\n".join(lines) + "\n")
+    vkey.write_text(json.loads(lines[0])["vkey"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
+    return await asyncio.to_thread(
+        subprocess.run,
+        [BEDSIDE, "audit", "verify", "--file", str(export), "--public-key", str(vkey)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_the_tokens_jti_is_recorded_with_its_actor_and_verifies(
+    client, portals: Portals, services: Services, tmp_path: Path
+) -> None:
+    from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
+
+    await _record(services, "acme", 2)  # no token: entries in the encoding every earlier leaf has
+    jti = f"jti-{random.getrandbits(64):016x}"
+    patient = portals.acme.auth(role="patient", sub="Patient/1", jti=jti)
+    grant = {
+        "patient": "Patient/1",
+        "grantee": "Practitioner/7",
+        "scope": "messaging",
+        "evidence": {"method": "portal", "text_version": "v3"},
+    }
+    assert (await client.post("/v1/consents", json=grant, headers=patient)).status == 201
+    assert (await client.get("/v1/audit/events", headers=patient)).status == 404  # a refusal carries it too
+    await _integrated(client)
+
+    headers = portals.acme.auth(**COMPLIANCE)
+    events = await _all(client, headers, actor="Patient/1")
+    assert {(e["action"], e["outcome"], e["token_id"]) for e in events} == {
+        ("consent:grant", "success", jti),
+        ("access:denied", "denied", jti),
+    }
+    operator = await _all(client, headers, action="key:status")
+    assert [e["token_id"] for e in operator] == [None, None]
+
+    lines = (await (await client.get("/v1/audit/export", headers=headers)).text()).splitlines()
+    exported = [json.loads(line) for line in lines[1:]]
+    assert {e["token_id"] for e in exported if e["actor"] == "Patient/1"} == {jti}
+    ok = await _verify_export(lines, tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    victim = next(e for e in exported if e["actor"] == "Patient/1")
+    victim["token_id"] = "jti-of-another-token"
+    bad = await _verify_export([lines[0], *(json.dumps(e) for e in exported)], tmp_path)
+    assert bad.returncode == 1
+    assert f"FAILED at index {victim['seq']}" in bad.stdout
+
+    fhir = await client.get("/v1/audit/export", params={"format": "fhir", "actor": "Patient/1"}, headers=headers)
+    resources = [json.loads(line) for line in (await fhir.text()).splitlines()]
+    assert len(resources) == 2
+    for resource in resources:
+        FhirAuditEvent.model_validate(resource)
+        (user,) = [a for a in resource["agent"] if a["requestor"]]
+        assert user["policy"] == [f"urn:ietf:params:oauth:jti:{jti}"]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from datetime import datetime
 
 import asyncpg
 
 from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Portals
+from tests.support import canary
 
 
 async def test_a_patient_and_a_physician_converse(client, portals: Portals) -> None:
@@ -270,3 +273,131 @@ async def test_a_proxy_without_sensitive_access_cannot_start_a_sensitive_thread(
     body = {"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "private", "sensitive": True}
     assert (await client.post("/v1/threads", json=body, headers=proxy)).status == 404
     assert (await client.post("/v1/threads", json={**body, "sensitive": False}, headers=proxy)).status == 201
+
+
+async def _shred(client, portals: Portals, n: int) -> str:
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    body = {"patient": f"Patient/{n}", "confirm": f"Patient/{n}"}
+    shred = await client.post("/v1/admin/keys/shred", json=body, headers=admin)
+    assert shred.status == 200, await shred.text()
+    return str((await shred.json())["shredded_at"])
+
+
+async def test_one_shredded_patient_is_a_tombstone_in_a_thread_listing_not_a_410(client, portals: Portals) -> None:
+    await consent(client, portals, n=1)
+    await consent(client, portals, n=2)
+    gone = await thread(client, portals, n=1)
+    kept = await thread(client, portals, n=2)
+    shredded_at = await _shred(client, portals, 1)
+
+    listed = await client.get("/v1/threads", headers=physician(portals))
+    assert listed.status == 200, await listed.text()
+    items = {t["id"]: t for t in (await listed.json())["items"]}
+    assert set(items) == {gone["id"], kept["id"]}
+    tombstone = items[gone["id"]]
+    assert tombstone["subject"] is None
+    assert datetime.fromisoformat(tombstone["shredded_at"]) == datetime.fromisoformat(shredded_at)
+    assert (tombstone["patient"], tombstone["participants"], tombstone["last_seq"]) == (
+        "Patient/1",
+        ["Practitioner/7"],
+        1,
+    )
+    assert items[kept["id"]]["subject"] == "Question about my medication"
+    assert items[kept["id"]]["shredded_at"] is None
+    # The thread itself still answers 410 with its tombstone.
+    assert (await client.get(f"/v1/threads/{gone['id']}", headers=physician(portals))).status == 410
+
+
+async def test_one_shredded_patient_is_a_tombstone_in_the_break_glass_review(client, portals: Portals) -> None:
+    outsider = physician(portals, n=99)
+    reason = "Unconscious in the ED, need history"
+    for n in (1, 2):
+        await consent(client, portals, n=n)
+        created = await thread(client, portals, n=n)
+        opened = await client.get(f"/v1/threads/{created['id']}", headers={**outsider, "Break-Glass-Reason": reason})
+        assert opened.status == 200
+    await _shred(client, portals, 1)
+
+    compliance = portals.acme.auth(role="compliance", sub="Practitioner/c1")
+    review = await client.get("/v1/audit/break-glass", headers=compliance)
+    assert review.status == 200, await review.text()
+    items = (await review.json())["items"]
+    assert len(items) == 2
+    by_reason = {(g["reason"], g["shredded_at"] is None) for g in items}
+    assert by_reason == {(None, False), (reason, True)}
+    tombstone = next(g for g in items if g["reason"] is None)
+    assert tombstone["physician"] == "Practitioner/99"
+    assert tombstone["reviewed"] is False
+    # A tombstoned grant is still reviewable.
+    done = await client.post(f"/v1/audit/break-glass/{tombstone['id']}/review", headers=compliance)
+    assert done.status == 204
+
+
+async def test_unread_pages_are_full_and_walk_exactly_the_unread_threads(client, portals: Portals) -> None:
+    await consent(client, portals)
+    # Newest first, as listed: read and unread interleaved, with runs of read threads longer than a page.
+    unread_pattern = [False, False, True, False, False, False, True, True, False, True, False, False]
+    created = [await thread(client, portals) for _ in unread_pattern]  # oldest first
+    newest_first = list(reversed(created))
+    for item, unread in zip(newest_first, unread_pattern, strict=True):
+        if not unread:
+            receipt = await client.post(f"/v1/threads/{item['id']}/read", json={"up_to": 1}, headers=physician(portals))
+            assert receipt.status == 200
+    expected = [t["id"] for t, unread in zip(newest_first, unread_pattern, strict=True) if unread]
+
+    pages, cursor = [], None
+    while True:
+        params = {"unread": "true", "limit": "2", **({"cursor": cursor} if cursor else {})}
+        response = await client.get("/v1/threads", params=params, headers=physician(portals))
+        assert response.status == 200
+        page = await response.json()
+        pages.append([t["id"] for t in page["items"]])
+        assert all(t["unread"] > 0 for t in page["items"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert [i for page in pages for i in page] == expected
+    assert [len(page) for page in pages] == [2, 2]  # every page full while unread threads remain
+
+
+async def test_ids_that_are_not_uuids_are_404_audited_as_denied_without_the_callers_text(
+    client, portals: Portals, database
+) -> None:
+    planted = canary("path")  # attacker-controlled text in the id's place; never a UUID
+    probes = [
+        ("GET", f"/v1/threads/{planted}", "Thread", "get_thread"),
+        ("POST", f"/v1/threads/{planted}/messages", "Thread", "send_message"),
+        ("GET", f"/v1/messages/{planted}", "Message", "get_message"),
+        ("POST", f"/v1/messages/{planted}/recall", "Message", "recall_message"),
+        ("GET", f"/v1/attachments/{planted}", "Attachment", "download_attachment"),
+        ("GET", f"/v1/consents/{planted}", "Consent", "get_consent"),
+    ]
+    for method, url, _, _ in probes:
+        response = await client.request(method, url, json={"body": "x"}, headers=patient(portals))
+        assert response.status == 404, url
+        assert (await response.json())["code"] == "not-found"
+
+    owner = await asyncpg.connect(database.owner)
+    try:
+        events = await owner.fetch(
+            "SELECT actor, outcome, resource_type, resource_id, details::text AS details FROM audit_outbox "
+            "WHERE action = 'access:denied' UNION ALL "
+            "SELECT actor, outcome, resource_type, resource_id, details::text FROM audit_leaves "
+            "WHERE action = 'access:denied'"
+        )
+        leaked = await owner.fetchval(
+            "SELECT count(*) FROM (SELECT o::text AS row, entry FROM audit_outbox o "
+            "UNION ALL SELECT l::text, entry FROM audit_leaves l) e "
+            "WHERE strpos(e.row, $1) > 0 OR position($2::bytea IN e.entry) > 0",
+            planted,
+            planted.encode(),
+        )
+    finally:
+        await owner.close()
+    recorded = sorted(
+        (e["actor"], e["outcome"], e["resource_type"], e["resource_id"], json.loads(e["details"])["route"])
+        for e in events
+    )
+    assert recorded == sorted(("Patient/1", "denied", kind, None, route) for _, _, kind, route in probes)
+    assert all(json.loads(e["details"])["reason"] == "malformed-id" for e in events)
+    assert leaked == 0

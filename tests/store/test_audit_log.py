@@ -15,6 +15,7 @@ from crypto.merkle import leaf_hash
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.audit_log import AuditLog
 from service.domain.audit_verify import VerifyResult, verify_database
+from service.domain.principal import Principal, Role
 from service.errors import AuditUnavailableError
 from service.store.audit import AuditStore
 from service.store.db import Database
@@ -84,6 +85,20 @@ async def test_an_untampered_log_verifies(audit: Log, services: Services) -> Non
     assert result.ok, result.problem
     assert result.leaves == 41
     assert result.checkpoints == 3  # batches of 16, 16, 9
+
+
+async def test_a_log_of_entries_with_and_without_token_ids_verifies(audit: Log, services: Services) -> None:
+    # Events without a token id are encoded as every event was before token ids were recorded: a log that
+    # goes on from such leaves to ones with token ids verifies throughout.
+    await _events(audit, services, 5)
+    tenant = await services.tenants.ensure("acme")
+    principal = Principal(tenant.id, "acme", "Patient/1", Role.PATIENT, "https://portal.acme.test", token_id="jti-1")
+    for _ in range(5):
+        await audit.recorder.record_alone(AuditEvent.by(principal, AuditAction.CONSENT_READ))
+    assert await audit.integrate_all() == 5 + 5 + 1
+    result = await audit.verify()
+    assert result.ok, result.problem
+    assert result.leaves == 11
 
 
 async def test_work_without_its_audit_event_does_not_happen(database: Dsns, services: Services) -> None:

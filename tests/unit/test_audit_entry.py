@@ -9,7 +9,15 @@ from uuid import UUID
 
 import pytest
 
-from service.domain.audit import AuditAction, AuditEvent, canonical_details, decode_entry, encode_entry
+from service.domain.audit import (
+    AuditAction,
+    AuditEvent,
+    canonical_details,
+    decode_entry,
+    encode_entry,
+    token_id_of,
+)
+from service.domain.principal import Principal, Role
 from service.store.audit import OutboxRow
 
 ROW = OutboxRow(
@@ -46,6 +54,39 @@ def test_an_entry_decodes_to_the_event_it_encodes() -> None:
     assert fields["patient"] == "Patient/1"
     assert fields["act_for"] is None
     assert fields["details"] == '{"reason":"x"}'
+
+
+def test_a_token_id_is_an_actor_field_of_the_entry_and_pinned_too() -> None:
+    entry = encode_entry(ROW, token_id="jti-1")
+    # The 472 bytes above, one more field counted, and u16 8 "token_id", tag 2, u32 5 "jti-1" after act_for.
+    assert len(entry) == 472 + 2 + 8 + 1 + 4 + 5
+    assert hashlib.sha256(entry).hexdigest() == "3b410055a97074652a3e8642d6c039f1899746921b4c848d23eb6a57c5ef1043"
+    fields = decode_entry(entry)
+    assert fields["token_id"] == "jti-1"
+    assert list(fields)[list(fields).index("act_for") + 1] == "token_id"
+    assert token_id_of(entry) == "jti-1"
+
+
+def test_an_entry_without_a_token_id_keeps_the_encoding_of_every_earlier_leaf() -> None:
+    # Events recorded before the token id existed, and events with no token (the operator's, the
+    # system's, a token without a jti), have no such field at all: their bytes, and so their leaf hashes,
+    # are those the test above pins.
+    assert encode_entry(ROW, token_id=None) == encode_entry(ROW)
+    assert "token_id" not in decode_entry(encode_entry(ROW))
+    assert token_id_of(encode_entry(ROW)) is None
+
+
+def test_an_event_made_for_a_request_carries_its_tokens_id() -> None:
+    principal = Principal(
+        tenant_id=ROW.tenant_id or UUID(int=0),
+        tenant="acme",
+        subject="Patient/1",
+        role=Role.PATIENT,
+        issuer="https://portal.acme.test",
+        token_id="jti-1",
+    )
+    assert AuditEvent.by(principal, AuditAction.CONSENT_READ).token_id == "jti-1"
+    assert AuditEvent.by_operator(AuditAction.KEY_STATUS).token_id is None
 
 
 def test_details_are_canonical_json() -> None:

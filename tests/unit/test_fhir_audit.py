@@ -217,6 +217,14 @@ def test_proxy_is_recorded_as_acting_on_behalf_of_the_patient() -> None:
     assert data["what"]["identifier"]["value"] == "t-3"  # a Bedside thread is no FHIR resource
 
 
+def test_the_users_token_id_is_the_balp_jti_policy_a_valid_uri_whatever_it_holds() -> None:
+    resource = _fhir(replace(PHYSICIAN_READ, token_id="a b/ü:1"))
+
+    AuditEvent.model_validate(resource)
+    assert _requestor(resource)["policy"] == ["urn:ietf:params:oauth:jti:a%20b/%C3%BC:1"]
+    assert "policy" not in _requestor(_fhir(PHYSICIAN_READ))
+
+
 def test_key_shred_is_a_security_alert_that_deletes() -> None:
     resource = _fhir(KEY_SHRED)
 
