@@ -351,35 +351,23 @@ class AttachmentService:
                 assert record is not None
                 thread, access = await self._messaging.access(tx, principal, record.thread_id, write=False)
                 patient = thread.patient
+                read = AuditEvent.by(
+                    principal,
+                    AuditAction.ATTACHMENT_READ,
+                    patient=thread.patient,
+                    resource_type="Attachment",
+                    resource_id=str(record.id),
+                    purpose=ETREAT if access is Access.READ else None,
+                    details={"thread_id": str(thread.id)},
+                )
                 withdrawn = await self._store.withdrawn_at(tx, tenant_id, thread.id, record.id)
                 if withdrawn is not None:
-                    raise RecalledError(withdrawn).recording(
-                        AuditEvent.by(
-                            principal,
-                            AuditAction.ATTACHMENT_READ,
-                            patient=thread.patient,
-                            resource_type="Attachment",
-                            resource_id=str(record.id),
-                            purpose=ETREAT if access is Access.READ else None,
-                            details={"thread_id": str(thread.id)},
-                        ).denied("recalled")
-                    )
+                    raise RecalledError(withdrawn).recording(read.denied("recalled"))
                 file_name = (
                     await self._keyring.open(tx, record.file_name, _name_context(record.id, record.thread_id))
                 ).decode()
                 key = await self._verify(tx, record)
-                await self._audit.record(
-                    tx,
-                    AuditEvent.by(
-                        principal,
-                        AuditAction.ATTACHMENT_READ,
-                        patient=thread.patient,
-                        resource_type="Attachment",
-                        resource_id=str(record.id),
-                        purpose=ETREAT if access is Access.READ else None,
-                        details={"thread_id": str(thread.id)},
-                    ),
-                )
+                await self._audit.record(tx, read)
         except DecryptionError:
             if record is not None:
                 await self._integrity_failed(principal, record, patient)
