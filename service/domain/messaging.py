@@ -743,6 +743,10 @@ class MessagingService:
     ) -> list[tuple[str, datetime, datetime | None]]:
         if not can_manage_care_teams(principal):
             await self._deny(principal, None, "care team")
+        if not is_reference(team, "CareTeam"):
+            # The team comes from the path: one that is no reference (a NUL, which PostgreSQL refuses
+            # outright, a slash, a novel) names no team, and is not found like any unknown one.
+            await self._deny_resource(principal, "CareTeam", team, "read")
         async with self._db.transaction(principal.tenant_id) as tx:
             exists = await self._store.team_exists(tx, principal.tenant_id, team)
             history = await self._store.team_members(tx, principal.tenant_id, team) if exists else []
