@@ -323,6 +323,9 @@ class MessagingService:
     ) -> ThreadPage:
         if not 1 <= limit <= 100:
             raise InvalidRequestError([FieldProblem(("limit",), "range", "between 1 and 100")])
+        if patient is not None and not is_reference(patient, "Patient"):
+            # Checked before the query: a filter with a NUL in it is one PostgreSQL refuses outright.
+            raise InvalidRequestError([FieldProblem(("patient",), "reference", "a Patient/.. reference")])
         async with self._db.transaction(principal.tenant_id) as tx:
             as_patient, participants, hide_sensitive = None, [], False
             if principal.role is Role.PATIENT:

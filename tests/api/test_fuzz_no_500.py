@@ -16,12 +16,15 @@ from tests.conftest import Portals
 
 IDENTITIES: dict[str, dict[str, str]] = {
     "patient": {"role": "patient", "sub": "Patient/1"},
+    "physician": {"role": "physician", "sub": "Practitioner/7"},
     "admin": {"role": "admin", "sub": "Practitioner/admin"},
 }
 
 # (caller, method, target as sent, the status now), each once a 500.
 WERE_SERVER_ERRORS = (
     pytest.param("admin", "GET", "/v1/admin/care-teams/cardio%00", 404, id="care-team-path-with-nul"),
+    pytest.param("patient", "GET", "/v1/threads?patient=%00", 422, id="thread-listing-patient-nul"),
+    pytest.param("physician", "GET", "/v1/threads?patient=Patient%2F1%00", 422, id="thread-listing-patient-ref-nul"),
 )
 
 
