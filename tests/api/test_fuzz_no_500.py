@@ -25,6 +25,7 @@ WERE_SERVER_ERRORS = (
     pytest.param("admin", "GET", "/v1/admin/care-teams/cardio%00", 404, id="care-team-path-with-nul"),
     pytest.param("patient", "GET", "/v1/threads?patient=%00", 422, id="thread-listing-patient-nul"),
     pytest.param("physician", "GET", "/v1/threads?patient=Patient%2F1%00", 422, id="thread-listing-patient-ref-nul"),
+    pytest.param("admin", "GET", "/v1/admin/webhook-endpoints?subscriber=%00", 422, id="endpoint-listing-nul"),
 )
 
 
