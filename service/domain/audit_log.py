@@ -24,9 +24,9 @@ from crypto.merkle import (
     subtree_hasher_from_nodes,
     subtree_ranges,
 )
-from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
+from service.domain.audit import MAX_IDENTIFIER, AuditAction, AuditEvent, AuditRecorder
 from service.domain.policy import can_query_audit
-from service.domain.principal import Principal
+from service.domain.principal import Principal, is_plain_text
 from service.errors import FieldProblem, InvalidRequestError, NotFoundError
 from service.store.audit import AuditStore, CheckpointRecord, EventFilter, LeafRecord
 from service.store.db import Conn, Database, Tx
@@ -110,6 +110,22 @@ def decode_cursor(cursor: str, newest_first: bool) -> int:
         ) from None
 
 
+# The filters that name identifiers the log holds as printable text of at most MAX_IDENTIFIER characters.
+_TEXT_FILTERS = ("patient", "actor", "action", "outcome", "resource_type", "resource_id")
+
+
+def _check_filter(where: EventFilter) -> None:
+    """Refuse a text filter that no event can match, because the log never holds such a value: a NUL
+    (which PostgreSQL refuses outright), control characters, empty or overlong text."""
+    problems = [
+        FieldProblem((name,), "text", f"printable text of 1 to {MAX_IDENTIFIER} characters")
+        for name in _TEXT_FILTERS
+        if (value := getattr(where, name)) is not None and not is_plain_text(value, MAX_IDENTIFIER)
+    ]
+    if problems:
+        raise InvalidRequestError(problems)
+
+
 class AuditQueries:
     """What compliance officers ask of the log. Every query is itself audited as `audit:query`."""
 
@@ -137,6 +153,7 @@ class AuditQueries:
         self._allow(principal)
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidRequestError([FieldProblem(("limit",), "range", f"between 1 and {MAX_PAGE}")])
+        _check_filter(where)
         after = None if cursor is None else decode_cursor(cursor, newest_first)
         async with self._db.transaction(principal.tenant_id) as tx:
             items = await self._store.events(
@@ -192,8 +209,10 @@ class AuditQueries:
         self, principal: Principal, where: EventFilter, *, page: int = 500
     ) -> tuple[CheckpointRecord | None, AsyncIterator[tuple[LeafRecord, InclusionProof]]]:
         """The tenant's events (oldest first) with an inclusion proof of each against the latest
-        checkpoint, so the export verifies offline with the log's public key alone."""
+        checkpoint, so the export verifies offline with the log's public key alone. The filter is checked
+        here, before the caller starts streaming: the rows are read page by page while it does."""
         self._allow(principal)
+        _check_filter(where)
         async with self._db.transaction(principal.tenant_id) as tx:
             checkpoint = await self._store.latest_checkpoint(tx)
             await self._recorder.record(

@@ -331,6 +331,9 @@ class MessagingService:
     ) -> ThreadPage:
         if not 1 <= limit <= 100:
             raise InvalidRequestError([FieldProblem(("limit",), "range", "between 1 and 100")])
+        if patient is not None and not is_reference(patient, "Patient"):
+            # Checked before the query: a filter with a NUL in it is one PostgreSQL refuses outright.
+            raise InvalidRequestError([FieldProblem(("patient",), "reference", "a Patient/.. reference")])
         async with self._db.transaction(principal.tenant_id) as tx:
             as_patient, participants, hide_sensitive = None, [], False
             if principal.role is Role.PATIENT:
@@ -761,6 +764,10 @@ class MessagingService:
     ) -> list[tuple[str, datetime, datetime | None]]:
         if not can_manage_care_teams(principal):
             await self._deny(principal, None, "care team")
+        if not is_reference(team, "CareTeam"):
+            # The team comes from the path: one that is no reference (a NUL, which PostgreSQL refuses
+            # outright, a slash, a novel) names no team, and is not found like any unknown one.
+            await self._deny_resource(principal, "CareTeam", team, "read")
         async with self._db.transaction(principal.tenant_id) as tx:
             exists = await self._store.team_exists(tx, principal.tenant_id, team)
             history = await self._store.team_members(tx, principal.tenant_id, team) if exists else []

@@ -218,6 +218,13 @@ async def open_secrets(keyring: PatientKeyring, tx: Tx, keys: Sequence[EndpointK
     return [o.decode() for o in opened]
 
 
+_SUBSCRIBER_PROBLEM = FieldProblem(("subscriber",), "reference", "a Practitioner/.. or CareTeam/.. reference")
+
+
+def _is_subscriber(subscriber: str) -> bool:
+    return is_reference(subscriber, "Practitioner") or is_reference(subscriber, "CareTeam")
+
+
 def _check_event_types(event_types: Sequence[str]) -> list[FieldProblem]:
     if not event_types or len(event_types) > len(EVENT_TYPES) or len(set(event_types)) != len(event_types):
         return [FieldProblem(("event_types",), "count", "1 or more distinct event types")]
@@ -254,8 +261,8 @@ class WebhookEndpoints:
     ) -> tuple[EndpointView, NewSecrets]:
         self._admin(principal, "webhook:register")
         problems = _check_event_types(event_types)
-        if not (is_reference(subscriber, "Practitioner") or is_reference(subscriber, "CareTeam")):
-            problems.append(FieldProblem(("subscriber",), "reference", "a Practitioner/.. or CareTeam/.. reference"))
+        if not _is_subscriber(subscriber):
+            problems.append(_SUBSCRIBER_PROBLEM)
         if problems:
             raise InvalidRequestError(problems)
         await self._guard.check(url)
@@ -290,6 +297,9 @@ class WebhookEndpoints:
         self, principal: Principal, subscriber: str | None, cursor: tuple[datetime, UUID] | None, limit: int
     ) -> list[EndpointView]:
         self._admin(principal, "webhook:list")
+        if subscriber is not None and not _is_subscriber(subscriber):
+            # Checked before the query: a filter with a NUL in it is one PostgreSQL refuses outright.
+            raise InvalidRequestError([_SUBSCRIBER_PROBLEM])
         async with self._db.transaction(principal.tenant_id) as tx:
             records = await self._store.endpoints(tx, principal.tenant_id, subscriber, cursor, limit)
             views = await self._views(tx, records)
