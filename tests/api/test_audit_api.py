@@ -255,34 +255,13 @@ async def test_an_export_verifies_offline_and_a_tampered_one_does_not(
     assert {e["tenant_id"] for e in events} == {events[0]["tenant_id"]}  # acme's only
     assert sum(1 for e in events if e["patient"] == "Patient/3") == 12
 
-    export, vkey = tmp_path / "acme.ndjson", tmp_path / "log.vkey"
-    export.write_text("\n".join(lines) + "\n")
-    vkey.write_text(header["vkey"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
-    ok = await asyncio.to_thread(
-        subprocess.run,
-        [BEDSIDE, "audit", "verify", "--file", str(export), "--public-key", str(vkey)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    ok = await _verify_export(lines, tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert f"ok: {len(events)} leaves" in ok.stdout
 
     victim = events[4]
     victim["actor"] = "Practitioner/someone-else"
-    export.write_text("\n".join([lines[0], *(json.dumps(e) for e in events)]) + "\n")
-    bad = await asyncio.to_thread(
-        subprocess.run,
-        [BEDSIDE, "audit", "verify", "--file", str(export), "--public-key", str(vkey)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    bad = await _verify_export([lines[0], *(json.dumps(e) for e in events)], tmp_path)
     assert bad.returncode == 1
     assert f"FAILED at index {victim['seq']}" in bad.stdout
 
