@@ -24,7 +24,7 @@ from __future__ import annotations
 import codecs
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -33,10 +33,10 @@ import structlog
 from crypto.errors import DecryptionError
 from crypto.keys import DataKey
 from crypto.stream import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, StreamOpener, StreamSealer
-from service.domain.audit import AuditAction, AuditEvent, AuditRecorder, Outcome
+from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.consents import Decision
 from service.domain.keyring import PatientKeyring
-from service.domain.messaging import ETREAT, MessagingService
+from service.domain.messaging import ETREAT, MessagingService, recorded_if_shredded
 from service.domain.policy import Access
 from service.domain.principal import Principal
 from service.errors import (
@@ -336,9 +336,9 @@ class AttachmentService:
 
         NotFoundError (audited) for an unknown attachment or a thread the caller may not read;
         RecalledError (audited) if only recalled messages carry it: it was withdrawn with them;
-        ShreddedError if the patient was shredded; `DecryptionError` (an alarm: logged, recorded as a
-        failed read, answered 500) if the file name or any chunk is altered, or a chunk missing, extra,
-        duplicated or out of order, or the attachment cut short.
+        ShreddedError (audited as a failed read) if the patient was shredded; `DecryptionError` (an alarm:
+        logged, recorded as a failed read, answered 500) if the file name or any chunk is altered, or a
+        chunk missing, extra, duplicated or out of order, or the attachment cut short.
         """
         tenant_id = principal.tenant_id
         record: AttachmentRecord | None = None
@@ -363,10 +363,11 @@ class AttachmentService:
                 withdrawn = await self._store.withdrawn_at(tx, tenant_id, thread.id, record.id)
                 if withdrawn is not None:
                     raise RecalledError(withdrawn).recording(read.denied("recalled"))
-                file_name = (
-                    await self._keyring.open(tx, record.file_name, _name_context(record.id, record.thread_id))
-                ).decode()
-                key = await self._verify(tx, record)
+                with recorded_if_shredded(read):
+                    file_name = (
+                        await self._keyring.open(tx, record.file_name, _name_context(record.id, record.thread_id))
+                    ).decode()
+                    key = await self._verify(tx, record)
                 await self._audit.record(tx, read)
         except DecryptionError:
             if record is not None:
@@ -439,9 +440,9 @@ class AttachmentService:
             patient=patient,
             resource_type="Attachment",
             resource_id=str(record.id),
-            details={"thread_id": str(record.thread_id), "reason": "integrity"},
+            details={"thread_id": str(record.thread_id)},
         )
-        await self._audit.record_alone(replace(event, outcome=Outcome.FAILURE))
+        await self._audit.record_alone(event.failed("integrity"))
 
     async def _deny(self, principal: Principal, attachment_id: UUID) -> None:
         raise NotFoundError().recording(

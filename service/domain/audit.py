@@ -147,6 +147,10 @@ class AuditEvent:
     def denied(self, reason: str) -> AuditEvent:
         return replace(self, outcome=Outcome.DENIED, details={**self.details, "reason": reason})
 
+    def failed(self, reason: str) -> AuditEvent:
+        """The access was allowed but could not be served (the content is destroyed, or altered)."""
+        return replace(self, outcome=Outcome.FAILURE, details={**self.details, "reason": reason})
+
 
 def canonical_details(details: Mapping[str, DetailValue]) -> str:
     """Details as canonical JSON (sorted keys, no spaces), after checking they are identifiers only."""

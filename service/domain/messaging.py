@@ -10,9 +10,10 @@ event, and commits. Nothing after the commit waits on the network.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -305,17 +306,12 @@ class MessagingService:
     ) -> ThreadView:
         async with self._db.transaction(principal.tenant_id) as tx:
             thread, access = await self._reading(tx, principal, thread_id, break_glass_reason)
-            subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
+            purpose = ETREAT if access is Access.READ else None
+            read = _on_thread(principal, AuditAction.THREAD_READ, thread, purpose=purpose)
+            with recorded_if_shredded(read):
+                subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
             receipts = await self._store.receipts(tx, principal.tenant_id, thread.id)
-            await self._audit.record(
-                tx,
-                _on_thread(
-                    principal,
-                    AuditAction.THREAD_READ,
-                    thread,
-                    purpose=ETREAT if access is Access.READ else None,
-                ),
-            )
+            await self._audit.record(tx, read)
         mine = next((r.up_to for r in receipts if r.reader == principal.subject), 0)
         return ThreadView(thread, subject, access, max(0, thread.last_seq - mine), tuple(receipts))
 
@@ -575,8 +571,10 @@ class MessagingService:
                     tx, principal.tenant_id, thread.id, after=after, before=before, limit=limit
                 )
                 key = None
-            views = await self._views(tx, records, key)
-            await self._record_read(tx, principal, thread, access, records, resource=("Thread", thread.id))
+            read = _read_event(principal, thread, access, records, resource=("Thread", thread.id))
+            with recorded_if_shredded(read):
+                views = await self._views(tx, records, key)
+            await self._audit.record(tx, read)
         return views
 
     async def message(self, principal: Principal, message_id: UUID) -> MessageView:
@@ -586,8 +584,10 @@ class MessagingService:
                 await self._deny(principal, None, "read")
             assert record is not None
             thread, access = await self.access(tx, principal, record.thread_id, write=False)
-            (view,) = await self._views(tx, [record])
-            await self._record_read(tx, principal, thread, access, [record], resource=("Message", record.id))
+            read = _read_event(principal, thread, access, [record], resource=("Message", record.id))
+            with recorded_if_shredded(read):
+                (view,) = await self._views(tx, [record])
+            await self._audit.record(tx, read)
         return view
 
     async def _record_read(
@@ -600,24 +600,7 @@ class MessagingService:
         *,
         resource: tuple[str, UUID],
     ) -> None:
-        """Reads are audited with the messages they returned; a break-glass read with purpose ETREAT.
-
-        The messages are named by their thread and the range of sequence numbers returned: a thread's
-        sequence is dense and its messages are never deleted, so a page is exactly the messages from
-        `first_seq` to `last_seq`, and the event stays the same small size whatever the page's."""
-        details: dict[str, Any] = {"thread_id": str(thread.id), "returned": len(records)}
-        if records:
-            details.update(first_seq=records[0].seq, last_seq=records[-1].seq)
-        event = AuditEvent.by(
-            principal,
-            AuditAction.MESSAGE_READ,
-            patient=thread.patient,
-            resource_type=resource[0],
-            resource_id=str(resource[1]),
-            purpose=ETREAT if access is Access.READ else None,
-            details=details,
-        )
-        await self._audit.record(tx, event)
+        await self._audit.record(tx, _read_event(principal, thread, access, records, resource=resource))
 
     async def mark_read(self, principal: Principal, thread_id: UUID, up_to: int) -> ReceiptRecord:
         async with self._db.transaction(principal.tenant_id) as tx:
@@ -947,6 +930,43 @@ def _consented(
             ).denied("consent-required")
         )
     return decisions
+
+
+def _read_event(
+    principal: Principal,
+    thread: ThreadRecord,
+    access: Access,
+    records: Sequence[MessageRecord],
+    *,
+    resource: tuple[str, UUID],
+) -> AuditEvent:
+    """A read of messages, audited with the messages it returned; a break-glass read with purpose ETREAT.
+
+    The messages are named by their thread and the range of sequence numbers returned: a thread's
+    sequence is dense and its messages are never deleted, so a page is exactly the messages from
+    `first_seq` to `last_seq`, and the event stays the same small size whatever the page's."""
+    details: dict[str, Any] = {"thread_id": str(thread.id), "returned": len(records)}
+    if records:
+        details.update(first_seq=records[0].seq, last_seq=records[-1].seq)
+    return AuditEvent.by(
+        principal,
+        AuditAction.MESSAGE_READ,
+        patient=thread.patient,
+        resource_type=resource[0],
+        resource_id=str(resource[1]),
+        purpose=ETREAT if access is Access.READ else None,
+        details=details,
+    )
+
+
+@contextlib.contextmanager
+def recorded_if_shredded(read: AuditEvent) -> Iterator[None]:
+    """Opening content for `read`: if the patient was crypto-shredded, the 410 is recorded as that read,
+    failed (reason `shredded`), like every other access that was asked for and not served."""
+    try:
+        yield
+    except ShreddedError as shredded:
+        raise shredded.recording(read.failed("shredded")) from None
 
 
 def _on_thread(principal: Principal, action: AuditAction, thread: ThreadRecord, **fields: object) -> AuditEvent:

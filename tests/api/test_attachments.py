@@ -386,7 +386,7 @@ async def test_a_revoked_consent_stops_uploads(client, portals: Portals, databas
     assert await stored(database) == (0, 0)
 
 
-async def test_a_shredded_patients_attachment_is_gone(client, portals: Portals) -> None:
+async def test_a_shredded_patients_attachment_is_gone(client, portals: Portals, database: Dsns) -> None:
     thread_id = await open_thread(client, portals)
     attachment_id = await uploaded(client, portals, thread_id, pdf(1000))
     admin = portals.acme.auth(role="admin", sub="Practitioner/admin1")
@@ -397,6 +397,10 @@ async def test_a_shredded_patients_attachment_is_gone(client, portals: Portals) 
     assert response.status == 410
     assert (await response.json())["code"] == "content-shredded"
     assert (await upload(client, patient(portals), thread_id, b"%PDF-")).status == 410
+    failed = [e for e in await audit_events(database, "attachment:read") if e["outcome"] == "failure"]
+    assert [(e["actor"], e["resource_id"], json.loads(e["details"])) for e in failed] == [
+        ("Patient/1", str(attachment_id), {"thread_id": thread_id, "reason": "shredded"})
+    ]
 
 
 # -- tampering is an error, never a file ----------------------------------------------------------------

@@ -67,3 +67,52 @@ async def test_a_single_message_read_names_its_sequence_number(client, portals: 
     assert (await client.get(f"/v1/messages/{message_id}", headers=physician(portals))).status == 200
     (event,) = await _read_events(database.owner, message_id)
     assert event == {"thread_id": created["id"], "returned": 1, "first_seq": 1, "last_seq": 1}
+
+
+async def _failed_reads(owner_dsn: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        rows = await owner.fetch(
+            "SELECT action, resource_type, actor, details::text AS details FROM (SELECT action, outcome, "
+            "resource_type, actor, details, occurred_at FROM audit_outbox UNION ALL SELECT action, outcome, "
+            "resource_type, actor, details, occurred_at FROM audit_leaves) e "
+            "WHERE outcome = 'failure' ORDER BY occurred_at"
+        )
+    finally:
+        await owner.close()
+    return [(r["action"], r["resource_type"], r["actor"], json.loads(r["details"])) for r in rows]
+
+
+async def test_a_read_refused_because_the_patient_was_shredded_is_recorded(
+    client, portals: Portals, database: Dsns
+) -> None:
+    """A 410 is an access that was asked for and not served: it is audited as a failed read."""
+    await consent(client, portals)
+    created = await thread(client, portals, message="first")
+    page = await (await client.get(f"/v1/threads/{created['id']}/messages", headers=physician(portals))).json()
+    message_id = page["items"][0]["id"]
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    shred = {"patient": "Patient/1", "confirm": "Patient/1"}
+    assert (await client.post("/v1/admin/keys/shred", json=shred, headers=admin)).status == 200
+    assert await _failed_reads(database.owner) == []
+
+    for url in (f"/v1/threads/{created['id']}", f"/v1/threads/{created['id']}/messages", f"/v1/messages/{message_id}"):
+        gone = await client.get(url, headers=physician(portals))
+        assert gone.status == 410, url
+        assert (await gone.json())["code"] == "content-shredded"
+
+    assert await _failed_reads(database.owner) == [
+        ("thread:read", "Thread", "Practitioner/7", {"reason": "shredded"}),
+        (
+            "message:read",
+            "Thread",
+            "Practitioner/7",
+            {"thread_id": created["id"], "returned": 1, "first_seq": 1, "last_seq": 1, "reason": "shredded"},
+        ),
+        (
+            "message:read",
+            "Message",
+            "Practitioner/7",
+            {"thread_id": created["id"], "returned": 1, "first_seq": 1, "last_seq": 1, "reason": "shredded"},
+        ),
+    ]
