@@ -4,7 +4,6 @@ download it (verified first, then streamed). Thin handlers over AttachmentServic
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from urllib.parse import quote, unquote
 
 import structlog
@@ -14,6 +13,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from schemas.attachments import AttachmentOut, AttachmentUploadQuery
 from service.api.bodies import parse_query
 from service.api.consents import path_uuid
+from service.api.streaming import stream_body
 from service.errors import FieldProblem, InvalidRequestError, MalformedRequestError
 from service.keys import ATTACHMENTS, PRINCIPAL, REQUEST_ID
 
@@ -97,20 +97,5 @@ async def download_attachment(request: web.Request) -> web.StreamResponse:
         response.charset = "utf-8"
     # A declared length: a transfer cut short below is visibly incomplete to every HTTP client.
     response.content_length = record.size
-    async with aclosing(download.chunks) as chunks:
-        await response.prepare(request)
-        try:
-            async for piece in chunks:
-                await response.write(piece)
-        except ConnectionError:
-            log.info("attachment.download_disconnected", attachment_id=str(record.id))
-            return response
-        except Exception:
-            # Headers are out: no error status can follow, and no exception may escape either (the error
-            # middleware would write a second response into this one's body). Cut the connection instead.
-            log.error("attachment.download_aborted", attachment_id=str(record.id), exc_info=True)
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-    await response.write_eof()
-    return response
+    chunks, attachment_id = download.chunks, str(record.id)
+    return await stream_body(request, response, chunks, event="attachment.download", attachment_id=attachment_id)

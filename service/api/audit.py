@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from aiohttp import web
 
@@ -23,6 +25,7 @@ from schemas.audit import (
 )
 from schemas.fhir_audit import AuditEventFields, to_fhir_audit_event
 from service.api.bodies import parse_query
+from service.api.streaming import stream_body
 from service.domain.audit import optional_fields, token_id_of
 from service.domain.audit_verify import export_event, export_header
 from service.keys import AUDIT_QUERIES, PRINCIPAL, SETTINGS
@@ -113,18 +116,20 @@ async def export_audit_events(request: web.Request) -> web.StreamResponse:
     principal = request[PRINCIPAL]
     checkpoint, rows = await queries.export(principal, _filter(query))
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
-    if query.format == "ndjson" and checkpoint is not None:
-        await response.write((json.dumps(export_header(checkpoint, queries.vkey)) + "\n").encode())
     observer = request.app[SETTINGS].audit_origin
-    async for leaf, proof in rows:
-        if query.format == "fhir":
-            line = to_fhir_audit_event(_fhir_fields(leaf, principal.tenant), observer=observer)
-        else:
-            line = export_event(leaf, proof.path)
-        await response.write((json.dumps(line) + "\n").encode())
-    await response.write_eof()
-    return response
+
+    async def lines() -> AsyncGenerator[bytes, None]:
+        async with aclosing(rows) as leaves:
+            if query.format == "ndjson" and checkpoint is not None:
+                yield (json.dumps(export_header(checkpoint, queries.vkey)) + "\n").encode()
+            async for leaf, proof in leaves:
+                if query.format == "fhir":
+                    line = to_fhir_audit_event(_fhir_fields(leaf, principal.tenant), observer=observer)
+                else:
+                    line = export_event(leaf, proof.path)
+                yield (json.dumps(line) + "\n").encode()
+
+    return await stream_body(request, response, lines(), event="audit.export")
 
 
 def _fhir_fields(leaf: LeafRecord, tenant: str) -> AuditEventFields:

@@ -10,7 +10,7 @@ tree. PostgreSQL sequences are never used to number leaves.
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -207,7 +207,7 @@ class AuditQueries:
 
     async def export(
         self, principal: Principal, where: EventFilter, *, page: int = 500
-    ) -> tuple[CheckpointRecord | None, AsyncIterator[tuple[LeafRecord, InclusionProof]]]:
+    ) -> tuple[CheckpointRecord | None, AsyncGenerator[tuple[LeafRecord, InclusionProof], None]]:
         """The tenant's events (oldest first) with an inclusion proof of each against the latest
         checkpoint, so the export verifies offline with the log's public key alone. The filter is checked
         here, before the caller starts streaming: the rows are read page by page while it does."""
@@ -219,7 +219,7 @@ class AuditQueries:
                 tx, AuditEvent.by(principal, AuditAction.AUDIT_EXPORT, resource_type="AuditLog")
             )
 
-        async def rows() -> AsyncIterator[tuple[LeafRecord, InclusionProof]]:
+        async def rows() -> AsyncGenerator[tuple[LeafRecord, InclusionProof], None]:
             if checkpoint is None:
                 return
             after: int | None = None
