@@ -338,7 +338,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/threads",
         messaging.list_threads,
         "list_threads",
-        "The caller's threads, newest activity first, with unread counts",
+        "The caller's threads, newest first (by creation: pages never skip or repeat), with unread counts",
         "messaging",
         response=ThreadListOut,
         errors=(422,),

@@ -681,10 +681,8 @@ class MessagingService:
             grants = await self._store.break_glass(tx, principal.tenant_id, reviewed, limit)
             views = []
             for grant in grants:
-                thread = await self._store.thread(tx, principal.tenant_id, grant.thread_id)
-                assert thread is not None
                 reason, shredded_at = await self._open_in_listing(
-                    tx, grant.reason, _context("break_glass.reason", grant.id, thread.id)
+                    tx, grant.reason, _context("break_glass.reason", grant.id, grant.thread_id)
                 )
                 views.append(BreakGlassView(grant, reason, shredded_at))
             await self._audit.record(
