@@ -24,6 +24,8 @@ from service.keys import AUDIT, AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES
 
 log = structlog.get_logger("bedside.http")
 
+CANCELLED = 499  # the status logged and counted for a request cancelled before it was answered
+
 # An incoming X-Request-Id is kept only if it is plainly an identifier: it goes into logs.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{8,64}$")
 
@@ -51,6 +53,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = response.status
         response.headers["X-Request-Id"] = request_id
         return response
+    except asyncio.CancelledError:
+        # Cancelled before it answered (a shutdown past its timeout): no response was sent, and nothing
+        # failed in the service. 499 as in nginx's "client closed request", not a 500 that pages someone.
+        status = CANCELLED
+        raise
     finally:
         elapsed = time.perf_counter() - started
         route = route_template(request)
