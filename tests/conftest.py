@@ -83,7 +83,8 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def _create_database(cluster: Cluster, template: str) -> str:
+async def create_database(cluster: Cluster, template: str) -> str:
+    """A new database of the suite's cluster, copied from `template`; its name."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     conn = await asyncpg.connect(cluster.owner_dsn("postgres"))
     try:
@@ -93,7 +94,7 @@ async def _create_database(cluster: Cluster, template: str) -> str:
     return name
 
 
-async def _drop_database(cluster: Cluster, name: str) -> None:
+async def drop_database(cluster: Cluster, name: str) -> None:
     conn = await asyncpg.connect(cluster.owner_dsn("postgres"))
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -104,17 +105,17 @@ async def _drop_database(cluster: Cluster, name: str) -> None:
 @pytest.fixture
 async def database(cluster: Cluster) -> AsyncIterator[Dsns]:
     """A migrated database of this test's own, with the service's login role."""
-    name = await _create_database(cluster, TEMPLATE)
+    name = await create_database(cluster, TEMPLATE)
     yield Dsns(name=name, app=cluster.app_dsn(name), owner=cluster.owner_dsn(name))
-    await _drop_database(cluster, name)
+    await drop_database(cluster, name)
 
 
 @pytest.fixture
 async def empty_database(cluster: Cluster) -> AsyncIterator[Dsns]:
     """A database with nothing in it, not even migrations."""
-    name = await _create_database(cluster, "template0")
+    name = await create_database(cluster, "template0")
     yield Dsns(name=name, app=cluster.app_dsn(name), owner=cluster.owner_dsn(name))
-    await _drop_database(cluster, name)
+    await drop_database(cluster, name)
 
 
 @pytest.fixture
@@ -127,10 +128,11 @@ def signing_key_file(tmp_path: Path) -> Path:
     return tmp_path / "audit-signing.key"
 
 
-@pytest.fixture
-def settings(database: Dsns, kek_file: Path, signing_key_file: Path) -> Settings:
+def service_settings(app_dsn: str, kek_file: Path, signing_key_file: Path, **overrides: object) -> Settings:
+    """The service's settings as the suite runs it: fresh key files, a quick sequencer, no issuer cache,
+    a small pool; `overrides` on top."""
     return Settings(
-        database_url=SecretStr(database.app),
+        database_url=SecretStr(app_dsn),
         kek_file=kek_file,
         kek_file_create=True,
         audit_signing_key_file=signing_key_file,
@@ -140,7 +142,13 @@ def settings(database: Dsns, kek_file: Path, signing_key_file: Path) -> Settings
         db_pool_min=1,
         db_pool_max=4,
         shutdown_timeout_seconds=5,
+        **overrides,
     )
+
+
+@pytest.fixture
+def settings(database: Dsns, kek_file: Path, signing_key_file: Path) -> Settings:
+    return service_settings(database.app, kek_file, signing_key_file)
 
 
 @dataclass

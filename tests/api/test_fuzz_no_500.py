@@ -47,7 +47,6 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
-from pydantic import SecretStr
 from structlog.testing import capture_logs
 from yarl import URL
 
@@ -56,7 +55,6 @@ from service.app import create_app
 from service.domain.audit import AuditRecorder
 from service.domain.issuers import IssuerService
 from service.domain.tenants import TenantService
-from service.settings import Settings
 from service.store.audit import AuditStore
 from service.store.db import Database
 from service.store.issuers import IssuerStore
@@ -71,7 +69,7 @@ from tests.api.fuzz_helpers import (
     requests,
     unsupported_fields,
 )
-from tests.conftest import TEMPLATE, Cluster, _create_database, _drop_database
+from tests.conftest import TEMPLATE, Cluster, create_database, drop_database, service_settings
 from tests.support import TestIssuer
 
 # The async tests share the module's loop, on which `served` runs the service.
@@ -286,19 +284,12 @@ async def served(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
     fixtures make them), and the service on loopback as `bedside serve` runs it: an AppRunner, whose
     handlers are not cancelled when a client goes away (aiohttp's TestServer cancels them). No webhook
     delivery worker: deliveries stay as they are, and nothing leaves the machine."""
-    name = await _create_database(cluster, TEMPLATE)
+    name = await create_database(cluster, TEMPLATE)
     keys = tmp_path_factory.mktemp("fuzz-keys")
-    settings = Settings(
-        database_url=SecretStr(cluster.app_dsn(name)),
-        kek_file=keys / "kek.json",
-        kek_file_create=True,
-        audit_signing_key_file=keys / "audit-signing.key",
-        audit_signing_key_create=True,
-        audit_batch_interval_seconds=0.05,
-        issuer_cache_seconds=0,
-        db_pool_min=1,
-        db_pool_max=4,
-        shutdown_timeout_seconds=5,
+    settings = service_settings(
+        cluster.app_dsn(name),
+        keys / "kek.json",
+        keys / "audit-signing.key",
         webhook_worker=False,
         max_json_body_bytes=BODY_LIMIT,
     )
@@ -323,7 +314,7 @@ async def served(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         await owner.close()
         await runner.cleanup()
-        await _drop_database(cluster, name)
+        await drop_database(cluster, name)
 
 
 def identities(n: int) -> dict[str, dict[str, str]]:
