@@ -4,9 +4,10 @@ Envelope encryption. Each patient has a data key (DEK, `crypto.keys.DataKey`: 16
 version, 32 secret bytes). DEKs are stored only wrapped by a key-encryption key (KEK) from a provider
 (`crypto.kek`: local key file or PKCS#11), with an AAD binding DEK id, DEK version, tenant and patient
 (`crypto.kek.dek_wrap_aad`), and cached unwrapped within bounds (`crypto.dek_cache`). Records are
-sealed with `crypto.envelope.seal` / `open_record`, attachments with `crypto.stream`. Every failure to
-open anything raises the one opaque `crypto.errors.DecryptionError`. This package imports nothing at
-import time: import the submodule you need.
+sealed with `crypto.envelope.seal` / `open_record` (`open_records` for a page under one key),
+attachments with `crypto.stream`. Every failure to open anything raises the one opaque
+`crypto.errors.DecryptionError`. This package imports nothing at import time: import the submodule you
+need.
 
 Record format, version 1 (all integers big-endian)
 --------------------------------------------------

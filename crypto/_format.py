@@ -58,13 +58,16 @@ def text_field(value: str, what: str) -> bytes:
     return length_prefixed(encoded)
 
 
-def encode_context(context: Mapping[str, str]) -> bytes:
+def encode_context(context: Mapping[str, str], memo: dict[tuple[str, str], bytes] | None = None) -> bytes:
     """Canonical encoding of an ordered str -> str mapping.
 
     `u32(count) || for each (key, value) in order: u32(len) || key || u32(len) || value`, UTF-8.
     Order matters on purpose: callers build the context the same way at seal and at open.
-    This runs twice per record (seal and open), so it is written as one flat loop: the same bytes as
-    `text_field` for each entry, at a fraction of the calls.
+
+    This runs for every record sealed or opened, so each entry is encoded in one flat step (the same
+    bytes as `text_field` for the key and the value). `memo`: a dict that a caller encoding many
+    contexts (a page of records: one tenant, one column, one thread) passes to each call, so that an
+    entry seen before is not encoded again.
     """
     if not isinstance(context, Mapping):
         raise TypeError("context must be a mapping of str to str")
@@ -78,16 +81,18 @@ def encode_context(context: Mapping[str, str]) -> bytes:
             what = "context key" if not isinstance(key, str) else "context value"
             bad = key if not isinstance(key, str) else value
             raise TypeError(f"{what} must be str, not {type(bad).__name__}")
-        try:
-            k, v = key.encode("utf-8"), value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("context is not valid Unicode text (lone surrogate)") from None
-        if len(k) > _MAX_U32 or len(v) > _MAX_U32:
-            raise ValueError("value does not fit in an unsigned 32-bit field")
-        append(pack(len(k)))
-        append(k)
-        append(pack(len(v)))
-        append(v)
+        entry = None if memo is None else memo.get((key, value))
+        if entry is None:
+            try:
+                k, v = key.encode("utf-8"), value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("context is not valid Unicode text (lone surrogate)") from None
+            if len(k) > _MAX_U32 or len(v) > _MAX_U32:
+                raise ValueError("value does not fit in an unsigned 32-bit field")
+            entry = pack(len(k)) + k + pack(len(v)) + v
+            if memo is not None:
+                memo[(key, value)] = entry
+        append(entry)
     return b"".join(parts)
 
 
@@ -96,12 +101,13 @@ def prefix(magic: bytes, key: DataKey) -> bytes:
     return PREFIX.pack(magic, FORMAT_VERSION, SUITE_HKDF_SHA256_AES256GCM, key.id.bytes, key.version)
 
 
-def check_prefix(magic: bytes, key: DataKey, sealed: bytes) -> None:
-    """Raise DecryptionError unless `sealed` starts with exactly the prefix `key` would have written.
+def check_prefix(expected: bytes, sealed: bytes) -> None:
+    """Raise DecryptionError unless `sealed` starts with exactly `expected`, the `prefix` its key would
+    have written (computed by the caller, once for all the records it opens under that key).
 
     Strict on purpose: an unknown version or suite is an error, never a fallback to another one.
     """
-    if not isinstance(sealed, bytes) or sealed[: PREFIX.size] != prefix(magic, key):
+    if not isinstance(sealed, bytes) or sealed[: PREFIX.size] != expected:
         raise DecryptionError
 
 
@@ -136,15 +142,16 @@ def seal_core(
     return header + AESGCM(aes_key).encrypt(nonce, plaintext, header + aad_suffix)
 
 
-def open_core(key: DataKey, label: bytes, record: bytes, header_len: int, aad_suffix: bytes) -> bytes:
-    """Check the key commitment in constant time, then decrypt. The caller has validated the prefix."""
+def open_core(key: DataKey, info: bytes, record: bytes, header_len: int, aad_suffix: bytes) -> bytes:
+    """Check the key commitment in constant time, then decrypt. The caller has validated the prefix;
+    `info` is `kdf_info(label, key)`, which a caller opening many records computes once."""
     if len(record) < header_len + TAG_BYTES:
         raise DecryptionError
     salt_at = header_len - SALT_BYTES - COMMITMENT_BYTES - NONCE_BYTES
     salt = record[salt_at : salt_at + SALT_BYTES]
     commitment = record[salt_at + SALT_BYTES : salt_at + SALT_BYTES + COMMITMENT_BYTES]
     nonce = record[header_len - NONCE_BYTES : header_len]
-    aes_key, expected = derive_suite1(key, salt, kdf_info(label, key))
+    aes_key, expected = derive_suite1(key, salt, info)
     if not hmac.compare_digest(expected, commitment):
         raise DecryptionError
     header = record[:header_len]

@@ -11,7 +11,7 @@ The byte layout is documented in the `crypto` package docstring. Every failure t
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 from uuid import UUID
 
@@ -28,6 +28,7 @@ __all__ = [
     "KeyRef",
     "key_ref_bytes",
     "open_record",
+    "open_records",
     "read_key_ref",
     "seal",
 ]
@@ -80,13 +81,30 @@ def open_record(key: DataKey, record: bytes, context: Mapping[str, str]) -> byte
     Raises `DecryptionError` for every failure: wrong magic, unknown version or suite, truncation,
     another key, another context, any changed byte.
     """
-    _format.check_prefix(RECORD_MAGIC, key, record)
-    try:
-        aad_suffix = _format.encode_context(context)
-    except ValueError:
-        # A context that cannot be encoded was never used to seal anything.
-        raise DecryptionError from None
-    return _format.open_core(key, _RECORD_LABEL, record, RECORD_HEADER_BYTES, aad_suffix)
+    (plaintext,) = open_records(key, [(record, context)])
+    return plaintext
+
+
+def open_records(key: DataKey, items: Iterable[tuple[bytes, Mapping[str, str]]]) -> list[bytes]:
+    """`open_record` for each `(record, context)` sealed under `key`, in order: a page of messages.
+
+    The same checks and the same single `DecryptionError` (raised for the first record that fails; none
+    of the others is returned), with the header prefix and the key-derivation info computed once for
+    the batch instead of once per record, and the context entries the records share encoded once.
+    """
+    expected = _format.prefix(RECORD_MAGIC, key)
+    info = _format.kdf_info(_RECORD_LABEL, key)
+    memo: dict[tuple[str, str], bytes] = {}  # the entries the records share are encoded once
+    opened = []
+    for record, context in items:
+        _format.check_prefix(expected, record)
+        try:
+            aad_suffix = _format.encode_context(context, memo)
+        except ValueError:
+            # A context that cannot be encoded was never used to seal anything.
+            raise DecryptionError from None
+        opened.append(_format.open_core(key, info, record, RECORD_HEADER_BYTES, aad_suffix))
+    return opened
 
 
 def key_ref_bytes(sealed: bytes) -> bytes:

@@ -74,13 +74,14 @@ def _seal_chunk(key: DataKey, plaintext: bytes, aad_suffix: bytes, index: int, f
 
 
 def _open_chunk(key: DataKey, chunk: bytes, aad_suffix: bytes, index: int) -> tuple[bytes, bool]:
-    _format.check_prefix(_format.CHUNK_MAGIC, key, chunk)
+    _format.check_prefix(_format.prefix(_format.CHUNK_MAGIC, key), chunk)
     if len(chunk) < CHUNK_HEADER_BYTES:
         raise DecryptionError
     found_index, final = _POSITION.unpack_from(chunk, _format.PREFIX.size)
     if found_index != index or final not in (0, 1):
         raise DecryptionError
-    return _format.open_core(key, _CHUNK_LABEL, chunk, CHUNK_HEADER_BYTES, aad_suffix), final == 1
+    info = _format.kdf_info(_CHUNK_LABEL, key)
+    return _format.open_core(key, info, chunk, CHUNK_HEADER_BYTES, aad_suffix), final == 1
 
 
 def open_chunk(

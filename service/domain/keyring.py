@@ -15,7 +15,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from crypto.dek_cache import DataKeyCache
-from crypto.envelope import key_ref_bytes, open_record, read_key_ref, seal
+from crypto.envelope import key_ref_bytes, open_record, open_records, read_key_ref, seal
 from crypto.errors import DecryptionError, KekVersionUnavailableError
 from crypto.kek import KekProvider, WrappedKey, dek_wrap_aad
 from crypto.keys import DataKey
@@ -127,12 +127,13 @@ class PatientKeyring:
         tenant_id = _tenant(tx)
         tenant = str(tenant_id)  # formatted once per page, not once per record
         keys: dict[tuple[UUID, int], DataKey] = {}
-        by_header: dict[bytes, DataKey] = {}  # the same key bytes need no parsing the second time
-        opened = []
-        for sealed, context in items:
+        # Records grouped by the header bytes that name their key: the same key bytes need no parsing
+        # the second time, and each group is opened in one batch (a page is usually all one key).
+        groups: dict[bytes, tuple[DataKey, list[int]]] = {}
+        for at, (sealed, context) in enumerate(items):
             header = key_ref_bytes(sealed)
-            key = by_header.get(header)
-            if key is None:
+            group = groups.get(header)
+            if group is None:
                 ref = read_key_ref(sealed)
                 key = keys.get((ref.dek_id, ref.dek_version))
                 if key is None:
@@ -141,10 +142,15 @@ class PatientKeyring:
                     else:
                         key = await self.key_for_reading(tx, sealed)
                     keys[(ref.dek_id, ref.dek_version)] = key
-                by_header[header] = key
+                group = groups[header] = (key, [])
             if "tenant" in context:
                 raise ValueError("the keyring binds the tenant itself; do not pass it in the context")
-            opened.append(open_record(key, sealed, {"tenant": tenant, **context}))
+            group[1].append(at)
+        opened: list[bytes] = [b""] * len(items)
+        for key, positions in groups.values():
+            batch = open_records(key, [(items[at][0], {"tenant": tenant, **items[at][1]}) for at in positions])
+            for at, plaintext in zip(positions, batch, strict=True):
+                opened[at] = plaintext
         return opened
 
     async def _unwrapped(self, tenant_id: UUID, record: DataKeyRecord) -> DataKey:

@@ -18,6 +18,7 @@ from crypto.envelope import (
     KeyRef,
     key_ref_bytes,
     open_record,
+    open_records,
     read_key_ref,
     seal,
 )
@@ -53,6 +54,51 @@ def test_round_trip_for_any_plaintext_and_context(plaintext: bytes, context: dic
     record = seal(KEY_A, plaintext, context)
     assert open_record(KEY_A, record, dict(context)) == plaintext
     assert read_key_ref(record) == KeyRef(KEY_A.id, KEY_A.version)
+
+
+# A page: records that share most of their context (tenant, column, thread), as a page of messages does.
+page_contexts = st.lists(
+    st.fixed_dictionaries({"tenant": st.sampled_from(["t-1", "t-2"]), "row": texts, "thread": texts}), max_size=8
+)
+
+
+@CHEAP
+@given(contexts=page_contexts, data=st.data())
+def test_open_records_opens_a_page_in_order(contexts: list[dict[str, str]], data: st.DataObject) -> None:
+    plaintexts_ = [data.draw(plaintexts) for _ in contexts]
+    records = [seal(KEY_A, p, c) for p, c in zip(plaintexts_, contexts, strict=True)]
+    assert open_records(KEY_A, list(zip(records, contexts, strict=True))) == plaintexts_
+
+
+@CHEAP
+@given(contexts=page_contexts.filter(bool), data=st.data())
+def test_one_bad_record_fails_the_whole_page(contexts: list[dict[str, str]], data: st.DataObject) -> None:
+    records = [seal(KEY_A, b"body", c) for c in contexts]
+    at = data.draw(st.integers(0, len(records) - 1))
+    others = [i for i, c in enumerate(contexts) if c != contexts[at]]
+    flaw = data.draw(st.sampled_from(["byte", "context", "key"] + (["swap"] if others else [])))
+    items = list(zip(records, contexts, strict=True))
+    if flaw == "byte":
+        position = data.draw(st.integers(0, len(records[at]) - 1))
+        changed = bytearray(records[at])
+        changed[position] ^= 0x01
+        items[at] = (bytes(changed), contexts[at])
+    elif flaw == "context":
+        items[at] = (records[at], {**contexts[at], "row": contexts[at]["row"] + "x"})
+    elif flaw == "swap":  # another row's ciphertext in this row
+        items[at] = (records[data.draw(st.sampled_from(others))], contexts[at])
+    else:
+        items[at] = (seal(KEY_B, b"body", contexts[at]), contexts[at])
+    with pytest.raises(DecryptionError):
+        open_records(KEY_A, items)
+
+
+@CHEAP
+@given(page=st.lists(contexts, max_size=6))
+def test_a_shared_memo_never_changes_an_encoding(page: list[dict[str, str]]) -> None:
+    memo: dict[tuple[str, str], bytes] = {}
+    for context in page + page:  # the second pass is all memo hits
+        assert _format.encode_context(context, memo) == _format.encode_context(context)
 
 
 @CHEAP
