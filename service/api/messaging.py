@@ -39,14 +39,14 @@ BREAK_GLASS_HEADER = "Break-Glass-Reason"
 def message_out(view: MessageView) -> MessageOut:
     record = view.record
     return MessageOut(
-        id=str(record.id),
-        thread_id=str(record.thread_id),
+        id=record.id,
+        thread_id=record.thread_id,
         seq=record.seq,
         sender=record.sender,
         sender_role=record.sender_role,
         body=view.body,
-        in_reply_to=None if record.in_reply_to is None else str(record.in_reply_to),
-        attachment_ids=[str(a) for a in view.attachment_ids],
+        in_reply_to=record.in_reply_to,
+        attachment_ids=list(view.attachment_ids),
         created_at=record.created_at,
         recalled_at=record.recalled_at,
         recalled_by=record.recalled_by,
@@ -56,7 +56,7 @@ def message_out(view: MessageView) -> MessageOut:
 def thread_out(view: ThreadView, message: MessageView | None = None) -> ThreadOut:
     record = view.record
     return ThreadOut(
-        id=str(record.id),
+        id=record.id,
         patient=record.patient,
         participants=list(record.participants),
         subject=view.subject,
