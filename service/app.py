@@ -206,8 +206,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             await transport.close()
             await key_operations.close()
             kek.close()
-            _close_provider(kek.provider)
-            _close_provider(signer)
+            close_provider(kek.provider)
+            close_provider(signer)
     finally:
         await db.close()
 
@@ -269,7 +269,7 @@ def build_audit_signer(settings: Settings) -> CheckpointSigner:
     return signer
 
 
-def _close_provider(provider: object) -> None:
+def close_provider(provider: object) -> None:
     close = getattr(provider, "close", None)
     if callable(close):
         close()

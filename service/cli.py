@@ -9,12 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import multiprocessing
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +30,7 @@ from crypto.checkpoint import format_vkey, parse_vkey
 from crypto.dek_cache import DataKeyCache
 from crypto.issuer_keys import IssuerKeyError, generate_ed25519_issuer_key, issuer_key_pair_from_private_pem
 from service import __version__
-from service.app import build_audit_signer, build_kek_provider, create_app
+from service.app import build_audit_signer, build_kek_provider, close_provider, create_app
 from service.domain.audit import REQUEST_META, AuditRecorder, RequestMeta
 from service.domain.audit_verify import VerifyResult, verify_database, verify_export
 from service.domain.issuers import DEV_ISSUER, IssuerService, mint_token
@@ -165,8 +170,116 @@ def _run(coro: Awaitable[T]) -> T:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with database_target(settings, "serve") as target:
         effective = _effective(settings, target)
-        _run_server(_serve(effective, lambda: _print_welcome(settings, effective, target)))
+        welcome = functools.partial(_print_welcome, settings, effective, target)
+        if effective.processes == 1:
+            _run_server(_serve(effective, welcome))
+        else:
+            _serve_processes(effective, welcome)
     return 0
+
+
+class _StopSignalError(Exception):
+    """Raised by the parent's signal handler to end its wait for the server processes."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    # Once: a second signal (Ctrl-C twice, or a supervisor's repeat) must not cut the orderly stop short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _StopSignalError
+
+
+def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
+    """`settings.processes` server processes on one listening socket that this process binds and hands
+    to each (the pre-fork model; the kernel gives each new connection to one of them). They are started
+    fresh (spawn, not fork: nothing of this process's state, a PKCS#11 session least of all, is
+    shared), each with its own pool and background tasks, which already allow any number of processes:
+    the sequencer elects one leader, webhook deliveries are leased, the purges skip locked rows.
+
+    This process only watches: SIGINT or SIGTERM is passed on to every server process, which stops as
+    `bedside serve` does (in-flight requests finish), and if one of them ends on its own the others are
+    stopped too and the command fails, so that a supervisor restarts the whole."""
+    settings = _keys_made_once(settings)
+    sock = socket.create_server((settings.host, settings.port), backlog=1024)
+    context = multiprocessing.get_context("spawn")
+    children: list[tuple[SpawnProcess, Connection]] = []
+    previous = {signum: signal.signal(signum, _raise_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    failed: str | None = None
+    try:
+        for index in range(settings.processes):
+            parent_end, child_end = context.Pipe(duplex=False)
+            child = context.Process(
+                target=_server_process, args=(settings, sock, child_end), name=f"bedside-serve-{index}"
+            )
+            child.start()
+            child_end.close()
+            children.append((child, parent_end))
+        waiting = {child.sentinel: (child, ready) for child, ready in children}
+        pending = {ready for _, ready in children}
+        while pending:
+            for ended in wait([*pending, *waiting]):
+                if isinstance(ended, int):
+                    raise CliError(f"a server process {_ending(waiting[ended][0])} while starting")
+                assert isinstance(ended, Connection)
+                with contextlib.suppress(EOFError):
+                    ended.recv()
+                pending.discard(ended)
+        log.info("http.listening", host=settings.host, port=sock.getsockname()[1], processes=settings.processes)
+        on_ready()
+        (ended_on_its_own, *_) = wait(list(waiting))
+        assert isinstance(ended_on_its_own, int)
+        gone = waiting[ended_on_its_own][0]
+        failed = f"server process {gone.name} {_ending(gone)}; the others were stopped"
+    except _StopSignalError:
+        log.info("http.stopping")
+    finally:
+        for signum in previous:
+            signal.signal(signum, signal.SIG_IGN)
+        for process, _ in children:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process, _ in children:
+            process.join(settings.shutdown_timeout_seconds + 10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        sock.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if failed is not None:
+        raise CliError(failed)
+
+
+def _keys_made_once(settings: Settings) -> Settings:
+    """Keys that this run may create when missing (embedded mode: the KEK file, the audit signing key)
+    are made here, once, before the server processes start, which then only load them: several
+    processes making the same key would race, and all but one would fail or, worse, use another key."""
+    if settings.kek_provider == "file" and settings.kek_file_create:
+        close_provider(build_kek_provider(settings))
+    if settings.audit_signing_key_create:
+        close_provider(build_audit_signer(settings))
+    return settings.model_copy(update={"kek_file_create": False, "audit_signing_key_create": False})
+
+
+def _ending(process: SpawnProcess) -> str:
+    """How a server process that ended did: its exit status, or the signal that killed it."""
+    process.join(5)  # it has ended (its sentinel fired); this reaps it so that its status is known
+    code = process.exitcode
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def _server_process(settings: Settings, sock: socket.socket, ready: Connection) -> None:
+    """One of `_serve_processes`'s servers (a spawned interpreter): serve on the inherited socket."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the event loop's handlers are in place
+    configure_logging(settings.log_format, settings.log_level)
+
+    def notify() -> None:
+        ready.send(True)
+        ready.close()
+
+    _run_server(_serve(settings, notify, sock=sock))
 
 
 def _run_server(server: Coroutine[Any, Any, None]) -> None:
@@ -192,7 +305,7 @@ def _effective(settings: Settings, target: Target) -> Settings:
     return settings.model_copy(update=update)
 
 
-async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
+async def _serve(settings: Settings, on_ready: Callable[[], None], *, sock: socket.socket | None = None) -> None:
     app = create_app(settings)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout_seconds
@@ -203,9 +316,13 @@ async def _serve(settings: Settings, on_ready: Callable[[], None]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        log.info("http.listening", host=settings.host, port=settings.port)
+        if sock is None:
+            site: web.BaseSite = web.TCPSite(runner, settings.host, settings.port)
+            await site.start()
+            log.info("http.listening", host=settings.host, port=settings.port)
+        else:
+            site = web.SockSite(runner, sock)
+            await site.start()
         on_ready()
         await stop.wait()
         log.info("http.stopping")

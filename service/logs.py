@@ -46,6 +46,7 @@ ALLOWED_KEYS = frozenset(
         "migration",
         "count",
         "pid",
+        "processes",
         "thread_id",
         "message_id",
         "attachment_id",

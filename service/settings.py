@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".bedside")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # `bedside serve` runs this many server processes on one listening socket: one Python process uses
+    # at most one core. Each has its own pool of up to `db_pool_max` connections.
+    processes: int = Field(default=1, ge=1, le=64)
 
     audience: str = Field(default="bedside", min_length=1, max_length=200)
     jwt_leeway_seconds: int = Field(default=60, ge=0, le=60)

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -46,8 +47,8 @@ def _env(data_dir: Path, port: int) -> dict[str, str]:
     return env
 
 
-def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    proc = subprocess.Popen([BEDSIDE, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def _start(env: dict[str, str], stderr: IO[str] | int = subprocess.DEVNULL) -> tuple[subprocess.Popen[str], list[str]]:
+    proc = subprocess.Popen([BEDSIDE, "serve"], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + 90
@@ -157,3 +158,50 @@ def test_token_refuses_to_mint_outside_embedded_mode(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "only in embedded mode" in result.stderr
     assert result.stdout == ""
+
+
+def _server_processes(parent: int) -> list[int]:
+    """The spawned server processes under `bedside serve` (not its PostgreSQL or helper processes)."""
+    children = [int(c) for t in Path(f"/proc/{parent}/task").iterdir() for c in (t / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_several_server_processes_share_the_port_and_stop_together(data_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = _env(data_dir, port) | {"BEDSIDE_PROCESSES": "2"}
+    pg = EmbeddedPostgres(data_dir)
+    token = ""
+
+    # Ctrl-C stops every server process, then the database, and the command succeeds.
+    proc, _ = _start(env)
+    try:
+        servers = _server_processes(proc.pid)
+        assert len(servers) == 2
+        token = _cli(env, "token", "--tenant", "demo", "--role", "patient", "--sub", "Patient/1").stdout.strip()
+        # Each one serves the shared port: with either one frozen, the other still answers.
+        for frozen in servers:
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                assert [_me(port, token)[0] for _ in range(3)] == [200, 200, 200]
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+    finally:
+        assert _stop(proc) == 0
+    assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
+    assert pg.running_port() is None
+
+    # A server process that dies takes the command down with it, so that a supervisor restarts the
+    # whole: the other one is stopped, then the database, and the exit status says it failed.
+    with (tmp_path / "stderr.txt").open("w+") as stderr:
+        proc, _ = _start(env, stderr)
+        servers = _server_processes(proc.pid)
+        assert _me(port, token)[0] == 200
+        os.kill(servers[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        assert proc.stdout is not None
+        proc.stdout.close()
+        stderr.seek(0)
+        assert "server process bedside-serve-0 was killed by SIGKILL; the others were stopped" in stderr.read()
+    assert not Path(f"/proc/{servers[1]}").exists()
+    assert pg.running_port() is None

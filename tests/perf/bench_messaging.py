@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import re
@@ -56,8 +57,30 @@ def free_port() -> int:
 # -- the bare ceiling --------------------------------------------------------------------------------------
 
 
-def run_bare_server(dsn: str, port: int) -> None:
-    """A bare aiohttp + asyncpg endpoint: two INSERTs in one transaction, nothing else."""
+def run_bare_server(dsn: str, port: int, processes: int = 1) -> None:
+    """A bare aiohttp + asyncpg endpoint: two INSERTs in one transaction, nothing else. With `processes`
+    above 1, that many of it on one listening socket, as `bedside serve` runs with BEDSIDE_PROCESSES."""
+    import multiprocessing
+
+    if processes == 1:
+        _bare_process(dsn, socket.create_server(("127.0.0.1", port), backlog=1024))
+        return
+    sock = socket.create_server(("127.0.0.1", port), backlog=1024)
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_bare_process, args=(dsn, sock)) for _ in range(processes)]
+    for child in children:
+        child.start()
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # after the start: the children must not inherit it
+    try:
+        signal.sigwait(stop)
+    finally:
+        for child in children:
+            child.terminate()
+            child.join()
+
+
+def _bare_process(dsn: str, sock: socket.socket) -> None:
     import uuid
 
     import asyncpg
@@ -79,7 +102,7 @@ def run_bare_server(dsn: str, port: int) -> None:
     app = web.Application()
     app.cleanup_ctx.append(init)
     app.router.add_post("/bare", post)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    web.run_app(app, sock=sock, print=None, access_log=None)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -94,6 +117,16 @@ def cpu_by_pid(pids: list[int]) -> dict[int, float]:
             found[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
         except (OSError, IndexError):
             continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the server processes of a multi-process run)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found += [int(child), *descendants(int(child))]
     return found
 
 
@@ -149,7 +182,7 @@ def wrk(
 ) -> dict[str, Any]:
     threads = min(2, connections)
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url]
-    pg, svc = postgres_pids(), [service_pid]
+    pg, svc = postgres_pids(), [service_pid, *descendants(service_pid)]
     wal_before = wal_stats(stats_dsn)
     before = (cpu_by_pid(svc), cpu_by_pid(pg))
     started = time.monotonic()
@@ -325,6 +358,7 @@ def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None
             "--output",
             str(out),
             "--nonblocking",
+            "--subprocesses",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -452,7 +486,9 @@ def count_round_trips(owner_dsn: str, logfile: Path, base: str, targets: Path, r
             if current:
                 current.append(entry)
             if entry.startswith("LOG: statement: COMMIT") and current:
-                statements = sum(1 for e in current if e.startswith("LOG: "))
+                # asyncpg's type introspection runs once per connection, the first time it meets a
+                # type (a fresh connection of the second server process, say), not per request.
+                statements = sum(1 for e in current if e.startswith("LOG: ") and "typeinfo" not in e)
                 joined = "\n".join(current)
                 for action in counts:
                     if action in joined and "set_config('bedside.tenant_id'" in current[0]:
@@ -518,12 +554,15 @@ def main() -> None:
     parser.add_argument(
         "--service-env", action="append", default=[], metavar="NAME=VALUE", help="a bedside serve setting (A/B)"
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="server processes, of bedside serve and of the bare endpoint alike"
+    )
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "bare"])
     parser.add_argument("--dsn")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
     if args.mode == "bare":
-        run_bare_server(args.dsn, args.port)
+        run_bare_server(args.dsn, args.port, args.processes)
         return
     if shutil.which("wrk") is None:
         sys.exit("wrk is required: apt-get install -y wrk")
@@ -535,6 +574,7 @@ def main() -> None:
     env.update(
         BEDSIDE_DATA_DIR=str(data_dir), BEDSIDE_PORT=str(port), BEDSIDE_LOG_FORMAT="json", BEDSIDE_DB_POOL_MAX="20"
     )
+    env["BEDSIDE_PROCESSES"] = str(args.processes)
     env.update(item.split("=", 1) for item in args.service_env)
     service = subprocess.Popen(
         [BEDSIDE, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -570,7 +610,8 @@ def main() -> None:
         asyncio.run(bare_tables())
         count_round_trips(owner_dsn, pg.logfile, base, targets)
         bare_port = free_port()
-        bare = subprocess.Popen([sys.executable, __file__, "bare", "--dsn", owner_dsn, "--port", str(bare_port)])
+        bare_args = ["--dsn", owner_dsn, "--port", str(bare_port), "--processes", str(args.processes)]
+        bare = subprocess.Popen([sys.executable, __file__, "bare", *bare_args])
         time.sleep(2)
 
         read_targets = work / "read-targets.txt"
