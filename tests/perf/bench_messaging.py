@@ -486,9 +486,12 @@ def count_round_trips(owner_dsn: str, logfile: Path, base: str, targets: Path, r
             if current:
                 current.append(entry)
             if entry.startswith("LOG: statement: COMMIT") and current:
-                # asyncpg's type introspection runs once per connection, the first time it meets a
-                # type (a fresh connection of the second server process, say), not per request.
-                statements = sum(1 for e in current if e.startswith("LOG: ") and "typeinfo" not in e)
+                # asyncpg's type introspection (with JIT turned off around it) runs once per connection,
+                # the first time it meets a type (a fresh connection of a second server process, say),
+                # not per request.
+                statements = sum(
+                    1 for e in current if e.startswith("LOG: ") and "typeinfo" not in e and "'jit'" not in e
+                )
                 joined = "\n".join(current)
                 for action in counts:
                     if action in joined and "set_config('bedside.tenant_id'" in current[0]:
