@@ -792,9 +792,12 @@ class MessagingService:
                 [FieldProblem(("Break-Glass-Reason",), "length", "10 to 500 printable characters")]
             )
         grant_id = uuid.uuid4()
-        sealed = await self._keyring.seal_for(
-            tx, thread.patient, reason.encode(), _context("break_glass.reason", grant_id, thread.id)
-        )
+        # The reason is sealed with the patient's key: a crypto-shredded patient's thread cannot be
+        # opened, and that refused emergency access is recorded like every other 410.
+        with recorded_if_shredded(_on_thread(principal, AuditAction.BREAK_GLASS_OPEN, thread, purpose=ETREAT)):
+            sealed = await self._keyring.seal_for(
+                tx, thread.patient, reason.encode(), _context("break_glass.reason", grant_id, thread.id)
+            )
         _, expires = await self._store.open_break_glass(
             tx,
             principal.tenant_id,
@@ -958,13 +961,14 @@ def _read_event(
 
 
 @contextlib.contextmanager
-def recorded_if_shredded(read: AuditEvent) -> Iterator[None]:
-    """Opening content for `read`: if the patient was crypto-shredded, the 410 is recorded as that read,
-    failed (reason `shredded`), like every other access that was asked for and not served."""
+def recorded_if_shredded(access: AuditEvent) -> Iterator[None]:
+    """Reaching a patient's content for `access` (a read, a break-glass opening): if the patient was
+    crypto-shredded, the 410 is recorded as that access, failed (reason `shredded`), like every other
+    access that was asked for and not served."""
     try:
         yield
     except ShreddedError as shredded:
-        raise shredded.recording(read.failed("shredded")) from None
+        raise shredded.recording(access.failed("shredded")) from None
 
 
 def _on_thread(principal: Principal, action: AuditAction, thread: ThreadRecord, **fields: object) -> AuditEvent:

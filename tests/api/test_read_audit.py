@@ -116,3 +116,23 @@ async def test_a_read_refused_because_the_patient_was_shredded_is_recorded(
             {"thread_id": created["id"], "returned": 1, "first_seq": 1, "last_seq": 1, "reason": "shredded"},
         ),
     ]
+
+
+async def test_break_glass_on_a_shredded_patients_thread_is_recorded_as_failed(
+    client, portals: Portals, database: Dsns
+) -> None:
+    """The grant's reason is sealed with the patient's key, so the opening itself meets the shredding."""
+    await consent(client, portals)
+    created = await thread(client, portals, message="first")
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    shred = {"patient": "Patient/1", "confirm": "Patient/1"}
+    assert (await client.post("/v1/admin/keys/shred", json=shred, headers=admin)).status == 200
+
+    outsider = portals.acme.auth(role="physician", sub="Practitioner/99")
+    reason = {"Break-Glass-Reason": "unconscious patient in the emergency room"}
+    gone = await client.get(f"/v1/threads/{created['id']}/messages", headers={**outsider, **reason})
+    assert gone.status == 410
+    assert (await gone.json())["code"] == "content-shredded"
+    assert await _failed_reads(database.owner) == [
+        ("break_glass:open", "Thread", "Practitioner/99", {"reason": "shredded"})
+    ]
