@@ -203,17 +203,20 @@ def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
     sock = socket.create_server((settings.host, settings.port), backlog=1024)
     context = multiprocessing.get_context("spawn")
     children: list[tuple[SpawnProcess, Connection]] = []
+    # Never written: when this process ends, however it ends, the servers read end-of-file from it.
+    lifeline, lifeline_end = context.Pipe(duplex=False)
     previous = {signum: signal.signal(signum, _raise_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     failed: str | None = None
     try:
         for index in range(settings.processes):
             parent_end, child_end = context.Pipe(duplex=False)
             child = context.Process(
-                target=_server_process, args=(settings, sock, child_end), name=f"bedside-serve-{index}"
+                target=_server_process, args=(settings, sock, child_end, lifeline), name=f"bedside-serve-{index}"
             )
             child.start()
             child_end.close()
             children.append((child, parent_end))
+        lifeline.close()  # the servers hold the reading end; this process keeps only `lifeline_end`
         waiting = {child.sentinel: (child, ready) for child, ready in children}
         pending = {ready for _, ready in children}
         while pending:
@@ -244,6 +247,7 @@ def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
                 process.kill()
                 process.join()
         sock.close()
+        lifeline_end.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if failed is not None:
@@ -270,8 +274,9 @@ def _ending(process: SpawnProcess) -> str:
     return f"exited with status {code}"
 
 
-def _server_process(settings: Settings, sock: socket.socket, ready: Connection) -> None:
-    """One of `_serve_processes`'s servers (a spawned interpreter): serve on the inherited socket."""
+def _server_process(settings: Settings, sock: socket.socket, ready: Connection, lifeline: Connection) -> None:
+    """One of `_serve_processes`'s servers (a spawned interpreter): serve on the inherited socket until
+    told to stop, or until the parent is gone (`lifeline` reads end-of-file)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the event loop's handlers are in place
     configure_logging(settings.log_format, settings.log_level)
 
@@ -279,7 +284,7 @@ def _server_process(settings: Settings, sock: socket.socket, ready: Connection) 
         ready.send(True)
         ready.close()
 
-    _run_server(_serve(settings, notify, sock=sock))
+    _run_server(_serve(settings, notify, sock=sock, lifeline=lifeline))
 
 
 def _run_server(server: Coroutine[Any, Any, None]) -> None:
@@ -305,7 +310,13 @@ def _effective(settings: Settings, target: Target) -> Settings:
     return settings.model_copy(update=update)
 
 
-async def _serve(settings: Settings, on_ready: Callable[[], None], *, sock: socket.socket | None = None) -> None:
+async def _serve(
+    settings: Settings,
+    on_ready: Callable[[], None],
+    *,
+    sock: socket.socket | None = None,
+    lifeline: Connection | None = None,
+) -> None:
     app = create_app(settings)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout_seconds
@@ -323,6 +334,15 @@ async def _serve(settings: Settings, on_ready: Callable[[], None], *, sock: sock
         else:
             site = web.SockSite(runner, sock)
             await site.start()
+        if lifeline is not None:
+            # A server whose parent died without stopping it (SIGKILL, the OOM killer) stops as if told
+            # to, rather than serve on where nothing watches or restarts it.
+            def orphaned(lifeline: Connection = lifeline) -> None:
+                loop.remove_reader(lifeline.fileno())
+                log.warning("http.parent_gone")
+                stop.set()
+
+            loop.add_reader(lifeline.fileno(), orphaned)
         on_ready()
         await stop.wait()
         log.info("http.stopping")

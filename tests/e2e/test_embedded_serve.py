@@ -205,3 +205,23 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
         assert "server process bedside-serve-0 was killed by SIGKILL; the others were stopped" in stderr.read()
     assert not Path(f"/proc/{servers[1]}").exists()
     assert pg.running_port() is None
+
+    # A parent killed outright (SIGKILL, the OOM killer) leaves no server serving on unwatched.
+    proc, _ = _start(env)
+    servers = _server_processes(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert proc.stdout is not None
+    proc.stdout.close()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in servers)
+
+
+def _alive(pid: int) -> bool:
+    """Still running: not gone, and not a zombie waiting for a parent that is gone too."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
