@@ -42,7 +42,7 @@ class ReceiptOut(BaseModel):
 
 class MessageOut(BaseModel):
     # Ids are UUIDs here, not pre-formatted strings: pydantic-core writes them (the same text) in one
-    # step with the rest of the page, a third less time per page than str() on each first.
+    # step with the rest of the page, about a quarter less time per page than str() on each first.
     id: UUID
     thread_id: UUID
     seq: int
