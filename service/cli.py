@@ -15,8 +15,9 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnProcess
@@ -178,17 +179,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-class _StopSignalError(Exception):
-    """Raised by the parent's signal handler to end its wait for the server processes."""
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    # Once: a second signal (Ctrl-C twice, or a supervisor's repeat) must not cut the orderly stop short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise _StopSignalError
-
-
 def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
     """`settings.processes` server processes on one listening socket that this process binds and hands
     to each (the pre-fork model; the kernel gives each new connection to one of them). They are started
@@ -200,58 +190,95 @@ def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
     `bedside serve` does (in-flight requests finish), and if one of them ends on its own the others are
     stopped too and the command fails, so that a supervisor restarts the whole."""
     settings = _keys_made_once(settings)
-    sock = socket.create_server((settings.host, settings.port), backlog=1024)
     context = multiprocessing.get_context("spawn")
-    children: list[tuple[SpawnProcess, Connection]] = []
-    # Never written: when this process ends, however it ends, the servers read end-of-file from it.
-    lifeline, lifeline_end = context.Pipe(duplex=False)
-    previous = {signum: signal.signal(signum, _raise_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    failed: str | None = None
-    try:
-        for index in range(settings.processes):
-            parent_end, child_end = context.Pipe(duplex=False)
-            child = context.Process(
-                target=_server_process, args=(settings, sock, child_end, lifeline), name=f"bedside-serve-{index}"
-            )
-            child.start()
-            child_end.close()
-            children.append((child, parent_end))
-        lifeline.close()  # the servers hold the reading end; this process keeps only `lifeline_end`
-        waiting = {child.sentinel: (child, ready) for child, ready in children}
-        pending = {ready for _, ready in children}
-        while pending:
-            for ended in wait([*pending, *waiting]):
-                if isinstance(ended, int):
-                    raise CliError(f"a server process {_ending(waiting[ended][0])} while starting")
-                assert isinstance(ended, Connection)
-                with contextlib.suppress(EOFError):
-                    ended.recv()
-                pending.discard(ended)
-        log.info("http.listening", host=settings.host, port=sock.getsockname()[1], processes=settings.processes)
+    children: dict[int, SpawnProcess] = {}  # by sentinel
+    with contextlib.ExitStack() as stack:
+        woken = _woken_by_signals(stack)
+        # `lifeline` is never written: when this process ends, however it ends, the servers read
+        # end-of-file from it. This process keeps only `lifeline_end`, closed after the servers stopped.
+        lifeline, lifeline_end = context.Pipe(duplex=False)
+        stack.callback(lifeline_end.close)
+        stack.callback(_stop_all, children, settings.shutdown_timeout_seconds + 10)
+        ready: dict[Connection, SpawnProcess] = {}
+        with _listening_socket(settings) as sock, lifeline:
+            port = sock.getsockname()[1]
+            for index in range(settings.processes):
+                parent_end, child_end = context.Pipe(duplex=False)
+                stack.callback(parent_end.close)
+                with child_end:
+                    child = context.Process(
+                        target=_server_process,
+                        args=(settings, sock, child_end, lifeline),
+                        name=f"bedside-serve-{index}",
+                    )
+                    child.start()
+                children[child.sentinel] = child
+                ready[parent_end] = child
+        # The servers hold the socket and the lifeline's reading end now, this process neither: the port
+        # stops listening as soon as the last server does.
+        # A stop request wins over whatever else is ready with it (on Ctrl-C the servers get the SIGINT too).
+        while ready:
+            found = wait([woken, *ready, *children])
+            if woken in found:
+                log.info("http.stopping")
+                return
+            ended = found[0]
+            if isinstance(ended, int):
+                raise CliError(f"a server process {_ending(children[ended])} while starting")
+            assert isinstance(ended, Connection)
+            child = ready.pop(ended)
+            try:
+                ended.recv()
+            except EOFError:  # it ended before it said it was listening
+                raise CliError(f"a server process {_ending(child)} while starting") from None
+        log.info("http.listening", host=settings.host, port=port, processes=settings.processes)
         on_ready()
-        (ended_on_its_own, *_) = wait(list(waiting))
-        assert isinstance(ended_on_its_own, int)
-        gone = waiting[ended_on_its_own][0]
-        failed = f"server process {gone.name} {_ending(gone)}; the others were stopped"
-    except _StopSignalError:
-        log.info("http.stopping")
-    finally:
-        for signum in previous:
-            signal.signal(signum, signal.SIG_IGN)
-        for process, _ in children:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
-        for process, _ in children:
-            process.join(settings.shutdown_timeout_seconds + 10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        sock.close()
-        lifeline_end.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if failed is not None:
-        raise CliError(failed)
+        found = wait([woken, *children])
+        if woken in found:
+            log.info("http.stopping")
+            return
+        assert isinstance(found[0], int)
+        gone = children[found[0]]
+        raise CliError(f"server process {gone.name} {_ending(gone)}; the others were stopped")
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """A handler that does nothing itself: the wake-up fd (see `_woken_by_signals`) carries the signal."""
+
+
+def _woken_by_signals(stack: contextlib.ExitStack) -> socket.socket:
+    """A socket that becomes readable when SIGINT or SIGTERM arrives, until `stack` closes. The handlers
+    only wake this process up, so a signal never lands half-way through starting or stopping servers,
+    and a second Ctrl-C does not cut the orderly stop short."""
+    woken, waker = socket.socketpair()
+    stack.enter_context(woken)
+    stack.enter_context(waker)
+    waker.setblocking(False)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        stack.callback(signal.signal, signum, signal.signal(signum, _ignore_signal))
+    stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(waker.fileno(), warn_on_full_buffer=False))
+    return woken
+
+
+def _listening_socket(settings: Settings) -> socket.socket:
+    """The socket every server process accepts on, for an IPv4 or IPv6 host (as one process listens)."""
+    family = socket.getaddrinfo(settings.host or None, settings.port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((settings.host, settings.port), family=family, backlog=1024)
+
+
+def _stop_all(children: Mapping[int, SpawnProcess], timeout: float) -> None:
+    """SIGTERM to every server still running (each lets its requests finish), then wait for them all, up
+    to `timeout` in total; any still running then is killed."""
+    processes = list(children.values())
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _keys_made_once(settings: Settings) -> Settings:
@@ -327,17 +354,14 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
+        site = web.TCPSite(runner, settings.host, settings.port) if sock is None else web.SockSite(runner, sock)
+        await site.start()
         if sock is None:
-            site: web.BaseSite = web.TCPSite(runner, settings.host, settings.port)
-            await site.start()
             log.info("http.listening", host=settings.host, port=settings.port)
-        else:
-            site = web.SockSite(runner, sock)
-            await site.start()
         if lifeline is not None:
             # A server whose parent died without stopping it (SIGKILL, the OOM killer) stops as if told
             # to, rather than serve on where nothing watches or restarts it.
-            def orphaned(lifeline: Connection = lifeline) -> None:
+            def orphaned() -> None:
                 loop.remove_reader(lifeline.fileno())
                 log.warning("http.parent_gone")
                 stop.set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -196,19 +197,23 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     with (tmp_path / "stderr.txt").open("w+") as stderr:
         proc, _ = _start(env, stderr)
         servers = _server_processes(proc.pid)
+        assert len(servers) == 2
         assert _me(port, token)[0] == 200
         os.kill(servers[0], signal.SIGKILL)
         assert proc.wait(timeout=60) == 1
         assert proc.stdout is not None
         proc.stdout.close()
         stderr.seek(0)
-        assert "server process bedside-serve-0 was killed by SIGKILL; the others were stopped" in stderr.read()
+        assert re.search(
+            r"server process bedside-serve-\d was killed by SIGKILL; the others were stopped", stderr.read()
+        )
     assert not Path(f"/proc/{servers[1]}").exists()
     assert pg.running_port() is None
 
     # A parent killed outright (SIGKILL, the OOM killer) leaves no server serving on unwatched.
     proc, _ = _start(env)
     servers = _server_processes(proc.pid)
+    assert len(servers) == 2
     proc.kill()
     proc.wait()
     assert proc.stdout is not None
