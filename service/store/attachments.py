@@ -71,9 +71,11 @@ class AttachmentStore:
     """
     # An attachment is withdrawn when messages of its thread carry it and every one of them was recalled:
     # it went with them. One that no message carries yet is not. The thread's messages are read once, by
-    # their (thread_id, seq) key, keeping those that carry any of the attachments asked about.
+    # their (thread_id, seq) key, keeping those that carry any of the attachments asked about: MATERIALIZED,
+    # or PostgreSQL inlines the CTE into the per-attachment subquery and scans them once per attachment
+    # (20 scans for 20 attachments in EXPLAIN).
     _COMPLETE_IN_THREAD = """
-        WITH carried AS (
+        WITH carried AS MATERIALIZED (
             SELECT unnest(m.attachment_ids) AS id, m.recalled_at FROM messages m
             WHERE m.tenant_id = $1 AND m.thread_id = $2 AND m.attachment_ids && $3::uuid[]
         )
