@@ -590,18 +590,6 @@ class MessagingService:
             await self._audit.record(tx, read)
         return view
 
-    async def _record_read(
-        self,
-        tx: Tx,
-        principal: Principal,
-        thread: ThreadRecord,
-        access: Access,
-        records: Sequence[MessageRecord],
-        *,
-        resource: tuple[str, UUID],
-    ) -> None:
-        await self._audit.record(tx, _read_event(principal, thread, access, records, resource=resource))
-
     async def mark_read(self, principal: Principal, thread_id: UUID, up_to: int) -> ReceiptRecord:
         async with self._db.transaction(principal.tenant_id) as tx:
             thread, _ = await self.access(tx, principal, thread_id, write=True)
@@ -853,9 +841,11 @@ class MessagingService:
         if record is None:
             raise ConflictError("the first request with this key did not complete")
         thread, access = await self.access(tx, principal, record.thread_id, write=False)
-        (view,) = await self._views(tx, [record])
-        # A replay hands the message back: it is a read, and recorded as one.
-        await self._record_read(tx, principal, thread, access, [record], resource=("Message", record.id))
+        # A replay hands the message back: it is a read, and recorded as one (failed, if it meets a shred).
+        read = _read_event(principal, thread, access, [record], resource=("Message", record.id))
+        with recorded_if_shredded(read):
+            (view,) = await self._views(tx, [record])
+        await self._audit.record(tx, read)
         return MessageView(view.record, view.body, replayed=True)
 
     async def _replay_thread(
@@ -864,22 +854,18 @@ class MessagingService:
         if response is None:
             raise ConflictError("the first request with this key did not complete")
         thread, access = await self.access(tx, principal, UUID(str(response["thread_id"])), write=False)
-        subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
-        await self._audit.record(
-            tx,
-            _on_thread(
-                principal,
-                AuditAction.THREAD_READ,
-                thread,
-                details={"replay": True},
-            ),
-        )
+        thread_read = _on_thread(principal, AuditAction.THREAD_READ, thread, details={"replay": True})
+        with recorded_if_shredded(thread_read):
+            subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
+        await self._audit.record(tx, thread_read)
         message = None
         if response.get("message_id"):
             record = await self._store.message(tx, principal.tenant_id, UUID(str(response["message_id"])))
             if record is not None:
-                (message,) = await self._views(tx, [record])
-                await self._record_read(tx, principal, thread, access, [record], resource=("Message", record.id))
+                read = _read_event(principal, thread, access, [record], resource=("Message", record.id))
+                with recorded_if_shredded(read):
+                    (message,) = await self._views(tx, [record])
+                await self._audit.record(tx, read)
         return ThreadView(thread, subject, access), message
 
     async def _deny_resource(self, principal: Principal, resource_type: str, resource_id: str, attempt: str) -> None:

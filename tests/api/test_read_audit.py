@@ -136,3 +136,39 @@ async def test_break_glass_on_a_shredded_patients_thread_is_recorded_as_failed(
     assert await _failed_reads(database.owner) == [
         ("break_glass:open", "Thread", "Practitioner/99", {"reason": "shredded"})
     ]
+
+
+async def test_replays_that_meet_a_shred_are_recorded_as_failed_reads(client, portals: Portals, database: Dsns) -> None:
+    """A replay (the same Idempotency-Key again) hands back what the first request made: a read, and a
+    failed one once the patient was crypto-shredded, for the thread and for the message alike."""
+    await consent(client, portals)
+    body = {
+        "patient": "Patient/1",
+        "participants": ["Practitioner/7"],
+        "subject": "Question about my medication",
+        "message": {"body": "Hello"},
+    }
+    first = await client.post("/v1/threads", json=body, headers={**patient(portals), "Idempotency-Key": "t-1"})
+    assert first.status == 201
+    created = await first.json()
+    url = f"/v1/threads/{created['id']}/messages"
+    sent = await client.post(url, json={"body": "again"}, headers={**patient(portals), "Idempotency-Key": "m-1"})
+    assert sent.status == 201
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    shred = {"patient": "Patient/1", "confirm": "Patient/1"}
+    assert (await client.post("/v1/admin/keys/shred", json=shred, headers=admin)).status == 200
+
+    again = await client.post("/v1/threads", json=body, headers={**patient(portals), "Idempotency-Key": "t-1"})
+    assert again.status == 410
+    resent = await client.post(url, json={"body": "again"}, headers={**patient(portals), "Idempotency-Key": "m-1"})
+    assert resent.status == 410
+
+    assert await _failed_reads(database.owner) == [
+        ("thread:read", "Thread", "Patient/1", {"replay": True, "reason": "shredded"}),
+        (
+            "message:read",
+            "Message",
+            "Patient/1",
+            {"thread_id": created["id"], "returned": 1, "first_seq": 2, "last_seq": 2, "reason": "shredded"},
+        ),
+    ]
