@@ -30,17 +30,15 @@ async def stream_body(
     `<event>_aborted`), `ids` go with them. `pieces` is closed however the stream ends, releasing what
     it holds (a database transaction, an open cursor)."""
     async with aclosing(pieces):
-        await response.prepare(request)
+        await response.prepare(request)  # before the headers are out, an error still gets its own response
         try:
             async for piece in pieces:
                 await response.write(piece)
+            await response.write_eof()  # the final chunk: a client gone by now is a hang-up like any other
         except ConnectionError:
             log.info(f"{event}_disconnected", **ids)
-            return response
         except Exception:
             log.error(f"{event}_aborted", exc_info=True, **ids)
             if request.transport is not None:
                 request.transport.abort()
-            return response
-    await response.write_eof()
     return response
