@@ -499,7 +499,9 @@ class ConsentLedger:
     async def _replay(
         self, tx: Tx, principal: Principal, stored_hash: bytes, fingerprint: bytes, response: dict[str, Any] | None
     ) -> ConsentView:
-        if stored_hash != fingerprint or response is None:
+        if response is None:  # claimed by a request that has not completed (or that was not read)
+            raise ConflictError("the first request with this key did not complete")
+        if stored_hash != fingerprint:
             raise InvalidRequestError(
                 [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
             )

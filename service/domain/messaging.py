@@ -422,7 +422,7 @@ class MessagingService:
             )
             if idempotency_key is not None and not facts.claimed:
                 # The key is on record: the first request's (replayed), or expired (claimed anew here).
-                stored = await self._idempotency.claim(
+                stored = await self._idempotency.on_record(
                     tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
                 )
                 if stored is not None:
@@ -833,7 +833,9 @@ class MessagingService:
     async def _replay_message(
         self, tx: Tx, principal: Principal, stored_hash: bytes, response: dict[str, Any] | None, fingerprint: bytes
     ) -> MessageView:
-        if stored_hash != fingerprint or response is None:
+        if response is None:  # claimed by a request that has not completed (or that was not read)
+            raise ConflictError("the first request with this key did not complete")
+        if stored_hash != fingerprint:
             raise InvalidRequestError(
                 [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
             )

@@ -61,18 +61,27 @@ class IdempotencyStore:
         for a new key; a key on record costs a read, and an expired one is deleted and claimed anew."""
         if await tx.conn.fetchval(self._CLAIM, tenant_id, principal, key, request_hash):
             return None
+        return await self.on_record(tx, tenant_id, principal, key, request_hash)
+
+    async def on_record(
+        self, tx: Tx, tenant_id: UUID, principal: str, key: str, request_hash: bytes
+    ) -> StoredResponse | None:
+        """After a claim of `key` found it taken (here, or in a statement of another store): what the
+        first request stored; or None when the key had expired, or was purged meanwhile, and this
+        request has claimed it anew."""
         row = await tx.conn.fetchrow(self._EXISTING, tenant_id, principal, key)
-        if row is not None and row["expired"]:
+        if row is not None and not row["expired"]:
+            response = row["response"]
+            return StoredResponse(
+                bytes(row["request_hash"]), json.loads(response) if isinstance(response, str) else response
+            )
+        if row is not None:
             await tx.conn.execute(self._EXPIRED, tenant_id, principal, key)
-            if await tx.conn.fetchval(self._CLAIM, tenant_id, principal, key, request_hash):
-                return None
-            row = None
-        if row is None:  # taken again, or gone, between the statements: treat as in use
-            return StoredResponse(request_hash=b"", response=None)
-        response = row["response"]
-        return StoredResponse(
-            bytes(row["request_hash"]), json.loads(response) if isinstance(response, str) else response
-        )
+        if await tx.conn.fetchval(self._CLAIM, tenant_id, principal, key, request_hash):
+            return None
+        # Claimed again by a concurrent request between these statements (it has committed: the claim
+        # waited for it). Its response is not read here: treated as in use, and a retry replays it.
+        return StoredResponse(request_hash=b"", response=None)
 
     async def complete(
         self, tx: Tx, tenant_id: UUID, principal: str, key: str, status: int, response: dict[str, Any]

@@ -3,6 +3,7 @@ and expired keys of every tenant are purged by the worker, not by each request."
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -10,7 +11,7 @@ import pytest
 from asyncpg.connection import LoggedQuery
 
 from service.store.db import Database
-from service.store.idempotency import IdempotencyStore
+from service.store.idempotency import IdempotencyStore, StoredResponse
 from service.workers.maintenance import IdempotencyPurger
 from tests.conftest import Dsns, Portals
 
@@ -74,6 +75,64 @@ async def test_an_expired_key_is_claimed_anew(database: Dsns, portals: Portals) 
         await db.close()
     assert stored is not None
     assert stored.request_hash == b"second"
+
+
+async def test_a_key_found_taken_and_then_purged_is_claimed_anew(database: Dsns, portals: Portals) -> None:
+    """`on_record` follows a claim that found the key taken. If the key has gone since (expired and
+    purged), this request claims it: it does not answer "in use"."""
+    acme, _ = await _tenants(database.owner)
+    db = await Database.connect(database.app, min_size=1, max_size=1)
+    store = IdempotencyStore()
+    try:
+        async with db.transaction(acme) as tx:
+            assert await store.on_record(tx, acme, "Patient/1", "purged", b"mine") is None
+        async with db.transaction(acme) as tx:
+            stored = await store.claim(tx, acme, "Patient/1", "purged", b"later")
+    finally:
+        await db.close()
+    assert stored is not None
+    assert stored.request_hash == b"mine"
+
+
+async def test_a_key_claimed_concurrently_between_the_statements_is_in_use(database: Dsns, portals: Portals) -> None:
+    """A request that finds no row, then meets another request's claim of the same key, waits for it and
+    answers "in use" (no response): never a second claim of one key."""
+    acme, _ = await _tenants(database.owner)
+    db = await Database.connect(database.app, min_size=2, max_size=2)
+    store = IdempotencyStore()
+    try:
+        async with db.transaction(acme) as first:
+            assert await store.claim(first, acme, "Patient/1", "race", b"first") is None
+            second = asyncio.create_task(_on_record_in_own_transaction(db, store, acme, "race"))
+            await _wait_until_blocked(database.owner)
+            assert not second.done()
+            await store.complete(first, acme, "Patient/1", "race", 201, {"id": "x"})
+        stored = await asyncio.wait_for(second, 10)
+    finally:
+        await db.close()
+    assert stored == StoredResponse(request_hash=b"", response=None)
+
+
+async def _on_record_in_own_transaction(
+    db: Database, store: IdempotencyStore, tenant: uuid.UUID, key: str
+) -> StoredResponse | None:
+    async with db.transaction(tenant) as tx:
+        return await store.on_record(tx, tenant, "Patient/1", key, b"second")
+
+
+async def _wait_until_blocked(owner_dsn: str) -> None:
+    """Until some backend waits on a lock (the second claim, on the first one's unique index entry)."""
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        for _ in range(200):
+            if await owner.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the second claim never waited for the first")
+    finally:
+        await owner.close()
 
 
 async def test_the_purge_deletes_expired_keys_of_every_tenant_and_nothing_else(

@@ -100,6 +100,12 @@ async def test_a_send_and_a_read_are_four_round_trips_each(database: Dsns, kek_f
             # The idempotency key is claimed with the reads and completed with the write.
             keyed = messaging.send(who, thread_id, "once", idempotency_key=f"k-{who.subject}")
             assert len(await _counted(db, keyed)) == 4
+            # A replay: BEGIN; the claim finds the key taken; what the first request stored; the message,
+            # its thread (access) and the patient's key; its read event; COMMIT. The key is claimed once.
+            replay = messaging.send(who, thread_id, "once", idempotency_key=f"k-{who.subject}")
+            statements = await _counted(db, replay)
+            assert sum("INSERT INTO idempotency_keys" in s for s in statements) == 1, statements
+            assert len(statements) == 8, statements
             # BEGIN; the thread, teams, key and the page; the audit event; COMMIT.
             page = messaging.messages(who, thread_id, after=None, before=None, limit=50)
             assert len(await _counted(db, page)) == 4
