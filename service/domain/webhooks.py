@@ -15,6 +15,10 @@ transaction open during the HTTP call:
    then: 2xx succeeded (audited); 410 disables the endpoint; anything else is retried on the schedule,
    with jitter, honouring `Retry-After` within bounds, and dead-lettered after the last attempt; an
    endpoint failing continuously for too long is disabled, and its deliveries held until re-enabled.
+
+A delivery that fails on our side before or after the call (a sealed URL or secret that does not open, a
+payload that does not serialize, a settlement that raises) is a failed attempt too, of error class
+`internal-error`, on the same schedule to the same dead letter; it does not count against the endpoint.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ CONSENT_GATED = frozenset({"message.created", "message.recalled", "thread.create
 TENANT_SECRETS = "Tenant/secrets"  # the owner of the tenant's own data key
 SECRET_PURPOSES = ("outbound", "inbound", "ed25519")
 USER_AGENT = "Bedside-Webhooks/1"
+# The error class of an attempt that failed on our side (a sealed URL or secret that does not open, a
+# payload that does not serialize, a settlement that raised), not the receiver's.
+INTERNAL_ERROR = "internal-error"
 
 Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
 
@@ -570,7 +577,19 @@ class WebhookDispatcher:
             return await self._store.reap(tx)
 
     async def deliver(self, owner: UUID, tenant_id: UUID, delivery_id: UUID) -> str:
-        """Attempt one leased delivery. Returns what became of it: succeeded, retry, dead, held, lost."""
+        """Attempt one leased delivery. Returns what became of it: succeeded, retry, dead, held, lost.
+
+        A delivery that fails on our side (its sealed URL or secrets do not open, its payload does not
+        serialize, settling it raises) is a failed attempt all the same: see `_fail`. Only if even that
+        cannot be recorded (the database is down) does the exception propagate; the lease then expires
+        and the reaper returns the delivery to the queue."""
+        started = self._clock()
+        try:
+            return await self._deliver(owner, tenant_id, delivery_id)
+        except Exception as error:
+            return await self._fail(owner, tenant_id, delivery_id, started, error)
+
+    async def _deliver(self, owner: UUID, tenant_id: UUID, delivery_id: UUID) -> str:
         async with self._db.transaction(tenant_id) as tx:
             work = await self._store.work(tx, tenant_id, delivery_id, owner)
             if work is None:
@@ -677,6 +696,63 @@ class WebhookDispatcher:
         )
         return outcome
 
+    async def _fail(self, owner: UUID, tenant_id: UUID, delivery_id: UUID, started: datetime, error: Exception) -> str:
+        """Settle a delivery our side failed to prepare or settle, if `owner` still holds its lease: an
+        attempt recorded as `internal-error` (the exception's type goes to the log, never its text),
+        retried on the schedule, dead-lettered after the last step. The endpoint's health is not touched:
+        the receiver did nothing wrong, so this neither starts its failing period nor disables it."""
+        now = self._clock()
+        attempt, outcome, endpoint_id = None, "lost", None
+        async with self._db.transaction(tenant_id) as tx:
+            leased = await self._store.leased(tx, tenant_id, delivery_id, owner)
+            if leased is not None:
+                delay = next_delay(
+                    leased.tries + 1,
+                    self._policy.schedule,
+                    retry_after=None,
+                    jitter=self._policy.jitter,
+                    retry_after_max=self._policy.retry_after_max,
+                    rand=self._rand,
+                )
+                outcome, endpoint_id = ("dead" if delay is None else "retry"), leased.endpoint_id
+                attempt = await self._store.fail(
+                    tx,
+                    tenant_id,
+                    delivery_id,
+                    owner,
+                    attempted_at=started,
+                    duration_ms=_ms_since(started, now),
+                    error_class=INTERNAL_ERROR,
+                    status="dead" if delay is None else "pending",
+                    next_attempt_at=None if delay is None else now + timedelta(seconds=delay),
+                )
+                if delay is None:
+                    await self._record_delivery(
+                        tx,
+                        tenant_id,
+                        AuditAction.WEBHOOK_DEAD_LETTER,
+                        delivery_id,
+                        leased.subscriber,
+                        leased.patient,
+                        {
+                            "endpoint_id": str(leased.endpoint_id),
+                            "event_type": leased.event_type,
+                            "attempt": attempt,
+                            "error_class": INTERNAL_ERROR,
+                        },
+                    )
+        log.error(
+            "webhook.attempt",
+            delivery_id=str(delivery_id),
+            endpoint_id=None if endpoint_id is None else str(endpoint_id),
+            attempt=attempt,
+            error_class=INTERNAL_ERROR,
+            duration_ms=_ms_since(started, now),
+            outcome=outcome,
+            exc_info=error,
+        )
+        return outcome
+
     async def _disable(self, tx: Tx, tenant_id: UUID, work: DeliveryWork, reason: str) -> None:
         if await self._store.disable(tx, tenant_id, work.endpoint.id, reason):
             await self._audit.record(
@@ -707,15 +783,29 @@ class WebhookDispatcher:
     async def _record(
         self, tx: Tx, tenant_id: UUID, action: AuditAction, work: DeliveryWork, details: Mapping[str, object]
     ) -> None:
+        await self._record_delivery(
+            tx, tenant_id, action, work.delivery.id, work.endpoint.subscriber, work.patient, details
+        )
+
+    async def _record_delivery(
+        self,
+        tx: Tx,
+        tenant_id: UUID,
+        action: AuditAction,
+        delivery_id: UUID,
+        subscriber: str,
+        patient: str | None,
+        details: Mapping[str, object],
+    ) -> None:
         await self._audit.record(
             tx,
             AuditEvent.by_system(
                 action,
                 tenant_id,
-                patient=work.patient,
+                patient=patient,
                 resource_type="WebhookDelivery",
-                resource_id=str(work.delivery.id),
-                details={"subscriber": work.endpoint.subscriber, **{k: v for k, v in details.items() if v is not None}},
+                resource_id=str(delivery_id),
+                details={"subscriber": subscriber, **{k: v for k, v in details.items() if v is not None}},
             ),
         )
 

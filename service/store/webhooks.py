@@ -81,6 +81,18 @@ class DeliveryWork:
 
 
 @dataclass(frozen=True, slots=True)
+class LeasedDelivery:
+    """A delivery its worker still holds, with what settling it without an attempt needs (nothing sealed)."""
+
+    id: UUID
+    endpoint_id: UUID
+    event_type: str
+    tries: int
+    subscriber: str
+    patient: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ReceiptRecord:
     body_hash: bytes
     thread_id: UUID
@@ -402,6 +414,66 @@ class WebhookStore:
         )
         assert row is not None
         return row["attempts"], row["ours"]
+
+    # When our side failed: the delivery, locked, if `owner` still holds it. This must work whatever broke
+    # the attempt, so its thread id is cast only when it has the form of a uuid (`work` casts it bare).
+    _LEASED = """
+        SELECT o.id, o.endpoint_id, o.event_type, o.tries, e.subscriber,
+               (SELECT t.patient FROM threads t
+                WHERE t.tenant_id = o.tenant_id
+                  AND t.id = CASE WHEN o.payload ->> 'thread_id'
+                                       ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                                  THEN (o.payload ->> 'thread_id')::uuid END) AS patient
+        FROM webhook_outbox o
+        JOIN webhook_endpoints e ON e.tenant_id = o.tenant_id AND e.id = o.endpoint_id
+        WHERE o.tenant_id = $1 AND o.id = $2 AND o.lease_owner = $3 AND o.status = 'pending'
+        FOR UPDATE OF o
+    """
+    # Like _FINISH, but only while the lease is `owner`'s, with no status code, and without the endpoint's
+    # health: the failure was ours, not the receiver's.
+    _FAIL = """
+        WITH settled AS (
+            UPDATE webhook_outbox
+            SET attempts = attempts + 1, tries = tries + 1, last_attempt_at = $4, last_status_code = NULL,
+                status = $7, next_attempt_at = coalesce($8, next_attempt_at), lease_owner = NULL, lease_until = NULL
+            WHERE tenant_id = $1 AND id = $2 AND lease_owner = $3
+            RETURNING attempts
+        )
+        INSERT INTO webhook_attempts (tenant_id, delivery_id, attempt, attempted_at, duration_ms, status_code,
+                                      error_class, worker)
+        SELECT $1, $2, settled.attempts, $4, $5, NULL, $6, $3 FROM settled
+        RETURNING attempt
+    """
+
+    async def leased(self, tx: Tx, tenant_id: UUID, delivery_id: UUID, owner: UUID) -> LeasedDelivery | None:
+        """The delivery, locked, if `owner` still holds its lease; reads nothing sealed."""
+        row = await tx.conn.fetchrow(self._LEASED, tenant_id, delivery_id, owner)
+        if row is None:
+            return None
+        return LeasedDelivery(
+            row["id"], row["endpoint_id"], row["event_type"], row["tries"], row["subscriber"], row["patient"]
+        )
+
+    async def fail(
+        self,
+        tx: Tx,
+        tenant_id: UUID,
+        delivery_id: UUID,
+        owner: UUID,
+        *,
+        attempted_at: datetime,
+        duration_ms: int,
+        error_class: str,
+        status: str,
+        next_attempt_at: datetime | None = None,
+    ) -> int | None:
+        """Record an attempt that failed on our side and settle the delivery (`status`: pending again at
+        `next_attempt_at`, or dead), releasing the lease: the attempt number, or None (and nothing
+        written) if the lease is no longer `owner`'s. The endpoint's `failing_since` is not touched."""
+        attempt: int | None = await tx.conn.fetchval(
+            self._FAIL, tenant_id, delivery_id, owner, attempted_at, duration_ms, error_class, status, next_attempt_at
+        )
+        return attempt
 
     async def claim(self, tx: Tx, owner: UUID, lease_seconds: float, limit: int) -> list[tuple[UUID, UUID]]:
         """Lease up to `limit` due deliveries of any tenant: (tenant id, delivery id)."""

@@ -86,5 +86,6 @@ class WebhookWorker:
         except asyncio.CancelledError:
             raise
         except Exception:
+            # Not even the failure could be recorded (the dispatcher records what it can: see `deliver`).
             # The lease stays until it expires; the reaper then returns the delivery to the queue.
             log.error("webhook.delivery_failed", delivery_id=str(delivery_id), exc_info=True)

@@ -1,0 +1,388 @@
+"""Poison deliveries: a delivery that fails on our side (its sealed URL or secret does not open, its payload
+names no thread id PostgreSQL can read, settling it raises) is a failed attempt like any other, of error
+class `internal-error`: retried on the schedule, dead-lettered and audited at its end, shown to the admin.
+It does not count against the endpoint, which the receiver kept healthy, and a worker that lost the lease
+meanwhile touches nothing.
+
+Most tests drive a dispatcher themselves (leases and the clock in their hands); the last ones run the real
+worker of the app. DNS is the outside world where a test needs a hook inside an attempt."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from structlog.testing import capture_logs
+
+from service.domain.audit import AuditRecorder
+from service.domain.consents import ConsentLedger
+from service.domain.ssrf import IPAddress
+from service.domain.webhooks import DeliveryPolicy, Resolver, UrlGuard, WebhookDispatcher
+from service.logs import drop_unknown_keys, summarize_exception
+from service.settings import Settings
+from service.store.audit import AuditStore
+from service.store.consents import ConsentStore
+from service.store.idempotency import IdempotencyStore
+from service.store.webhooks import WebhookStore
+from service.workers.http import HttpTransport, system_resolver
+from tests.api.messaging_helpers import consent, thread
+from tests.api.webhook_helpers import Receiver, admin_get, register, wait_for_delivery
+from tests.conftest import Dsns, Portals, Services
+
+NO_WORKER = pytest.mark.parametrize("settings", [{"webhook_worker": False}], indirect=True)
+NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+SCHEDULE = (60.0, 120.0)
+
+
+@pytest.fixture
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """The webhook test settings, with a test's own overrides (`parametrize("settings", [...], indirect=True)`)."""
+    return settings.model_copy(update=getattr(request, "param", {}))
+
+
+MakeDispatcher = Callable[..., WebhookDispatcher]
+
+
+@pytest.fixture
+async def make_dispatcher(services: Services) -> AsyncIterator[MakeDispatcher]:
+    """Build a dispatcher of real parts on the test's database: the schedule above without jitter, a clock
+    stopped at NOW, any disable period and resolver the test asks for."""
+    transports: list[HttpTransport] = []
+
+    def make(*, disable_after: timedelta = timedelta(days=5), resolve: Resolver = system_resolver) -> WebhookDispatcher:
+        recorder = AuditRecorder(AuditStore(), services.db)
+        transport = HttpTransport(timeout_seconds=2)
+        transports.append(transport)
+        return WebhookDispatcher(
+            services.db,
+            WebhookStore(),
+            services.keyring,
+            ConsentLedger(services.db, ConsentStore(), IdempotencyStore(), recorder),
+            recorder,
+            transport,
+            UrlGuard(resolve, allow_http_loopback=True),
+            policy=DeliveryPolicy(schedule=SCHEDULE, jitter=0.0, disable_after=disable_after),
+            clock=lambda: NOW,
+        )
+
+    yield make
+    for transport in transports:
+        await transport.close()
+
+
+async def as_owner(database: Dsns, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    conn = await asyncpg.connect(database.owner)
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
+
+
+async def flip_last_bit(database: Dsns, select: str, update: str, endpoint_id: str) -> None:
+    async def flip(conn: asyncpg.Connection) -> None:
+        sealed = bytearray(await conn.fetchval(select, uuid.UUID(endpoint_id)))
+        sealed[-1] ^= 0x01
+        await conn.execute(update, uuid.UUID(endpoint_id), bytes(sealed))
+
+    await as_owner(database, flip)
+
+
+async def corrupt_url(database: Dsns, endpoint_id: str) -> None:
+    """The endpoint's sealed URL, one bit flipped: it no longer opens (DecryptionError)."""
+    await flip_last_bit(
+        database,
+        "SELECT url FROM webhook_endpoints WHERE id = $1",
+        "UPDATE webhook_endpoints SET url = $2 WHERE id = $1",
+        endpoint_id,
+    )
+
+
+async def corrupt_outbound_secret(database: Dsns, endpoint_id: str) -> None:
+    """The endpoint's sealed outbound secret, one bit flipped: it no longer opens (DecryptionError)."""
+    where = "WHERE endpoint_id = $1 AND purpose = 'outbound'"
+    await flip_last_bit(
+        database,
+        f"SELECT secret FROM webhook_endpoint_keys {where}",  # noqa: S608
+        f"UPDATE webhook_endpoint_keys SET secret = $2 {where}",  # noqa: S608
+        endpoint_id,
+    )
+
+
+async def break_thread_id(database: Dsns, endpoint_id: str) -> None:
+    """Make the payload's thread id one PostgreSQL cannot cast to a uuid: reading the work raises."""
+    await as_owner(
+        database,
+        lambda conn: conn.execute(
+            "UPDATE webhook_outbox SET payload = jsonb_set(payload, '{thread_id}', '\"not-a-thread\"') "
+            "WHERE endpoint_id = $1",
+            uuid.UUID(endpoint_id),
+        ),
+    )
+
+
+async def refuse_delivered_audit(database: Dsns, endpoint_id: str) -> None:
+    """The audit log refuses `webhook:deliver` events: settling a successful attempt raises."""
+    await as_owner(
+        database,
+        lambda conn: conn.execute(
+            """
+            CREATE FUNCTION test_refuse_deliver() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.action = 'webhook:deliver' THEN
+                    RAISE EXCEPTION 'refused by the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_refuse_deliver BEFORE INSERT ON audit_outbox
+                FOR EACH ROW EXECUTE FUNCTION test_refuse_deliver();
+            """
+        ),
+    )
+
+
+async def outbox_row(database: Dsns, delivery_id: uuid.UUID) -> asyncpg.Record:
+    return await as_owner(
+        database,
+        lambda conn: conn.fetchrow(
+            "SELECT status, tries, attempts, next_attempt_at, lease_owner, lease_until, last_attempt_at, "
+            "last_status_code FROM webhook_outbox WHERE id = $1",
+            delivery_id,
+        ),
+    )
+
+
+async def attempt_rows(database: Dsns, delivery_id: uuid.UUID) -> list[asyncpg.Record]:
+    return await as_owner(
+        database,
+        lambda conn: conn.fetch(
+            "SELECT attempt, attempted_at, status_code, error_class, worker FROM webhook_attempts "
+            "WHERE delivery_id = $1 ORDER BY attempt",
+            delivery_id,
+        ),
+    )
+
+
+async def endpoint_health(database: Dsns, endpoint_id: str) -> tuple[Any, ...]:
+    row = await as_owner(
+        database,
+        lambda conn: conn.fetchrow(
+            "SELECT failing_since, disabled_at, disabled_reason FROM webhook_endpoints WHERE id = $1",
+            uuid.UUID(endpoint_id),
+        ),
+    )
+    return tuple(row)
+
+
+async def dead_letters(database: Dsns) -> list[asyncpg.Record]:
+    return await as_owner(
+        database,
+        lambda conn: conn.fetch(
+            "SELECT resource_id, patient, details FROM audit_outbox WHERE action = 'webhook:dead_letter' "
+            "UNION ALL SELECT resource_id, patient, details FROM audit_leaves WHERE action = 'webhook:dead_letter'"
+        ),
+    )
+
+
+async def make_due(database: Dsns, delivery_id: uuid.UUID) -> None:
+    """Time passes: the retry is due now."""
+    await as_owner(
+        database,
+        lambda conn: conn.execute("UPDATE webhook_outbox SET next_attempt_at = now() WHERE id = $1", delivery_id),
+    )
+
+
+async def one_delivery(client: Any, portals: Portals, receiver: Receiver, url: str | None = None) -> str:
+    """An endpoint for message.created, consent, and a thread whose first message makes one delivery."""
+    created = await register(client, portals, url or receiver.url, event_types=["message.created"])
+    await consent(client, portals)
+    await thread(client, portals)
+    endpoint_id: str = created["endpoint"]["id"]
+    return endpoint_id
+
+
+@NO_WORKER
+async def test_a_delivery_whose_url_does_not_open_is_retried_on_the_schedule_without_blaming_the_endpoint(
+    client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
+) -> None:
+    """The endpoint's sealed URL no longer opens: the attempt is recorded (`internal-error`, no status
+    code), the delivery is due again after the schedule's first step and released by this worker, the
+    admin sees the attempt; the endpoint's failing period does not start; the log names the exception's
+    type only; nothing was sent."""
+    endpoint_id = await one_delivery(client, portals, receiver)
+    await corrupt_url(database, endpoint_id)
+    dispatcher = make_dispatcher()
+    owner = uuid.uuid4()
+    [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
+
+    with capture_logs() as logs:
+        assert await dispatcher.deliver(owner, tenant_id, delivery_id) == "retry"
+
+    row = await outbox_row(database, delivery_id)
+    assert (row["status"], row["tries"], row["attempts"]) == ("pending", 1, 1)
+    assert row["next_attempt_at"] == NOW + timedelta(seconds=SCHEDULE[0])
+    assert (row["lease_owner"], row["lease_until"]) == (None, None)
+    assert (row["last_attempt_at"], row["last_status_code"]) == (NOW, None)
+    [attempt] = await attempt_rows(database, delivery_id)
+    assert (attempt["attempt"], attempt["attempted_at"], attempt["status_code"], attempt["error_class"]) == (
+        1,
+        NOW,
+        None,
+        "internal-error",
+    )
+    assert attempt["worker"] == owner
+    assert await endpoint_health(database, endpoint_id) == (None, None, None)
+    assert receiver.received == []
+
+    view = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}")
+    assert (view["status"], view["attempts"], view["in_flight"]) == ("pending", 1, False)
+    assert [(a["attempt"], a["status_code"], a["error_class"]) for a in view["attempt_log"]] == [
+        (1, None, "internal-error")
+    ]
+
+    [event] = [dict(e) for e in logs if e["event"] == "webhook.attempt"]
+    assert event.pop("log_level") == "error"  # the capture's own key
+    logged = drop_unknown_keys(None, "error", summarize_exception(None, "error", event))
+    assert re.fullmatch(r"\w+\.py:\d+:\w+", logged.pop("error_at"))  # where it was raised: a code location
+    assert logged == {
+        "event": "webhook.attempt",
+        "delivery_id": str(delivery_id),
+        "endpoint_id": endpoint_id,
+        "attempt": 1,
+        "error_class": "internal-error",
+        "duration_ms": 0,
+        "outcome": "retry",
+        "error_type": "DecryptionError",
+    }
+
+
+@NO_WORKER
+async def test_after_the_last_step_a_poison_delivery_is_dead_lettered_and_audited_and_the_endpoint_stays_enabled(
+    client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
+) -> None:
+    """Each attempt fails on our side: after the schedule's two steps the third failure dead-letters it,
+    audited as `webhook:dead_letter` with the patient it concerns. The endpoint is neither marked failing
+    nor disabled, although this dispatcher disables an endpoint at its first failure of its own."""
+    endpoint_id = await one_delivery(client, portals, receiver)
+    await corrupt_url(database, endpoint_id)
+    dispatcher = make_dispatcher(disable_after=timedelta(0))
+    owner = uuid.uuid4()
+
+    outcomes = []
+    for _ in range(3):
+        [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
+        outcomes.append(await dispatcher.deliver(owner, tenant_id, delivery_id))
+        await make_due(database, delivery_id)
+    assert outcomes == ["retry", "retry", "dead"]
+    assert await dispatcher.claim(owner, 30.0, 10) == []
+
+    row = await outbox_row(database, delivery_id)
+    assert (row["status"], row["tries"], row["attempts"], row["lease_owner"]) == ("dead", 3, 3, None)
+    attempts = await attempt_rows(database, delivery_id)
+    assert [(a["attempt"], a["status_code"], a["error_class"]) for a in attempts] == [
+        (1, None, "internal-error"),
+        (2, None, "internal-error"),
+        (3, None, "internal-error"),
+    ]
+    [letter] = await dead_letters(database)
+    assert (letter["resource_id"], letter["patient"]) == (str(delivery_id), "Patient/1")
+    assert json.loads(letter["details"]) == {
+        "subscriber": "Practitioner/7",
+        "endpoint_id": endpoint_id,
+        "event_type": "message.created",
+        "attempt": 3,
+        "error_class": "internal-error",
+    }
+    assert await endpoint_health(database, endpoint_id) == (None, None, None)
+    view = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}")
+    assert (view["status"], view["next_attempt_at"]) == ("dead", None)
+    assert [a["error_class"] for a in view["attempt_log"]] == ["internal-error"] * 3
+    assert receiver.received == []
+
+
+@NO_WORKER
+async def test_a_worker_that_lost_the_lease_before_failing_leaves_the_delivery_to_its_new_holder(
+    client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
+) -> None:
+    """DNS hangs past the lease, another worker leases the delivery meanwhile, then the lookup fails in a
+    way nobody foresaw: the stalled worker records nothing and settles nothing."""
+    endpoint_id = await one_delivery(client, portals, receiver, f"http://localhost:{receiver.port}/hooks")
+    stalled, current = uuid.uuid4(), uuid.uuid4()
+    delivery: list[uuid.UUID] = []
+
+    async def stuck_then_broken(host: str, port: int) -> Sequence[IPAddress]:
+        await as_owner(
+            database,
+            lambda conn: conn.execute("UPDATE webhook_outbox SET lease_owner = $1 WHERE id = $2", current, delivery[0]),
+        )
+        raise RuntimeError("a resolver bug")
+
+    dispatcher = make_dispatcher(resolve=stuck_then_broken)
+    [(tenant_id, delivery_id)] = await dispatcher.claim(stalled, 30.0, 10)
+    delivery.append(delivery_id)
+    before = await outbox_row(database, delivery_id)
+
+    assert await dispatcher.deliver(stalled, tenant_id, delivery_id) == "lost"
+
+    after = await outbox_row(database, delivery_id)
+    assert after["lease_owner"] == current
+    assert dict(after) == {**dict(before), "lease_owner": current}
+    assert (after["status"], after["tries"], after["attempts"]) == ("pending", 0, 0)
+    assert await attempt_rows(database, delivery_id) == []
+    assert await dead_letters(database) == []
+    assert await endpoint_health(database, endpoint_id) == (None, None, None)
+    assert receiver.received == []
+
+
+# -- the real worker --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("poison", [corrupt_outbound_secret, break_thread_id])
+async def test_the_worker_dead_letters_a_poison_delivery_on_the_schedule_instead_of_retrying_it_forever(
+    client,
+    portals: Portals,
+    receiver: Receiver,
+    database: Dsns,
+    poison: Callable[[Dsns, str], Awaitable[None]],
+) -> None:
+    """A secret that does not open, or a payload whose thread id does not read: the app's worker records
+    each failure, retries on the (compressed) schedule and dead-letters the delivery well before its lease
+    (10 s) would even expire; the endpoint stays healthy and nothing was sent."""
+    endpoint_id = await one_delivery(client, portals, receiver)
+    await poison(database, endpoint_id)
+
+    [dead] = await wait_for_delivery(
+        client, portals, endpoint_id, lambda items: len(items) == 1 and items[0]["status"] == "dead", within=8
+    )
+
+    view = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/deliveries/{dead['id']}")
+    assert [(a["status_code"], a["error_class"]) for a in view["attempt_log"]] == [(None, "internal-error")] * 4
+    [letter] = await dead_letters(database)
+    assert letter["resource_id"] == dead["id"]
+    assert await endpoint_health(database, endpoint_id) == (None, None, None)
+    assert receiver.received == []
+
+
+async def test_a_delivery_whose_settlement_raises_goes_again_and_does_not_mark_the_endpoint_failing(
+    client, portals: Portals, receiver: Receiver, database: Dsns
+) -> None:
+    """The receiver answers 200 but recording the success fails (its audit event is refused): the attempt
+    is recorded as `internal-error`, the notification goes again with the same webhook-id (at least once)
+    until the schedule is spent, and the endpoint, which answered every time, is not marked failing."""
+    endpoint_id = await one_delivery(client, portals, receiver)
+    await refuse_delivered_audit(database, endpoint_id)
+
+    [dead] = await wait_for_delivery(
+        client, portals, endpoint_id, lambda items: len(items) == 1 and items[0]["status"] == "dead", within=8
+    )
+
+    view = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/deliveries/{dead['id']}")
+    assert [(a["status_code"], a["error_class"]) for a in view["attempt_log"]] == [(None, "internal-error")] * 4
+    assert [r.webhook_id for r in receiver.received] == [dead["webhook_id"]] * 4
+    endpoint = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}")
+    assert (endpoint["status"], endpoint["failing_since"]) == ("enabled", None)
