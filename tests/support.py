@@ -1,4 +1,5 @@
-"""Helpers the tests share: token issuers with real keys, and canaries."""
+"""Helpers the tests share: token issuers with real keys, canaries, and every audit event as the owner
+sees it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,33 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 AUDIENCE = "bedside"
+
+# The columns an audit event has before and after the sequencer integrates it.
+_EVENT_COLUMNS = (
+    "event_id, occurred_at, tenant_id, action, outcome, actor, actor_role, issuer, act_for, patient, "
+    "resource_type, resource_id, purpose, request_id, source, details, entry"
+)
+# Every audit event, whether it still waits in the outbox or is integrated: a test does not wait for the
+# sequencer. `details` comes back as JSON text.
+AUDIT_EVENTS = (
+    f"(SELECT {_EVENT_COLUMNS} FROM audit_outbox UNION ALL SELECT {_EVENT_COLUMNS} FROM audit_leaves) AS events"  # noqa: S608
+)
+
+
+async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncpg.Record]:
+    """The audit events that match the SQL condition `where` (on `AUDIT_EVENTS`' columns, with `$n`
+    arguments), oldest first, read on a connection of the owner role (no row-level security)."""
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        return await owner.fetch(f"SELECT * FROM {AUDIT_EVENTS} WHERE {where} ORDER BY occurred_at", *args)  # noqa: S608
+    finally:
+        await owner.close()
 
 
 def canary(label: str = "canary") -> str:

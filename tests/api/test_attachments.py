@@ -27,7 +27,7 @@ from service.errors import InvalidRequestError
 from service.keys import ATTACHMENTS
 from service.store.attachments import AttachmentStore
 from tests.conftest import Dsns, Portals, Services
-from tests.support import canary
+from tests.support import audit_events, canary
 
 URL = "/v1/attachments"
 PDF, PNG, JPEG, TEXT = "application/pdf", "image/png", "image/jpeg", "text/plain"
@@ -142,15 +142,6 @@ _WRITES_IN_FLIGHT = """
     WHERE c.relname = 'attachment_chunks' AND l.pid <> pg_backend_pid()
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
-
-
-async def audit_events(database: Dsns, action: str) -> list[asyncpg.Record]:
-    query = """
-        SELECT actor, outcome, purpose, resource_id, details::text AS details FROM audit_outbox WHERE action = $1
-        UNION ALL
-        SELECT actor, outcome, purpose, resource_id, details::text FROM audit_leaves WHERE action = $1
-    """
-    return await as_owner(database, lambda conn: conn.fetch(query, action))
 
 
 # -- round trip ------------------------------------------------------------------------------------------
@@ -365,9 +356,11 @@ async def test_only_those_who_may_read_the_thread_download_and_only_writers_uplo
     assert (await upload(client, outsider, thread_id, b"%PDF-")).status == 404
     assert await stored(database) == (1, 2)
 
-    reads = await audit_events(database, "attachment:read")
-    assert ("Practitioner/99", "success", "ETREAT", attachment_id) in [tuple(r)[:4] for r in reads]
-    uploads = await audit_events(database, "attachment:upload")
+    reads = await audit_events(database.owner, "action = $1", "attachment:read")
+    assert ("Practitioner/99", "success", "ETREAT", attachment_id) in [
+        (r["actor"], r["outcome"], r["purpose"], r["resource_id"]) for r in reads
+    ]
+    uploads = await audit_events(database.owner, "action = $1", "attachment:upload")
     assert [(r["actor"], r["outcome"], r["resource_id"]) for r in uploads] == [("Patient/1", "success", attachment_id)]
 
 
@@ -397,7 +390,7 @@ async def test_a_shredded_patients_attachment_is_gone(client, portals: Portals, 
     assert response.status == 410
     assert (await response.json())["code"] == "content-shredded"
     assert (await upload(client, patient(portals), thread_id, b"%PDF-")).status == 410
-    failed = [e for e in await audit_events(database, "attachment:read") if e["outcome"] == "failure"]
+    failed = await audit_events(database.owner, "action = $1 AND outcome = $2", "attachment:read", "failure")
     assert [(e["actor"], e["resource_id"], json.loads(e["details"])) for e in failed] == [
         ("Patient/1", str(attachment_id), {"thread_id": thread_id, "reason": "shredded"})
     ]
@@ -491,7 +484,7 @@ async def test_a_tampered_attachment_is_an_error_status_not_bytes(
     body = await response.read()
     assert len(body) < 1000
     assert ORIGINAL[CHUNK : CHUNK + 64] not in body
-    failures = [r for r in await audit_events(database, "attachment:read") if r["outcome"] == "failure"]
+    failures = await audit_events(database.owner, "action = $1 AND outcome = $2", "attachment:read", "failure")
     assert [(r["actor"], r["resource_id"]) for r in failures] == [("Patient/1", attachment_id)]
 
 
@@ -628,7 +621,7 @@ async def test_a_recalled_message_takes_its_attachments_with_it(client, portals:
     assert again.status == 422
     assert [(e["loc"], e["type"]) for e in (await again.json())["errors"]] == [(["attachment_ids", 0], "recalled")]
 
-    refusals = [r for r in await audit_events(database, "attachment:read") if r["outcome"] == "denied"]
+    refusals = await audit_events(database.owner, "action = $1 AND outcome = $2", "attachment:read", "denied")
     assert sorted((r["actor"], r["resource_id"], json.loads(r["details"])["reason"]) for r in refusals) == [
         ("Patient/1", withdrawn, "recalled"),
         ("Practitioner/7", withdrawn, "recalled"),

@@ -47,7 +47,7 @@ from service.api.routes import ROUTES, Route
 from service.domain.audit import decode_entry
 from service.settings import Settings
 from tests.conftest import Portals
-from tests.support import TestIssuer, canary
+from tests.support import AUDIT_EVENTS, TestIssuer, canary
 
 ROLES = ("patient", "proxy", "physician", "staff", "compliance", "admin")
 SCOPES = ("own", "other", "xtenant")
@@ -889,11 +889,7 @@ async def run_cell(client: Any, portals: Portals, world: World, route: Route, ro
             cell.problems.append(f"the response holds {label}")
 
 
-AUDIT_ROWS = """
-    SELECT request_id, action, outcome, actor, tenant_id, details FROM audit_outbox WHERE request_id = ANY($1)
-    UNION ALL
-    SELECT request_id, action, outcome, actor, tenant_id, details FROM audit_leaves WHERE request_id = ANY($1)
-"""
+AUDIT_ROWS = f"SELECT * FROM {AUDIT_EVENTS} WHERE request_id = ANY($1)"  # noqa: S608
 
 
 async def check_audit(owner: asyncpg.Connection, world: World, cells: list[Cell]) -> None:

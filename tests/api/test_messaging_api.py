@@ -10,7 +10,7 @@ import asyncpg
 
 from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Portals
-from tests.support import canary
+from tests.support import AUDIT_EVENTS, audit_events, canary
 
 
 async def test_a_patient_and_a_physician_converse(client, portals: Portals) -> None:
@@ -77,16 +77,9 @@ async def test_twenty_concurrent_sends_with_one_key_make_one_message(client, por
     assert len(listed["items"]) == 1
     different = await client.post(url, json={"body": "another"}, headers=headers)
     assert different.status == 422
-    owner = await asyncpg.connect(database.owner)
-    try:  # each replay handed the message back, so each is recorded as a read of it
-        reads = await owner.fetchval(
-            "SELECT count(*) FROM (SELECT action, resource_id FROM audit_outbox UNION ALL "
-            "SELECT action, resource_id FROM audit_leaves) e WHERE action = 'message:read' AND resource_id = $1",
-            bodies[0]["id"],
-        )
-    finally:
-        await owner.close()
-    assert reads == sum(1 for r in responses if r.headers.get("Idempotent-Replayed") == "true") == 19
+    # Each replay handed the message back, so each is recorded as a read of it.
+    reads = await audit_events(database.owner, "action = 'message:read' AND resource_id = $1", bodies[0]["id"])
+    assert len(reads) == sum(1 for r in responses if r.headers.get("Idempotent-Replayed") == "true") == 19
 
 
 async def test_message_pages_never_skip_or_repeat_while_messages_arrive(client, portals: Portals) -> None:
@@ -379,16 +372,10 @@ async def test_ids_that_are_not_uuids_are_404_audited_as_denied_without_the_call
 
     owner = await asyncpg.connect(database.owner)
     try:
-        events = await owner.fetch(
-            "SELECT actor, outcome, resource_type, resource_id, details::text AS details FROM audit_outbox "
-            "WHERE action = 'access:denied' UNION ALL "
-            "SELECT actor, outcome, resource_type, resource_id, details::text FROM audit_leaves "
-            "WHERE action = 'access:denied'"
-        )
+        events = await owner.fetch(f"SELECT * FROM {AUDIT_EVENTS} WHERE action = 'access:denied'")  # noqa: S608
         leaked = await owner.fetchval(
-            "SELECT count(*) FROM (SELECT o::text AS row, entry FROM audit_outbox o "
-            "UNION ALL SELECT l::text, entry FROM audit_leaves l) e "
-            "WHERE strpos(e.row, $1) > 0 OR position($2::bytea IN e.entry) > 0",
+            f"SELECT count(*) FROM {AUDIT_EVENTS} WHERE strpos(events::text, $1) > 0 "  # noqa: S608
+            "OR position($2::bytea IN events.entry) > 0",
             planted,
             planted.encode(),
         )

@@ -11,19 +11,11 @@ import asyncpg
 
 from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Dsns, Portals
+from tests.support import audit_events
 
 
 async def _read_events(owner_dsn: str, resource_id: str) -> list[dict[str, Any]]:
-    owner = await asyncpg.connect(owner_dsn)
-    try:
-        rows = await owner.fetch(
-            "SELECT details::text AS details FROM (SELECT action, resource_id, details, occurred_at FROM audit_outbox "
-            "UNION ALL SELECT action, resource_id, details, occurred_at FROM audit_leaves) e "
-            "WHERE action = 'message:read' AND resource_id = $1 ORDER BY occurred_at",
-            resource_id,
-        )
-    finally:
-        await owner.close()
+    rows = await audit_events(owner_dsn, "action = 'message:read' AND resource_id = $1", resource_id)
     return [json.loads(r["details"]) for r in rows]
 
 
@@ -70,16 +62,7 @@ async def test_a_single_message_read_names_its_sequence_number(client, portals: 
 
 
 async def _failed_reads(owner_dsn: str) -> list[tuple[str, str, str, dict[str, Any]]]:
-    owner = await asyncpg.connect(owner_dsn)
-    try:
-        rows = await owner.fetch(
-            "SELECT action, resource_type, actor, details::text AS details FROM (SELECT action, outcome, "
-            "resource_type, actor, details, occurred_at FROM audit_outbox UNION ALL SELECT action, outcome, "
-            "resource_type, actor, details, occurred_at FROM audit_leaves) e "
-            "WHERE outcome = 'failure' ORDER BY occurred_at"
-        )
-    finally:
-        await owner.close()
+    rows = await audit_events(owner_dsn, "outcome = 'failure'")
     return [(r["action"], r["resource_type"], r["actor"], json.loads(r["details"])) for r in rows]
 
 

@@ -4,11 +4,13 @@ are at that moment, read in one statement: these are the refusals that statement
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 
 from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Dsns, Portals
+from tests.support import audit_events
 
 
 async def _messages(owner: asyncpg.Connection, thread_id: str) -> int:
@@ -91,13 +93,9 @@ async def test_every_participant_needs_a_consent_in_force_now(client, portals: P
             assert refused.status == 403
             assert (await refused.json())["code"] == "consent-required"
         await asyncio.sleep(0.2)  # denials are recorded after their transaction
-        reasons = await owner.fetch(
-            "SELECT details->'consent_reasons' AS reasons FROM audit_outbox WHERE action = 'message:send' "
-            "AND outcome = 'denied' UNION ALL SELECT details->'consent_reasons' FROM audit_leaves "
-            "WHERE action = 'message:send' AND outcome = 'denied'"
-        )
-        assert len(reasons) == 2
-        assert all("expired" in r["reasons"] for r in reasons)
+        refused = await audit_events(database.owner, "action = 'message:send' AND outcome = 'denied'")
+        assert len(refused) == 2
+        assert all("expired" in json.loads(r["details"])["consent_reasons"] for r in refused)
         assert await _messages(owner, created["id"]) == 2
     finally:
         await owner.close()
