@@ -89,20 +89,18 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
         return
     pg = EmbeddedPostgres(settings.data_dir)
     if purpose != "serve" and data_dir_holder(settings.data_dir) == "serve":
-        port = pg.running_port()
-        if port is None:
+        connection = pg.running()
+        if connection is None:
             raise CliError("`bedside serve` holds the data directory but its database is not running")
-        connection = pg.connection(port)
         yield Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
         return
     with exclusive_data_dir(settings.data_dir, purpose):
-        port = pg.running_port()
-        started = port is None
-        if port is None:
+        connection = pg.running()
+        started = connection is None
+        if connection is None:
             print(f"Starting the embedded PostgreSQL in {pg.pgdata} ...", file=sys.stderr)
-            port = pg.start()
+            connection = pg.start()
         try:
-            connection = pg.connection(port)
             target = Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
             asyncio.run(
                 _prepare_embedded(

@@ -216,30 +216,46 @@ class EmbeddedPostgres:
         finally:
             pwfile.unlink(missing_ok=True)
 
-    def running_port(self) -> int | None:
-        """The port of the server running on this data directory, or None."""
+    def _is_running(self) -> bool:
+        """Whether a server runs on this data directory (pg_ctl's own judgement: a live postmaster)."""
         if not self.initialized:
-            return None
-        status = self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False)
-        if status.returncode != 0:
+            return False
+        return self._run("pg_ctl", "status", "-D", str(self.pgdata), check=False).returncode == 0
+
+    def _postmaster(self) -> tuple[int, Path | None] | None:
+        """The running server's port and Unix socket directory (None: TCP only), or None when no server
+        runs. postmaster.pid is read once, for both: its fourth line and its fifth (empty for TCP only)."""
+        if not self._is_running():
             return None
         try:
             lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
-            return int(lines[3])
+            port = int(lines[3])
         except (OSError, IndexError, ValueError):
             return None
+        socket_dir = Path(lines[4]) if len(lines) > 4 and lines[4].strip() else None
+        return port, socket_dir
 
-    def _running_socket_dir(self) -> Path | None:
-        """The Unix socket directory the running server listens in (postmaster.pid's fifth line), or None
-        (a server started without one)."""
-        try:
-            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
-        except OSError:
+    def running(self) -> Connection | None:
+        """How to reach the server running on this data directory, or None."""
+        postmaster = self._postmaster()
+        if postmaster is None:
             return None
-        return Path(lines[4]) if len(lines) > 4 and lines[4].strip() else None
+        port, socket_dir = postmaster
+        return Connection(
+            port=port,
+            owner_password=read_or_create_secret(self.root / "owner-password"),
+            app_password=read_or_create_secret(self.root / "app-password"),
+            socket_dir=socket_dir,
+        )
+
+    def running_port(self) -> int | None:
+        """The port of the server running on this data directory, or None."""
+        postmaster = self._postmaster()
+        return None if postmaster is None else postmaster[0]
 
     def _socket_options(self) -> str:
-        """The server options for the private socket directory, made here; '' for TCP only."""
+        """The server options for the private socket directory, made here; for TCP only, the option that
+        turns Unix sockets off (`-c unix_socket_directories=''`)."""
         if not socket_dir_usable(self.socket_dir):
             return "-c unix_socket_directories=''"
         self.socket_dir.mkdir(mode=0o700, exist_ok=True)
@@ -249,8 +265,8 @@ class EmbeddedPostgres:
             os.chown(self.socket_dir, user.pw_uid, user.pw_gid)
         return f"-c unix_socket_directories={self.socket_dir} -c unix_socket_permissions=0700"
 
-    def start(self, *, durable: bool = True) -> int:
-        """Start the server on a free loopback port (initdb first if needed); return the port.
+    def start(self, *, durable: bool = True) -> Connection:
+        """Start the server on a free loopback port (initdb first if needed); return how to reach it.
 
         `durable=False` turns fsync off: only for throwaway clusters such as the test suite's."""
         if not self.initialized:
@@ -275,23 +291,15 @@ class EmbeddedPostgres:
             "-o",
             options,
         )
-        running = self.running_port()
+        running = self.running()
         if running is None:
             raise EmbeddedError(f"PostgreSQL did not start; see {self.logfile}")
         return running
 
     def stop(self) -> None:
         """A fast, clean shutdown (open transactions roll back, nothing committed is lost)."""
-        if self.running_port() is not None:
+        if self._is_running():
             self._run("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60")
-
-    def connection(self, port: int) -> Connection:
-        return Connection(
-            port=port,
-            owner_password=read_or_create_secret(self.root / "owner-password"),
-            app_password=read_or_create_secret(self.root / "app-password"),
-            socket_dir=self._running_socket_dir(),
-        )
 
 
 _LOCK_NAME = "bedside.lock"

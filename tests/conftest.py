@@ -66,8 +66,7 @@ def cluster() -> Iterator[Cluster]:
     data_dir = Path(tempfile.mkdtemp(prefix="bedside-test-pg-"))
     os.chmod(data_dir, 0o711)
     pg = EmbeddedPostgres(data_dir)
-    port = pg.start(durable=False)  # a throwaway cluster: crash safety buys nothing here
-    connection = pg.connection(port)
+    connection = pg.start(durable=False)  # a throwaway cluster: crash safety buys nothing here
     info = Cluster(connection=connection, data_dir=data_dir)
 
     async def prepare() -> None:

@@ -141,10 +141,10 @@ class Summary:
 # -- the cluster ----------------------------------------------------------------------------------
 
 
-def start_cluster(pg: EmbeddedPostgres, tune: bool) -> int:
-    port = pg.start(durable=True)
+def start_cluster(pg: EmbeddedPostgres, tune: bool) -> Connection:
+    connection = pg.start(durable=True)
     if not tune:
-        return port
+        return connection
 
     async def alter(connection: Connection) -> None:
         conn = await asyncpg.connect(connection.dsn(owner=True, database="postgres"))
@@ -155,7 +155,7 @@ def start_cluster(pg: EmbeddedPostgres, tune: bool) -> int:
         finally:
             await conn.close()
 
-    asyncio.run(alter(pg.connection(port)))
+    asyncio.run(alter(connection))
     pg.stop()
     return pg.start(durable=True)
 
@@ -771,12 +771,12 @@ def main() -> None:
     pg = EmbeddedPostgres(data_dir)
     summary = Summary()
     try:
-        port = start_cluster(pg, tune=not args.no_tune)
+        connection = start_cluster(pg, tune=not args.no_tune)
         say(
-            f"PostgreSQL ({pg.bindir.parent.name}) in {data_dir}, port {port}, fsync on; "
+            f"PostgreSQL ({pg.bindir.parent.name}) in {data_dir}, port {connection.port}, fsync on; "
             + ("default settings" if args.no_tune else ", ".join(f"{k}={v}" for k, v in SERVER_TUNING.items()))
         )
-        asyncio.run(bench(args, pg.connection(port), summary))
+        asyncio.run(bench(args, connection, summary))
     finally:
         summary.add("total run time", f"{time.perf_counter() - started:.0f} s")
         summary.print()

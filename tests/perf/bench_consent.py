@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from service.domain.audit import AuditRecorder
 from service.domain.consents import ConsentLedger, Scope
-from service.embedded import APP_LOGIN_ROLE, EmbeddedPostgres
+from service.embedded import APP_LOGIN_ROLE, Connection, EmbeddedPostgres
 from service.store.audit import AuditStore
 from service.store.bootstrap import ensure_database, prepare_database
 from service.store.consents import ConsentStore
@@ -55,8 +55,7 @@ ON CONFLICT DO NOTHING
 """
 
 
-async def run(args: argparse.Namespace, pg: EmbeddedPostgres, port: int) -> None:
-    connection = pg.connection(port)
+async def run(args: argparse.Namespace, connection: Connection) -> None:
     await ensure_database(connection.dsn(owner=True, database="postgres"), "bedside")
     await prepare_database(connection.dsn(owner=True, database="bedside"), APP_LOGIN_ROLE, connection.app_password)
     import asyncpg
@@ -140,9 +139,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bedside-bench-consent-"))
     os.chmod(work, 0o711)
     pg = EmbeddedPostgres(work)
-    port = pg.start()
+    connection = pg.start()
     try:
-        asyncio.run(run(args, pg, port))
+        asyncio.run(run(args, connection))
     finally:
         pg.stop()
         shutil.rmtree(pg.pgdata.parent, ignore_errors=True)

@@ -597,9 +597,9 @@ def main() -> None:
         from service.embedded import EmbeddedPostgres
 
         pg = EmbeddedPostgres(data_dir)
-        pg_port = pg.running_port()
-        assert pg_port is not None
-        owner_dsn = pg.connection(pg_port).dsn(owner=True, database="bedside")
+        running = pg.running()
+        assert running is not None
+        owner_dsn = running.dsn(owner=True, database="bedside")
         POSTMASTER.append(int((pg.pgdata / "postmaster.pid").read_text().split()[0]))
 
         async def bare_tables() -> None:

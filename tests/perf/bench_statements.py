@@ -87,7 +87,9 @@ def main() -> None:
         print(f"setting up {args.threads} patients, consents and threads ...", flush=True)
         asyncio.run(bench.setup(base, data_dir, args.threads, targets))
         pg = EmbeddedPostgres(data_dir)
-        owner = pg.connection(pg.running_port() or 0).dsn(owner=True, database="bedside")
+        running = pg.running()
+        assert running is not None
+        owner = running.dsn(owner=True, database="bedside")
         asyncio.run(_sql(owner, "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"))
     finally:
         _stop(service)
@@ -96,7 +98,9 @@ def main() -> None:
     service = _serve(env)
     try:
         pg = EmbeddedPostgres(data_dir)
-        owner = pg.connection(pg.running_port() or 0).dsn(owner=True, database="bedside")
+        running = pg.running()
+        assert running is not None
+        owner = running.dsn(owner=True, database="bedside")
         bench.POSTMASTER.append(int((pg.pgdata / "postmaster.pid").read_text().split()[0]))
         asyncio.run(_sql(owner, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
         asyncio.run(_sql(owner, "ALTER SYSTEM SET pg_stat_statements.track_planning = on"))
