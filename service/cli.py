@@ -52,7 +52,7 @@ from service.settings import Settings, SettingsError, load_settings
 from service.store.audit import AuditStore
 from service.store.bootstrap import ensure_database, migrate_database, prepare_database, schema_report
 from service.store.data_keys import DataKeyStore
-from service.store.db import Database
+from service.store.db import Database, connection_slots
 from service.store.issuers import IssuerStore
 from service.store.tenants import TenantStore
 
@@ -96,10 +96,16 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
         return
     with exclusive_data_dir(settings.data_dir, purpose):
         connection = pg.running()
+        if connection is not None and purpose == "serve":
+            # Left running by a `serve` that was killed (nothing else uses a cluster whose directory is
+            # free): start it again, sized for this run's connections.
+            print("Stopping the embedded PostgreSQL left running by an earlier run ...", file=sys.stderr)
+            pg.stop()
+            connection = None
         started = connection is None
         if connection is None:
             print(f"Starting the embedded PostgreSQL in {pg.pgdata} ...", file=sys.stderr)
-            connection = pg.start()
+            connection = pg.start(connections=settings.serve_connections)
         try:
             target = Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
             asyncio.run(
@@ -169,12 +175,32 @@ def _run(coro: Awaitable[T]) -> T:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with database_target(settings, "serve") as target:
         effective = _effective(settings, target)
+        _run(_check_connection_budget(effective))
         welcome = functools.partial(_print_welcome, settings, effective, target)
         if effective.processes == 1:
             _run_server(_serve(effective, welcome))
         else:
             _serve_processes(effective, welcome)
     return 0
+
+
+async def _check_connection_budget(settings: Settings) -> None:
+    """Refuse to serve with more database connections than the server accepts, rather than fail with
+    "too many clients" under load. Embedded mode sizes its server to fit; another server is asked. The
+    count is this command's own: other clients of that server (more hosts, psql) need room beyond it."""
+    assert settings.database_url is not None
+    db = await Database.connect(settings.database_url.get_secret_value(), min_size=1, max_size=1)
+    try:
+        slots = await connection_slots(db)
+    finally:
+        await db.close()
+    if settings.serve_connections > slots:
+        raise ConfigurationError(
+            f"BEDSIDE_PROCESSES={settings.processes} with BEDSIDE_DB_POOL_MAX={settings.db_pool_max} may open "
+            f"{settings.serve_connections} database connections (in each process its pool, and one for the "
+            f"audit sequencer where it runs), but the database accepts {slots} (max_connections less its "
+            "reserved slots): lower either setting, or raise the server's max_connections"
+        )
 
 
 def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:

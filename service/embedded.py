@@ -26,6 +26,11 @@ from pathlib import Path
 
 OWNER_ROLE = "bedside_owner"
 APP_LOGIN_ROLE = "bedside_web"
+# max_connections: never below this, and this many beyond what `bedside serve` may hold, for PostgreSQL's
+# superuser reserve (3) and the commands that join a running serve (psql; `bedside tenant`, `keys`,
+# `audit`: two or three connections each).
+MIN_MAX_CONNECTIONS = 200
+SPARE_CONNECTIONS = 25
 INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found. Install them with:\n"
     "    sudo apt-get install -y postgresql\n"
@@ -265,17 +270,19 @@ class EmbeddedPostgres:
             os.chown(self.socket_dir, user.pw_uid, user.pw_gid)
         return f"-c unix_socket_directories={self.socket_dir} -c unix_socket_permissions=0700"
 
-    def start(self, *, durable: bool = True) -> Connection:
+    def start(self, *, durable: bool = True, connections: int = 0) -> Connection:
         """Start the server on a free loopback port (initdb first if needed); return how to reach it.
 
+        `connections`: the most the service will hold at once; max_connections leaves room beyond them.
         `durable=False` turns fsync off: only for throwaway clusters such as the test suite's."""
+        max_connections = max(MIN_MAX_CONNECTIONS, connections + SPARE_CONNECTIONS)
         if not self.initialized:
             self.initialize()
         self._prepare_dirs()
         port = _free_port()
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={port} {self._socket_options()} "
-            "-c synchronous_commit=on -c max_connections=200"
+            f"-c synchronous_commit=on -c max_connections={max_connections}"
         )
         options += " -c fsync=on" if durable else " -c fsync=off -c full_page_writes=off"
         self._run(

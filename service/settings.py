@@ -156,6 +156,13 @@ class Settings(BaseSettings):
         return self.database_url is None
 
     @property
+    def serve_connections(self) -> int:
+        """The most database connections `bedside serve` holds at once: in each of its processes, the
+        pool (up to `db_pool_max`, never below `db_pool_min`) and the audit sequencer's own connection."""
+        per_process = max(self.db_pool_min, self.db_pool_max) + (1 if self.audit_sequencer else 0)
+        return self.processes * per_process
+
+    @property
     def audit_signing_key_path(self) -> Path:
         return (
             self.audit_signing_key_file

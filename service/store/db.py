@@ -46,6 +46,15 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     request) before it calls this, and that is what keeps one request's work out of the next one's."""
 
 
+# The connections a role that is not a superuser may open: max_connections less the slots kept for
+# superusers and (PostgreSQL 16 and later) for roles granted pg_use_reserved_connections.
+_CONNECTION_SLOTS = """
+SELECT pg_catalog.current_setting('max_connections')::int
+     - pg_catalog.current_setting('superuser_reserved_connections')::int
+     - coalesce(pg_catalog.current_setting('reserved_connections', true)::int, 0)
+"""
+
+
 # The driver raises these when the server is unreachable or the connection dies mid-way.
 _UNAVAILABLE = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
 
@@ -146,6 +155,12 @@ class Database:
                 return await conn.fetchval(query, *args)
         except _UNAVAILABLE:
             raise UnavailableError("the database is not reachable") from None
+
+
+async def connection_slots(db: Database) -> int:
+    """How many connections the server accepts from the service's role, all clients together."""
+    slots: int = await db.fetch_value(_CONNECTION_SLOTS)
+    return slots
 
 
 async def check_application_role(db: Database) -> None:

@@ -4,6 +4,7 @@ PostgreSQL, serves, lets other commands join it, refuses a second serve, and sto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import asyncpg
 import pytest
 
 from service.embedded import EmbeddedPostgres
@@ -167,10 +169,30 @@ def _server_processes(parent: int) -> list[int]:
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
+def _connection_slots(pg: EmbeddedPostgres) -> int:
+    """How many connections the running embedded PostgreSQL accepts from the service's role."""
+    running = pg.running()
+    assert running is not None
+
+    async def query() -> int:
+        conn = await asyncpg.connect(running.dsn(owner=True, database="postgres"))
+        try:
+            slots: int = await conn.fetchval(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int"
+            )
+            return slots
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
 @pytest.mark.slow
 def test_several_server_processes_share_the_port_and_stop_together(data_dir: Path, tmp_path: Path) -> None:
     port = _free_port()
-    env = _env(data_dir, port) | {"BEDSIDE_PROCESSES": "2"}
+    # Pools of up to 120: with the sequencers' own connections 2 x 121, more than PostgreSQL's usual 200.
+    env = _env(data_dir, port) | {"BEDSIDE_PROCESSES": "2", "BEDSIDE_DB_POOL_MAX": "120"}
     pg = EmbeddedPostgres(data_dir)
     token = ""
 
@@ -179,6 +201,8 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     try:
         servers = _server_processes(proc.pid)
         assert len(servers) == 2
+        # The embedded PostgreSQL was started with room for every connection the servers may open.
+        assert _connection_slots(pg) >= 2 * 121
         token = _cli(env, "token", "--tenant", "demo", "--role", "patient", "--sub", "Patient/1").stdout.strip()
         # Each one serves the shared port: with either one frozen, the other still answers.
         for frozen in servers:
@@ -222,6 +246,17 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in servers)
+
+    # Its PostgreSQL is left running, sized for that run. The next serve, which needs more connections,
+    # starts it again with room for them instead of failing under load.
+    assert pg.running_port() is not None
+    proc, _ = _start(env | {"BEDSIDE_DB_POOL_MAX": "200"})
+    try:
+        assert _connection_slots(pg) >= 2 * 201
+        assert _me(port, token)[0] == 200
+    finally:
+        assert _stop(proc) == 0
+    assert pg.running_port() is None
 
 
 def _alive(pid: int) -> bool:

@@ -125,3 +125,17 @@ def test_unknown_override_is_refused() -> None:
 def test_settings_class_refuses_extra_fields_directly() -> None:
     with pytest.raises(ValidationError):
         Settings(no_such_setting=1)  # type: ignore[call-arg]
+
+
+def test_serve_connections_count_every_process_pool_and_sequencer(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().serve_connections == 21  # one process: a pool of 20 and the sequencer's own
+
+    monkeypatch.setenv("BEDSIDE_PROCESSES", "4")
+    monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "30")
+    assert load_settings().serve_connections == 4 * 31
+
+    monkeypatch.setenv("BEDSIDE_DB_POOL_MIN", "40")  # the pool is never smaller than its minimum
+    assert load_settings().serve_connections == 4 * 41
+
+    monkeypatch.setenv("BEDSIDE_AUDIT_SEQUENCER", "false")
+    assert load_settings().serve_connections == 4 * 40
