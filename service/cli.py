@@ -67,6 +67,18 @@ class CliError(Exception):
     """A message for the operator; exit status 1."""
 
 
+# What a mistake in configuration or input raises: one `bedside: ...` line and exit status 1, no traceback.
+_OPERATOR_ERRORS = (CliError, EmbeddedError, ConfigurationError, DomainError)
+
+
+def _operator_message(exc: Exception) -> str:
+    """What follows `bedside: ` for one of _OPERATOR_ERRORS."""
+    if isinstance(exc, InvalidRequestError):
+        details = "; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in exc.problems)
+        return f"{exc.detail}: {details}"
+    return str(exc)
+
+
 # -- database resolution -----------------------------------------------------------------------------
 
 
@@ -246,15 +258,18 @@ def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
             if woken in found:
                 log.info("http.stopping")
                 return
-            ended = found[0]
+            # A server that could not start says why on its pipe before it ends: pipes are read first.
+            ended = min(found, key=lambda item: isinstance(item, int))
             if isinstance(ended, int):
                 raise CliError(f"a server process {_ending(children[ended])} while starting")
             assert isinstance(ended, Connection)
             child = ready.pop(ended)
             try:
-                ended.recv()
+                problem = ended.recv()
             except EOFError:  # it ended before it said it was listening
                 raise CliError(f"a server process {_ending(child)} while starting") from None
+            if problem is not None:  # it could not start, and said why: as one process would
+                raise CliError(problem)
         log.info("http.listening", host=settings.host, port=port, processes=settings.processes)
         on_ready()
         found = wait([woken, *children])
@@ -327,15 +342,24 @@ def _ending(process: SpawnProcess) -> str:
 
 def _server_process(settings: Settings, sock: socket.socket, ready: Connection, lifeline: Connection) -> None:
     """One of `_serve_processes`'s servers (a spawned interpreter): serve on the inherited socket until
-    told to stop, or until the parent is gone (`lifeline` reads end-of-file)."""
+    told to stop, or until the parent is gone (`lifeline` reads end-of-file). `ready` gets None once it
+    listens, or the message of an operator's error that kept it from starting."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the event loop's handlers are in place
     configure_logging(settings.log_format, settings.log_level)
 
     def notify() -> None:
-        ready.send(True)
+        ready.send(None)
         ready.close()
 
-    _run_server(_serve(settings, notify, sock=sock, lifeline=lifeline))
+    try:
+        _run_server(_serve(settings, notify, sock=sock, lifeline=lifeline))
+    except _OPERATOR_ERRORS as exc:
+        if ready.closed:  # after start-up: nobody else will say it
+            print(f"bedside: {_operator_message(exc)}", file=sys.stderr)
+        else:  # the parent says it, once for all the servers, and exits 1
+            ready.send(_operator_message(exc))
+            ready.close()
+        sys.exit(1)
 
 
 def _run_server(server: Coroutine[Any, Any, None]) -> None:
@@ -774,12 +798,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"bedside: {exc}", file=sys.stderr)
         return 2
-    except InvalidRequestError as exc:
-        details = "; ".join(f"{'.'.join(map(str, p.loc))}: {p.msg}" for p in exc.problems)
-        print(f"bedside: {exc.detail}: {details}", file=sys.stderr)
-        return 1
-    except (CliError, EmbeddedError, ConfigurationError, DomainError) as exc:
-        print(f"bedside: {exc}", file=sys.stderr)
+    except _OPERATOR_ERRORS as exc:
+        print(f"bedside: {_operator_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -4,9 +4,12 @@ what it checks before serving, in one process and in several."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from crypto.checkpoint import Ed25519CheckpointSigner
 from crypto.kek_file import LocalKeyFileProvider
@@ -43,3 +46,21 @@ def test_serve_refuses_more_connections_than_the_database_accepts(
         "process its pool, and one for the audit sequencer where it runs), but the database accepts 197 "
         "(max_connections less its reserved slots): lower either setting, or raise the server's max_connections"
     ]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_server_that_cannot_start_says_why_in_one_line(
+    empty_database: Dsns, kek_file: Path, signing_key_file: Path, processes: str
+) -> None:
+    # A database nobody migrated: serve itself connects to it, then each server process refuses it.
+    env = _env(kek_file, signing_key_file, processes=processes, port="0")
+
+    result = subprocess.run(
+        [BEDSIDE, "serve", "--database-url", empty_database.app], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    # As one process says it: one line, no traceback, exit status 1.
+    assert result.returncode == 1
+    assert result.stdout == ""
+    [said] = result.stderr.splitlines()
+    assert re.fullmatch(r"bedside: the database schema is at migration 0 of \d+: run `bedside migrate` first", said)
