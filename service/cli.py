@@ -244,7 +244,7 @@ def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
                 with child_end:
                     child = context.Process(
                         target=_server_process,
-                        args=(settings, sock, child_end, lifeline),
+                        args=(settings, sock, child_end, lifeline, REQUEST_META.get()),
                         name=f"bedside-serve-{index}",
                     )
                     child.start()
@@ -340,11 +340,16 @@ def _ending(process: SpawnProcess) -> str:
     return f"exited with status {code}"
 
 
-def _server_process(settings: Settings, sock: socket.socket, ready: Connection, lifeline: Connection) -> None:
+def _server_process(
+    settings: Settings, sock: socket.socket, ready: Connection, lifeline: Connection, meta: RequestMeta | None
+) -> None:
     """One of `_serve_processes`'s servers (a spawned interpreter): serve on the inherited socket until
     told to stop, or until the parent is gone (`lifeline` reads end-of-file). `ready` gets None once it
-    listens, or the message of an operator's error that kept it from starting."""
+    listens, or the message of an operator's error that kept it from starting. `meta` is the request meta
+    `main` set for this command: the events its background tasks audit (webhook deliveries) carry it, as
+    they do in a single process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the event loop's handlers are in place
+    REQUEST_META.set(meta)
     configure_logging(settings.log_format, settings.log_level)
 
     def notify() -> None:

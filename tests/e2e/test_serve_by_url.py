@@ -3,26 +3,36 @@ what it checks before serving, in one process and in several."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from crypto.checkpoint import Ed25519CheckpointSigner
 from crypto.kek_file import LocalKeyFileProvider
-from tests.conftest import Dsns
+from service.settings import Settings
+from tests.api.messaging_helpers import consent, thread
+from tests.api.webhook_helpers import Receiver, register
+from tests.conftest import Dsns, Portals
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
 
 def _env(kek_file: Path, signing_key_file: Path, **variables: str) -> dict[str, str]:
-    """The operator's keys, provisioned beforehand (outside embedded mode Bedside never invents them),
-    and `variables` as BEDSIDE_<NAME>."""
-    LocalKeyFileProvider(kek_file, create=True)
-    Ed25519CheckpointSigner.generate("bedside.localhost/audit").save(signing_key_file)
+    """The operator's keys, provisioned beforehand when missing (outside embedded mode Bedside never
+    invents them), and `variables` as BEDSIDE_<NAME>."""
+    if not kek_file.exists():
+        LocalKeyFileProvider(kek_file, create=True)
+    if not signing_key_file.exists():
+        Ed25519CheckpointSigner.generate("bedside.localhost/audit").save(signing_key_file)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")}
     env |= {"BEDSIDE_KEK_FILE": str(kek_file), "BEDSIDE_AUDIT_SIGNING_KEY_FILE": str(signing_key_file)}
     env |= {f"BEDSIDE_{name.upper()}": value for name, value in variables.items()}
@@ -64,3 +74,78 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
     assert result.stdout == ""
     [said] = result.stderr.splitlines()
     assert re.fullmatch(r"bedside: the database schema is at migration 0 of \d+: run `bedside migrate` first", said)
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The app that arranges a test delivers no webhooks itself: the `bedside serve` under test does."""
+    return settings.model_copy(update={"webhook_worker": False, "webhook_allow_http_loopback": True})
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    await receiver.start()
+    yield receiver
+    await receiver.stop()
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+async def test_background_work_is_audited_under_the_serve_run_in_every_process_count(
+    client: Any,
+    portals: Portals,
+    receiver: Receiver,
+    database: Dsns,
+    kek_file: Path,
+    signing_key_file: Path,
+    processes: str,
+) -> None:
+    """What the servers' background tasks record (here the webhook worker's deliveries) carries the
+    request id and source of the `bedside serve` run that did it, whether one process serves or several."""
+    await register(client, portals, receiver.url)
+    await consent(client, portals)
+    await thread(client, portals, message="first")  # thread.created and message.created, not yet delivered
+    env = _env(
+        kek_file,
+        signing_key_file,
+        processes=processes,
+        port="0",
+        webhook_allow_http_loopback="true",
+        webhook_poll_interval_seconds="0.05",
+    )
+    serve = await asyncio.create_subprocess_exec(
+        BEDSIDE,
+        "serve",
+        "--database-url",
+        database.app,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        recorded = await _deliveries_audited(database, count=2, within=60)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(serve.wait(), 60) == 0
+
+    assert {row["source"] for row in recorded} == {"cli"}
+    [run] = {row["request_id"] for row in recorded}  # one run, one id, in every process
+    assert re.fullmatch(r"cli-[0-9a-f]{32}", run)
+
+
+async def _deliveries_audited(database: Dsns, *, count: int, within: float) -> list[asyncpg.Record]:
+    """The `webhook:deliver` audit events, once there are `count` of them; fails after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    conn = await asyncpg.connect(database.owner)
+    try:
+        while True:
+            recorded = await conn.fetch(
+                "SELECT request_id, source FROM audit_outbox WHERE action = 'webhook:deliver'"
+                " UNION ALL SELECT request_id, source FROM audit_leaves WHERE action = 'webhook:deliver'"
+            )
+            if len(recorded) >= count:
+                return recorded
+            assert asyncio.get_running_loop().time() < deadline, f"{len(recorded)} of {count} deliveries audited"
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
