@@ -215,7 +215,7 @@ async def _check_connection_budget(settings: Settings) -> None:
         )
 
 
-def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
+def _serve_processes(settings: Settings, on_ready: Callable[[int], None]) -> None:
     """`settings.processes` server processes on one listening socket that this process binds and hands
     to each (the pre-fork model; the kernel gives each new connection to one of them). They are started
     fresh (spawn, not fork: nothing of this process's state, a PKCS#11 session least of all, is
@@ -271,7 +271,7 @@ def _serve_processes(settings: Settings, on_ready: Callable[[], None]) -> None:
             if problem is not None:  # it could not start, and said why: as one process would
                 raise CliError(problem)
         log.info("http.listening", host=settings.host, port=port, processes=settings.processes)
-        on_ready()
+        on_ready(port)
         found = wait([woken, *children])
         if woken in found:
             log.info("http.stopping")
@@ -352,7 +352,7 @@ def _server_process(
     REQUEST_META.set(meta)
     configure_logging(settings.log_format, settings.log_level)
 
-    def notify() -> None:
+    def notify(port: int) -> None:
         ready.send(None)
         ready.close()
 
@@ -392,7 +392,7 @@ def _effective(settings: Settings, target: Target) -> Settings:
 
 async def _serve(
     settings: Settings,
-    on_ready: Callable[[], None],
+    on_ready: Callable[[int], None],
     *,
     sock: socket.socket | None = None,
     lifeline: Connection | None = None,
@@ -409,8 +409,9 @@ async def _serve(
     try:
         site = web.TCPSite(runner, settings.host, settings.port) if sock is None else web.SockSite(runner, sock)
         await site.start()
+        port = runner.addresses[0][1]  # the one bound: BEDSIDE_PORT=0 asks for a free one
         if sock is None:
-            log.info("http.listening", host=settings.host, port=settings.port)
+            log.info("http.listening", host=settings.host, port=port)
         if lifeline is not None:
             # A server whose parent died without stopping it (SIGKILL, the OOM killer) stops as if told
             # to, rather than serve on where nothing watches or restarts it.
@@ -420,7 +421,7 @@ async def _serve(
                 stop.set()
 
             loop.add_reader(lifeline.fileno(), orphaned)
-        on_ready()
+        on_ready(port)
         await stop.wait()
         log.info("http.stopping")
     finally:
@@ -428,8 +429,9 @@ async def _serve(
         await runner.cleanup()
 
 
-def _print_welcome(settings: Settings, effective: Settings, target: Target) -> None:
-    base = f"http://{effective.host}:{effective.port}"
+def _print_welcome(settings: Settings, effective: Settings, target: Target, port: int) -> None:
+    """What `serve` prints once it listens; `port` is the bound one (BEDSIDE_PORT=0 asks for any free one)."""
+    base = f"http://{effective.host}:{port}"
     lines = [f"Bedside {__version__} is serving on {base}"]
     if target.embedded:
         exe = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "bedside" else Path("bedside")

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,32 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
     assert result.stdout == ""
     [said] = result.stderr.splitlines()
     assert re.fullmatch(r"bedside: the database schema is at migration 0 of \d+: run `bedside migrate` first", said)
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_port_zero_serves_on_a_free_port_and_says_which(
+    database: Dsns, kek_file: Path, signing_key_file: Path, processes: str
+) -> None:
+    env = _env(kek_file, signing_key_file, processes=processes, port="0")
+    serve = subprocess.Popen(
+        [BEDSIDE, "serve", "--database-url", database.app], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert serve.stdout is not None
+        banner = serve.stdout.readline()
+        found = re.search(r"serving on http://127\.0\.0\.1:(\d+)$", banner)
+        assert found, banner
+        port = int(found.group(1))
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            assert serve.wait(timeout=60) == 0
+        finally:
+            if serve.stdout is not None:
+                serve.stdout.close()
 
 
 @pytest.fixture
