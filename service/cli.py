@@ -417,8 +417,8 @@ async def _serve(
             # to, rather than serve on where nothing watches or restarts it.
             def orphaned() -> None:
                 loop.remove_reader(lifeline.fileno())
+                stop.set()  # first: whoever read the logs may be gone too, and a write to them then fails
                 log.warning("http.parent_gone")
-                stop.set()
 
             loop.add_reader(lifeline.fileno(), orphaned)
         on_ready(port)

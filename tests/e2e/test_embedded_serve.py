@@ -234,10 +234,13 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     assert not Path(f"/proc/{servers[1]}").exists()
     assert pg.running_port() is None
 
-    # A parent killed outright (SIGKILL, the OOM killer) leaves no server serving on unwatched.
-    proc, _ = _start(env)
+    # A parent killed outright (SIGKILL, the OOM killer) leaves no server serving on unwatched, even when
+    # whatever read their logs is gone too (a closed terminal): their next log line fails to write.
+    proc, _ = _start(env, subprocess.PIPE)
     servers = _server_processes(proc.pid)
     assert len(servers) == 2
+    assert proc.stderr is not None
+    proc.stderr.close()
     proc.kill()
     proc.wait()
     assert proc.stdout is not None
