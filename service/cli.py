@@ -46,13 +46,16 @@ from service.embedded import (
     data_dir_holder,
     exclusive_data_dir,
 )
+from service.embedded import (
+    Connection as EmbeddedConnection,
+)
 from service.errors import ConfigurationError, DomainError, InvalidRequestError
 from service.logs import configure_logging, get_logger
 from service.settings import Settings, SettingsError, load_settings
 from service.store.audit import AuditStore
 from service.store.bootstrap import ensure_database, migrate_database, prepare_database, schema_report
 from service.store.data_keys import DataKeyStore
-from service.store.db import Database, connection_slots
+from service.store.db import Database, client_connections, connection_slots
 from service.store.issuers import IssuerStore
 from service.store.tenants import TenantStore
 
@@ -109,11 +112,7 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
     with exclusive_data_dir(settings.data_dir, purpose):
         connection = pg.running()
         if connection is not None and purpose == "serve":
-            # Left running by a `serve` that was killed (nothing else uses a cluster whose directory is
-            # free): start it again, sized for this run's connections.
-            print("Stopping the embedded PostgreSQL left running by an earlier run ...", file=sys.stderr)
-            pg.stop()
-            connection = None
+            connection = _reuse_or_restart(pg, connection, settings.serve_connections)
         started = connection is None
         if connection is None:
             print(f"Starting the embedded PostgreSQL in {pg.pgdata} ...", file=sys.stderr)
@@ -131,6 +130,36 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
             if started or purpose == "serve":
                 print("Stopping the embedded PostgreSQL ...", file=sys.stderr)
                 pg.stop()
+
+
+def _reuse_or_restart(pg: EmbeddedPostgres, connection: EmbeddedConnection, need: int) -> EmbeddedConnection | None:
+    """A cluster left running (by a `serve` that was killed) is reused when it has room for `need`
+    connections. Otherwise it is stopped, to start again sized for them, but only if nobody uses it:
+    what a killed `serve` leaves behind (its server processes finishing their requests, commands that
+    joined it) holds no lock on the data directory, and stopping would abort their transactions."""
+    slots, others = _run(_cluster_use(connection.dsn(owner=True, database="postgres")))
+    if slots >= need:
+        return connection
+    if others:
+        raise CliError(
+            f"the embedded PostgreSQL left running by an earlier run accepts {slots} connections, this run "
+            f"needs {need}, and {others} other connection(s) still use it: stop them (or that run's server "
+            "processes) and try again, or lower BEDSIDE_PROCESSES or BEDSIDE_DB_POOL_MAX"
+        )
+    print(
+        "Restarting the embedded PostgreSQL left running by an earlier run, for more connections ...", file=sys.stderr
+    )
+    pg.stop()
+    return None
+
+
+async def _cluster_use(owner_dsn: str) -> tuple[int, int]:
+    """The running cluster's connection slots, and how many client connections besides this one it has."""
+    db = await Database.connect(owner_dsn, min_size=1, max_size=1)
+    try:
+        return await connection_slots(db), await client_connections(db)
+    finally:
+        await db.close()
 
 
 async def _prepare_embedded(settings: Settings, maintenance_dsn: str, target: Target, app_password: str) -> None:
@@ -194,6 +223,43 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         else:
             _serve_processes(effective, welcome)
     return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """The background work of `serve` without its HTTP API, for deployments that keep the two apart:
+    webhook deliveries, the audit sequencer and the idempotency purge, each as its setting says. Any
+    number of workers and servers may share a database (leases, the sequencer's lock and SKIP LOCKED
+    keep them apart). Not in embedded mode, whose one `serve` owns its cluster and does this work."""
+    if settings.embedded:
+        raise CliError(
+            "`bedside worker` needs BEDSIDE_DATABASE_URL (or --database-url): in embedded mode `bedside serve` "
+            "does this work itself"
+        )
+    running = _background_work(settings)
+    if not running:
+        raise CliError(
+            "nothing to run: BEDSIDE_WEBHOOK_WORKER=false, BEDSIDE_AUDIT_SEQUENCER=false and "
+            "BEDSIDE_IDEMPOTENCY_PURGE_INTERVAL_SECONDS=0 turn off everything a worker does"
+        )
+    with database_target(settings, "worker") as target:
+        effective = _effective(settings, target).model_copy(update={"processes": 1})
+        _run(_check_connection_budget(effective))
+
+        def welcome(_: int) -> None:
+            print(f"Bedside {__version__} worker is running: {', '.join(running)} (no HTTP)", flush=True)
+
+        _run_server(_serve(effective, welcome, listen=False))
+    return 0
+
+
+def _background_work(settings: Settings) -> list[str]:
+    """What the settings turn on of the work every `serve` and `worker` process does besides HTTP."""
+    work = [
+        ("webhook deliveries", settings.webhook_worker),
+        ("audit sequencer", settings.audit_sequencer),
+        ("idempotency purge", settings.idempotency_purge_interval_seconds > 0),
+    ]
+    return [name for name, on in work if on]
 
 
 async def _check_connection_budget(settings: Settings) -> None:
@@ -396,7 +462,11 @@ async def _serve(
     *,
     sock: socket.socket | None = None,
     lifeline: Connection | None = None,
+    listen: bool = True,
 ) -> None:
+    """Run the app until SIGINT or SIGTERM: on `sock`, else on the settings' host and port, or (`listen`
+    False: `bedside worker`) on none, so only its background tasks run. `on_ready` gets the bound port
+    (0 when not listening)."""
     app = create_app(settings)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout_seconds
@@ -407,11 +477,15 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port) if sock is None else web.SockSite(runner, sock)
-        await site.start()
-        port = runner.addresses[0][1]  # the one bound: BEDSIDE_PORT=0 asks for a free one
-        if sock is None:
-            log.info("http.listening", host=settings.host, port=port)
+        port = 0
+        if listen:
+            site = web.TCPSite(runner, settings.host, settings.port) if sock is None else web.SockSite(runner, sock)
+            await site.start()
+            port = runner.addresses[0][1]  # the one bound: BEDSIDE_PORT=0 asks for a free one
+            if sock is None:
+                log.info("http.listening", host=settings.host, port=port)
+        else:
+            log.info("worker.running")
         if lifeline is not None:
             # A server whose parent died without stopping it (SIGKILL, the OOM killer) stops as if told
             # to, rather than serve on where nothing watches or restarts it.
@@ -423,7 +497,7 @@ async def _serve(
             loop.add_reader(lifeline.fileno(), orphaned)
         on_ready(port)
         await stop.wait()
-        log.info("http.stopping")
+        log.info("http.stopping" if listen else "worker.stopping")
     finally:
         # Stops accepting, lets in-flight requests finish (up to the shutdown timeout), closes the pool.
         await runner.cleanup()
@@ -726,6 +800,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.set_defaults(func=cmd_serve)
+
+    worker = with_db(
+        sub.add_parser(
+            "worker", help="run the background work (webhook deliveries, audit sequencer, idempotency purge), no HTTP"
+        )
+    )
+    worker.set_defaults(func=cmd_worker)
 
     migrate = with_db(sub.add_parser("migrate", help="apply database migrations (run as the owner role)"))
     migrate.add_argument("--status", action="store_true", help="report, change nothing; exit 1 if not current")

@@ -157,6 +157,15 @@ class Database:
             raise UnavailableError("the database is not reachable") from None
 
 
+async def client_connections(db: Database) -> int:
+    """How many client connections to the server there are besides the caller's."""
+    count: int = await db.fetch_value(
+        "SELECT count(*) FROM pg_catalog.pg_stat_activity "
+        "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()"
+    )
+    return count
+
+
 async def connection_slots(db: Database) -> int:
     """How many connections the server accepts from the service's role, all clients together."""
     slots: int = await db.fetch_value(_CONNECTION_SLOTS)

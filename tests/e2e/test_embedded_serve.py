@@ -24,7 +24,9 @@ from typing import IO
 import asyncpg
 import pytest
 
+from service.cli import CliError, _reuse_or_restart
 from service.embedded import EmbeddedPostgres
+from tests.conftest import Cluster
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
@@ -82,9 +84,14 @@ def _me(port: int, token: str) -> tuple[int, dict[str, object]]:
 
 
 def _stop(proc: subprocess.Popen[str]) -> int:
+    """Ctrl-C, and its exit status; killed (and the test failed) if it has not stopped within 60 s."""
     proc.send_signal(signal.SIGINT)
     try:
         return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("bedside serve did not stop within 60 s of Ctrl-C")
     finally:
         if proc.stdout is not None:
             proc.stdout.close()
@@ -260,6 +267,27 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     finally:
         assert _stop(proc) == 0
     assert pg.running_port() is None
+
+
+async def test_a_cluster_left_running_is_reused_if_big_enough_and_never_stopped_under_its_users(
+    cluster: Cluster,
+) -> None:
+    """What `serve` does with an embedded PostgreSQL an earlier run left running (here the suite's own
+    cluster, 197 slots, which must survive the test): reuse it when it has room; when it has not and
+    someone still uses it, refuse and leave it running."""
+    pg = EmbeddedPostgres(cluster.data_dir)
+    running = pg.running()
+    assert running is not None
+    assert await asyncio.to_thread(_reuse_or_restart, pg, running, 100) == running
+
+    user = await asyncpg.connect(cluster.owner_dsn("postgres"))  # another client, as a joined command is
+    try:
+        with pytest.raises(CliError, match=r"accepts 197 connections, this run needs 1000, and \d+ other"):
+            await asyncio.to_thread(_reuse_or_restart, pg, running, 1000)
+        assert await user.fetchval("SELECT 1") == 1  # never stopped under it
+    finally:
+        await user.close()
+    assert pg.running() == running
 
 
 def _alive(pid: int) -> bool:

@@ -1,20 +1,23 @@
-"""`bedside serve` on an existing database (the suite's cluster, so no PostgreSQL of its own to start):
-what it checks before serving, in one process and in several."""
+"""`bedside serve` and `bedside worker` on an existing database (the suite's cluster, so no PostgreSQL of
+their own to start): what serve checks before serving, in one process and in several; what the
+background work records; a worker that does that work without HTTP."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from crypto.checkpoint import Ed25519CheckpointSigner
@@ -23,6 +26,7 @@ from service.settings import Settings
 from tests.api.messaging_helpers import consent, thread
 from tests.api.webhook_helpers import Receiver, register
 from tests.conftest import Dsns, Portals
+from tests.support import audit_events
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
@@ -78,29 +82,66 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
-def test_port_zero_serves_on_a_free_port_and_says_which(
-    database: Dsns, kek_file: Path, signing_key_file: Path, processes: str
+async def test_port_zero_serves_on_a_free_port_and_says_which(
+    database: Dsns, kek_file: Path, signing_key_file: Path, processes: str, tmp_path: Path
 ) -> None:
     env = _env(kek_file, signing_key_file, processes=processes, port="0")
-    serve = subprocess.Popen(
-        [BEDSIDE, "serve", "--database-url", database.app], env=env, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert serve.stdout is not None
-        banner = serve.stdout.readline()
+    async with _running(["serve", "--database-url", database.app], env, tmp_path) as serve:
+        banner = await serve.first_line()
         found = re.search(r"serving on http://127\.0\.0\.1:(\d+)$", banner)
         assert found, banner
         port = int(found.group(1))
         assert port != 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
-            assert response.status == 200
+        ready = await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/readyz", timeout=10)
+        with ready:
+            assert ready.status == 200
+    assert serve.returncode == 0, serve.stderr()
+
+
+@dataclass
+class _Command:
+    """A `bedside` command running under a test: its first line of output, its stderr (kept in a file,
+    so a chatty process never blocks on a full pipe) and, once stopped, its exit status."""
+
+    process: asyncio.subprocess.Process
+    stderr_file: Path
+    returncode: int | None = None
+
+    async def first_line(self, within: float = 60) -> str:
+        assert self.process.stdout is not None
+        line = (await asyncio.wait_for(self.process.stdout.readline(), within)).decode()
+        assert line, f"it ended before saying anything: {self.stderr()}"
+        return line
+
+    def stderr(self) -> str:
+        return self.stderr_file.read_text(errors="replace")[-3000:]
+
+    def alive(self) -> None:
+        """Fail now, with its stderr, if it has ended."""
+        assert self.process.returncode is None, f"it ended with status {self.process.returncode}: {self.stderr()}"
+
+
+@contextlib.asynccontextmanager
+async def _running(
+    args: list[str], env: dict[str, str], tmp_path: Path, stop: int = signal.SIGINT
+) -> AsyncIterator[_Command]:
+    """Run `bedside *args`; on the way out send it `stop` and wait for it (killed after 60 s), whatever
+    the test did meanwhile."""
+    stderr_file = tmp_path / f"{args[0]}-{uuid.uuid4().hex[:8]}.stderr"
+    with stderr_file.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(BEDSIDE, *args, env=env, stdout=subprocess.PIPE, stderr=stderr)
+    command = _Command(process, stderr_file)
+    try:
+        yield command
     finally:
-        serve.send_signal(signal.SIGINT)
+        if process.returncode is None:
+            process.send_signal(stop)
         try:
-            assert serve.wait(timeout=60) == 0
-        finally:
-            if serve.stdout is not None:
-                serve.stdout.close()
+            command.returncode = await asyncio.wait_for(process.wait(), 60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise AssertionError(f"`bedside {args[0]}` did not stop within 60 s: {command.stderr()}") from None
 
 
 @pytest.fixture
@@ -126,6 +167,7 @@ async def test_background_work_is_audited_under_the_serve_run_in_every_process_c
     kek_file: Path,
     signing_key_file: Path,
     processes: str,
+    tmp_path: Path,
 ) -> None:
     """What the servers' background tasks record (here the webhook worker's deliveries) carries the
     request id and source of the `bedside serve` run that did it, whether one process serves or several."""
@@ -140,39 +182,101 @@ async def test_background_work_is_audited_under_the_serve_run_in_every_process_c
         webhook_allow_http_loopback="true",
         webhook_poll_interval_seconds="0.05",
     )
-    serve = await asyncio.create_subprocess_exec(
-        BEDSIDE,
-        "serve",
-        "--database-url",
-        database.app,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        recorded = await _deliveries_audited(database, count=2, within=60)
-    finally:
-        serve.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(serve.wait(), 60) == 0
+    async with _running(["serve", "--database-url", database.app], env, tmp_path) as serve:
+        await serve.first_line()
+        recorded = await _deliveries_audited(database, serve, count=2, within=60)
+    assert serve.returncode == 0, serve.stderr()
 
     assert {row["source"] for row in recorded} == {"cli"}
-    [run] = {row["request_id"] for row in recorded}  # one run, one id, in every process
+    [run] = {row["request_id"] for row in recorded}  # one id for the run, whichever process delivered
     assert re.fullmatch(r"cli-[0-9a-f]{32}", run)
 
 
-async def _deliveries_audited(database: Dsns, *, count: int, within: float) -> list[asyncpg.Record]:
-    """The `webhook:deliver` audit events, once there are `count` of them; fails after `within` seconds."""
+async def test_a_worker_delivers_webhooks_without_serving_http(
+    client: Any,
+    portals: Portals,
+    receiver: Receiver,
+    database: Dsns,
+    kek_file: Path,
+    signing_key_file: Path,
+    tmp_path: Path,
+) -> None:
+    """`bedside worker`: the background work of `serve` (here the webhook deliveries) with no HTTP API,
+    for deployments that keep them apart; it stops cleanly on SIGTERM."""
+    await register(client, portals, receiver.url)
+    await consent(client, portals)
+    await thread(client, portals, message="first")  # thread.created and message.created, not yet delivered
+    env = _env(kek_file, signing_key_file, webhook_allow_http_loopback="true", webhook_poll_interval_seconds="0.05")
+    async with _running(["worker", "--database-url", database.app], env, tmp_path, stop=signal.SIGTERM) as worker:
+        banner = await worker.first_line()
+        recorded = await _deliveries_audited(database, worker, count=2, within=60)
+        listening = _listening_ports(worker.process.pid)
+    assert worker.returncode == 0, worker.stderr()
+    assert re.fullmatch(
+        r"Bedside \S+ worker is running: webhook deliveries, audit sequencer, idempotency purge \(no HTTP\)\n", banner
+    )
+    assert sorted(r.json["type"] for r in receiver.received) == ["message.created", "thread.created"]
+    assert {row["source"] for row in recorded} == {"cli"}
+    assert listening == set()
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports `pid` listens on: its sockets' inodes, found in /proc/net/tcp{,6} in state LISTEN."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = ""
+        with contextlib.suppress(FileNotFoundError):  # closed since the listing
+            target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_worker_needs_a_database_url(tmp_path: Path) -> None:
+    """In embedded mode `serve` owns its cluster and does this work itself: a worker would hold the data
+    directory against it, or lose its database when that serve stops."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")} | {"BEDSIDE_DATA_DIR": str(tmp_path)}
+
+    result = subprocess.run([BEDSIDE, "worker"], env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("bedside: `bedside worker` needs BEDSIDE_DATABASE_URL"), result.stderr
+    assert list(tmp_path.iterdir()) == []  # no cluster started
+
+
+def test_a_worker_with_nothing_to_do_says_so(database: Dsns, kek_file: Path, signing_key_file: Path) -> None:
+    env = _env(
+        kek_file,
+        signing_key_file,
+        webhook_worker="false",
+        audit_sequencer="false",
+        idempotency_purge_interval_seconds="0",
+    )
+
+    result = subprocess.run(
+        [BEDSIDE, "worker", "--database-url", database.app], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("bedside: nothing to run: BEDSIDE_WEBHOOK_WORKER=false"), result.stderr
+
+
+async def _deliveries_audited(database: Dsns, command: _Command, *, count: int, within: float) -> list[Any]:
+    """The `webhook:deliver` audit events, once there are `count` of them; fails after `within` seconds,
+    or as soon as `command` (which delivers them) has ended."""
     deadline = asyncio.get_running_loop().time() + within
-    conn = await asyncpg.connect(database.owner)
-    try:
-        while True:
-            recorded = await conn.fetch(
-                "SELECT request_id, source FROM audit_outbox WHERE action = 'webhook:deliver'"
-                " UNION ALL SELECT request_id, source FROM audit_leaves WHERE action = 'webhook:deliver'"
-            )
-            if len(recorded) >= count:
-                return recorded
-            assert asyncio.get_running_loop().time() < deadline, f"{len(recorded)} of {count} deliveries audited"
-            await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
+    while True:
+        recorded = await audit_events(database.owner, "action = 'webhook:deliver'")
+        if len(recorded) >= count:
+            return recorded
+        command.alive()
+        assert asyncio.get_running_loop().time() < deadline, f"{len(recorded)} of {count} deliveries audited"
+        await asyncio.sleep(0.1)
