@@ -23,12 +23,13 @@ from uuid import UUID
 
 from crypto.merkle import FieldValue, encode_fields
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder, format_time
+from service.domain.idempotency import replayable
 from service.domain.policy import can_read_consents, can_record_consent, can_revoke_consent
 from service.domain.principal import Principal, Role, is_plain_text, is_reference
 from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError, UnavailableError
 from service.store.consents import ConsentEventRecord, ConsentKey, ConsentStateRecord, ConsentStore
 from service.store.db import Database, Tx
-from service.store.idempotency import IdempotencyStore
+from service.store.idempotency import IdempotencyStore, StoredResponse
 from service.store.webhooks import WebhookStore
 
 CONSENT_FORMAT = "bedside-consent/1"
@@ -307,7 +308,7 @@ class ConsentLedger:
                     tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
                 )
                 if stored is not None:
-                    return await self._replay(tx, principal, stored.request_hash, fingerprint, stored.response)
+                    return await self._replay(tx, principal, stored, fingerprint)
             key = ConsentKey(request.patient, request.grantee, request.scope.value, request.item)
             event = await self._append(
                 tx,
@@ -496,15 +497,8 @@ class ConsentLedger:
         )
         return event
 
-    async def _replay(
-        self, tx: Tx, principal: Principal, stored_hash: bytes, fingerprint: bytes, response: dict[str, Any] | None
-    ) -> ConsentView:
-        if response is None:  # claimed by a request that has not completed (or that was not read)
-            raise ConflictError("the first request with this key did not complete")
-        if stored_hash != fingerprint:
-            raise InvalidRequestError(
-                [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
-            )
+    async def _replay(self, tx: Tx, principal: Principal, stored: StoredResponse, fingerprint: bytes) -> ConsentView:
+        response = replayable(stored, fingerprint)
         event = await self._store.by_id(tx, principal.tenant_id, UUID(str(response["consent_id"])))
         if event is None:
             raise ConflictError("the first request with this key did not complete")

@@ -21,6 +21,7 @@ from uuid import UUID
 
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.consents import ConsentLedger, Decision, Scope
+from service.domain.idempotency import replayable
 from service.domain.keyring import PatientKeyring
 from service.domain.policy import (
     Access,
@@ -44,7 +45,7 @@ from service.errors import (
 )
 from service.store.data_keys import DataKeyRecord
 from service.store.db import Database, Tx
-from service.store.idempotency import IdempotencyClaim, IdempotencyStore
+from service.store.idempotency import IdempotencyClaim, IdempotencyStore, StoredResponse
 from service.store.messaging import BreakGlassRecord, MessageRecord, MessagingStore, ReceiptRecord, ThreadRecord
 
 if TYPE_CHECKING:  # domain/attachments imports this module; only the type is needed here
@@ -231,11 +232,7 @@ class MessagingService:
                     tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
                 )
                 if stored is not None:
-                    if stored.request_hash != fingerprint:
-                        raise InvalidRequestError(
-                            [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
-                        )
-                    return await self._replay_thread(tx, principal, stored.response)
+                    return await self._replay_thread(tx, principal, stored, fingerprint)
             standing = await self.standing(tx, principal, patient, None)
             if not can_start_thread(principal, patient, members, standing, sensitive=sensitive):
                 await self._deny(principal, None, "create", patient=patient)
@@ -426,7 +423,7 @@ class MessagingService:
                     tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
                 )
                 if stored is not None:
-                    return await self._replay_message(tx, principal, stored.request_hash, stored.response, fingerprint)
+                    return await self._replay_message(tx, principal, stored, fingerprint)
             thread, _ = await self._access_to(tx, principal, facts.thread, write=True, teams=facts.teams)
             decisions = _consented(
                 principal,
@@ -831,14 +828,9 @@ class MessagingService:
         return [MessageView(r, bodies[r.id].decode() if r.id in bodies else None) for r in records]
 
     async def _replay_message(
-        self, tx: Tx, principal: Principal, stored_hash: bytes, response: dict[str, Any] | None, fingerprint: bytes
+        self, tx: Tx, principal: Principal, stored: StoredResponse, fingerprint: bytes
     ) -> MessageView:
-        if response is None:  # claimed by a request that has not completed (or that was not read)
-            raise ConflictError("the first request with this key did not complete")
-        if stored_hash != fingerprint:
-            raise InvalidRequestError(
-                [FieldProblem(("Idempotency-Key",), "reused", "this key was used for a different request")]
-            )
+        response = replayable(stored, fingerprint)
         record = await self._store.message(tx, principal.tenant_id, UUID(str(response["message_id"])))
         if record is None:
             raise ConflictError("the first request with this key did not complete")
@@ -851,10 +843,9 @@ class MessagingService:
         return MessageView(view.record, view.body, replayed=True)
 
     async def _replay_thread(
-        self, tx: Tx, principal: Principal, response: dict[str, Any] | None
+        self, tx: Tx, principal: Principal, stored: StoredResponse, fingerprint: bytes
     ) -> tuple[ThreadView, MessageView | None]:
-        if response is None:
-            raise ConflictError("the first request with this key did not complete")
+        response = replayable(stored, fingerprint)
         thread, access = await self.access(tx, principal, UUID(str(response["thread_id"])), write=False)
         thread_read = _on_thread(principal, AuditAction.THREAD_READ, thread, details={"replay": True})
         with recorded_if_shredded(thread_read):

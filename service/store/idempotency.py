@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
 from service.store.db import Tx
 
 
@@ -36,6 +38,11 @@ def claim_sql(*, tenant: str, principal: str, key: str, request_hash: str) -> st
         ON CONFLICT (tenant_id, principal, key) DO NOTHING
         RETURNING 1
     """
+
+
+def _stored(row: asyncpg.Record) -> StoredResponse:
+    response = row["response"]
+    return StoredResponse(bytes(row["request_hash"]), json.loads(response) if isinstance(response, str) else response)
 
 
 class IdempotencyStore:
@@ -71,17 +78,15 @@ class IdempotencyStore:
         request has claimed it anew."""
         row = await tx.conn.fetchrow(self._EXISTING, tenant_id, principal, key)
         if row is not None and not row["expired"]:
-            response = row["response"]
-            return StoredResponse(
-                bytes(row["request_hash"]), json.loads(response) if isinstance(response, str) else response
-            )
+            return _stored(row)
         if row is not None:
             await tx.conn.execute(self._EXPIRED, tenant_id, principal, key)
         if await tx.conn.fetchval(self._CLAIM, tenant_id, principal, key, request_hash):
             return None
-        # Claimed again by a concurrent request between these statements (it has committed: the claim
-        # waited for it). Its response is not read here: treated as in use, and a retry replays it.
-        return StoredResponse(request_hash=b"", response=None)
+        # Claimed by a concurrent request between these statements: the claim waited for it to commit,
+        # so what it stored is there to replay (unless it has gone again: then "in use", and a retry).
+        row = await tx.conn.fetchrow(self._EXISTING, tenant_id, principal, key)
+        return _stored(row) if row is not None else StoredResponse(request_hash=b"", response=None)
 
     async def complete(
         self, tx: Tx, tenant_id: UUID, principal: str, key: str, status: int, response: dict[str, Any]

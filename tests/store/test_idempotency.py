@@ -94,9 +94,11 @@ async def test_a_key_found_taken_and_then_purged_is_claimed_anew(database: Dsns,
     assert stored.request_hash == b"mine"
 
 
-async def test_a_key_claimed_concurrently_between_the_statements_is_in_use(database: Dsns, portals: Portals) -> None:
-    """A request that finds no row, then meets another request's claim of the same key, waits for it and
-    answers "in use" (no response): never a second claim of one key."""
+async def test_a_key_claimed_concurrently_between_the_statements_replays_the_first_request(
+    database: Dsns, portals: Portals
+) -> None:
+    """A request that finds no row, then meets another request's claim of the same key, waits for it to
+    commit and hands back what it stored: never a second claim of one key, and no needless "in use"."""
     acme, _ = await _tenants(database.owner)
     db = await Database.connect(database.app, min_size=2, max_size=2)
     store = IdempotencyStore()
@@ -104,13 +106,17 @@ async def test_a_key_claimed_concurrently_between_the_statements_is_in_use(datab
         async with db.transaction(acme) as first:
             assert await store.claim(first, acme, "Patient/1", "race", b"first") is None
             second = asyncio.create_task(_on_record_in_own_transaction(db, store, acme, "race"))
-            await _wait_until_blocked(database.owner)
+            try:
+                await _wait_until_blocked_by(database.owner, first.conn.get_server_pid())
+            except BaseException:
+                second.cancel()
+                raise
             assert not second.done()
             await store.complete(first, acme, "Patient/1", "race", 201, {"id": "x"})
         stored = await asyncio.wait_for(second, 10)
     finally:
         await db.close()
-    assert stored == StoredResponse(request_hash=b"", response=None)
+    assert stored == StoredResponse(request_hash=b"first", response={"id": "x"})
 
 
 async def _on_record_in_own_transaction(
@@ -120,13 +126,14 @@ async def _on_record_in_own_transaction(
         return await store.on_record(tx, tenant, "Patient/1", key, b"second")
 
 
-async def _wait_until_blocked(owner_dsn: str) -> None:
-    """Until some backend waits on a lock (the second claim, on the first one's unique index entry)."""
+async def _wait_until_blocked_by(owner_dsn: str, blocker: int) -> None:
+    """Until a backend waits for the one with pid `blocker` (the second claim, on the first one's
+    unique index entry)."""
     owner = await asyncpg.connect(owner_dsn)
     try:
         for _ in range(200):
             if await owner.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", blocker
             ):
                 return
             await asyncio.sleep(0.05)
