@@ -35,7 +35,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_messaging import BEDSIDE, BODY, LUA_SEND, ROOT, cpu_seconds, free_port, postgres_pids, setup, wrk
+from bench_messaging import (
+    BEDSIDE,
+    BODY,
+    LUA_SEND,
+    POSTMASTER,
+    ROOT,
+    cpu_by_pid,
+    cpu_used,
+    free_port,
+    postgres_pids,
+    setup,
+    wrk,
+)
 
 PACED = (
     LUA_SEND
@@ -181,6 +193,7 @@ def main() -> None:
         running = pg.running()
         assert running is not None
         owner_dsn = running.dsn(owner=True, database="bedside")
+        POSTMASTER.append(int((pg.pgdata / "postmaster.pid").read_text().split()[0]))
 
         created = asyncio.run(
             admin(
@@ -201,14 +214,16 @@ def main() -> None:
         delay_ms = max(1, round(1000 * args.connections / args.rate))
         script = work / "paced.lua"
         script.write_text(PACED % {"targets": targets, "body": BODY, "delay_ms": delay_ms})
-        pg_pids = postgres_pids()
-        before = (cpu_seconds([service.pid]), cpu_seconds(pg_pids), cpu_seconds([receiver.pid]))
+        processes = ([service.pid], postgres_pids(), [receiver.pid])
+        before = [cpu_by_pid(pids) for pids in processes]
         started = time.monotonic()
         sent = wrk(base, script, args.connections, args.seconds, service.pid)
         accepted = round(sent["rps"] * args.seconds)
         drain = wait_delivered(owner_dsn, accepted, timeout=300)
         wall = time.monotonic() - started
-        after = (cpu_seconds([service.pid]), cpu_seconds(pg_pids), cpu_seconds([receiver.pid]))
+        # PostgreSQL's backends now, not only the ones that were there at the start.
+        processes = ([service.pid], postgres_pids(), [receiver.pid])
+        used = [cpu_used(b, cpu_by_pid(pids)) for b, pids in zip(before, processes, strict=True)]
 
         # 2. Backlog drain: held while disabled, then released at once.
         asyncio.run(admin(base, data_dir, "POST", f"/v1/admin/webhook-endpoints/{endpoint}/disable"))
@@ -241,10 +256,7 @@ def main() -> None:
         f"  commit to delivery: p50 {statistics.median(delays):.0f} ms, p99 {percentile(delays, 99):.0f} ms, "
         f"max {max(delays):.0f} ms"
     )
-    print(
-        f"  cpu (cores): service {(after[0] - before[0]) / wall:.2f}, postgres {(after[1] - before[1]) / wall:.2f}, "
-        f"receiver {(after[2] - before[2]) / wall:.2f}"
-    )
+    print(f"  cpu (cores): service {used[0] / wall:.2f}, postgres {used[1] / wall:.2f}, receiver {used[2] / wall:.2f}")
     print(
         f"\nbacklog: {released} held deliveries released, all delivered in {drained_in:.1f} s = "
         f"{released / drained_in:.0f} deliveries/s"
