@@ -16,9 +16,13 @@ transaction open during the HTTP call:
    with jitter, honouring `Retry-After` within bounds, and dead-lettered after the last attempt; an
    endpoint failing continuously for too long is disabled, and its deliveries held until re-enabled.
 
-A delivery that fails on our side before or after the call (a sealed URL or secret that does not open, a
-payload that does not serialize, a settlement that raises) is a failed attempt too, of error class
-`internal-error`, on the same schedule to the same dead letter; it does not count against the endpoint.
+A delivery that fails on our side before the call (a sealed URL or secret that does not open, a payload
+that does not serialize) is a failed attempt too, of error class `internal-error`, on the same schedule to
+the same dead letter; it does not count against the endpoint. Two
+failures are not attempts: a database that cannot be reached (nothing was sent, so no attempt is used up)
+and any failure once the request is on its way (the receiver may have it: settling it again is not ours to
+guess). Both propagate; the lease expires and the reaper returns the delivery, which goes again with the
+same `webhook-id` (at least once).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from service.domain.ssrf import (
     check_addresses,
     parse_url,
 )
-from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError
+from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError, UnavailableError
 from service.store.db import Database, Tx
 from service.store.webhooks import (
     AttemptRecord,
@@ -70,8 +74,8 @@ CONSENT_GATED = frozenset({"message.created", "message.recalled", "thread.create
 TENANT_SECRETS = "Tenant/secrets"  # the owner of the tenant's own data key
 SECRET_PURPOSES = ("outbound", "inbound", "ed25519")
 USER_AGENT = "Bedside-Webhooks/1"
-# The error class of an attempt that failed on our side (a sealed URL or secret that does not open, a
-# payload that does not serialize, a settlement that raised), not the receiver's.
+# The error class of an attempt that failed on our side before anything was sent (a sealed URL or secret
+# that does not open, a payload that does not serialize), not the receiver's.
 INTERNAL_ERROR = "internal-error"
 
 Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
@@ -540,6 +544,24 @@ class WebhookEndpoints:
 # -- the worker's side --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """A delivery ready to go: the address its URL was checked at, the signed headers and the body."""
+
+    work: DeliveryWork
+    target: ResolvedTarget
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A delivery whose URL the guard refused at this attempt: nothing to send, a failed attempt to record."""
+
+    work: DeliveryWork
+    result: TransportResult
+
+
 class WebhookDispatcher:
     """One delivery attempt at a time, from lease to settlement. The worker loop calls it concurrently."""
 
@@ -579,17 +601,31 @@ class WebhookDispatcher:
     async def deliver(self, owner: UUID, tenant_id: UUID, delivery_id: UUID) -> str:
         """Attempt one leased delivery. Returns what became of it: succeeded, retry, dead, held, lost.
 
-        A delivery that fails on our side (its sealed URL or secrets do not open, its payload does not
-        serialize, settling it raises) is a failed attempt all the same: see `_fail`. Only if even that
-        cannot be recorded (the database is down) does the exception propagate; the lease then expires
-        and the reaper returns the delivery to the queue."""
+        A delivery our side fails to prepare (its sealed URL or secrets do not open, its payload does not
+        serialize) is a failed attempt all the same: see `_fail`. Two failures propagate instead, and the
+        lease then expires and the reaper returns the delivery to the queue: a database that cannot be
+        reached (`UnavailableError`: nothing was sent, so no attempt is used up), and any failure after the
+        request went out, in sending or in settling (the receiver may have accepted it: it goes again with
+        the same `webhook-id`, at least once, and is never recorded as our failure or dead-lettered)."""
         started = self._clock()
         try:
-            return await self._deliver(owner, tenant_id, delivery_id)
+            prepared = await self._prepare(owner, tenant_id, delivery_id)
+        except UnavailableError:
+            raise  # nothing was sent: leave the lease to expire rather than use up an attempt
         except Exception as error:
             return await self._fail(owner, tenant_id, delivery_id, started, error)
+        if isinstance(prepared, str):
+            return prepared
+        if isinstance(prepared, _Request):
+            result = await self._transport.post(prepared.target, prepared.headers, prepared.body)
+        else:
+            result = prepared.result
+        return await self._settle(owner, tenant_id, prepared.work, result)
 
-    async def _deliver(self, owner: UUID, tenant_id: UUID, delivery_id: UUID) -> str:
+    async def _prepare(self, owner: UUID, tenant_id: UUID, delivery_id: UUID) -> str | _Request | _Refused:
+        """Everything before the request is sent: the delivery read under its lease, consent asked again
+        (or the delivery held), the URL and secrets opened, the URL checked, the body built and signed.
+        Instead of a request: the outcome already settled (lost, held), or the URL the guard refused."""
         async with self._db.transaction(tenant_id) as tx:
             work = await self._store.work(tx, tenant_id, delivery_id, owner)
             if work is None:
@@ -613,21 +649,17 @@ class WebhookDispatcher:
         url = opened[0].decode()
         secrets = [o.decode() for k, o in zip(work.keys, opened[1:], strict=True) if k.purpose == "outbound"]
         signing = [o.decode() for k, o in zip(work.keys, opened[1:], strict=True) if k.purpose == "ed25519"]
-        result = await self._attempt(work, url, secrets, signing)
-        return await self._settle(owner, tenant_id, work, result)
-
-    async def _attempt(self, work: DeliveryWork, url: str, secrets: list[str], signing: list[str]) -> TransportResult:
-        started = self._clock()
+        checked = self._clock()
         try:
             target = await self._guard.check(url)
         except UnsafeUrlError:
-            return TransportResult(None, "unsafe-url", None, _ms_since(started, self._clock()))
+            return _Refused(work, TransportResult(None, "unsafe-url", None, _ms_since(checked, self._clock())))
         body = payload_bytes(work.delivery.event_type, work.delivery.created_at, work.delivery.payload)
         headers = signed_headers(
             webhook_id(work.delivery.id), int(self._clock().timestamp()), body, secrets, ed25519_keys=signing
         )
         headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
-        return await self._transport.post(target, headers, body)
+        return _Request(work, target, headers, body)
 
     async def _settle(self, owner: UUID, tenant_id: UUID, work: DeliveryWork, result: TransportResult) -> str:
         """Record the attempt and decide what follows, in one transaction (and, for the common outcomes,
@@ -697,10 +729,10 @@ class WebhookDispatcher:
         return outcome
 
     async def _fail(self, owner: UUID, tenant_id: UUID, delivery_id: UUID, started: datetime, error: Exception) -> str:
-        """Settle a delivery our side failed to prepare or settle, if `owner` still holds its lease: an
-        attempt recorded as `internal-error` (the exception's type goes to the log, never its text),
-        retried on the schedule, dead-lettered after the last step. The endpoint's health is not touched:
-        the receiver did nothing wrong, so this neither starts its failing period nor disables it."""
+        """Settle a delivery our side failed to prepare, if `owner` still holds its lease: an attempt
+        recorded as `internal-error` (the exception's type goes to the log, never its text), retried on the
+        schedule, dead-lettered after the last step. The endpoint's health is not touched: the receiver did
+        nothing wrong, so this neither starts its failing period nor disables it."""
         now = self._clock()
         attempt, outcome, endpoint_id = None, "lost", None
         async with self._db.transaction(tenant_id) as tx:

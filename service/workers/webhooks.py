@@ -86,6 +86,7 @@ class WebhookWorker:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # Not even the failure could be recorded (the dispatcher records what it can: see `deliver`).
-            # The lease stays until it expires; the reaper then returns the delivery to the queue.
+            # The database was unreachable, the request was already sent, or not even our failure could be
+            # recorded (see `deliver`). The lease stays until it expires; the reaper then returns the
+            # delivery to the queue and it goes again (at least once).
             log.error("webhook.delivery_failed", delivery_id=str(delivery_id), exc_info=True)

@@ -1,16 +1,21 @@
-"""Poison deliveries: a delivery that fails on our side (its sealed URL or secret does not open, its payload
-names no thread id PostgreSQL can read, settling it raises) is a failed attempt like any other, of error
+"""Poison deliveries: a delivery that fails on our side before it is sent (its sealed URL or secret does not
+open, its payload names no thread id PostgreSQL can read) is a failed attempt like any other, of error
 class `internal-error`: retried on the schedule, dead-lettered and audited at its end, shown to the admin.
 It does not count against the endpoint, which the receiver kept healthy, and a worker that lost the lease
-meanwhile touches nothing.
+meanwhile touches nothing. What is not our failure to record: a settlement that raises after the receiver
+accepted the delivery, and a database that cannot be reached; both leave the lease to expire.
 
 Most tests drive a dispatcher themselves (leases and the clock in their hands); the last ones run the real
-worker of the app. DNS is the outside world where a test needs a hook inside an attempt."""
+worker of the app. DNS is the outside world where a test needs a hook inside an attempt, and a TCP link
+the test can cut stands between a dispatcher and PostgreSQL where it needs an outage."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -24,10 +29,12 @@ from service.domain.audit import AuditRecorder
 from service.domain.consents import ConsentLedger
 from service.domain.ssrf import IPAddress
 from service.domain.webhooks import DeliveryPolicy, Resolver, UrlGuard, WebhookDispatcher
+from service.errors import AuditUnavailableError, UnavailableError
 from service.logs import drop_unknown_keys, summarize_exception
 from service.settings import Settings
 from service.store.audit import AuditStore
 from service.store.consents import ConsentStore
+from service.store.db import Database
 from service.store.idempotency import IdempotencyStore
 from service.store.webhooks import WebhookStore
 from service.workers.http import HttpTransport, system_resolver
@@ -51,19 +58,25 @@ MakeDispatcher = Callable[..., WebhookDispatcher]
 
 @pytest.fixture
 async def make_dispatcher(services: Services) -> AsyncIterator[MakeDispatcher]:
-    """Build a dispatcher of real parts on the test's database: the schedule above without jitter, a clock
-    stopped at NOW, any disable period and resolver the test asks for."""
+    """Build a dispatcher of real parts on the test's database (or the `db` given): the schedule above
+    without jitter, a clock stopped at NOW, any disable period and resolver the test asks for."""
     transports: list[HttpTransport] = []
 
-    def make(*, disable_after: timedelta = timedelta(days=5), resolve: Resolver = system_resolver) -> WebhookDispatcher:
-        recorder = AuditRecorder(AuditStore(), services.db)
+    def make(
+        *,
+        disable_after: timedelta = timedelta(days=5),
+        resolve: Resolver = system_resolver,
+        db: Database | None = None,
+    ) -> WebhookDispatcher:
+        db = db or services.db
+        recorder = AuditRecorder(AuditStore(), db)
         transport = HttpTransport(timeout_seconds=2)
         transports.append(transport)
         return WebhookDispatcher(
-            services.db,
+            db,
             WebhookStore(),
             services.keyring,
-            ConsentLedger(services.db, ConsentStore(), IdempotencyStore(), recorder),
+            ConsentLedger(db, ConsentStore(), IdempotencyStore(), recorder),
             recorder,
             transport,
             UrlGuard(resolve, allow_http_loopback=True),
@@ -146,6 +159,14 @@ async def refuse_delivered_audit(database: Dsns, endpoint_id: str) -> None:
     )
 
 
+async def drop_trigger(database: Dsns, name: str, table: str) -> None:
+    """Remove a trigger (and its function) that a poison above installed."""
+    await as_owner(
+        database,
+        lambda conn: conn.execute(f"DROP TRIGGER {name} ON {table}; DROP FUNCTION {name}()"),
+    )
+
+
 async def outbox_row(database: Dsns, delivery_id: uuid.UUID) -> asyncpg.Record:
     return await as_owner(
         database,
@@ -197,13 +218,95 @@ async def make_due(database: Dsns, delivery_id: uuid.UUID) -> None:
     )
 
 
-async def one_delivery(client: Any, portals: Portals, receiver: Receiver, url: str | None = None) -> str:
-    """An endpoint for message.created, consent, and a thread whose first message makes one delivery."""
+async def expire_lease(database: Dsns, delivery_id: uuid.UUID) -> None:
+    """Time passes: the delivery's lease has run out (the reaper may return it)."""
+    await as_owner(
+        database,
+        lambda conn: conn.execute(
+            "UPDATE webhook_outbox SET lease_until = now() - interval '1 second' WHERE id = $1", delivery_id
+        ),
+    )
+
+
+async def one_delivery(
+    client: Any,
+    portals: Portals,
+    receiver: Receiver,
+    url: str | None = None,
+    *,
+    before: Callable[[str], Awaitable[None]] | None = None,
+) -> str:
+    """An endpoint for message.created, consent, and a thread whose first message makes one delivery.
+    `before(endpoint_id)` runs once the endpoint exists and before the delivery does: a worker running
+    meanwhile can never see the delivery as it was before `before` poisoned it."""
     created = await register(client, portals, url or receiver.url, event_types=["message.created"])
+    endpoint_id: str = created["endpoint"]["id"]
+    if before is not None:
+        await before(endpoint_id)
     await consent(client, portals)
     await thread(client, portals)
-    endpoint_id: str = created["endpoint"]["id"]
     return endpoint_id
+
+
+class DatabaseLink:
+    """A TCP link to the test's PostgreSQL that the test can cut, for a dispatcher to connect through.
+    `outage()` closes every connection through it and refuses the next one, as a failover does; the
+    connections after that go through again."""
+
+    def __init__(self, upstream: str) -> None:
+        self._upstream = urllib.parse.urlsplit(upstream)
+        self._refuse = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def dsn(self) -> str:
+        """The upstream URL, pointed at this link."""
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        netloc = self._upstream.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+        return urllib.parse.urlunsplit(("postgresql", netloc, self._upstream.path, "sslmode=disable", ""))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        self._cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def outage(self) -> None:
+        self._cut()
+        self._refuse = 1
+
+    def _cut(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        query = urllib.parse.parse_qs(self._upstream.query)
+        if "host" in query:  # a Unix socket directory
+            return await asyncio.open_unix_connection(f"{query['host'][0]}/.s.PGSQL.{query['port'][0]}")
+        return await asyncio.open_connection(self._upstream.hostname, self._upstream.port)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refuse:
+            self._refuse -= 1
+            writer.close()
+            return
+        up_reader, up_writer = await self._open_upstream()
+        self._writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
 
 
 @NO_WORKER
@@ -339,6 +442,84 @@ async def test_a_worker_that_lost_the_lease_before_failing_leaves_the_delivery_t
     assert receiver.received == []
 
 
+@NO_WORKER
+async def test_a_delivery_the_receiver_accepted_whose_settlement_raises_is_left_to_the_reaper_not_failed(
+    client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
+) -> None:
+    """The receiver answers 200 but recording the success fails (its `webhook:deliver` audit event is
+    refused): the error propagates and nothing is recorded, neither an `internal-error` attempt nor a dead
+    letter, and the endpoint stays healthy. The delivery stays leased; when the lease runs out the reaper
+    returns it and it goes again with the same webhook-id (at least once), recorded as delivered."""
+    endpoint_id = await one_delivery(client, portals, receiver, before=lambda e: refuse_delivered_audit(database, e))
+    dispatcher = make_dispatcher()
+    owner = uuid.uuid4()
+    [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
+
+    with pytest.raises(AuditUnavailableError):
+        await dispatcher.deliver(owner, tenant_id, delivery_id)
+
+    [sent] = receiver.received
+    row = await outbox_row(database, delivery_id)
+    assert (row["status"], row["tries"], row["attempts"], row["lease_owner"]) == ("pending", 0, 0, owner)
+    assert row["lease_until"] is not None
+    assert await attempt_rows(database, delivery_id) == []
+    assert await dead_letters(database) == []
+    assert await endpoint_health(database, endpoint_id) == (None, None, None)
+
+    await drop_trigger(database, "test_refuse_deliver", "audit_outbox")
+    await expire_lease(database, delivery_id)
+    assert await dispatcher.reap() == 1
+    again = uuid.uuid4()
+    assert await dispatcher.claim(again, 30.0, 10) == [(tenant_id, delivery_id)]
+    assert await dispatcher.deliver(again, tenant_id, delivery_id) == "succeeded"
+
+    assert [r.webhook_id for r in receiver.received] == [sent.webhook_id] * 2
+    assert [(a["attempt"], a["status_code"], a["error_class"]) for a in await attempt_rows(database, delivery_id)] == [
+        (1, 200, None)
+    ]
+    view = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}")
+    assert view["status"] == "succeeded"
+
+
+@NO_WORKER
+async def test_a_database_outage_before_the_request_uses_up_no_attempt(
+    client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
+) -> None:
+    """The dispatcher's connection to PostgreSQL is cut as the attempt begins and its reconnection
+    refused, as in a failover; the next connection goes through. The attempt raises `UnavailableError`
+    instead of recording our failure: no attempt is used up and nothing is sent; the lease runs out, the
+    reaper returns the delivery, and it goes as its first attempt."""
+    endpoint_id = await one_delivery(client, portals, receiver)
+    link = DatabaseLink(database.app)
+    await link.start()
+    pool = await asyncpg.create_pool(link.dsn, min_size=1, max_size=1)
+    try:
+        dispatcher = make_dispatcher(db=Database(pool, link.dsn, {}))
+        owner = uuid.uuid4()
+        [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
+        link.outage()
+        await pool.expire_connections()  # the pool reconnects at once, rather than find out on first use
+
+        with pytest.raises(UnavailableError):
+            await dispatcher.deliver(owner, tenant_id, delivery_id)
+
+        row = await outbox_row(database, delivery_id)
+        assert (row["status"], row["tries"], row["attempts"], row["lease_owner"]) == ("pending", 0, 0, owner)
+        assert await attempt_rows(database, delivery_id) == []
+        assert receiver.received == []
+
+        await expire_lease(database, delivery_id)
+        assert await dispatcher.reap() == 1
+        assert await dispatcher.claim(owner, 30.0, 10) == [(tenant_id, delivery_id)]
+        assert await dispatcher.deliver(owner, tenant_id, delivery_id) == "succeeded"
+        assert [(a["attempt"], a["status_code"]) for a in await attempt_rows(database, delivery_id)] == [(1, 200)]
+        assert len(receiver.received) == 1
+        assert await endpoint_health(database, endpoint_id) == (None, None, None)
+    finally:
+        await pool.close()
+        await link.close()
+
+
 # -- the real worker --------------------------------------------------------------------------------
 
 
@@ -366,23 +547,3 @@ async def test_the_worker_dead_letters_a_poison_delivery_on_the_schedule_instead
     assert letter["resource_id"] == dead["id"]
     assert await endpoint_health(database, endpoint_id) == (None, None, None)
     assert receiver.received == []
-
-
-async def test_a_delivery_whose_settlement_raises_goes_again_and_does_not_mark_the_endpoint_failing(
-    client, portals: Portals, receiver: Receiver, database: Dsns
-) -> None:
-    """The receiver answers 200 but recording the success fails (its audit event is refused): the attempt
-    is recorded as `internal-error`, the notification goes again with the same webhook-id (at least once)
-    until the schedule is spent, and the endpoint, which answered every time, is not marked failing."""
-    endpoint_id = await one_delivery(client, portals, receiver)
-    await refuse_delivered_audit(database, endpoint_id)
-
-    [dead] = await wait_for_delivery(
-        client, portals, endpoint_id, lambda items: len(items) == 1 and items[0]["status"] == "dead", within=8
-    )
-
-    view = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/deliveries/{dead['id']}")
-    assert [(a["status_code"], a["error_class"]) for a in view["attempt_log"]] == [(None, "internal-error")] * 4
-    assert [r.webhook_id for r in receiver.received] == [dead["webhook_id"]] * 4
-    endpoint = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}")
-    assert (endpoint["status"], endpoint["failing_since"]) == ("enabled", None)
