@@ -128,13 +128,20 @@ async def corrupt_outbound_secret(database: Dsns, endpoint_id: str) -> None:
 
 
 async def break_thread_id(database: Dsns, endpoint_id: str) -> None:
-    """Make the payload's thread id one PostgreSQL cannot cast to a uuid: reading the work raises."""
+    """Deliveries written from now on name a thread id PostgreSQL cannot cast to a uuid: reading the work
+    raises. (A trigger, so the delivery is poisoned from its first moment; `drop_trigger` removes it.)"""
     await as_owner(
         database,
         lambda conn: conn.execute(
-            "UPDATE webhook_outbox SET payload = jsonb_set(payload, '{thread_id}', '\"not-a-thread\"') "
-            "WHERE endpoint_id = $1",
-            uuid.UUID(endpoint_id),
+            """
+            CREATE FUNCTION test_break_thread_id() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                NEW.payload := jsonb_set(NEW.payload, '{thread_id}', '"not-a-thread"');
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_break_thread_id BEFORE INSERT ON webhook_outbox
+                FOR EACH ROW EXECUTE FUNCTION test_break_thread_id();
+            """
         ),
     )
 
@@ -531,11 +538,11 @@ async def test_the_worker_dead_letters_a_poison_delivery_on_the_schedule_instead
     database: Dsns,
     poison: Callable[[Dsns, str], Awaitable[None]],
 ) -> None:
-    """A secret that does not open, or a payload whose thread id does not read: the app's worker records
-    each failure, retries on the (compressed) schedule and dead-letters the delivery well before its lease
-    (10 s) would even expire; the endpoint stays healthy and nothing was sent."""
-    endpoint_id = await one_delivery(client, portals, receiver)
-    await poison(database, endpoint_id)
+    """A secret that does not open, or a payload whose thread id does not read, from the delivery's first
+    moment: the app's worker records each failure, retries on the (compressed) schedule and dead-letters
+    the delivery well before its lease (10 s) would even expire; the endpoint stays healthy and nothing was
+    sent."""
+    endpoint_id = await one_delivery(client, portals, receiver, before=lambda e: poison(database, e))
 
     [dead] = await wait_for_delivery(
         client, portals, endpoint_id, lambda items: len(items) == 1 and items[0]["status"] == "dead", within=8
