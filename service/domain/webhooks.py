@@ -18,7 +18,7 @@ transaction open during the HTTP call:
 
 A delivery that fails on our side before the call (a sealed URL or secret that does not open, a payload
 that does not serialize) is a failed attempt too, of error class `internal-error`, on the same schedule to
-the same dead letter; it does not count against the endpoint. Two
+the same dead letter, or held if its endpoint is disabled; it does not count against the endpoint. Two
 failures are not attempts: a database that cannot be reached (nothing was sent, so no attempt is used up)
 and any failure once the request is on its way (the receiver may have it: settling it again is not ours to
 guess). Both propagate; the lease expires and the reaper returns the delivery, which goes again with the
@@ -731,8 +731,9 @@ class WebhookDispatcher:
     async def _fail(self, owner: UUID, tenant_id: UUID, delivery_id: UUID, started: datetime, error: Exception) -> str:
         """Settle a delivery our side failed to prepare, if `owner` still holds its lease: an attempt
         recorded as `internal-error` (the exception's type goes to the log, never its text), retried on the
-        schedule, dead-lettered after the last step. The endpoint's health is not touched: the receiver did
-        nothing wrong, so this neither starts its failing period nor disables it."""
+        schedule, dead-lettered after the last step; held instead, as any other delivery of theirs, if the
+        endpoint is disabled or inactive. The endpoint's health is not touched: the receiver did nothing
+        wrong, so this neither starts its failing period nor disables it."""
         now = self._clock()
         attempt, outcome, endpoint_id = None, "lost", None
         async with self._db.transaction(tenant_id) as tx:
@@ -746,7 +747,14 @@ class WebhookDispatcher:
                     retry_after_max=self._policy.retry_after_max,
                     rand=self._rand,
                 )
-                outcome, endpoint_id = ("dead" if delay is None else "retry"), leased.endpoint_id
+                state, held_reason, next_at, action = "pending", None, None, None
+                if leased.endpoint_disabled_at is not None or not leased.endpoint_active:
+                    state, held_reason, action = "held", "endpoint-disabled", AuditAction.WEBHOOK_HOLD
+                elif delay is None:
+                    state, action = "dead", AuditAction.WEBHOOK_DEAD_LETTER
+                else:
+                    next_at = now + timedelta(seconds=delay)
+                outcome, endpoint_id = ("retry" if state == "pending" else state), leased.endpoint_id
                 attempt = await self._store.fail(
                     tx,
                     tenant_id,
@@ -755,20 +763,22 @@ class WebhookDispatcher:
                     attempted_at=started,
                     duration_ms=_ms_since(started, now),
                     error_class=INTERNAL_ERROR,
-                    status="dead" if delay is None else "pending",
-                    next_attempt_at=None if delay is None else now + timedelta(seconds=delay),
+                    status=state,
+                    held_reason=held_reason,
+                    next_attempt_at=next_at,
                 )
-                if delay is None:
+                if action is not None:
                     await self._record_delivery(
                         tx,
                         tenant_id,
-                        AuditAction.WEBHOOK_DEAD_LETTER,
+                        action,
                         delivery_id,
                         leased.subscriber,
                         leased.patient,
                         {
                             "endpoint_id": str(leased.endpoint_id),
                             "event_type": leased.event_type,
+                            "held_reason": held_reason,
                             "attempt": attempt,
                             "error_class": INTERNAL_ERROR,
                         },

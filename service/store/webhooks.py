@@ -90,6 +90,8 @@ class LeasedDelivery:
     tries: int
     subscriber: str
     patient: str | None
+    endpoint_active: bool
+    endpoint_disabled_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +420,7 @@ class WebhookStore:
     # When our side failed: the delivery, locked, if `owner` still holds it. This must work whatever broke
     # the attempt, so its thread id is cast only when it has the form of a uuid (`work` casts it bare).
     _LEASED = """
-        SELECT o.id, o.endpoint_id, o.event_type, o.tries, e.subscriber,
+        SELECT o.id, o.endpoint_id, o.event_type, o.tries, e.subscriber, e.active, e.disabled_at,
                (SELECT t.patient FROM threads t
                 WHERE t.tenant_id = o.tenant_id
                   AND t.id = CASE WHEN o.payload ->> 'thread_id'
@@ -435,7 +437,8 @@ class WebhookStore:
         WITH settled AS (
             UPDATE webhook_outbox
             SET attempts = attempts + 1, tries = tries + 1, last_attempt_at = $4, last_status_code = NULL,
-                status = $7, next_attempt_at = coalesce($8, next_attempt_at), lease_owner = NULL, lease_until = NULL
+                status = $7, held_reason = $9, next_attempt_at = coalesce($8, next_attempt_at),
+                lease_owner = NULL, lease_until = NULL
             WHERE tenant_id = $1 AND id = $2 AND lease_owner = $3
             RETURNING attempts
         )
@@ -451,7 +454,14 @@ class WebhookStore:
         if row is None:
             return None
         return LeasedDelivery(
-            row["id"], row["endpoint_id"], row["event_type"], row["tries"], row["subscriber"], row["patient"]
+            row["id"],
+            row["endpoint_id"],
+            row["event_type"],
+            row["tries"],
+            row["subscriber"],
+            row["patient"],
+            row["active"],
+            row["disabled_at"],
         )
 
     async def fail(
@@ -465,13 +475,24 @@ class WebhookStore:
         duration_ms: int,
         error_class: str,
         status: str,
+        held_reason: str | None = None,
         next_attempt_at: datetime | None = None,
     ) -> int | None:
         """Record an attempt that failed on our side and settle the delivery (`status`: pending again at
-        `next_attempt_at`, or dead), releasing the lease: the attempt number, or None (and nothing
-        written) if the lease is no longer `owner`'s. The endpoint's `failing_since` is not touched."""
+        `next_attempt_at`, held for `held_reason`, or dead), releasing the lease: the attempt number, or
+        None (and nothing written) if the lease is no longer `owner`'s. The endpoint's `failing_since` is
+        not touched."""
         attempt: int | None = await tx.conn.fetchval(
-            self._FAIL, tenant_id, delivery_id, owner, attempted_at, duration_ms, error_class, status, next_attempt_at
+            self._FAIL,
+            tenant_id,
+            delivery_id,
+            owner,
+            attempted_at,
+            duration_ms,
+            error_class,
+            status,
+            next_attempt_at,
+            held_reason,
         )
         return attempt
 

@@ -39,7 +39,7 @@ from service.store.idempotency import IdempotencyStore
 from service.store.webhooks import WebhookStore
 from service.workers.http import HttpTransport, system_resolver
 from tests.api.messaging_helpers import consent, thread
-from tests.api.webhook_helpers import Receiver, admin_get, register, wait_for_delivery
+from tests.api.webhook_helpers import ADMIN, Receiver, admin_get, register, wait_for_delivery
 from tests.conftest import Dsns, Portals, Services
 
 NO_WORKER = pytest.mark.parametrize("settings", [{"webhook_worker": False}], indirect=True)
@@ -215,6 +215,22 @@ async def dead_letters(database: Dsns) -> list[asyncpg.Record]:
             "UNION ALL SELECT resource_id, patient, details FROM audit_leaves WHERE action = 'webhook:dead_letter'"
         ),
     )
+
+
+async def holds(database: Dsns) -> list[asyncpg.Record]:
+    return await as_owner(
+        database,
+        lambda conn: conn.fetch(
+            "SELECT resource_id, patient, details FROM audit_outbox WHERE action = 'webhook:hold' "
+            "UNION ALL SELECT resource_id, patient, details FROM audit_leaves WHERE action = 'webhook:hold'"
+        ),
+    )
+
+
+async def admin_post(client: Any, portals: Portals, path: str) -> Any:
+    response = await client.post(path, headers=portals.acme.auth(**ADMIN))
+    assert response.status == 200, await response.text()
+    return await response.json()
 
 
 async def make_due(database: Dsns, delivery_id: uuid.UUID) -> None:
@@ -446,6 +462,51 @@ async def test_a_worker_that_lost_the_lease_before_failing_leaves_the_delivery_t
     assert await attempt_rows(database, delivery_id) == []
     assert await dead_letters(database) == []
     assert await endpoint_health(database, endpoint_id) == (None, None, None)
+    assert receiver.received == []
+
+
+@NO_WORKER
+async def test_a_poison_delivery_of_a_disabled_endpoint_is_held_like_its_others_not_dead_lettered(
+    client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
+) -> None:
+    """A delivery whose thread id does not read fails before the dispatcher learns anything of its
+    endpoint. After two such failures the admin disables the endpoint while the delivery is leased; the
+    third failure, the schedule's last, is recorded but does not dead-letter it: it is held for
+    `endpoint-disabled` (audited `webhook:hold`), as every delivery of a disabled endpoint is, and enabling
+    the endpoint releases it for a new pass through the schedule."""
+    endpoint_id = await one_delivery(client, portals, receiver, before=lambda e: break_thread_id(database, e))
+    dispatcher = make_dispatcher()
+    owner = uuid.uuid4()
+    outcomes = []
+    for _ in range(3):
+        [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
+        if len(outcomes) == 2:
+            await admin_post(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/disable")
+        outcomes.append(await dispatcher.deliver(owner, tenant_id, delivery_id))
+        await make_due(database, delivery_id)
+    assert outcomes == ["retry", "retry", "held"]
+
+    view = await admin_get(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}")
+    assert (view["status"], view["held_reason"], view["in_flight"]) == ("held", "endpoint-disabled", False)
+    assert [a["error_class"] for a in view["attempt_log"]] == ["internal-error"] * 3
+    assert await dead_letters(database) == []
+    [hold] = await holds(database)
+    assert hold["resource_id"] == str(delivery_id)
+    assert json.loads(hold["details"]) == {
+        "subscriber": "Practitioner/7",
+        "endpoint_id": endpoint_id,
+        "event_type": "message.created",
+        "held_reason": "endpoint-disabled",
+        "attempt": 3,
+        "error_class": "internal-error",
+    }
+    failing_since, disabled_at, disabled_reason = await endpoint_health(database, endpoint_id)
+    assert (failing_since, disabled_at is not None, disabled_reason) == (None, True, "admin")  # not "failing"
+
+    enabled = await admin_post(client, portals, f"/v1/admin/webhook-endpoints/{endpoint_id}/enable")
+    assert enabled["released"] == 1
+    row = await outbox_row(database, delivery_id)
+    assert (row["status"], row["tries"], row["attempts"]) == ("pending", 0, 3)
     assert receiver.received == []
 
 
