@@ -41,6 +41,7 @@ from service.workers.http import HttpTransport, system_resolver
 from tests.api.messaging_helpers import consent, thread
 from tests.api.webhook_helpers import ADMIN, Receiver, admin_get, register, wait_for_delivery
 from tests.conftest import Dsns, Portals, Services
+from tests.support import audit_events
 
 NO_WORKER = pytest.mark.parametrize("settings", [{"webhook_worker": False}], indirect=True)
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -208,23 +209,11 @@ async def endpoint_health(database: Dsns, endpoint_id: str) -> tuple[Any, ...]:
 
 
 async def dead_letters(database: Dsns) -> list[asyncpg.Record]:
-    return await as_owner(
-        database,
-        lambda conn: conn.fetch(
-            "SELECT resource_id, patient, details FROM audit_outbox WHERE action = 'webhook:dead_letter' "
-            "UNION ALL SELECT resource_id, patient, details FROM audit_leaves WHERE action = 'webhook:dead_letter'"
-        ),
-    )
+    return await audit_events(database.owner, "action = 'webhook:dead_letter'")
 
 
 async def holds(database: Dsns) -> list[asyncpg.Record]:
-    return await as_owner(
-        database,
-        lambda conn: conn.fetch(
-            "SELECT resource_id, patient, details FROM audit_outbox WHERE action = 'webhook:hold' "
-            "UNION ALL SELECT resource_id, patient, details FROM audit_leaves WHERE action = 'webhook:hold'"
-        ),
-    )
+    return await audit_events(database.owner, "action = 'webhook:hold'")
 
 
 async def admin_post(client: Any, portals: Portals, path: str) -> Any:
