@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -37,6 +38,9 @@ from service.store.db import Database
 from service.store.issuers import IssuerStore
 from service.store.tenants import TenantStore
 from tests.support import TestIssuer
+
+if TYPE_CHECKING:
+    from tests.api.webhook_helpers import Receiver
 
 TEMPLATE = "bedside_template"
 
@@ -246,3 +250,14 @@ def softhsm_env(tmp_path: Path) -> dict[str, str]:
         "BEDSIDE_PKCS11_TOKEN_LABEL": "bedside-cli",
         "BEDSIDE_PKCS11_PIN": "user-1234",
     }
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on loopback (answers 200 unless told otherwise), stopped after the test."""
+    from tests.api.webhook_helpers import Receiver  # it imports this module: not at the top
+
+    receiver = Receiver()
+    await receiver.start()
+    yield receiver
+    await receiver.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,15 @@ _EVENT_COLUMNS = (
 AUDIT_EVENTS = (
     f"(SELECT {_EVENT_COLUMNS} FROM audit_outbox UNION ALL SELECT {_EVENT_COLUMNS} FROM audit_leaves) AS events"  # noqa: S608
 )
+
+
+async def as_owner(owner_dsn: str, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    """`work` on a connection of the owner role (no row-level security), closed afterwards."""
+    conn = await asyncpg.connect(owner_dsn)
+    try:
+        return await work(conn)
+    finally:
+        await conn.close()
 
 
 async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncpg.Record]:

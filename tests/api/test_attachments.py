@@ -27,7 +27,7 @@ from service.errors import InvalidRequestError
 from service.keys import ATTACHMENTS
 from service.store.attachments import AttachmentStore
 from tests.conftest import Dsns, Portals, Services
-from tests.support import audit_events, canary
+from tests.support import as_owner, audit_events, canary
 
 URL = "/v1/attachments"
 PDF, PNG, JPEG, TEXT = "application/pdf", "image/png", "image/jpeg", "text/plain"
@@ -117,14 +117,6 @@ async def collect(pieces: AsyncIterator[bytes], into: list[bytes]) -> None:
 # -- looking underneath, as the database owner -----------------------------------------------------------
 
 
-async def as_owner(database: Dsns, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    conn = await asyncpg.connect(database.owner)
-    try:
-        return await work(conn)
-    finally:
-        await conn.close()
-
-
 async def stored(database: Dsns) -> tuple[int, int]:
     """(attachments, attachment_chunks) rows: committed ones, whoever wrote them."""
 
@@ -134,7 +126,7 @@ async def stored(database: Dsns) -> tuple[int, int]:
             await conn.fetchval("SELECT count(*) FROM attachment_chunks"),
         )
 
-    return await as_owner(database, count)
+    return await as_owner(database.owner, count)
 
 
 _WRITES_IN_FLIGHT = """
@@ -475,7 +467,7 @@ async def test_a_tampered_attachment_is_an_error_status_not_bytes(
     attachment_id = await uploaded(client, portals, thread_id, ORIGINAL)
     intact = await client.get(f"{URL}/{attachment_id}", headers=patient(portals))
     assert await intact.read() == ORIGINAL
-    await as_owner(database, lambda conn: tamper(conn, uuid.UUID(attachment_id)))
+    await as_owner(database.owner, lambda conn: tamper(conn, uuid.UUID(attachment_id)))
 
     response = await client.get(f"{URL}/{attachment_id}", headers=patient(portals))
 
@@ -502,7 +494,7 @@ async def test_tampering_between_verification_and_streaming_cuts_the_transfer_sh
         nonlocal pages
         pages += 1
         if pages == 9:  # pass 1 read 6 pages; pass 2 is on its third
-            await as_owner(database, lambda conn: flip_a_byte_at(conn, uuid.UUID(attachment_id), 30))
+            await as_owner(database.owner, lambda conn: flip_a_byte_at(conn, uuid.UUID(attachment_id), 30))
         return await original(self, tx, *args)
 
     monkeypatch.setattr(AttachmentStore, "chunks", chunks_then_tamper)
@@ -519,11 +511,11 @@ async def test_tampering_between_verification_and_streaming_cuts_the_transfer_sh
 async def test_the_stream_never_releases_its_last_piece_unproven(client, app, portals: Portals, database: Dsns) -> None:
     thread_id = await open_thread(client, portals)
     attachment_id = uuid.UUID(await uploaded(client, portals, thread_id, ORIGINAL))
-    tenant_id = await as_owner(database, lambda conn: conn.fetchval("SELECT id FROM tenants WHERE slug = 'acme'"))
+    tenant_id = await as_owner(database.owner, lambda conn: conn.fetchval("SELECT id FROM tenants WHERE slug = 'acme'"))
     me = Principal(tenant_id, "acme", "Patient/1", Role.PATIENT, portals.acme.issuer)
 
     download = await app[ATTACHMENTS].download(me, attachment_id)  # verified whole
-    await as_owner(database, lambda conn: truncate_the_end(conn, attachment_id))  # then cut short
+    await as_owner(database.owner, lambda conn: truncate_the_end(conn, attachment_id))  # then cut short
     released: list[bytes] = []
     with pytest.raises(DecryptionError):
         await collect(download.chunks, released)
@@ -552,7 +544,7 @@ async def test_messages_may_reference_only_complete_attachments_of_their_thread(
         )
         return tenant_id, attachment_id
 
-    tenant_id, incomplete = await as_owner(database, incomplete_one)
+    tenant_id, incomplete = await as_owner(database.owner, incomplete_one)
     references = AttachmentReferences(AttachmentStore())
     async with services.db.transaction(tenant_id) as tx:
         await references.check_attachments(tx, tenant_id, uuid.UUID(thread_id), [mine])
@@ -667,7 +659,7 @@ async def test_canaries_in_file_names_and_content_stay_in_their_ciphertext(
         ]
         return [*names, *chunks, *audit]
 
-    rows = await as_owner(database, raw)
+    rows = await as_owner(database.owner, raw)
     assert len(rows) > 5
     assert not [c for c in canaries for row in rows if c.encode() in row]
     dump = await asyncio.to_thread(

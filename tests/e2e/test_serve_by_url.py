@@ -150,14 +150,6 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"webhook_worker": False, "webhook_allow_http_loopback": True})
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    await receiver.start()
-    yield receiver
-    await receiver.stop()
-
-
 @pytest.mark.parametrize("processes", ["1", "2"])
 async def test_background_work_is_audited_under_the_serve_run_in_every_process_count(
     client: Any,

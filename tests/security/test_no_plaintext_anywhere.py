@@ -9,7 +9,6 @@ import asyncio
 import base64
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -39,14 +38,6 @@ def settings(settings: Settings) -> Settings:
             "webhook_lease_seconds": 10.0,
         }
     )
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    await receiver.start()
-    yield receiver
-    await receiver.stop()
 
 
 def stored_forms(secret: str) -> list[bytes]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from service.settings import Settings
-from tests.api.webhook_helpers import Receiver
 
 # The Standard Webhooks schedule, compressed: the same shape in a fraction of a second per step.
 FAST_SCHEDULE = (0.2, 0.3, 0.4)
@@ -26,11 +23,3 @@ def settings(settings: Settings) -> Settings:
             "webhook_lease_seconds": 10.0,
         }
     )
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    await receiver.start()
-    yield receiver
-    await receiver.stop()

@@ -41,7 +41,7 @@ from service.workers.http import HttpTransport, system_resolver
 from tests.api.messaging_helpers import consent, thread
 from tests.api.webhook_helpers import ADMIN, Receiver, admin_get, register, wait_for_delivery
 from tests.conftest import Dsns, Portals, Services
-from tests.support import audit_events
+from tests.support import as_owner, audit_events
 
 NO_WORKER = pytest.mark.parametrize("settings", [{"webhook_worker": False}], indirect=True)
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -90,21 +90,13 @@ async def make_dispatcher(services: Services) -> AsyncIterator[MakeDispatcher]:
         await transport.close()
 
 
-async def as_owner(database: Dsns, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    conn = await asyncpg.connect(database.owner)
-    try:
-        return await work(conn)
-    finally:
-        await conn.close()
-
-
 async def flip_last_bit(database: Dsns, select: str, update: str, endpoint_id: str) -> None:
     async def flip(conn: asyncpg.Connection) -> None:
         sealed = bytearray(await conn.fetchval(select, uuid.UUID(endpoint_id)))
         sealed[-1] ^= 0x01
         await conn.execute(update, uuid.UUID(endpoint_id), bytes(sealed))
 
-    await as_owner(database, flip)
+    await as_owner(database.owner, flip)
 
 
 async def corrupt_url(database: Dsns, endpoint_id: str) -> None:
@@ -132,7 +124,7 @@ async def break_thread_id(database: Dsns, endpoint_id: str) -> None:
     """Deliveries written from now on name a thread id PostgreSQL cannot cast to a uuid: reading the work
     raises. (A trigger, so the delivery is poisoned from its first moment; `drop_trigger` removes it.)"""
     await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.execute(
             """
             CREATE FUNCTION test_break_thread_id() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -150,7 +142,7 @@ async def break_thread_id(database: Dsns, endpoint_id: str) -> None:
 async def refuse_delivered_audit(database: Dsns, endpoint_id: str) -> None:
     """The audit log refuses `webhook:deliver` events: settling a successful attempt raises."""
     await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.execute(
             """
             CREATE FUNCTION test_refuse_deliver() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -170,14 +162,14 @@ async def refuse_delivered_audit(database: Dsns, endpoint_id: str) -> None:
 async def drop_trigger(database: Dsns, name: str, table: str) -> None:
     """Remove a trigger (and its function) that a poison above installed."""
     await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.execute(f"DROP TRIGGER {name} ON {table}; DROP FUNCTION {name}()"),
     )
 
 
 async def outbox_row(database: Dsns, delivery_id: uuid.UUID) -> asyncpg.Record:
     return await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.fetchrow(
             "SELECT status, tries, attempts, next_attempt_at, lease_owner, lease_until, last_attempt_at, "
             "last_status_code FROM webhook_outbox WHERE id = $1",
@@ -188,7 +180,7 @@ async def outbox_row(database: Dsns, delivery_id: uuid.UUID) -> asyncpg.Record:
 
 async def attempt_rows(database: Dsns, delivery_id: uuid.UUID) -> list[asyncpg.Record]:
     return await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.fetch(
             "SELECT attempt, attempted_at, status_code, error_class, worker FROM webhook_attempts "
             "WHERE delivery_id = $1 ORDER BY attempt",
@@ -199,7 +191,7 @@ async def attempt_rows(database: Dsns, delivery_id: uuid.UUID) -> list[asyncpg.R
 
 async def endpoint_health(database: Dsns, endpoint_id: str) -> tuple[Any, ...]:
     row = await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.fetchrow(
             "SELECT failing_since, disabled_at, disabled_reason FROM webhook_endpoints WHERE id = $1",
             uuid.UUID(endpoint_id),
@@ -225,7 +217,7 @@ async def admin_post(client: Any, portals: Portals, path: str) -> Any:
 async def make_due(database: Dsns, delivery_id: uuid.UUID) -> None:
     """Time passes: the retry is due now."""
     await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.execute("UPDATE webhook_outbox SET next_attempt_at = now() WHERE id = $1", delivery_id),
     )
 
@@ -233,7 +225,7 @@ async def make_due(database: Dsns, delivery_id: uuid.UUID) -> None:
 async def expire_lease(database: Dsns, delivery_id: uuid.UUID) -> None:
     """Time passes: the delivery's lease has run out (the reaper may return it)."""
     await as_owner(
-        database,
+        database.owner,
         lambda conn: conn.execute(
             "UPDATE webhook_outbox SET lease_until = now() - interval '1 second' WHERE id = $1", delivery_id
         ),
@@ -432,7 +424,7 @@ async def test_a_worker_that_lost_the_lease_before_failing_leaves_the_delivery_t
 
     async def stuck_then_broken(host: str, port: int) -> Sequence[IPAddress]:
         await as_owner(
-            database,
+            database.owner,
             lambda conn: conn.execute("UPDATE webhook_outbox SET lease_owner = $1 WHERE id = $2", current, delivery[0]),
         )
         raise RuntimeError("a resolver bug")
