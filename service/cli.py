@@ -31,6 +31,7 @@ from crypto.checkpoint import format_vkey, parse_vkey
 from crypto.dek_cache import DataKeyCache
 from crypto.issuer_keys import IssuerKeyError, generate_ed25519_issuer_key, issuer_key_pair_from_private_pem
 from service import __version__
+from service.api.server import app_runner
 from service.app import build_audit_signer, build_kek_provider, close_provider, create_app
 from service.domain.audit import REQUEST_META, AuditRecorder, RequestMeta
 from service.domain.audit_verify import VerifyResult, verify_database, verify_export
@@ -468,9 +469,7 @@ async def _serve(
     False: `bedside worker`) on none, so only its background tasks run. `on_ready` gets the bound port
     (0 when not listening)."""
     app = create_app(settings)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.shutdown_timeout_seconds
-    )
+    runner = app_runner(app, shutdown_timeout=settings.shutdown_timeout_seconds)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -52,6 +52,7 @@ from structlog.testing import capture_logs
 from yarl import URL
 
 from service.api.routes import ROUTES
+from service.api.server import app_runner
 from service.app import create_app
 from service.domain.audit import AuditRecorder
 from service.domain.issuers import IssuerService
@@ -303,7 +304,7 @@ async def served(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
         await issuers.add_key(portal.tenant, portal.issuer, portal.public_pem, kid=portal.kid)
     finally:
         await db.close()
-    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None, shutdown_timeout=5)
+    runner = app_runner(create_app(settings), shutdown_timeout=5)
     await runner.setup()
     owner = await asyncpg.connect(cluster.owner_dsn(name))
     try:
@@ -740,19 +741,20 @@ async def test_uploads_with_a_huge_declared_length_or_cut_short_are_4xx_and_stor
             served, head("Content-Length: 100000"), b"%PDF-" + bytes(5000), hang_up=True
         )
         assert status < 500, body[:300]
-        # Chunked, with a chunk size that is not one: the HTTP parser refuses the framing with its own plain
-        # 400 (the request never completes, so no problem document), never a 5xx.
+        # Chunked, with a chunk size that is not one: the HTTP parser refuses the framing, and the server
+        # answers for it (the request never reaches a handler) with a 400 problem that quotes nothing.
         broken = b"5\r\n%PDF-\r\nzz\r\n" + CANARY.encode()
-        status, _, body = await _raw_exchange(served, head("Transfer-Encoding: chunked"), broken, hang_up=False)
-        assert status < 500, body[:300]
+        status, headers, body = await _raw_exchange(served, head("Transfer-Encoding: chunked"), broken, hang_up=False)
+        assert status == 400, body[:300]
+        assert headers["content-type"] == "application/problem+json"
         assert CANARY.encode() not in body
         deadline = time.monotonic() + 30  # until the abandoned upload's handler has ended, and its transaction
-        while not (await _stored(served) == stored and 400 in _statuses(logs)):
+        while not (await _stored(served) == stored and _statuses(logs).count(400) == 2):
             assert time.monotonic() < deadline, f"the cut-short upload never ended: {_statuses(logs)}"
             await asyncio.sleep(0.05)
-    # What the server answered, whether or not the client was still there to read it: the three 413s and a
-    # 400 for the upload cut short (the broken chunk never reached the application).
-    assert sorted(_statuses(logs)) == [400, 413, 413, 413]
+    # What the server answered, whether or not the client was still there to read it: the three 413s, a
+    # 400 for the upload cut short, and the parser's 400 for the broken chunk.
+    assert sorted(_statuses(logs)) == [400, 400, 413, 413, 413]
     assert not [e for e in logs if e["event"] == "http.unhandled"]
     assert await _stored(served) == stored
     # And the service is fine afterwards.

@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from service.api.server import app_runner
 from service.app import create_app
 from service.keys import PUBLIC_ROUTES
 
@@ -27,7 +28,7 @@ async def _serving(settings, takes: float, shutdown_timeout: float) -> tuple[web
 
     app.router.add_get("/test/slow", slow, name="test_slow")
     app[PUBLIC_ROUTES] = app[PUBLIC_ROUTES] | {"test_slow"}
-    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
+    runner = app_runner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
