@@ -204,7 +204,7 @@ class AttachmentReferences:
                 problems.append(FieldProblem(("attachment_ids", index), "duplicate", "each attachment once"))
             elif attachment_id not in found:
                 problems.append(FieldProblem(("attachment_ids", index), "unknown", "not an attachment of this thread"))
-            elif found[attachment_id]:
+            elif found[attachment_id] is not None:
                 # Recalling a message withdrew its attachments; another message must not bring them back.
                 problems.append(
                     FieldProblem(("attachment_ids", index), "recalled", "withdrawn with a recalled message")

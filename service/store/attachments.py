@@ -70,23 +70,20 @@ class AttachmentStore:
         ORDER BY idx LIMIT $4
     """
     # An attachment is withdrawn when messages of its thread carry it and every one of them was recalled:
-    # it went with them. One that no message carries yet is not. The thread's messages are read once, by
-    # their (thread_id, seq) key, keeping those that carry any of the attachments asked about: MATERIALIZED,
-    # or PostgreSQL inlines the CTE into the per-attachment subquery and scans them once per attachment
-    # (20 scans for 20 attachments in EXPLAIN).
+    # it went with them, at the latest of those recalls. One that no message carries yet is not. The
+    # thread's messages are read once, by their (thread_id, seq) key, keeping those that carry any of the
+    # attachments asked about: MATERIALIZED, or PostgreSQL inlines the CTE into the per-attachment subquery
+    # and scans them once per attachment (20 scans for 20 attachments in EXPLAIN).
     _COMPLETE_IN_THREAD = """
         WITH carried AS MATERIALIZED (
             SELECT unnest(m.attachment_ids) AS id, m.recalled_at FROM messages m
             WHERE m.tenant_id = $1 AND m.thread_id = $2 AND m.attachment_ids && $3::uuid[]
         )
-        SELECT a.id, coalesce((SELECT bool_and(c.recalled_at IS NOT NULL) FROM carried c WHERE c.id = a.id), false)
-               AS withdrawn
+        SELECT a.id,
+               (SELECT CASE WHEN bool_and(c.recalled_at IS NOT NULL) THEN max(c.recalled_at) END
+                FROM carried c WHERE c.id = a.id) AS withdrawn_at
         FROM attachments a
         WHERE a.tenant_id = $1 AND a.thread_id = $2 AND a.complete AND a.id = ANY($3::uuid[])
-    """
-    _WITHDRAWN_AT = """
-        SELECT CASE WHEN bool_and(m.recalled_at IS NOT NULL) THEN max(m.recalled_at) END FROM messages m
-        WHERE m.tenant_id = $1 AND m.thread_id = $2 AND $3 = ANY(m.attachment_ids)
     """
 
     async def create(
@@ -123,14 +120,13 @@ class AttachmentStore:
 
     async def complete_in_thread(
         self, tx: Tx, tenant_id: UUID, thread_id: UUID, attachment_ids: Sequence[UUID]
-    ) -> dict[UUID, bool]:
-        """Which of `attachment_ids` are complete attachments of this thread, each with whether it was
-        withdrawn (only recalled messages carry it)."""
+    ) -> dict[UUID, datetime | None]:
+        """Which of `attachment_ids` are complete attachments of this thread, each with when it was withdrawn
+        (None while a message that carries it stands, or none carries it yet)."""
         rows = await tx.conn.fetch(self._COMPLETE_IN_THREAD, tenant_id, thread_id, list(attachment_ids))
-        return {row["id"]: row["withdrawn"] for row in rows}
+        return {row["id"]: row["withdrawn_at"] for row in rows}
 
     async def withdrawn_at(self, tx: Tx, tenant_id: UUID, thread_id: UUID, attachment_id: UUID) -> datetime | None:
-        """When the attachment was withdrawn (the latest recall of the messages carrying it, if all of them
-        were recalled); None if any message that carries it stands, or none carries it yet."""
-        value: datetime | None = await tx.conn.fetchval(self._WITHDRAWN_AT, tenant_id, thread_id, attachment_id)
-        return value
+        """When this complete attachment of the thread was withdrawn, as `complete_in_thread` has it."""
+        found = await self.complete_in_thread(tx, tenant_id, thread_id, [attachment_id])
+        return found.get(attachment_id)
