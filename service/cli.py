@@ -42,6 +42,7 @@ from service.domain.principal import SUBJECT_TYPE, Role, is_reference
 from service.domain.tenants import TenantService
 from service.embedded import (
     APP_LOGIN_ROLE,
+    MAX_SERVICE_CONNECTIONS,
     EmbeddedError,
     EmbeddedPostgres,
     data_dir_holder,
@@ -110,6 +111,7 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
             raise CliError("`bedside serve` holds the data directory but its database is not running")
         yield Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
         return
+    _check_embedded_connections(settings)
     with exclusive_data_dir(settings.data_dir, purpose):
         connection = pg.running()
         if connection is not None and purpose == "serve":
@@ -131,6 +133,26 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
             if started or purpose == "serve":
                 print("Stopping the embedded PostgreSQL ...", file=sys.stderr)
                 pg.stop()
+
+
+def _check_embedded_connections(settings: Settings) -> None:
+    """Refuse, before anything starts, to size the embedded PostgreSQL past its bound (MAX_MAX_CONNECTIONS)
+    for the connections `serve` may hold: asked for tens of thousands, PostgreSQL reserves memory for every
+    slot, and where the host cannot give it, fails to start with no more to say than "see logfile"."""
+    if settings.serve_connections > MAX_SERVICE_CONNECTIONS:
+        raise ConfigurationError(
+            f"{_connections_wanted(settings)}, but the embedded PostgreSQL takes at most {MAX_SERVICE_CONNECTIONS}: "
+            "lower either setting, or set BEDSIDE_DATABASE_URL to a PostgreSQL server sized for them"
+        )
+
+
+def _connections_wanted(settings: Settings) -> str:
+    """What the operator's settings make `serve` hold, in their words, for an error message."""
+    return (
+        f"BEDSIDE_PROCESSES={settings.processes} with BEDSIDE_DB_POOL_MAX={settings.db_pool_max} may open "
+        f"{settings.serve_connections} database connections (in each process its pool, and one for the "
+        "audit sequencer where it runs)"
+    )
 
 
 def _reuse_or_restart(pg: EmbeddedPostgres, connection: EmbeddedConnection, need: int) -> EmbeddedConnection | None:
@@ -265,8 +287,9 @@ def _background_work(settings: Settings) -> list[str]:
 
 async def _check_connection_budget(settings: Settings) -> None:
     """Refuse to serve with more database connections than the server accepts, rather than fail with
-    "too many clients" under load. Embedded mode sizes its server to fit; another server is asked. The
-    count is this command's own: other clients of that server (more hosts, psql) need room beyond it."""
+    "too many clients" under load. Embedded mode sizes its server to fit (within a bound checked before it
+    starts); another server is asked. The count is this command's own: other clients of that server (more
+    hosts, psql) need room beyond it."""
     assert settings.database_url is not None
     db = await Database.connect(settings.database_url.get_secret_value(), min_size=1, max_size=1)
     try:
@@ -275,9 +298,7 @@ async def _check_connection_budget(settings: Settings) -> None:
         await db.close()
     if settings.serve_connections > slots:
         raise ConfigurationError(
-            f"BEDSIDE_PROCESSES={settings.processes} with BEDSIDE_DB_POOL_MAX={settings.db_pool_max} may open "
-            f"{settings.serve_connections} database connections (in each process its pool, and one for the "
-            f"audit sequencer where it runs), but the database accepts {slots} (max_connections less its "
+            f"{_connections_wanted(settings)}, but the database accepts {slots} (max_connections less its "
             "reserved slots): lower either setting, or raise the server's max_connections"
         )
 

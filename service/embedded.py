@@ -31,6 +31,14 @@ APP_LOGIN_ROLE = "bedside_web"
 # `audit`: two or three connections each).
 MIN_MAX_CONNECTIONS = 200
 SPARE_CONNECTIONS = 25
+# ... and never above this. PostgreSQL reserves shared memory for every slot when it starts, used or not
+# (a process entry, its share of the lock table, on Linux its semaphore: about 46 KB each; PostgreSQL 15
+# needs 148 MB at 200, 322 MB at 4000, 1.6 GB at 32000), and every connection in use is a server process
+# of its own. 4000 admits the default pool in all 64 processes BEDSIDE_PROCESSES allows, or the largest
+# pool in 7; a deployment that needs more wants a server of its own (BEDSIDE_DATABASE_URL), sized for it.
+MAX_MAX_CONNECTIONS = 4000
+# The most connections the service may hold at once on the embedded PostgreSQL.
+MAX_SERVICE_CONNECTIONS = MAX_MAX_CONNECTIONS - SPARE_CONNECTIONS
 INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found. Install them with:\n"
     "    sudo apt-get install -y postgresql\n"

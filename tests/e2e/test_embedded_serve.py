@@ -24,8 +24,10 @@ from typing import IO
 import asyncpg
 import pytest
 
-from service.cli import CliError, _reuse_or_restart
+from service.cli import CliError, _check_embedded_connections, _reuse_or_restart
 from service.embedded import EmbeddedPostgres
+from service.errors import ConfigurationError
+from service.settings import Settings
 from tests.conftest import Cluster
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
@@ -168,6 +170,35 @@ def test_token_refuses_to_mint_outside_embedded_mode(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "only in embedded mode" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", [["serve"], ["tenant", "list"]], ids=["serve", "tenant-list"])
+def test_more_connections_than_the_embedded_database_takes_are_refused_before_it_starts(
+    data_dir: Path, command: list[str]
+) -> None:
+    """The largest pools in the most processes the settings allow: 64 x (500 + 1) connections. Every command
+    that would start the embedded PostgreSQL sizes it for `serve`, so each refuses them the same way."""
+    env = _env(data_dir, _free_port()) | {"BEDSIDE_PROCESSES": "64", "BEDSIDE_DB_POOL_MAX": "500"}
+
+    result = _cli(env, *command)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "bedside: BEDSIDE_PROCESSES=64 with BEDSIDE_DB_POOL_MAX=500 may open 32064 database connections (in each "
+        "process its pool, and one for the audit sequencer where it runs), but the embedded PostgreSQL takes at "
+        "most 3975: lower either setting, or set BEDSIDE_DATABASE_URL to a PostgreSQL server sized for them"
+    ]
+    assert list(data_dir.iterdir()) == []  # nothing initialized, nothing started
+
+
+def test_the_embedded_connection_bound_admits_up_to_3975_connections(tmp_path: Path) -> None:
+    def wanting(processes: int, pool: int) -> Settings:
+        return Settings(data_dir=tmp_path, processes=processes, db_pool_min=1, db_pool_max=pool, audit_sequencer=True)
+
+    _check_embedded_connections(wanting(25, 158))  # 25 x 159 = 3975: PostgreSQL gets max_connections=4000
+    with pytest.raises(ConfigurationError, match="may open 3976 database connections"):
+        _check_embedded_connections(wanting(8, 496))  # 8 x 497
 
 
 def _server_processes(parent: int) -> list[int]:
