@@ -5,6 +5,7 @@ PostgreSQL, serves, lets other commands join it, refuses a second serve, and sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -86,8 +87,9 @@ def _me(port: int, token: str) -> tuple[int, dict[str, object]]:
 
 
 def _stop(proc: subprocess.Popen[str]) -> int:
-    """Ctrl-C, and its exit status; killed (and the test failed) if it has not stopped within 60 s."""
-    proc.send_signal(signal.SIGINT)
+    """Ctrl-C, and its exit status; killed (and the test failed) if it has not stopped within 60 s. One
+    that has ended already is only waited for. Either way its pipes are closed."""
+    proc.send_signal(signal.SIGINT)  # nothing, if it has ended
     try:
         return proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -95,8 +97,9 @@ def _stop(proc: subprocess.Popen[str]) -> int:
         proc.wait()
         pytest.fail("bedside serve did not stop within 60 s of Ctrl-C")
     finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.mark.slow
@@ -258,13 +261,14 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     # whole: the other one is stopped, then the database, and the exit status says it failed.
     with (tmp_path / "stderr.txt").open("w+") as stderr:
         proc, _ = _start(env, stderr)
-        servers = _server_processes(proc.pid)
-        assert len(servers) == 2
-        assert _me(port, token)[0] == 200
-        os.kill(servers[0], signal.SIGKILL)
-        assert proc.wait(timeout=60) == 1
-        assert proc.stdout is not None
-        proc.stdout.close()
+        try:
+            servers = _server_processes(proc.pid)
+            assert len(servers) == 2
+            assert _me(port, token)[0] == 200
+            os.kill(servers[0], signal.SIGKILL)
+            assert proc.wait(timeout=60) == 1
+        finally:
+            _stop(proc)  # it has ended, unless something above failed
         stderr.seek(0)
         assert re.search(
             r"server process bedside-serve-\d was killed by SIGKILL; the others were stopped", stderr.read()
@@ -275,18 +279,21 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     # A parent killed outright (SIGKILL, the OOM killer) leaves no server serving on unwatched, even when
     # whatever read their logs is gone too (a closed terminal): their next log line fails to write.
     proc, _ = _start(env, subprocess.PIPE)
-    servers = _server_processes(proc.pid)
-    assert len(servers) == 2
-    assert proc.stderr is not None
-    proc.stderr.close()
-    proc.kill()
-    proc.wait()
-    assert proc.stdout is not None
-    proc.stdout.close()
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in servers)
+    servers = []
+    try:
+        servers = _server_processes(proc.pid)
+        assert len(servers) == 2
+        assert proc.stderr is not None
+        proc.stderr.close()
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in servers)
+    finally:
+        _stop(proc)  # killed above, unless something failed first
+        _kill_survivors(servers)
 
     # Its PostgreSQL is left running, sized for that run. The next serve, which needs more connections,
     # starts it again with room for them instead of failing under load.
@@ -319,6 +326,15 @@ async def test_a_cluster_left_running_is_reused_if_big_enough_and_never_stopped_
     finally:
         await user.close()
     assert pg.running() == running
+
+
+def _kill_survivors(pids: list[int]) -> None:
+    """SIGKILL those of `pids` still running: server processes whose parent is gone, which a failed test
+    must not leave serving."""
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
