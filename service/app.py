@@ -189,6 +189,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 lease_seconds=settings.webhook_lease_seconds,
                 poll_interval=settings.webhook_poll_interval_seconds,
                 concurrency=settings.webhook_concurrency,
+                reap_interval=settings.webhook_reap_interval_seconds,
             )
             workers.append(asyncio.create_task(webhook_worker.run(), name="webhook-worker"))
         if settings.audit_sequencer:

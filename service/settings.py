@@ -81,8 +81,9 @@ class Settings(BaseSettings):
 
     # Webhooks. Delivery: whether this process runs a delivery worker (any number may: leases keep them
     # apart), the retry schedule (Standard Webhooks'), its jitter (a fraction added), the longest
-    # Retry-After honoured, the per-attempt timeout, the lease (longer than the timeout), and how long an
-    # endpoint may fail continuously before it is disabled (5 days).
+    # Retry-After honoured, the per-attempt timeout, the lease (longer than the timeout), how often each
+    # worker returns the expired leases of workers that died, and how long an endpoint may fail
+    # continuously before it is disabled (5 days).
     webhook_worker: bool = True
     webhook_retry_schedule_seconds: tuple[float, ...] = Field(
         default=(5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400), min_length=1, max_length=50
@@ -91,6 +92,7 @@ class Settings(BaseSettings):
     webhook_retry_after_max_seconds: float = Field(default=86_400, ge=0, le=7 * 86_400)
     webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=60)
     webhook_lease_seconds: float = Field(default=60.0, gt=0, le=3600)
+    webhook_reap_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
     webhook_poll_interval_seconds: float = Field(default=0.25, gt=0, le=60)
     webhook_concurrency: int = Field(default=32, ge=1, le=1000)
     webhook_disable_after_seconds: float = Field(default=5 * 86_400, gt=0)

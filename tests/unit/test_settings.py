@@ -139,3 +139,23 @@ def test_serve_connections_count_every_process_pool_and_sequencer(monkeypatch: p
 
     monkeypatch.setenv("BEDSIDE_AUDIT_SEQUENCER", "false")
     assert load_settings().serve_connections == 4 * 40
+
+
+def test_the_webhook_reap_interval_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().webhook_reap_interval_seconds == 10.0
+
+    monkeypatch.setenv("BEDSIDE_WEBHOOK_REAP_INTERVAL_SECONDS", "0.5")
+    assert load_settings().webhook_reap_interval_seconds == 0.5
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "3601", "soon"])
+def test_a_webhook_reap_interval_of_zero_or_past_an_hour_is_refused(
+    monkeypatch: pytest.MonkeyPatch, interval: str
+) -> None:
+    """Zero would reap on every turn of the loop (a cross-tenant update several times a second); past an
+    hour (the longest lease), a dead worker's deliveries would wait longer for the reaper than for their
+    lease to run out."""
+    monkeypatch.setenv("BEDSIDE_WEBHOOK_REAP_INTERVAL_SECONDS", interval)
+
+    with pytest.raises(SettingsError, match="BEDSIDE_WEBHOOK_REAP_INTERVAL_SECONDS"):
+        load_settings()

@@ -5,6 +5,7 @@ test's database, a real receiver on loopback that records what is in flight."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from service.settings import Settings
 from tests.api.messaging_helpers import consent, patient, thread
 from tests.api.webhook_helpers import ADMIN, Received, Receiver, admin_get, register, wait_for_delivery
 from tests.conftest import Dsns, Portals
+from tests.support import as_owner
 
 
 @dataclass
@@ -114,6 +116,53 @@ async def test_killing_the_service_mid_delivery_loses_nothing(
     workers = await owner_fetch(database, "SELECT DISTINCT worker FROM webhook_attempts")
     assert len(workers) == 1
     assert workers[0]["worker"] != dead_owner
+
+
+async def test_a_running_worker_reaps_an_expired_lease_within_its_configured_interval(
+    settings: Settings, portals: Portals, receiver: Receiver, aiohttp_client: Any, database: Dsns
+) -> None:
+    """A worker that died holds one of a thread's two deliveries (message.created) under a long lease. A
+    running worker with `webhook_reap_interval_seconds` 0.2 (the default is 10) sends the other one, so it
+    has turned at least once, and reaped first, while that lease still ran. When the lease runs out, the
+    delivery goes within a few of its reap intervals, not at its next turn's reap 10 s after the first."""
+    arranging = await aiohttp_client(create_app(settings.model_copy(update={"webhook_worker": False})))
+    created = await register(arranging, portals, receiver.url)
+    endpoint_id = created["endpoint"]["id"]
+    await consent(arranging, portals)
+    await thread(arranging, portals, message="held by a worker that died")
+    dead_owner = uuid.uuid4()
+    await as_owner(
+        database.owner,
+        lambda conn: conn.execute(
+            "UPDATE webhook_outbox SET lease_owner = $1, lease_until = now() + interval '1 hour' "
+            "WHERE event_type = 'message.created'",
+            dead_owner,
+        ),
+    )
+
+    worker = await aiohttp_client(create_app(settings.model_copy(update={"webhook_reap_interval_seconds": 0.2})))
+    await wait_for_delivery(
+        worker,
+        portals,
+        endpoint_id,
+        lambda items: any(i["event_type"] == "thread.created" and i["status"] == "succeeded" for i in items),
+    )
+    await as_owner(
+        database.owner,
+        lambda conn: conn.execute(
+            "UPDATE webhook_outbox SET lease_until = now() - interval '1 second' WHERE lease_owner = $1", dead_owner
+        ),
+    )
+    items = await wait_for_delivery(
+        worker,
+        portals,
+        endpoint_id,
+        lambda items: len(items) == 2 and all(i["status"] == "succeeded" for i in items),
+        within=3,
+    )
+
+    assert all(i["attempts"] == 1 for i in items)
+    assert sorted(r.json["type"] for r in receiver.received) == ["message.created", "thread.created"]
 
 
 async def test_two_workers_on_one_database_never_send_a_delivery_twice_at_once(
