@@ -139,5 +139,8 @@ def test_serve_uses_an_existing_database_given_by_url(database, kek_file: Path, 
         try:
             assert proc.wait(timeout=30) == 0
         finally:
+            if proc.poll() is None:  # it did not stop when told: it must not outlive the test
+                proc.kill()
+                proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
