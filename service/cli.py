@@ -57,7 +57,7 @@ from service.settings import Settings, SettingsError, load_settings
 from service.store.audit import AuditStore
 from service.store.bootstrap import ensure_database, migrate_database, prepare_database, schema_report
 from service.store.data_keys import DataKeyStore
-from service.store.db import Database, client_connections, connection_slots
+from service.store.db import Database, client_connections, connection_limit
 from service.store.issuers import IssuerStore
 from service.store.tenants import TenantStore
 
@@ -180,7 +180,7 @@ async def _cluster_use(owner_dsn: str) -> tuple[int, int]:
     """The running cluster's connection slots, and how many client connections besides this one it has."""
     db = await Database.connect(owner_dsn, min_size=1, max_size=1)
     try:
-        return await connection_slots(db), await client_connections(db)
+        return (await connection_limit(db)).slots, await client_connections(db)
     finally:
         await db.close()
 
@@ -293,13 +293,13 @@ async def _check_connection_budget(settings: Settings) -> None:
     assert settings.database_url is not None
     db = await Database.connect(settings.database_url.get_secret_value(), min_size=1, max_size=1)
     try:
-        slots = await connection_slots(db)
+        limit = await connection_limit(db)
     finally:
         await db.close()
-    if settings.serve_connections > slots:
+    if settings.serve_connections > limit.slots:
         raise ConfigurationError(
-            f"{_connections_wanted(settings)}, but the database accepts {slots} (max_connections less its "
-            "reserved slots): lower either setting, or raise the server's max_connections"
+            f"{_connections_wanted(settings)}, but the database accepts {limit.slots} ({limit.source}): "
+            f"lower either setting, or raise {limit.remedy}"
         )
 
 

@@ -46,12 +46,15 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     request) before it calls this, and that is what keeps one request's work out of the next one's."""
 
 
-# The connections a role that is not a superuser may open: max_connections less the slots kept for
-# superusers and (PostgreSQL 16 and later) for roles granted pg_use_reserved_connections.
-_CONNECTION_SLOTS = """
+# The connections the caller's role may open, all its clients together: the least of the server's slots
+# (max_connections less those kept for superusers and, from PostgreSQL 16, for roles granted
+# pg_use_reserved_connections), the role's CONNECTION LIMIT and the database's (-1: none).
+_CONNECTION_LIMITS = """
 SELECT pg_catalog.current_setting('max_connections')::int
-     - pg_catalog.current_setting('superuser_reserved_connections')::int
-     - coalesce(pg_catalog.current_setting('reserved_connections', true)::int, 0)
+       - pg_catalog.current_setting('superuser_reserved_connections')::int
+       - coalesce(pg_catalog.current_setting('reserved_connections', true)::int, 0) AS server,
+       (SELECT r.rolconnlimit FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) AS role,
+       (SELECT d.datconnlimit FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()) AS database
 """
 
 
@@ -166,10 +169,25 @@ async def client_connections(db: Database) -> int:
     return count
 
 
-async def connection_slots(db: Database) -> int:
-    """How many connections the server accepts from the service's role, all clients together."""
-    slots: int = await db.fetch_value(_CONNECTION_SLOTS)
-    return slots
+@dataclass(frozen=True, slots=True)
+class ConnectionLimit:
+    """How many connections the server accepts from the caller's role, and which limit says so."""
+
+    slots: int
+    source: str  # in an operator's words: "max_connections less its reserved slots", ...
+    remedy: str  # what would raise it
+
+
+async def connection_limit(db: Database) -> ConnectionLimit:
+    """The tightest of the server's, the role's and the database's connection limits."""
+    async with db.transaction() as tx:
+        row = await tx.conn.fetchrow(_CONNECTION_LIMITS)
+    assert row is not None
+    found = [ConnectionLimit(row["server"], "max_connections less its reserved slots", "the server's max_connections")]
+    for column, which in (("role", "the login role's"), ("database", "the database's")):
+        if row[column] is not None and row[column] >= 0:
+            found.append(ConnectionLimit(row[column], f"{which} CONNECTION LIMIT", f"{which} CONNECTION LIMIT"))
+    return min(found, key=lambda limit: limit.slots)
 
 
 async def check_application_role(db: Database) -> None:

@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from crypto.checkpoint import Ed25519CheckpointSigner
@@ -61,6 +63,46 @@ def test_serve_refuses_more_connections_than_the_database_accepts(
         "process its pool, and one for the audit sequencer where it runs), but the database accepts 197 "
         "(max_connections less its reserved slots): lower either setting, or raise the server's max_connections"
     ]
+
+
+@pytest.mark.parametrize("limited", ["role", "database"])
+async def test_serve_counts_a_role_or_database_connection_limit_too(
+    database: Dsns, kek_file: Path, signing_key_file: Path, limited: str
+) -> None:
+    """A CONNECTION LIMIT on the login role or on the database binds before max_connections does: `serve`
+    names it, rather than meet "too many connections for role" under load."""
+    owner = await asyncpg.connect(database.owner)
+    role = f"bedside_limited_{uuid.uuid4().hex[:12]}"
+    dsn = database.app
+    try:
+        if limited == "role":
+            await owner.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 30 IN ROLE bedside_app")
+            dsn = urlunsplit(urlsplit(database.app)._replace(netloc=f"{role}:limited@"))
+        else:
+            await owner.execute(f'ALTER DATABASE "{database.name}" CONNECTION LIMIT 30')
+        env = _env(kek_file, signing_key_file, processes="2", db_pool_max="20", port="0")
+
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [BEDSIDE, "serve", "--database-url", dsn],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        which = "the login role's" if limited == "role" else "the database's"
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert result.stderr.splitlines() == [
+            "bedside: BEDSIDE_PROCESSES=2 with BEDSIDE_DB_POOL_MAX=20 may open 42 database connections (in each "
+            f"process its pool, and one for the audit sequencer where it runs), but the database accepts 30 "
+            f"({which} CONNECTION LIMIT): lower either setting, or raise {which} CONNECTION LIMIT"
+        ]
+    finally:
+        if limited == "role":
+            await owner.execute(f"DROP ROLE IF EXISTS {role}")
+        await owner.close()
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
