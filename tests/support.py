@@ -3,7 +3,10 @@ sees it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +38,16 @@ async def as_owner(owner_dsn: str, work: Callable[[asyncpg.Connection], Awaitabl
         return await work(conn)
     finally:
         await conn.close()
+
+
+async def blocked_by(conn: asyncpg.Connection, blocker: int) -> int:
+    """The pid of the backend that waits for a lock the backend `blocker` holds, once one does."""
+    for _ in range(200):
+        pid = await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", blocker)
+        if pid is not None:
+            return int(pid)
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"no backend waited for backend {blocker}")
 
 
 async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncpg.Record]:
@@ -106,3 +119,97 @@ class TestIssuer:
 
     def auth(self, **kwargs: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(**kwargs)}"}
+
+
+class DatabaseLink:
+    """A TCP link to the test's PostgreSQL that the test can cut, for the service to connect through.
+
+    `outage()` closes every connection through it and refuses the next one, as a failover does; the
+    connections after that go through again. After `linger()`, a connection open at that moment that the
+    server then ends keeps its client's side open until the client next writes: the server's last words (a
+    FATAL error) arrive, its closing does not yet, as when the end is still on its way. `ends` counts the
+    connections the server ended, once their last words went to the client."""
+
+    def __init__(self, upstream: str) -> None:
+        self._upstream = urllib.parse.urlsplit(upstream)
+        self._refuse = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._clients: set[asyncio.StreamWriter] = set()
+        self._lingering: set[asyncio.StreamWriter] = set()
+        self.ends = 0
+
+    @property
+    def dsn(self) -> str:
+        """The upstream URL, pointed at this link."""
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        netloc = self._upstream.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+        return urllib.parse.urlunsplit(("postgresql", netloc, self._upstream.path, "sslmode=disable", ""))
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        self._cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def outage(self) -> None:
+        self._cut()
+        self._refuse = 1
+
+    def linger(self) -> None:
+        self._lingering = set(self._clients)
+
+    async def wait_for_ends(self, count: int) -> None:
+        """Until the server has ended `count` connections through the link."""
+        for _ in range(200):
+            if self.ends >= count:
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError(f"{self.ends} of {count} connections ended")
+
+    def _cut(self) -> None:
+        for writer in self._writers:
+            writer.close()
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        query = urllib.parse.parse_qs(self._upstream.query)
+        if "host" in query:  # a Unix socket directory
+            return await asyncio.open_unix_connection(f"{query['host'][0]}/.s.PGSQL.{query['port'][0]}")
+        return await asyncio.open_connection(self._upstream.hostname, self._upstream.port)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refuse:
+            self._refuse -= 1
+            writer.close()
+            return
+        up_reader, up_writer = await self._open_upstream()
+        self._writers |= {writer, up_writer}
+        self._clients.add(writer)
+
+        async def to_client() -> None:
+            with contextlib.suppress(OSError):
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            self.ends += 1
+            if writer not in self._lingering:
+                writer.close()
+
+        async def to_server() -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    if up_reader.at_eof():
+                        break  # the server has ended this connection: the client learns it now
+                    up_writer.write(data)
+                    await up_writer.drain()
+            up_writer.close()
+            writer.close()
+
+        await asyncio.gather(to_client(), to_server())
+        self._writers -= {writer, up_writer}
+        self._clients.discard(writer)
+        self._lingering.discard(writer)

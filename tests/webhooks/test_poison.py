@@ -11,11 +11,8 @@ the test can cut stands between a dispatcher and PostgreSQL where it needs an ou
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -41,7 +38,7 @@ from service.workers.http import HttpTransport, system_resolver
 from tests.api.messaging_helpers import consent, thread
 from tests.api.webhook_helpers import ADMIN, Receiver, admin_get, register, wait_for_delivery
 from tests.conftest import Dsns, Portals, Services
-from tests.support import as_owner, audit_events
+from tests.support import DatabaseLink, as_owner, audit_events
 
 NO_WORKER = pytest.mark.parametrize("settings", [{"webhook_worker": False}], indirect=True)
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -250,67 +247,6 @@ async def one_delivery(
     await consent(client, portals)
     await thread(client, portals)
     return endpoint_id
-
-
-class DatabaseLink:
-    """A TCP link to the test's PostgreSQL that the test can cut, for a dispatcher to connect through.
-    `outage()` closes every connection through it and refuses the next one, as a failover does; the
-    connections after that go through again."""
-
-    def __init__(self, upstream: str) -> None:
-        self._upstream = urllib.parse.urlsplit(upstream)
-        self._refuse = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def dsn(self) -> str:
-        """The upstream URL, pointed at this link."""
-        assert self._server is not None
-        port = self._server.sockets[0].getsockname()[1]
-        netloc = self._upstream.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
-        return urllib.parse.urlunsplit(("postgresql", netloc, self._upstream.path, "sslmode=disable", ""))
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        self._cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def outage(self) -> None:
-        self._cut()
-        self._refuse = 1
-
-    def _cut(self) -> None:
-        for writer in self._writers:
-            writer.close()
-
-    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        query = urllib.parse.parse_qs(self._upstream.query)
-        if "host" in query:  # a Unix socket directory
-            return await asyncio.open_unix_connection(f"{query['host'][0]}/.s.PGSQL.{query['port'][0]}")
-        return await asyncio.open_connection(self._upstream.hostname, self._upstream.port)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._refuse:
-            self._refuse -= 1
-            writer.close()
-            return
-        up_reader, up_writer = await self._open_upstream()
-        self._writers |= {writer, up_writer}
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
 
 
 @NO_WORKER
