@@ -58,8 +58,23 @@ SELECT pg_catalog.current_setting('max_connections')::int
 """
 
 
-# The driver raises these when the server is unreachable or the connection dies mid-way.
-_UNAVAILABLE = (OSError, asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)
+# The driver raises these when the server cannot serve this connection now and a later one may succeed:
+# it is unreachable, the connection died mid-way, or the server ended the session or turned it away (a
+# restart, a failover, a full server). Not 57014 query_canceled (statement_timeout): that statement would
+# time out again, and a webhook delivery that keeps doing so must be dead-lettered, not retried forever.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,  # class 08; also a statement whose session was ended
+    asyncpg.exceptions.InterfaceError,  # the connection is closed
+    asyncpg.exceptions.AdminShutdownError,  # 57P01: fast shutdown, pg_terminate_backend, a failover manager
+    asyncpg.exceptions.CrashShutdownError,  # 57P02: another backend crashed, the server restarts
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.exceptions.TooManyConnectionsError,  # 53300: no connection slot free, for now
+)
+# And one the driver has no name for: when the server ends an idle pooled connection, its FATAL error can
+# reach asyncpg before the connection's end does, and the next statement fails with InternalClientError
+# ("cannot switch to state ...") after which asyncpg closes the connection. An InternalClientError on a
+# connection the driver has closed is the server going away; one that leaves it open is not.
 
 
 # Subscripted only for the type checker: asyncpg's classes are not generic at run time.
@@ -122,14 +137,19 @@ class Database:
             begin = f"BEGIN; SELECT pg_catalog.set_config('bedside.tenant_id', '{tenant_id}', true)"
         try:
             async with self._pool.acquire() as conn:
-                await conn.execute(begin)
                 try:
-                    yield Tx(conn=conn, tenant_id=tenant_id)
-                except BaseException:
-                    with contextlib.suppress(*_UNAVAILABLE, asyncpg.PostgresError):
-                        await conn.execute("ROLLBACK")
+                    await conn.execute(begin)
+                    try:
+                        yield Tx(conn=conn, tenant_id=tenant_id)
+                    except BaseException:
+                        with contextlib.suppress(*_UNAVAILABLE, asyncpg.PostgresError):
+                            await conn.execute("ROLLBACK")
+                        raise
+                    await conn.execute("COMMIT")
+                except asyncpg.exceptions.InternalClientError:
+                    if conn.is_closed():
+                        raise UnavailableError("the database is not reachable") from None
                     raise
-                await conn.execute("COMMIT")
         except _UNAVAILABLE:
             raise UnavailableError("the database is not reachable") from None
 
@@ -155,7 +175,12 @@ class Database:
         """A single value outside any tenant (health checks)."""
         try:
             async with self._pool.acquire() as conn:
-                return await conn.fetchval(query, *args)
+                try:
+                    return await conn.fetchval(query, *args)
+                except asyncpg.exceptions.InternalClientError:
+                    if conn.is_closed():
+                        raise UnavailableError("the database is not reachable") from None
+                    raise
         except _UNAVAILABLE:
             raise UnavailableError("the database is not reachable") from None
 

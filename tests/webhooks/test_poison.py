@@ -505,6 +505,47 @@ async def test_a_database_outage_before_the_request_uses_up_no_attempt(
         await link.close()
 
 
+@NO_WORKER
+async def test_a_failover_that_ended_the_dispatchers_idle_connection_uses_up_no_attempt(
+    client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
+) -> None:
+    """The server ends the dispatcher's pooled connection while it sits idle, as a failover ends every
+    session; its FATAL error has arrived, its closing not yet, so the driver trips on the next statement
+    (asyncpg's InternalClientError) and closes the connection. That is the database going away, not a
+    poison delivery: `UnavailableError`, no `internal-error` attempt recorded on the fresh connection the
+    pool would open for it, nothing sent; the delivery goes once its lease runs out."""
+    endpoint_id = await one_delivery(client, portals, receiver)
+    link = DatabaseLink(database.app)
+    await link.start()
+    db = await Database.connect(link.dsn, min_size=1, max_size=1)
+    try:
+        dispatcher = make_dispatcher(db=db)
+        owner = uuid.uuid4()
+        [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
+        backend = await db.fetch_value("SELECT pg_backend_pid()")
+        link.linger()
+        assert await as_owner(database.owner, lambda conn: conn.fetchval("SELECT pg_terminate_backend($1)", backend))
+        await link.wait_for_ends(1)
+
+        with pytest.raises(UnavailableError):
+            await dispatcher.deliver(owner, tenant_id, delivery_id)
+
+        row = await outbox_row(database, delivery_id)
+        assert (row["status"], row["tries"], row["attempts"], row["lease_owner"]) == ("pending", 0, 0, owner)
+        assert await attempt_rows(database, delivery_id) == []
+        assert receiver.received == []
+
+        await expire_lease(database, delivery_id)
+        assert await dispatcher.reap() == 1
+        assert await dispatcher.claim(owner, 30.0, 10) == [(tenant_id, delivery_id)]
+        assert await dispatcher.deliver(owner, tenant_id, delivery_id) == "succeeded"
+        assert [(a["attempt"], a["status_code"]) for a in await attempt_rows(database, delivery_id)] == [(1, 200)]
+        assert await endpoint_health(database, endpoint_id) == (None, None, None)
+    finally:
+        await db.close()
+        await link.close()
+
+
 # -- the real worker --------------------------------------------------------------------------------
 
 

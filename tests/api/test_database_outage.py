@@ -1,0 +1,87 @@
+"""A database that goes away mid-request (a failover, a restart, an operator ending backends) or turns new
+connections away is an outage, not a fault of ours: 503 problem+json with Retry-After, nothing written, and
+the next request is served on a fresh connection once the server takes it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from aiohttp import ClientResponse
+
+from tests.api.messaging_helpers import consent, patient, thread
+from tests.conftest import Dsns, Portals
+from tests.support import blocked_by
+
+
+async def _assert_unavailable(response: ClientResponse) -> None:
+    assert response.status == 503, await response.text()
+    assert response.content_type == "application/problem+json"
+    assert response.headers["Retry-After"] == "5"
+    problem = await response.json(content_type="application/problem+json")
+    assert (problem["status"], problem["code"]) == (503, "unavailable")
+    assert problem["request_id"] == response.headers["X-Request-Id"]
+
+
+async def _messages(owner: asyncpg.Connection, thread_id: str) -> int:
+    return int(await owner.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1::uuid", thread_id))
+
+
+async def test_a_send_whose_backend_is_terminated_mid_statement_answers_503_and_writes_nothing(
+    client, portals: Portals, database: Dsns
+) -> None:
+    """The send waits for the thread's row lock when its backend is ended: the server's 57P01
+    admin_shutdown, what a fast shutdown or a failover manager's pg_terminate_backend sends to every session,
+    which asyncpg reports as the connection closed mid-operation (08003)."""
+    await consent(client, portals)
+    created = await thread(client, portals)
+    url = f"/v1/threads/{created['id']}/messages"
+    owner = await asyncpg.connect(database.owner)
+    locker = await asyncpg.connect(database.owner)
+    try:
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM threads WHERE id = $1::uuid FOR UPDATE", created["id"])
+            sending = asyncio.create_task(client.post(url, json={"body": "mid-failover"}, headers=patient(portals)))
+            backend = await blocked_by(owner, locker.get_server_pid())
+            assert await owner.fetchval("SELECT application_name FROM pg_stat_activity WHERE pid = $1", backend) == (
+                "bedside"
+            )
+            assert await owner.fetchval("SELECT pg_terminate_backend($1)", backend)
+            refused = await sending
+        await _assert_unavailable(refused)
+        assert await _messages(owner, created["id"]) == 1  # only the thread's first message
+
+        again = await client.post(url, json={"body": "after the failover"}, headers=patient(portals))
+        assert again.status == 201, await again.text()
+        assert await _messages(owner, created["id"]) == 2
+    finally:
+        await locker.close()
+        await owner.close()
+
+
+async def test_a_server_that_turns_new_connections_away_answers_503_until_it_takes_them_again(
+    client, portals: Portals, database: Dsns
+) -> None:
+    """The service's sessions are ended and the server refuses new ones (SQLSTATE 53300
+    too_many_connections, here from the database's connection limit, as when max_connections is reached).
+    More requests than the pool holds: whether one meets a pooled connection that just died or asks for a
+    new one, the answer is 503; once the server accepts connections again, so does the service."""
+    await consent(client, portals)
+    created = await thread(client, portals)
+    url = f"/v1/threads/{created['id']}"
+    owner = await asyncpg.connect(database.owner)
+    try:
+        await owner.execute(f'ALTER DATABASE "{database.name}" CONNECTION LIMIT 0')
+        await owner.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'bedside'"
+        )
+        for _ in range(6):  # the suite's pool holds at most 4
+            await _assert_unavailable(await client.get(url, headers=patient(portals)))
+
+        await owner.execute(f'ALTER DATABASE "{database.name}" CONNECTION LIMIT -1')
+        served = await client.get(url, headers=patient(portals))
+        assert served.status == 200, await served.text()
+    finally:
+        await owner.execute(f'ALTER DATABASE "{database.name}" CONNECTION LIMIT -1')
+        await owner.close()
