@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -44,19 +45,25 @@ class _ProblemRequestHandler(RequestHandler):
             # Part of a response went out already: as aiohttp does, the connection is dropped instead.
             raise ConnectionError("the response had begun; the connection is closed instead")
         request_id = uuid.uuid4().hex
-        problem = HTTP_PROBLEMS.get(status) or (
-            INTERNAL if status >= 500 else HttpProblem(status, "http-error", "HTTP error")
-        )
-        (log.error if status >= 500 else log.info)(
-            "http.request",
-            request_id=request_id,
-            method="OTHER",
-            route=UNMATCHED_ROUTE,
-            status=status,
-            code=problem.code,
-            error_type=type(exc).__name__ if exc is not None else None,
-        )
-        self._metrics.observe(UNMATCHED_ROUTE, "OTHER", status, 0.0)
+        if isinstance(exc, HttpProcessingError):
+            # The parser refused the request (aiohttp sends 400 for every refusal): no middleware saw it, so
+            # it is logged and counted here, as `observe` does for the others.
+            problem = HTTP_PROBLEMS.get(status) or HttpProblem(status, "http-error", "HTTP error")
+            log.info(
+                "http.request",
+                request_id=request_id,
+                method="OTHER",
+                route=UNMATCHED_ROUTE,
+                status=problem.status,
+                code=problem.code,
+                error_type=type(exc).__name__,
+            )
+            self._metrics.observe(UNMATCHED_ROUTE, "OTHER", problem.status, 0.0)
+        else:
+            # Something escaped the middleware chain (a 500, or aiohttp's 504 for a timeout), which `observe`
+            # has logged and counted already: here only its type and location, and a 500 with no detail.
+            problem = INTERNAL
+            log.error("http.unhandled", request_id=request_id, exc_info=exc)
         response = problem_response(
             status=problem.status, code=problem.code, title=problem.title, detail=problem.title, request_id=request_id
         )

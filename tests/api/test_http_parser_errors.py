@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -97,8 +98,33 @@ async def test_a_request_the_parser_refuses_is_a_400_problem_that_quotes_nothing
     assert await _unparsed_count(base) == counted + 1
 
 
-async def test_the_service_answers_normally_after_a_refused_request(base: tuple[str, int]) -> None:
-    await _exchange(base, MALFORMED["unknown method"].encode())
-    status, headers, body = await _exchange(base, b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-    assert status == 200, body
-    assert headers["content-type"].startswith("application/json")
+async def test_an_error_that_escapes_every_middleware_is_a_500_problem_that_quotes_nothing(settings: Settings) -> None:
+    """Nothing in the service raises past `problems`; should something outside it ever do, aiohttp's own
+    answer (text, with a traceback in debug mode) is replaced by the same 500 problem as every other."""
+    app = create_app(settings)
+
+    @aiohttp.web.middleware
+    async def broken(request: aiohttp.web.Request, handler: Any) -> aiohttp.web.StreamResponse:
+        raise RuntimeError(CANARY)
+
+    app.middlewares.insert(0, broken)
+    runner = app_runner(app, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        with capture_logs() as logs:
+            status, headers, body = await _exchange(
+                runner.addresses[0][:2], b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+    finally:
+        await runner.cleanup()
+
+    assert status == 500
+    assert headers["content-type"] == "application/problem+json"
+    problem = json.loads(body)
+    assert (problem["status"], problem["code"]) == (500, "internal-error")
+    assert CANARY.encode() not in body
+    [event] = [e for e in logs if e["event"] == "http.unhandled"]
+    assert event["request_id"] == problem["request_id"] == headers["x-request-id"]
+    assert isinstance(event["exc_info"], RuntimeError)  # reduced to its type and location by the log chain
