@@ -8,7 +8,7 @@ import contextlib
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,21 @@ async def blocked_by(conn: asyncpg.Connection, blocker: int) -> int:
             return int(pid)
         await asyncio.sleep(0.025)
     raise AssertionError(f"no backend waited for backend {blocker}")
+
+
+@contextlib.asynccontextmanager
+async def database_connection_limit(owner_dsn: str, database: str, limit: int) -> AsyncIterator[None]:
+    """The database's CONNECTION LIMIT set to `limit` (0: no new connections but a superuser's), and
+    lifted again (-1) however the block ends."""
+
+    async def set_limit(value: int) -> None:
+        await as_owner(owner_dsn, lambda conn: conn.execute(f'ALTER DATABASE "{database}" CONNECTION LIMIT {value}'))
+
+    await set_limit(limit)
+    try:
+        yield
+    finally:
+        await set_limit(-1)
 
 
 async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncpg.Record]:
@@ -128,7 +143,8 @@ class DatabaseLink:
     connections after that go through again. After `linger()`, a connection open at that moment that the
     server then ends keeps its client's side open until the client next writes: the server's last words (a
     FATAL error) arrive, its closing does not yet, as when the end is still on its way. `ends` counts the
-    connections the server ended, once their last words went to the client."""
+    connections whose server side has closed, whoever ended them, once their last words went to the client:
+    take it before ending one, and wait for one more."""
 
     def __init__(self, upstream: str) -> None:
         self._upstream = urllib.parse.urlsplit(upstream)
@@ -164,9 +180,12 @@ class DatabaseLink:
         self._lingering = set(self._clients)
 
     async def wait_for_ends(self, count: int) -> None:
-        """Until the server has ended `count` connections through the link."""
+        """Until the server has ended `count` connections through the link, and the client has read what
+        the link passed on: a turn of the loop for its reader after the last write."""
         for _ in range(200):
             if self.ends >= count:
+                for _ in range(3):
+                    await asyncio.sleep(0)
                 return
             await asyncio.sleep(0.025)
         raise AssertionError(f"{self.ends} of {count} connections ended")

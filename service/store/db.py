@@ -48,12 +48,13 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 # The connections the caller's role may open, all its clients together: the least of the server's slots
 # (max_connections less those kept for superusers and, from PostgreSQL 16, for roles granted
-# pg_use_reserved_connections), the role's CONNECTION LIMIT and the database's (-1: none).
+# pg_use_reserved_connections), the login role's CONNECTION LIMIT (session_user's: PostgreSQL counts the
+# role that logged in, whatever role it then acts as) and the database's (-1: none).
 _CONNECTION_LIMITS = """
 SELECT pg_catalog.current_setting('max_connections')::int
        - pg_catalog.current_setting('superuser_reserved_connections')::int
        - coalesce(pg_catalog.current_setting('reserved_connections', true)::int, 0) AS server,
-       (SELECT r.rolconnlimit FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) AS role,
+       (SELECT r.rolconnlimit FROM pg_catalog.pg_roles r WHERE r.rolname = session_user) AS role,
        (SELECT d.datconnlimit FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()) AS database
 """
 
@@ -69,6 +70,7 @@ _UNAVAILABLE = (
     asyncpg.exceptions.AdminShutdownError,  # 57P01: fast shutdown, pg_terminate_backend, a failover manager
     asyncpg.exceptions.CrashShutdownError,  # 57P02: another backend crashed, the server restarts
     asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.exceptions.IdleSessionTimeoutError,  # 57P05: the server's idle_session_timeout ended it
     asyncpg.exceptions.TooManyConnectionsError,  # 53300: no connection slot free, for now
 )
 # And one the driver has no name for: when the server ends an idle pooled connection, its FATAL error can

@@ -5,13 +5,14 @@ the next request is served on a fresh connection once the server takes it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import asyncpg
 from aiohttp import ClientResponse
 
 from tests.api.messaging_helpers import consent, patient, thread
 from tests.conftest import Dsns, Portals
-from tests.support import blocked_by
+from tests.support import as_owner, blocked_by, database_connection_limit
 
 
 async def _assert_unavailable(response: ClientResponse) -> None:
@@ -38,6 +39,7 @@ async def test_a_send_whose_backend_is_terminated_mid_statement_answers_503_and_
     url = f"/v1/threads/{created['id']}/messages"
     owner = await asyncpg.connect(database.owner)
     locker = await asyncpg.connect(database.owner)
+    sending: asyncio.Task[ClientResponse] | None = None
     try:
         async with locker.transaction():
             await locker.execute("SELECT 1 FROM threads WHERE id = $1::uuid FOR UPDATE", created["id"])
@@ -55,6 +57,10 @@ async def test_a_send_whose_backend_is_terminated_mid_statement_answers_503_and_
         assert again.status == 201, await again.text()
         assert await _messages(owner, created["id"]) == 2
     finally:
+        if sending is not None and not sending.done():  # a check above failed: the send must not outlive it
+            sending.cancel()
+            with contextlib.suppress(BaseException):
+                await sending
         await locker.close()
         await owner.close()
 
@@ -69,19 +75,18 @@ async def test_a_server_that_turns_new_connections_away_answers_503_until_it_tak
     await consent(client, portals)
     created = await thread(client, portals)
     url = f"/v1/threads/{created['id']}"
-    owner = await asyncpg.connect(database.owner)
-    try:
-        await owner.execute(f'ALTER DATABASE "{database.name}" CONNECTION LIMIT 0')
-        await owner.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'bedside'"
+    async with database_connection_limit(database.owner, database.name, 0):
+        # Ended, and waited for (5 s at most) so that no request meets a backend still on its way out.
+        ended = await as_owner(
+            database.owner,
+            lambda conn: conn.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'bedside'"
+            ),
         )
+        assert ended >= 1  # the pool had connections: some requests meet one that has died
         for _ in range(6):  # the suite's pool holds at most 4
             await _assert_unavailable(await client.get(url, headers=patient(portals)))
 
-        await owner.execute(f'ALTER DATABASE "{database.name}" CONNECTION LIMIT -1')
-        served = await client.get(url, headers=patient(portals))
-        assert served.status == 200, await served.text()
-    finally:
-        await owner.execute(f'ALTER DATABASE "{database.name}" CONNECTION LIMIT -1')
-        await owner.close()
+    served = await client.get(url, headers=patient(portals))
+    assert served.status == 200, await served.text()

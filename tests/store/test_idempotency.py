@@ -14,6 +14,7 @@ from service.store.db import Database
 from service.store.idempotency import IdempotencyStore, StoredResponse
 from service.workers.maintenance import IdempotencyPurger
 from tests.conftest import Dsns, Portals
+from tests.support import as_owner, blocked_by
 
 
 async def _tenants(owner_dsn: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -129,17 +130,7 @@ async def _on_record_in_own_transaction(
 async def _wait_until_blocked_by(owner_dsn: str, blocker: int) -> None:
     """Until a backend waits for the one with pid `blocker` (the second claim, on the first one's
     unique index entry)."""
-    owner = await asyncpg.connect(owner_dsn)
-    try:
-        for _ in range(200):
-            if await owner.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", blocker
-            ):
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("the second claim never waited for the first")
-    finally:
-        await owner.close()
+    await as_owner(owner_dsn, lambda conn: blocked_by(conn, blocker))
 
 
 async def test_the_purge_deletes_expired_keys_of_every_tenant_and_nothing_else(

@@ -18,7 +18,7 @@ import pytest
 from service.errors import ConfigurationError, UnavailableError
 from service.store.db import Database
 from tests.conftest import Dsns
-from tests.support import DatabaseLink, as_owner
+from tests.support import DatabaseLink, as_owner, database_connection_limit
 
 
 @pytest.fixture
@@ -51,6 +51,7 @@ async def refusing_server(request: pytest.FixtureRequest) -> AsyncIterator[str]:
         "57P01",  # admin_shutdown: a fast shutdown or a failover ends the session
         "57P02",  # crash_shutdown: another backend crashed and the server restarts
         "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
+        "57P05",  # idle_session_timeout: the server ended an idle session (sent at once here: the mapping is tested)
         "53300",  # too_many_connections: no slot free (max_connections, a role's or a database's limit)
     ],
     indirect=True,
@@ -75,24 +76,17 @@ async def test_a_server_that_refuses_connections_while_it_restarts_or_is_full_is
         await db.close()
 
 
-async def _connection_limit(database: Dsns, limit: int) -> None:
-    statement = f'ALTER DATABASE "{database.name}" CONNECTION LIMIT {limit}'
-    await as_owner(database.owner, lambda conn: conn.execute(statement))
-
-
 async def test_a_database_that_takes_no_more_connections_is_unavailable_until_it_does(database: Dsns) -> None:
     """PostgreSQL itself turning the connection away (53300, here from the database's connection limit)."""
     db = await Database.connect(database.app, min_size=0, max_size=1)
     try:
-        await _connection_limit(database, 0)
-        with pytest.raises(UnavailableError):
-            async with db.transaction():
-                pass
-        await _connection_limit(database, -1)
+        async with database_connection_limit(database.owner, database.name, 0):
+            with pytest.raises(UnavailableError):
+                async with db.transaction():
+                    pass
         async with db.transaction() as tx:
             assert await tx.conn.fetchval("SELECT 1") == 1
     finally:
-        await _connection_limit(database, -1)
         await db.close()
 
 
@@ -109,12 +103,15 @@ async def test_a_pooled_connection_the_server_ended_while_it_sat_idle_is_unavail
     try:
         backend = await db.fetch_value("SELECT pg_backend_pid()")
         link.linger()
+        ended = link.ends  # before the end below: its count may go up as soon as it is asked for
         assert await as_owner(database.owner, lambda conn: conn.fetchval("SELECT pg_terminate_backend($1)", backend))
-        await link.wait_for_ends(1)
+        await link.wait_for_ends(ended + 1)
 
-        with pytest.raises(UnavailableError):
+        with pytest.raises(UnavailableError) as raised:
             async with db.transaction():
                 pass
+        # The case named above, not the plainer one where the connection's end had arrived too.
+        assert isinstance(raised.value.__context__, asyncpg.exceptions.InternalClientError)
         async with db.transaction() as tx:
             assert await tx.conn.fetchval("SELECT pg_backend_pid()") != backend
     finally:
