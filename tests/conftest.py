@@ -19,7 +19,6 @@ import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from hypothesis import settings as hypothesis_settings
 from pydantic import SecretStr
 
 from crypto.dek_cache import DataKeyCache
@@ -44,13 +43,6 @@ if TYPE_CHECKING:
     from tests.api.webhook_helpers import Receiver
 
 TEMPLATE = "bedside_template"
-
-# In CI (a fresh clone that must land or not) the property tests draw the same examples every run, so a
-# red run is reproducible and never a coin toss; elsewhere they draw new ones each run and keep exploring.
-# A failure prints the blob that replays it (`@reproduce_failure`).
-hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
-hypothesis_settings.register_profile("explore", print_blob=True)
-hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "explore")
 
 
 @dataclass(frozen=True)
