@@ -292,8 +292,10 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
             time.sleep(0.2)
         assert not any(_alive(pid) for pid in servers)
     finally:
-        _stop(proc)  # killed above, unless something failed first
-        _kill_survivors(servers)
+        try:
+            _stop(proc)  # killed above, unless something failed first
+        finally:
+            _kill_survivors(servers)
 
     # Its PostgreSQL is left running, sized for that run. The next serve, which needs more connections,
     # starts it again with room for them instead of failing under load.

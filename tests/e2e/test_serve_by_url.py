@@ -100,9 +100,11 @@ async def test_serve_counts_a_role_or_database_connection_limit_too(
             f"({which} CONNECTION LIMIT): lower either setting, or raise {which} CONNECTION LIMIT"
         ]
     finally:
-        if limited == "role":
-            await owner.execute(f"DROP ROLE IF EXISTS {role}")
-        await owner.close()
+        try:
+            if limited == "role":
+                await owner.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await owner.close()
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
