@@ -190,6 +190,14 @@ class DatabaseLink:
             await asyncio.sleep(0.025)
         raise AssertionError(f"{self.ends} of {count} connections ended")
 
+    async def end_idle(self, owner_dsn: str, backend: int) -> None:
+        """End `backend`, a session through the link that sits idle, as a failover does, with its closing
+        held back (`linger`); return once its client has read the server's FATAL error."""
+        self.linger()
+        ended = self.ends  # before the end: the count may go up as soon as it is asked for
+        assert await as_owner(owner_dsn, lambda conn: conn.fetchval("SELECT pg_terminate_backend($1)", backend))
+        await self.wait_for_ends(ended + 1)
+
     def _cut(self) -> None:
         for writer in self._writers:
             writer.close()

@@ -539,10 +539,7 @@ async def test_a_failover_that_ended_the_dispatchers_idle_connection_uses_up_no_
         owner = uuid.uuid4()
         [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
         backend = await db.fetch_value("SELECT pg_backend_pid()")
-        link.linger()
-        ended = link.ends  # before the end below: its count may go up as soon as it is asked for
-        assert await as_owner(database.owner, lambda conn: conn.fetchval("SELECT pg_terminate_backend($1)", backend))
-        await link.wait_for_ends(ended + 1)
+        await link.end_idle(database.owner, backend)
 
         with pytest.raises(UnavailableError) as raised:
             await dispatcher.deliver(owner, tenant_id, delivery_id)
