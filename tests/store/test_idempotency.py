@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -17,106 +18,93 @@ from tests.conftest import Dsns, Portals
 from tests.support import as_owner, blocked_by
 
 
+@pytest.fixture
+async def db(database: Dsns) -> AsyncIterator[Database]:
+    """The application's pool on the test's database, as the service's role."""
+    pool = await Database.connect(database.app, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
+
+
 async def _tenants(owner_dsn: str) -> tuple[uuid.UUID, uuid.UUID]:
-    owner = await asyncpg.connect(owner_dsn)
-    try:
-        acme = await owner.fetchval("SELECT id FROM tenants WHERE slug = 'acme'")
-        globex = await owner.fetchval("SELECT id FROM tenants WHERE slug = 'globex'")
-    finally:
-        await owner.close()
-    return acme, globex
+    rows = await as_owner(owner_dsn, lambda conn: conn.fetch("SELECT slug, id FROM tenants"))
+    ids = {row["slug"]: row["id"] for row in rows}
+    return ids["acme"], ids["globex"]
 
 
 async def _expire(owner_dsn: str, keys: list[str]) -> None:
-    owner = await asyncpg.connect(owner_dsn)
-    try:
-        await owner.execute(
-            "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = ANY($1)", keys
-        )
-    finally:
-        await owner.close()
+    statement = "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = ANY($1)"
+    await as_owner(owner_dsn, lambda conn: conn.execute(statement, keys))
 
 
-async def test_a_new_key_is_claimed_in_one_statement_and_a_stored_one_replays(database: Dsns, portals: Portals) -> None:
+async def test_a_new_key_is_claimed_in_one_statement_and_a_stored_one_replays(
+    database: Dsns, portals: Portals, db: Database
+) -> None:
     acme, _ = await _tenants(database.owner)
-    db = await Database.connect(database.app, min_size=1, max_size=1)
     store, sent = IdempotencyStore(), []
 
     def note(query: LoggedQuery) -> None:
         sent.append(query.query)
 
-    try:
-        async with db.transaction(acme) as tx:
-            with tx.conn.query_logger(note):
-                assert await store.claim(tx, acme, "Patient/1", "k-1", b"first") is None
-            await store.complete(tx, acme, "Patient/1", "k-1", 201, {"id": "x"})
-        async with db.transaction(acme) as tx:
-            stored = await store.claim(tx, acme, "Patient/1", "k-1", b"second")
-    finally:
-        await db.close()
+    async with db.transaction(acme) as tx:
+        with tx.conn.query_logger(note):
+            assert await store.claim(tx, acme, "Patient/1", "k-1", b"first") is None
+        await store.complete(tx, acme, "Patient/1", "k-1", 201, {"id": "x"})
+    async with db.transaction(acme) as tx:
+        stored = await store.claim(tx, acme, "Patient/1", "k-1", b"second")
     assert len(sent) == 1, sent
     assert "DELETE" not in sent[0]
     assert stored is not None
     assert (stored.request_hash, stored.response) == (b"first", {"id": "x"})
 
 
-async def test_an_expired_key_is_claimed_anew(database: Dsns, portals: Portals) -> None:
+async def test_an_expired_key_is_claimed_anew(database: Dsns, portals: Portals, db: Database) -> None:
     acme, _ = await _tenants(database.owner)
-    db = await Database.connect(database.app, min_size=1, max_size=1)
     store = IdempotencyStore()
-    try:
-        async with db.transaction(acme) as tx:
-            assert await store.claim(tx, acme, "Patient/1", "old", b"first") is None
-        await _expire(database.owner, ["old"])
-        async with db.transaction(acme) as tx:
-            assert await store.claim(tx, acme, "Patient/1", "old", b"second") is None
-        async with db.transaction(acme) as tx:
-            stored = await store.claim(tx, acme, "Patient/1", "old", b"third")
-    finally:
-        await db.close()
+    async with db.transaction(acme) as tx:
+        assert await store.claim(tx, acme, "Patient/1", "old", b"first") is None
+    await _expire(database.owner, ["old"])
+    async with db.transaction(acme) as tx:
+        assert await store.claim(tx, acme, "Patient/1", "old", b"second") is None
+    async with db.transaction(acme) as tx:
+        stored = await store.claim(tx, acme, "Patient/1", "old", b"third")
     assert stored is not None
     assert stored.request_hash == b"second"
 
 
-async def test_a_key_found_taken_and_then_purged_is_claimed_anew(database: Dsns, portals: Portals) -> None:
+async def test_a_key_found_taken_and_then_purged_is_claimed_anew(
+    database: Dsns, portals: Portals, db: Database
+) -> None:
     """`on_record` follows a claim that found the key taken. If the key has gone since (expired and
     purged), this request claims it: it does not answer "in use"."""
     acme, _ = await _tenants(database.owner)
-    db = await Database.connect(database.app, min_size=1, max_size=1)
     store = IdempotencyStore()
-    try:
-        async with db.transaction(acme) as tx:
-            assert await store.on_record(tx, acme, "Patient/1", "purged", b"mine") is None
-        async with db.transaction(acme) as tx:
-            stored = await store.claim(tx, acme, "Patient/1", "purged", b"later")
-    finally:
-        await db.close()
+    async with db.transaction(acme) as tx:
+        assert await store.on_record(tx, acme, "Patient/1", "purged", b"mine") is None
+    async with db.transaction(acme) as tx:
+        stored = await store.claim(tx, acme, "Patient/1", "purged", b"later")
     assert stored is not None
     assert stored.request_hash == b"mine"
 
 
 async def test_a_key_claimed_concurrently_between_the_statements_replays_the_first_request(
-    database: Dsns, portals: Portals
+    database: Dsns, portals: Portals, db: Database
 ) -> None:
     """A request that finds no row, then meets another request's claim of the same key, waits for it to
     commit and hands back what it stored: never a second claim of one key, and no needless "in use"."""
     acme, _ = await _tenants(database.owner)
-    db = await Database.connect(database.app, min_size=2, max_size=2)
     store = IdempotencyStore()
-    try:
-        async with db.transaction(acme) as first:
-            assert await store.claim(first, acme, "Patient/1", "race", b"first") is None
-            second = asyncio.create_task(_on_record_in_own_transaction(db, store, acme, "race"))
-            try:
-                await _wait_until_blocked_by(database.owner, first.conn.get_server_pid())
-            except BaseException:
-                second.cancel()
-                raise
-            assert not second.done()
-            await store.complete(first, acme, "Patient/1", "race", 201, {"id": "x"})
-        stored = await asyncio.wait_for(second, 10)
-    finally:
-        await db.close()
+    async with db.transaction(acme) as first:
+        assert await store.claim(first, acme, "Patient/1", "race", b"first") is None
+        second = asyncio.create_task(_on_record_in_own_transaction(db, store, acme, "race"))
+        try:
+            await _wait_until_blocked_by(database.owner, first.conn.get_server_pid())
+        except BaseException:
+            second.cancel()
+            raise
+        assert not second.done()
+        await store.complete(first, acme, "Patient/1", "race", 201, {"id": "x"})
+    stored = await asyncio.wait_for(second, 10)
     assert stored == StoredResponse(request_hash=b"first", response={"id": "x"})
 
 
@@ -134,26 +122,19 @@ async def _wait_until_blocked_by(owner_dsn: str, blocker: int) -> None:
 
 
 async def test_the_purge_deletes_expired_keys_of_every_tenant_and_nothing_else(
-    database: Dsns, portals: Portals
+    database: Dsns, portals: Portals, db: Database
 ) -> None:
     acme, globex = await _tenants(database.owner)
-    db = await Database.connect(database.app, min_size=1, max_size=2)
     store = IdempotencyStore()
-    try:
-        for tenant, prefix in ((acme, "a"), (globex, "g")):
-            async with db.transaction(tenant) as tx:
-                for i in range(5):
-                    assert await store.claim(tx, tenant, "Patient/1", f"{prefix}{i}", b"h") is None
-        await _expire(database.owner, ["a0", "a1", "a2", "g0", "g1"])
-        purged = await IdempotencyPurger(db, store, interval=60, batch=2).purge()
-        again = await IdempotencyPurger(db, store, interval=60, batch=2).purge()
-    finally:
-        await db.close()
-    owner = await asyncpg.connect(database.owner)
-    try:
-        left = sorted(r["key"] for r in await owner.fetch("SELECT key FROM idempotency_keys"))
-    finally:
-        await owner.close()
+    for tenant, prefix in ((acme, "a"), (globex, "g")):
+        async with db.transaction(tenant) as tx:
+            for i in range(5):
+                assert await store.claim(tx, tenant, "Patient/1", f"{prefix}{i}", b"h") is None
+    await _expire(database.owner, ["a0", "a1", "a2", "g0", "g1"])
+    purged = await IdempotencyPurger(db, store, interval=60, batch=2).purge()
+    again = await IdempotencyPurger(db, store, interval=60, batch=2).purge()
+    keys = await as_owner(database.owner, lambda conn: conn.fetch("SELECT key FROM idempotency_keys"))
+    left = sorted(row["key"] for row in keys)
     assert (purged, again) == (5, 0)
     assert left == ["a3", "a4", "g2", "g3", "g4"]
 
