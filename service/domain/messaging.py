@@ -308,9 +308,9 @@ class MessagingService:
             with recorded_if_shredded(read):
                 subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
             receipts = await self._store.receipts(tx, principal.tenant_id, thread.id)
+            unread = await self._store.unread(tx, principal.tenant_id, thread.id, principal.subject)
             await self._audit.record(tx, read)
-        mine = next((r.up_to for r in receipts if r.reader == principal.subject), 0)
-        return ThreadView(thread, subject, access, max(0, thread.last_seq - mine), tuple(receipts))
+        return ThreadView(thread, subject, access, unread, tuple(receipts))
 
     async def list_threads(
         self,

@@ -215,19 +215,27 @@ class MessagingStore:
             SELECT 1 FROM read_receipts WHERE tenant_id = $1 AND thread_id = $2 AND reader <> $3 AND up_to >= $4
         )
     """
+    # Unread, for a reader: the messages of others after the reader's receipt, recalled ones left out (a
+    # tombstone has nothing to read). One definition for a thread's view and for the listing.
+    _UNREAD_COUNT = """
+        SELECT count(*) AS unread FROM messages m
+        WHERE m.thread_id = {thread} AND m.seq > {up_to} AND m.sender <> {reader} AND m.recalled_at IS NULL
+    """
+    _UNREAD = _UNREAD_COUNT.format(
+        thread="$2",
+        up_to="coalesce((SELECT up_to FROM read_receipts WHERE tenant_id = $1 AND thread_id = $2 AND reader = $3), 0)",
+        reader="$3",
+    )
     # The caller's threads: as the patient, or as a participant directly or through a care team; newest
     # first, keyset-paginated on (created_at, id), which activity never changes, so no page skips or
-    # repeats a thread while messages arrive. Unread = others' messages after the caller's receipt. With
+    # repeats a thread while messages arrive. Unread as above, per thread. With
     # $11 only threads with unread messages, filtered here, before the LIMIT: a page is full whenever
     # enough of them exist, and the cursor (the page's last thread) continues after the right one.
     _LIST = f"""
         SELECT {_THREAD_COLUMNS}, u.unread
         FROM threads t
         LEFT JOIN read_receipts r ON r.thread_id = t.id AND r.reader = $3
-        CROSS JOIN LATERAL (
-            SELECT count(*) AS unread FROM messages m
-            WHERE m.thread_id = t.id AND m.seq > coalesce(r.up_to, 0) AND m.sender <> $3
-        ) u
+        CROSS JOIN LATERAL ({_UNREAD_COUNT.format(thread="t.id", up_to="coalesce(r.up_to, 0)", reader="$3")}) u
         WHERE t.tenant_id = $1
           AND (t.patient = $2 OR EXISTS (
                 SELECT 1 FROM thread_participants p WHERE p.thread_id = t.id AND p.participant = ANY($4::text[])))
@@ -532,6 +540,10 @@ class MessagingStore:
     async def receipts(self, tx: Tx, tenant_id: UUID, thread_id: UUID) -> list[ReceiptRecord]:
         rows = await tx.conn.fetch(self._RECEIPTS, tenant_id, thread_id)
         return [ReceiptRecord(r["reader"], r["up_to"], r["read_at"]) for r in rows]
+
+    async def unread(self, tx: Tx, tenant_id: UUID, thread_id: UUID, reader: str) -> int:
+        count: int = await tx.conn.fetchval(self._UNREAD, tenant_id, thread_id, reader)
+        return count
 
     async def list_threads(
         self,

@@ -40,6 +40,28 @@ async def test_a_patient_and_a_physician_converse(client, portals: Portals) -> N
     assert [r["reader"] for r in detail["receipts"]] == ["Patient/1"]
 
 
+async def test_a_thread_and_the_listing_count_the_same_unread_messages(client, portals: Portals) -> None:
+    """Unread: the others' messages after the reader's receipt. Not one's own, not a recalled one."""
+    await consent(client, portals)
+    created = await thread(client, portals, message="first")
+
+    async def unread(who: dict[str, str]) -> tuple[int, int]:
+        detail = await (await client.get(f"/v1/threads/{created['id']}", headers=who)).json()
+        listed = await (await client.get("/v1/threads", headers=who)).json()
+        return detail["unread"], next(t["unread"] for t in listed["items"] if t["id"] == created["id"])
+
+    assert await unread(patient(portals)) == (0, 0)  # the patient wrote the only message
+    assert await unread(physician(portals)) == (1, 1)
+    second = await client.post(f"/v1/threads/{created['id']}/messages", json={"body": "x"}, headers=patient(portals))
+    assert await unread(physician(portals)) == (2, 2)
+    recall = await client.post(f"/v1/messages/{(await second.json())['id']}/recall", headers=patient(portals))
+    assert recall.status == 200
+    assert await unread(physician(portals)) == (1, 1)  # a tombstone has nothing to read
+    await client.post(f"/v1/threads/{created['id']}/messages", json={"body": "y"}, headers=physician(portals))
+    assert await unread(patient(portals)) == (1, 1)
+    assert await unread(physician(portals)) == (1, 1)  # the physician's own reply is not unread for them
+
+
 async def test_no_consent_no_thread_and_a_revocation_stops_the_next_message(client, portals: Portals) -> None:
     refused = await client.post(
         "/v1/threads",
