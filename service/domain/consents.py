@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -412,13 +412,18 @@ class ConsentLedger:
 
     # -- care teams (membership is what a CareTeam consent covers) ----------------------------------------
 
-    async def join_team(self, tenant_id: UUID, team: str, member: str, *, by: Principal | None = None) -> None:
-        async with self._db.transaction(tenant_id) as tx:
+    async def set_team_members(
+        self, tx: Tx, tenant_id: UUID, team: str, members: Collection[str], *, by: Principal | None = None
+    ) -> None:
+        """Make `members` the team's current members, in the caller's transaction: every join and leave
+        commits with the others or none does, and each is audited. Changes of one team serialize, so two
+        concurrent calls apply one after the other, each to the members the other left."""
+        await self._store.lock_team(tx, tenant_id, team)
+        current = await self._store.current_members(tx, tenant_id, team)
+        for member in sorted(set(members) - current):
             await self._store.join_team(tx, tenant_id, team, member)
             await self._team_event(tx, tenant_id, AuditAction.CARE_TEAM_JOIN, team, member, by)
-
-    async def leave_team(self, tenant_id: UUID, team: str, member: str, *, by: Principal | None = None) -> None:
-        async with self._db.transaction(tenant_id) as tx:
+        for member in sorted(current - set(members)):
             await self._store.leave_team(tx, tenant_id, team, member)
             await self._team_event(tx, tenant_id, AuditAction.CARE_TEAM_LEAVE, team, member, by)
 

@@ -706,7 +706,8 @@ class MessagingService:
             await self._audit.record(
                 tx, AuditEvent.by(principal, AuditAction.CARE_TEAM_CREATE, resource_type="CareTeam", resource_id=team)
             )
-        return await self.set_members(principal, team, members)
+            await self._consents.set_team_members(tx, principal.tenant_id, team, members, by=principal)
+        return await self.team(principal, team, audited=False)
 
     async def set_members(
         self, principal: Principal, team: str, members: Sequence[str]
@@ -715,14 +716,10 @@ class MessagingService:
         self._team_admin(principal, team, members)
         async with self._db.transaction(principal.tenant_id) as tx:
             exists = await self._store.team_exists(tx, principal.tenant_id, team)
-            history = await self._store.team_members(tx, principal.tenant_id, team) if exists else []
+            if exists:
+                await self._consents.set_team_members(tx, principal.tenant_id, team, members, by=principal)
         if not exists:
             await self._deny_resource(principal, "CareTeam", team, "set members")
-        current = {member for member, _, left in history if left is None}
-        for member in sorted(set(members) - current):
-            await self._consents.join_team(principal.tenant_id, team, member, by=principal)
-        for member in sorted(current - set(members)):
-            await self._consents.leave_team(principal.tenant_id, team, member, by=principal)
         return await self.team(principal, team, audited=False)
 
     async def team(

@@ -170,6 +170,9 @@ class ConsentStore:
         ORDER BY grantee, scope, item, version DESC
     """  # noqa: S608
     _BY_ID = f"SELECT {_EVENT_COLUMNS} FROM consent_events WHERE tenant_id = $1 AND id = $2"  # noqa: S608
+    # A team's membership changes serialize on a transaction advisory lock of the team (the app role may
+    # not lock care_teams rows: it has no UPDATE on them); the members are then read in a new statement.
+    _CURRENT_MEMBERS = "SELECT member FROM care_team_members WHERE tenant_id = $1 AND team = $2 AND left_at IS NULL"
     _JOIN_TEAM = """
         INSERT INTO care_team_members (tenant_id, team, member) VALUES ($1, $2, $3)
         ON CONFLICT DO NOTHING
@@ -262,6 +265,13 @@ class ConsentStore:
     async def by_id(self, tx: Tx, tenant_id: UUID, consent_id: UUID) -> ConsentEventRecord | None:
         row = await tx.conn.fetchrow(self._BY_ID, tenant_id, consent_id)
         return None if row is None else _event(row)
+
+    async def lock_team(self, tx: Tx, tenant_id: UUID, team: str) -> None:
+        """Serialize membership changes of `team` for this transaction."""
+        await tx.conn.execute(self._LOCK, "|".join(("care-team", str(tenant_id), team)))
+
+    async def current_members(self, tx: Tx, tenant_id: UUID, team: str) -> set[str]:
+        return {r["member"] for r in await tx.conn.fetch(self._CURRENT_MEMBERS, tenant_id, team)}
 
     async def join_team(self, tx: Tx, tenant_id: UUID, team: str, member: str) -> None:
         await tx.conn.execute(self._JOIN_TEAM, tenant_id, team, member)

@@ -252,6 +252,32 @@ async def test_care_teams_reach_their_current_members(client, portals: Portals) 
     assert (await client.get(f"/v1/threads/{conversation['id']}", headers=nurse)).status == 404
 
 
+async def test_membership_changes_apply_whole_one_after_another_each_audited_once(
+    client, portals: Portals, database
+) -> None:
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    created = await client.post(
+        "/v1/admin/care-teams", json={"team": "CareTeam/onco", "members": ["Practitioner/1"]}, headers=admin
+    )
+    assert created.status == 201
+    sets = [["Practitioner/2", "Practitioner/3"], ["Practitioner/1"], ["Practitioner/3", "Practitioner/4"]]
+    changes = [
+        client.put("/v1/admin/care-teams/onco/members", json={"members": sets[n % 3]}, headers=admin) for n in range(12)
+    ]
+    assert {r.status for r in await asyncio.gather(*changes)} == {200}
+
+    team = await (await client.get("/v1/admin/care-teams/onco", headers=admin)).json()
+    assert team["members"] in [sorted(s) for s in sets]
+    # Every membership row is one join, every ended one a leave: no change was lost or counted twice.
+    history = [(m["member"], m["left_at"] is not None) for m in team["history"]]
+    events = await audit_events(database.owner, "resource_id = 'CareTeam/onco' AND action LIKE 'care_team:%'")
+    joins = sorted(json.loads(e["details"])["member"] for e in events if e["action"] == "care_team:join")
+    leaves = sorted(json.loads(e["details"])["member"] for e in events if e["action"] == "care_team:leave")
+    assert joins == sorted(member for member, _ in history)
+    assert leaves == sorted(member for member, left in history if left)
+    assert all(e["actor"] == "Practitioner/admin" for e in events)
+
+
 async def test_a_shredded_patients_messages_read_as_410(client, portals: Portals) -> None:
     await consent(client, portals)
     created = await thread(client, portals)

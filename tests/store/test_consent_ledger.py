@@ -55,6 +55,10 @@ class World:
     def patient(self) -> Principal:
         return self.who("Patient/1", Role.PATIENT)
 
+    async def set_members(self, team: str, members: set[str]) -> None:
+        async with self.services.db.transaction(self.tenant_id) as tx:
+            await self.ledger.set_team_members(tx, self.tenant_id, team, members)
+
     async def decide(self, grantee: str, scope: Scope = Scope.MESSAGING, **kw):
         async with self.services.db.transaction(self.tenant_id) as tx:
             return await self.ledger.decide(tx, "Patient/1", grantee, scope, **kw)
@@ -100,11 +104,11 @@ async def test_validity_windows_follow_the_clock(world: World) -> None:
 async def test_a_care_team_consent_covers_its_current_members_only(world: World) -> None:
     await world.ledger.grant(world.patient, messaging("CareTeam/cardio"))
     assert (await world.decide("Practitioner/7")).reason == "no-consent"
-    await world.ledger.join_team(world.tenant_id, "CareTeam/cardio", "Practitioner/7")
+    await world.set_members("CareTeam/cardio", {"Practitioner/7"})
     joined_at = datetime.now(UTC)
     assert (await world.decide("Practitioner/7")).permit
     await asyncio.sleep(0.01)
-    await world.ledger.leave_team(world.tenant_id, "CareTeam/cardio", "Practitioner/7")
+    await world.set_members("CareTeam/cardio", set())
     assert (await world.decide("Practitioner/7")).reason == "no-consent"
     assert (await world.decide("Practitioner/7", at=joined_at)).permit  # but while a member, it was permitted
 
