@@ -1,0 +1,151 @@
+"""Break-glass as the issue specifies it: a reason of 10 to 500 characters, a grant that lasts the
+configured time (60 minutes by default), audited as `break_glass:open` with purpose of use ETREAT, and
+listed for compliance as not reviewed until it is reviewed."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from service.settings import Settings
+from tests.api.messaging_helpers import consent, physician, thread
+from tests.conftest import Dsns, Portals
+from tests.support import as_owner, audit_events
+
+Client = TestClient[web.Request, web.Application]
+
+REASON = "Unconscious in the ED, need history"
+
+
+@pytest.fixture
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """The suite's settings, with a test's own overrides (`parametrize("settings", [...], indirect=True)`)."""
+    return settings.model_copy(update=getattr(request, "param", {}))
+
+
+def _compliance(portals: Portals) -> dict[str, str]:
+    return portals.acme.auth(role="compliance", sub="Practitioner/c1")
+
+
+async def _grants(client: Client, portals: Portals, reviewed: str | None = None) -> list[dict[str, Any]]:
+    params = {} if reviewed is None else {"reviewed": reviewed}
+    response = await client.get("/v1/audit/break-glass", params=params, headers=_compliance(portals))
+    assert response.status == 200, await response.text()
+    items: list[dict[str, Any]] = (await response.json())["items"]
+    return items
+
+
+async def _open(client: Client, portals: Portals, thread_id: str, reason: str, n: int = 99) -> int:
+    headers = {**physician(portals, n=n), "Break-Glass-Reason": reason}
+    return (await client.get(f"/v1/threads/{thread_id}", headers=headers)).status
+
+
+async def _grant_rows(owner_dsn: str) -> int:
+    async def work(conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval("SELECT count(*) FROM break_glass"))
+
+    count: int = await as_owner(owner_dsn, work)
+    return count
+
+
+async def test_an_opening_is_audited_with_purpose_of_use_etreat(
+    client: Client, portals: Portals, database: Dsns
+) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="chest pain since this morning")
+    assert await _open(client, portals, created["id"], REASON) == 200
+
+    (grant,) = await _grants(client, portals)
+    (event,) = await audit_events(database.owner, "action = 'break_glass:open'")
+    assert (event["outcome"], event["purpose"]) == ("success", "ETREAT")
+    assert (event["actor"], event["actor_role"], event["patient"]) == ("Practitioner/99", "physician", "Patient/1")
+    assert (event["resource_type"], event["resource_id"]) == ("Thread", created["id"])
+    details = json.loads(event["details"])
+    assert details["grant_id"] == grant["id"]
+    assert datetime.fromisoformat(details["expires_at"]) == datetime.fromisoformat(grant["expires_at"])
+    assert REASON not in event["details"]  # the reason is sealed with the patient's key, never audited
+    # The reads the grant allows carry the same purpose of use.
+    reads = await audit_events(database.owner, "action = 'thread:read' AND actor = 'Practitioner/99'")
+    assert [r["purpose"] for r in reads] == ["ETREAT"]
+
+
+async def test_a_grant_lasts_sixty_minutes_by_default(client: Client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals)
+    assert await _open(client, portals, created["id"], REASON) == 200
+    (grant,) = await _grants(client, portals)
+    lasts = datetime.fromisoformat(grant["expires_at"]) - datetime.fromisoformat(grant["opened_at"])
+    assert lasts == timedelta(minutes=60)
+
+
+@pytest.mark.parametrize("settings", [{"break_glass_minutes": 5}], indirect=True)
+async def test_a_grant_lasts_as_long_as_configured(client: Client, portals: Portals, database: Dsns) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals)
+    assert await _open(client, portals, created["id"], REASON) == 200
+    (grant,) = await _grants(client, portals)
+    lasts = datetime.fromisoformat(grant["expires_at"]) - datetime.fromisoformat(grant["opened_at"])
+    assert lasts == timedelta(minutes=5)
+    (event,) = await audit_events(database.owner, "action = 'break_glass:open'")
+    assert datetime.fromisoformat(json.loads(event["details"])["expires_at"]) == datetime.fromisoformat(
+        grant["expires_at"]
+    )
+
+
+async def test_a_reason_must_be_10_to_500_characters(client: Client, portals: Portals, database: Dsns) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="chest pain since this morning")
+    for refused in ("x" * 9, "x" * 501):
+        response = await client.get(
+            f"/v1/threads/{created['id']}", headers={**physician(portals, n=99), "Break-Glass-Reason": refused}
+        )
+        assert response.status == 422, len(refused)
+        problem = await response.json()
+        assert problem["type"] == "urn:bedside:problem:validation-failed"
+        assert [e["loc"] for e in problem["errors"]] == [["Break-Glass-Reason"]]
+        assert refused not in await response.text()
+    assert await _grant_rows(database.owner) == 0
+    assert await audit_events(database.owner, "action = 'break_glass:open'") == []
+    # Still an outsider: no grant came of the refused reasons.
+    assert (await client.get(f"/v1/threads/{created['id']}/messages", headers=physician(portals, n=99))).status == 404
+
+    shortest, longest = "y" * 10, "z" * 500
+    assert await _open(client, portals, created["id"], shortest, n=98) == 200
+    assert await _open(client, portals, created["id"], longest, n=99) == 200
+    grants = await _grants(client, portals)
+    assert sorted((g["physician"], g["reason"]) for g in grants) == [
+        ("Practitioner/98", shortest),
+        ("Practitioner/99", longest),
+    ]
+
+
+async def test_a_grant_is_listed_not_reviewed_then_reviewed(client: Client, portals: Portals, database: Dsns) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals)
+    assert await _open(client, portals, created["id"], REASON) == 200
+
+    (pending,) = await _grants(client, portals, reviewed="false")
+    assert (pending["thread_id"], pending["physician"], pending["reason"]) == (
+        created["id"],
+        "Practitioner/99",
+        REASON,
+    )
+    assert (pending["reviewed"], pending["reviewed_at"], pending["reviewed_by"]) == (False, None, None)
+    assert await _grants(client, portals, reviewed="true") == []
+
+    done = await client.post(f"/v1/audit/break-glass/{pending['id']}/review", headers=_compliance(portals))
+    assert done.status == 204
+
+    assert await _grants(client, portals, reviewed="false") == []
+    (reviewed,) = await _grants(client, portals, reviewed="true")
+    assert (reviewed["id"], reviewed["reviewed"], reviewed["reviewed_by"]) == (pending["id"], True, "Practitioner/c1")
+    assert reviewed["reviewed_at"] is not None
+    assert [g["reviewed"] for g in await _grants(client, portals)] == [True]
+    (event,) = await audit_events(database.owner, "action = 'break_glass:review'")
+    assert (event["actor"], event["resource_id"]) == ("Practitioner/c1", pending["id"])
