@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
+
+import aiohttp
 
 from tests.conftest import Portals
 
 PORTAL = {"method": "portal", "text_version": "v3"}
+ATTACHMENTS_URL = "/v1/attachments"
 
 
 def patient(portals: Portals, n: int = 1) -> dict[str, str]:
@@ -44,3 +48,20 @@ async def thread(
     response = await client.post("/v1/threads", json=body, headers=patient(portals, n))
     assert response.status == 201, await response.text()
     return await response.json()
+
+
+async def upload(
+    client: Any,
+    headers: dict[str, str],
+    thread_id: str,
+    data: Any,
+    content_type: str | None = "application/pdf",
+    file_name: str = "scan.pdf",
+    **extra_headers: str,
+) -> aiohttp.ClientResponse:
+    """`data` posted as an attachment of the thread, its name percent-encoded in `Bedside-File-Name`."""
+    sent = {**headers, **extra_headers}
+    if content_type is not None:
+        sent["Content-Type"] = content_type
+    sent = {**sent, "Bedside-File-Name": quote(file_name, safe="")}
+    return await client.post(ATTACHMENTS_URL, params={"thread_id": thread_id}, data=data, headers=sent)

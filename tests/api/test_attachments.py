@@ -12,7 +12,7 @@ import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import aiohttp
 import asyncpg
@@ -26,10 +26,11 @@ from service.embedded import find_pg_bindir
 from service.errors import InvalidRequestError
 from service.keys import ATTACHMENTS
 from service.store.attachments import AttachmentStore
+from tests.api.messaging_helpers import ATTACHMENTS_URL as URL
+from tests.api.messaging_helpers import upload
 from tests.conftest import Dsns, Portals, Services
 from tests.support import as_owner, audit_events, canary
 
-URL = "/v1/attachments"
 PDF, PNG, JPEG, TEXT = "application/pdf", "image/png", "image/jpeg", "text/plain"
 KIB, MIB = 1024, 1024 * 1024
 LIMIT = 25 * MIB  # the default max_attachment_bytes
@@ -59,22 +60,6 @@ async def open_thread(client: Any, portals: Portals, *, consent: bool = True) ->
     response = await client.post("/v1/threads", json=body, headers=patient(portals))
     assert response.status == 201, await response.text()
     return str((await response.json())["id"])
-
-
-async def upload(
-    client: Any,
-    headers: dict[str, str],
-    thread_id: str,
-    data: Any,
-    content_type: str | None = PDF,
-    file_name: str = "scan.pdf",
-    **extra_headers: str,
-) -> aiohttp.ClientResponse:
-    sent = {**headers, **extra_headers}
-    if content_type is not None:
-        sent["Content-Type"] = content_type
-    sent = {**sent, "Bedside-File-Name": quote(file_name, safe="")}
-    return await client.post(URL, params={"thread_id": thread_id}, data=data, headers=sent)
 
 
 async def uploaded(client: Any, portals: Portals, thread_id: str, data: Any, content_type: str = PDF) -> str:
