@@ -13,6 +13,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from schemas.attachments import AttachmentOut, AttachmentUploadQuery
 from service.api.bodies import parse_query
 from service.api.consents import path_uuid
+from service.api.headers import CONTENT_DISPOSITION, FILE_NAME, NO_SNIFF, NO_STORE, SANDBOX, X_REQUEST_ID
 from service.api.streaming import stream_body
 from service.errors import FieldProblem, InvalidRequestError, MalformedRequestError
 from service.keys import ATTACHMENTS, PRINCIPAL, REQUEST_ID
@@ -31,21 +32,16 @@ async def _body(request: web.Request, piece_bytes: int) -> AsyncIterator[bytes]:
         raise MalformedRequestError("The upload ended before its body was complete") from None
 
 
-# The file name travels in a header, never in the URL: proxies and load balancers log URLs. Its value is
-# percent-encoded UTF-8 (RFC 3986), so any name fits in a header.
-FILE_NAME_HEADER = "Bedside-File-Name"
-
-
 def _file_name(request: web.Request) -> str:
-    raw = request.headers.get(FILE_NAME_HEADER)
+    # The file name travels in a header, never in the URL: proxies and load balancers log URLs. Its value
+    # is percent-encoded UTF-8 (RFC 3986), so any name fits in a header.
+    raw = FILE_NAME.read(request)
     try:
         name = unquote(raw, errors="strict") if raw is not None else ""
     except UnicodeDecodeError:
         name = ""
     if not name:
-        raise InvalidRequestError(
-            [FieldProblem((FILE_NAME_HEADER,), "required", "the file name, percent-encoded UTF-8")]
-        )
+        raise InvalidRequestError([FieldProblem((FILE_NAME.name,), "required", "the file name, percent-encoded UTF-8")])
     return name
 
 
@@ -85,11 +81,11 @@ async def download_attachment(request: web.Request) -> web.StreamResponse:
     record = download.record
     response = web.StreamResponse(
         headers={
-            "Content-Disposition": content_disposition(download.file_name),
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-store",
-            "Content-Security-Policy": "sandbox; default-src 'none'",
-            "X-Request-Id": request[REQUEST_ID],
+            CONTENT_DISPOSITION.name: content_disposition(download.file_name),
+            **NO_SNIFF.fixed(),
+            **NO_STORE.fixed(),
+            **SANDBOX.fixed(),
+            X_REQUEST_ID.name: request[REQUEST_ID],
         }
     )
     response.content_type = record.content_type

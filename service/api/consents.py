@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from uuid import UUID
 
@@ -19,20 +18,12 @@ from schemas.consents import (
 )
 from schemas.fhir_consent import ConsentFields, to_fhir_consent
 from service.api.bodies import parse_query, read_json
+from service.api.headers import IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED
 from service.domain.audit import AuditAction, AuditEvent
 from service.domain.consents import ConsentRequest, ConsentView, Evidence, EvidenceMethod, RevokeReason, Scope
-from service.errors import FieldProblem, InvalidRequestError, NotFoundError
+from service.errors import NotFoundError
 from service.keys import CONSENTS, PRINCIPAL
 from service.store.consents import ConsentEventRecord
-
-_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_\-.:]{1,200}$")
-
-
-def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
-        raise InvalidRequestError([FieldProblem(("Idempotency-Key",), "format", "1 to 200 of A-Z a-z 0-9 _ - . :")])
-    return key
 
 
 def path_uuid(request: web.Request, resource_type: str, name: str = "id") -> UUID:
@@ -90,7 +81,7 @@ def consent_out(record: ConsentEventRecord, status: str) -> ConsentOut:
 
 
 def _respond(view: ConsentView, status: int) -> web.Response:
-    headers = {"Idempotent-Replayed": "true"} if view.replayed else None
+    headers = IDEMPOTENT_REPLAYED.fixed() if view.replayed else None
     return web.json_response(
         consent_out(view.record, view.status).model_dump(mode="json"), status=status, headers=headers
     )
@@ -109,7 +100,7 @@ async def record_consent(request: web.Request) -> web.Response:
         valid_until=body.valid_until,
         include_sensitive=body.include_sensitive,
     )
-    view = await request.app[CONSENTS].grant(request[PRINCIPAL], consent, idempotency_key(request))
+    view = await request.app[CONSENTS].grant(request[PRINCIPAL], consent, IDEMPOTENCY_KEY.read(request))
     return _respond(view, 201)
 
 

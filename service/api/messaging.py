@@ -28,12 +28,11 @@ from schemas.messaging import (
     ThreadOut,
 )
 from service.api.bodies import parse_query, read_json
-from service.api.consents import idempotency_key, path_uuid
+from service.api.consents import path_uuid
+from service.api.headers import BREAK_GLASS_REASON, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED
 from service.domain.messaging import MessageView, ThreadView
 from service.errors import FieldProblem, InvalidRequestError
 from service.keys import MESSAGING, PRINCIPAL
-
-BREAK_GLASS_HEADER = "Break-Glass-Reason"
 
 
 def message_out(view: MessageView) -> MessageOut:
@@ -81,7 +80,7 @@ def _json(
     status: int = 200,
     replayed: bool = False,
 ) -> web.Response:
-    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    headers = IDEMPOTENT_REPLAYED.fixed() if replayed else None
     # Serialized by pydantic-core straight to JSON: a page of 50 messages in about a third of the time
     # of model_dump + json.dumps. The same values (its JSON mode serializes both), compact and in UTF-8.
     return web.json_response(text=model.model_dump_json(), status=status, headers=headers)
@@ -115,7 +114,7 @@ async def create_thread(request: web.Request) -> web.Response:
         priority=body.priority,
         sensitive=body.sensitive,
         first_message=None if body.message is None else body.message.body,
-        idempotency_key=idempotency_key(request),
+        idempotency_key=IDEMPOTENCY_KEY.read(request),
     )
     return _json(thread_out(thread, message), 201, replayed=message.replayed if message else False)
 
@@ -135,7 +134,7 @@ async def list_threads(request: web.Request) -> web.Response:
 
 async def get_thread(request: web.Request) -> web.Response:
     view = await request.app[MESSAGING].get_thread(
-        request[PRINCIPAL], path_uuid(request, "Thread"), request.headers.get(BREAK_GLASS_HEADER)
+        request[PRINCIPAL], path_uuid(request, "Thread"), BREAK_GLASS_REASON.read(request)
     )
     return _json(thread_out(view))
 
@@ -155,7 +154,7 @@ async def send_message(request: web.Request) -> web.Response:
         body.body,
         attachment_ids=body.attachment_ids,
         in_reply_to=body.in_reply_to,
-        idempotency_key=idempotency_key(request),
+        idempotency_key=IDEMPOTENCY_KEY.read(request),
     )
     return _json(message_out(view), 201, replayed=view.replayed)
 
@@ -168,7 +167,7 @@ async def list_messages(request: web.Request) -> web.Response:
         after=query.after,
         before=query.before,
         limit=query.limit,
-        break_glass_reason=request.headers.get(BREAK_GLASS_HEADER),
+        break_glass_reason=BREAK_GLASS_REASON.read(request),
     )
     return _json(MessageListOut(items=[message_out(v) for v in views]))
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 
@@ -16,6 +15,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from service.api.headers import X_REQUEST_ID
 from service.api.metrics import KNOWN_METHODS, UNMATCHED_ROUTE
 from service.api.problems import domain_problem, http_problem, internal_problem
 from service.domain.audit import REQUEST_META, AuditAction, AuditEvent, RequestMeta
@@ -25,9 +25,6 @@ from service.keys import AUDIT, AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES
 log = structlog.get_logger("bedside.http")
 
 CANCELLED = 499  # the status logged and counted for a request cancelled before it was answered
-
-# An incoming X-Request-Id is kept only if it is plainly an identifier: it goes into logs.
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{8,64}$")
 
 
 def route_template(request: web.Request) -> str:
@@ -41,8 +38,9 @@ def route_template(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    # An incoming X-Request-Id is kept only if it is plainly an identifier: it goes into logs.
+    incoming = request.headers.get(X_REQUEST_ID.name, "")
+    request_id = incoming if X_REQUEST_ID.matches(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     REQUEST_META.set(RequestMeta(request_id=request_id, source=request.remote))
@@ -51,7 +49,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
         status = response.status
-        response.headers["X-Request-Id"] = request_id
+        response.headers[X_REQUEST_ID.name] = request_id
         return response
     except asyncio.CancelledError:
         # Cancelled before it answered (a shutdown past its timeout): no response was sent, and nothing

@@ -9,6 +9,7 @@ from datetime import datetime
 from aiohttp import web
 
 from schemas.common import FieldProblemOut, Problem
+from service.api.headers import RETRY_AFTER, WWW_AUTHENTICATE
 from service.errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -112,9 +113,9 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         challenge = 'Bearer realm="bedside"'
         if error.reason != "missing":
             challenge += ', error="invalid_token"'
-        headers["WWW-Authenticate"] = challenge
+        headers[WWW_AUTHENTICATE.name] = challenge
     if isinstance(error, UnavailableError):
-        headers["Retry-After"] = "5"
+        headers[RETRY_AFTER.name] = "5"
     if isinstance(error, InvalidRequestError):
         errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
     shredded_at = error.shredded_at if isinstance(error, ShreddedError) else None

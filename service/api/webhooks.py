@@ -27,6 +27,7 @@ from schemas.webhooks import (
 )
 from service.api.bodies import parse_model, parse_query, read_json
 from service.api.consents import path_uuid
+from service.api.headers import NO_STORE, WEBHOOK_HEADERS, only
 from service.api.messaging import decode_cursor, encode_cursor
 from service.domain.webhooks import DeliveryView, EndpointView, NewSecrets
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
@@ -34,7 +35,7 @@ from service.keys import INBOUND, PRINCIPAL, SETTINGS, WEBHOOKS
 from service.store.webhooks import DeliveryRecord, EndpointRecord
 
 # Never cached: secrets are shown once, and the rest is an admin's current view.
-_NO_STORE = {"Cache-Control": "no-store"}
+_NO_STORE = NO_STORE.fixed()
 
 
 def endpoint_out(view: EndpointView) -> EndpointOut:
@@ -209,7 +210,8 @@ async def receive_reply(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(f"The limit for a reply is {limit} bytes")
     raw = await _read_capped(request, limit)
-    reply = await request.app[INBOUND].verify(endpoint_id, request.headers, raw)
+    # Only the signature's headers, each as often as it was sent (a repeated one is refused).
+    reply = await request.app[INBOUND].verify(endpoint_id, only(request, WEBHOOK_HEADERS), raw)
     if request.content_type != "application/json":
         raise UnsupportedMediaTypeError("Send the body as application/json")
     body = parse_model(raw, InboundReplyBody)
