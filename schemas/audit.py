@@ -15,31 +15,31 @@ class AuditEventQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    patient: str | None = Field(default=None, max_length=100)
-    actor: str | None = Field(default=None, max_length=100)
-    action: str | None = Field(default=None, max_length=60)
+    patient: str | None = Field(default=None, max_length=100, description="Patient/.. the event concerns")
+    actor: str | None = Field(default=None, max_length=100, description="who acted (FHIR reference)")
+    action: str | None = Field(default=None, max_length=60, description="subject:action code, e.g. key:shred")
     outcome: Literal["success", "denied", "failure"] | None = None
-    resource_type: str | None = Field(default=None, max_length=60)
-    resource_id: str | None = Field(default=None, max_length=200)
-    since: Instant | None = None
-    until: Instant | None = None
+    resource_type: str | None = Field(default=None, max_length=60, description="type of the resource acted on")
+    resource_id: str | None = Field(default=None, max_length=200, description="id of the resource acted on")
+    since: Instant | None = Field(default=None, description="inclusive")
+    until: Instant | None = Field(default=None, description="exclusive")
     order: Literal["newest", "oldest"] = "newest"
     limit: int = Field(default=100, ge=1, le=500)
-    cursor: str | None = Field(default=None, max_length=100)
+    cursor: str | None = Field(default=None, max_length=100, description="next_cursor of the previous page")
 
 
 class AuditExportQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["ndjson", "fhir"] = "ndjson"
-    patient: str | None = Field(default=None, max_length=100)
-    actor: str | None = Field(default=None, max_length=100)
-    action: str | None = Field(default=None, max_length=60)
+    patient: str | None = Field(default=None, max_length=100, description="Patient/.. the event concerns")
+    actor: str | None = Field(default=None, max_length=100, description="who acted (FHIR reference)")
+    action: str | None = Field(default=None, max_length=60, description="subject:action code, e.g. key:shred")
     outcome: Literal["success", "denied", "failure"] | None = None
-    resource_type: str | None = Field(default=None, max_length=60)
-    resource_id: str | None = Field(default=None, max_length=200)
-    since: Instant | None = None
-    until: Instant | None = None
+    resource_type: str | None = Field(default=None, max_length=60, description="type of the resource acted on")
+    resource_id: str | None = Field(default=None, max_length=200, description="id of the resource acted on")
+    since: Instant | None = Field(default=None, description="inclusive")
+    until: Instant | None = Field(default=None, description="exclusive")
 
 
 class AuditEventOut(BaseModel):
@@ -82,8 +82,8 @@ class CheckpointOut(BaseModel):
 class InclusionProofQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    index: int = Field(ge=0, le=MAX_INDEX)
-    size: int = Field(ge=1, le=MAX_INDEX)
+    index: int = Field(ge=0, le=MAX_INDEX, description="leaf index, below size")
+    size: int = Field(ge=1, le=MAX_INDEX, description="tree size, at most the log's")
 
 
 class InclusionProofOut(BaseModel):
@@ -96,8 +96,8 @@ class InclusionProofOut(BaseModel):
 class ConsistencyProofQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    from_: int = Field(ge=1, le=MAX_INDEX, alias="from")
-    to: int = Field(ge=1, le=MAX_INDEX)
+    from_: int = Field(ge=1, le=MAX_INDEX, alias="from", description="older tree size")
+    to: int = Field(ge=1, le=MAX_INDEX, description="newer tree size, at most the log's")
 
 
 class ConsistencyProofOut(BaseModel):
@@ -111,8 +111,8 @@ class ConsistencyProofOut(BaseModel):
 class LeafHashesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    start: int = Field(ge=0, le=MAX_INDEX)
-    end: int = Field(ge=1, le=MAX_INDEX)
+    start: int = Field(ge=0, le=MAX_INDEX, description="first index")
+    end: int = Field(ge=1, le=MAX_INDEX, description="index after the last")
 
 
 class LeafHashOut(BaseModel):

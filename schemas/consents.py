@@ -82,4 +82,4 @@ class ConsentQuery(BaseModel):
 class ConsentHistoryQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    as_of: Instant | None = None
+    as_of: Instant | None = Field(default=None, description="RFC 3339 time with an offset; default: now")

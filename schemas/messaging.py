@@ -93,25 +93,25 @@ class ThreadListOut(BaseModel):
 class ThreadListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    patient: str | None = Field(default=None, max_length=100)
+    patient: str | None = Field(default=None, max_length=100, description="only this Patient/..'s threads")
     status: Literal["open", "closed"] | None = None
-    unread: bool = False
+    unread: bool = Field(default=False, description="true: only threads with unread messages")
     limit: int = Field(default=50, ge=1, le=100)
-    cursor: str | None = Field(default=None, max_length=100)
+    cursor: str | None = Field(default=None, max_length=100, description="next_cursor of the previous page")
 
 
 class MessageListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    after: int | None = Field(default=None, ge=0, le=MAX_INDEX)
-    before: int | None = Field(default=None, ge=1, le=MAX_INDEX)
+    after: int | None = Field(default=None, ge=0, le=MAX_INDEX, description="sequence number, exclusive")
+    before: int | None = Field(default=None, ge=1, le=MAX_INDEX, description="sequence number, exclusive")
     limit: int = Field(default=50, ge=1, le=200)
 
 
 class BreakGlassQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    reviewed: bool | None = None
+    reviewed: bool | None = Field(default=None, description="only reviewed (true) or unreviewed (false) accesses")
 
 
 class BreakGlassOut(BaseModel):

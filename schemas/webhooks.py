@@ -115,15 +115,15 @@ class DeliveryQuery(BaseModel):
 
     status: Literal["pending", "succeeded", "held", "dead"] | None = None
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=100)
+    cursor: str | None = Field(default=None, max_length=100, description="next_cursor of the previous page")
 
 
 class EndpointQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    subscriber: str | None = Field(default=None, max_length=100)
+    subscriber: str | None = Field(default=None, max_length=100, description="only this Practitioner/.. or CareTeam/..")
     limit: int = Field(default=50, ge=1, le=200)
-    cursor: str | None = Field(default=None, max_length=100)
+    cursor: str | None = Field(default=None, max_length=100, description="next_cursor of the previous page")
 
 
 class RecoveredOut(BaseModel):

@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = HttpMetrics()
     app[PUBLIC_ROUTES] = add_routes(app, ROUTES)
     app[ROUTE_GATES] = route_gates(ROUTES)
-    app[OPENAPI] = build_openapi(ROUTES, version=__version__)
+    app[OPENAPI] = build_openapi(ROUTES, version=__version__, settings=settings)
     app.cleanup_ctx.append(_services)
     return app
 

@@ -1,4 +1,6 @@
-"""The OpenAPI 3.1 document, generated from the route table and the pydantic schemas."""
+"""The OpenAPI 3.1 document, generated from the route table and the pydantic schemas: query parameters from
+the models the handlers parse them with, headers from their declarations (`service.api.headers`), the
+upload's media types and size limit from what the domain accepts and the settings."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from schemas.common import Problem
+from service.api.headers import RETRY_AFTER, WWW_AUTHENTICATE, X_REQUEST_ID, Header
 from service.api.routes import Route
+from service.settings import Settings
 
 _PATH_PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)(?::[^}]*)?\}")
 _REF = "#/components/schemas/{model}"
@@ -23,19 +27,62 @@ _STATUS_TEXT = {
     413: "Body too large",
     415: "Unsupported media type",
     422: "Validation failed",
-    503: "Not ready",
+    503: "Unavailable for now (the database or the audit log): try again after Retry-After seconds",
 }
+# Every operation: the request id, read by the outermost middleware and sent back in every answer.
+_REQUEST_ID_PARAMETER = {"$ref": f"#/components/parameters/{X_REQUEST_ID.name}"}
+_REQUEST_ID_HEADER = {"$ref": f"#/components/headers/{X_REQUEST_ID.name}"}
 
 
-def _problem_response(status: int, schema: dict[str, Any]) -> dict[str, Any]:
+def _request_header(header: Header) -> dict[str, Any]:
+    return {
+        "name": header.name,
+        "in": "header",
+        "required": header.required,
+        "description": header.description,
+        "schema": header.schema(),
+    }
+
+
+def _response_headers(*headers: Header) -> dict[str, Any]:
+    sent: dict[str, Any] = {X_REQUEST_ID.name: _REQUEST_ID_HEADER}
+    sent.update({h.name: {"description": h.description, "schema": h.schema()} for h in headers})
+    return sent
+
+
+def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """The query parameters `model` validates, with its types and bounds; an optional one without the null
+    that stands for "not sent"."""
+    schema = model.model_json_schema(mode="validation")
+    if "$defs" in schema:
+        raise ValueError(f"{model.__name__}: a query model takes plain fields only")
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field in schema["properties"].items():
+        rest = {key: value for key, value in field.items() if key not in ("title", "description", "anyOf")}
+        if rest.get("default", 0) is None:  # not sent
+            del rest["default"]
+        variants = [v for v in field.get("anyOf", ()) if v != {"type": "null"}]
+        if len(variants) > 1:
+            raise ValueError(f"{model.__name__}.{name}: one type per query parameter")
+        schema_of = {**rest, **(variants[0] if variants else {})}
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": schema_of}
+        if "description" in field:
+            parameter["description"] = field["description"]
+        parameters.append(parameter)
+    return parameters
+
+
+def _problem_response(status: int, schema: dict[str, Any], *headers: Header) -> dict[str, Any]:
     return {
         "description": _STATUS_TEXT.get(status, "Problem"),
+        "headers": _response_headers(*headers),
         "content": {"application/problem+json": {"schema": schema}},
     }
 
 
-def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
-    """An OpenAPI 3.1 document for `routes`."""
+def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings) -> dict[str, Any]:
+    """An OpenAPI 3.1 document for `routes`, as served with `settings` (which set the upload limit)."""
     models: set[type[BaseModel]] = {Problem}
     for route in routes:
         models.update(m for m in (route.body, route.response) if m is not None)
@@ -45,6 +92,7 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
         [(model, mode) for model in ordered for mode in ("validation", "serialization")],
         ref_template=_REF,
     )
+    problem = refs[(Problem, "serialization")]
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         path = _PATH_PARAM.sub(r"{\1}", route.path)
@@ -54,34 +102,39 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
             "tags": [route.tag],
             "responses": {},
         }
-        parameters = [
+        parameters: list[dict[str, Any]] = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in _PATH_PARAM.findall(route.path)
         ]
-        parameters += [
-            {
-                "name": name,
-                "in": "query",
-                "required": required,
-                "description": text,
-                "schema": {"type": "string"},
-            }
-            for name, text, required in route.query
-        ]
-        if parameters:
-            operation["parameters"] = parameters
+        if route.query is not None:
+            parameters += _query_parameters(route.query)
+        parameters += [_request_header(header) for header in route.headers]
+        operation["parameters"] = [*parameters, _REQUEST_ID_PARAMETER]
         if route.body is not None:
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
             }
+        if route.raw_body is not None:
+            limit = route.raw_body.max_bytes(settings)
+            operation["requestBody"] = {
+                "required": True,
+                "description": f"{route.raw_body.description}. At most {limit} bytes (more: 413)",
+                "content": {
+                    media_type: {"schema": {"type": "string", "format": "binary", "maxLength": limit}}
+                    for media_type in route.raw_body.media_types
+                },
+            }
         success: dict[str, Any] = {
-            "description": {200: "OK", 201: "Created", 202: "Accepted"}.get(route.status, "No content")
+            "description": {200: "OK", 201: "Created", 202: "Accepted"}.get(route.status, "No content"),
+            "headers": _response_headers(*route.response_headers),
         }
         if route.status == 204:
             pass
         elif route.response is not None:
             success["content"] = {route.media_type: {"schema": refs[(route.response, "serialization")]}}
+        elif route.file_types is not None:
+            success["content"] = {t: {"schema": {"type": "string", "format": "binary"}} for t in route.file_types}
         elif route.media_type != "application/json":
             success["content"] = {route.media_type: {"schema": {"type": "string"}}}
         else:
@@ -89,14 +142,19 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
         operation["responses"][str(route.status)] = success
         statuses = set(route.errors)
         if not route.public:
-            statuses.add(401)
+            # Any of them may meet an outage: authentication and the audit log need the database.
+            statuses.update({401, 503})
         if route.body is not None:
             statuses.update({400, 413, 415, 422})
         for status in sorted(statuses):
-            operation["responses"][str(status)] = _problem_response(status, refs[(Problem, "serialization")])
+            # RFC 6750's challenge answers a bearer token, not a refused webhook signature.
+            challenge = (WWW_AUTHENTICATE,) if status == 401 and not route.public else ()
+            retry = (RETRY_AFTER,) if status == 503 else ()
+            operation["responses"][str(status)] = _problem_response(status, problem, *challenge, *retry)
         for status, model in route.other_responses:
             operation["responses"][str(status)] = {
-                "description": _STATUS_TEXT.get(status, "See body"),
+                "description": "Not ready (the body says what is not)" if status == 503 else "See body",
+                "headers": _response_headers(),
                 "content": {"application/json": {"schema": refs[(model, "serialization")]}},
             }
         if not route.public:
@@ -112,6 +170,8 @@ def build_openapi(routes: tuple[Route, ...], *, version: str) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": definitions.get("$defs", {}),
+            "parameters": {X_REQUEST_ID.name: _request_header(X_REQUEST_ID)},
+            "headers": {X_REQUEST_ID.name: {"description": X_REQUEST_ID.description, "schema": X_REQUEST_ID.schema()}},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     }

@@ -3,47 +3,57 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from schemas.attachments import AttachmentOut
+from schemas.attachments import AttachmentOut, AttachmentUploadQuery
 from schemas.audit import (
     AuditEventListOut,
+    AuditEventQuery,
+    AuditExportQuery,
     CheckpointOut,
     ConsistencyProofOut,
+    ConsistencyProofQuery,
     InclusionProofOut,
+    InclusionProofQuery,
     LeafHashesOut,
+    LeafHashesQuery,
 )
-from schemas.consents import ConsentBody, ConsentHistoryOut, ConsentOut, RevokeBody
+from schemas.consents import ConsentBody, ConsentHistoryOut, ConsentHistoryQuery, ConsentOut, ConsentQuery, RevokeBody
 from schemas.health import HealthOut, ReadyOut
 from schemas.issuers import IssuerKeyBody, IssuerKeyListOut, IssuerKeyOut
 from schemas.keys import KeyStatusOut, RewrapOut, ShredBody, ShredOut
 from schemas.me import MeOut
 from schemas.messaging import (
     BreakGlassListOut,
+    BreakGlassQuery,
     CareTeamBody,
     CareTeamMembersBody,
     CareTeamOut,
     MessageBody,
     MessageListOut,
+    MessageListQuery,
     MessageOut,
     ReadBody,
     ReceiptOut,
     ThreadBody,
     ThreadListOut,
+    ThreadListQuery,
     ThreadOut,
 )
 from schemas.webhooks import (
     DeliveryListOut,
     DeliveryOut,
+    DeliveryQuery,
     EndpointBody,
     EndpointCreatedOut,
     EndpointEnabledOut,
     EndpointListOut,
     EndpointOut,
     EndpointPatchBody,
+    EndpointQuery,
     InboundReplyBody,
     InboundReplyOut,
     RecoverBody,
@@ -52,10 +62,34 @@ from schemas.webhooks import (
     SecretsOut,
 )
 from service.api import attachments, audit, consents, health, issuers, keys, me, messaging, webhooks
+from service.api.headers import (
+    BREAK_GLASS_REASON,
+    CONTENT_DISPOSITION,
+    FILE_NAME,
+    IDEMPOTENCY_KEY,
+    IDEMPOTENT_REPLAYED,
+    NO_SNIFF,
+    NO_STORE,
+    SANDBOX,
+    WEBHOOK_HEADERS,
+    Header,
+)
 from service.domain import policy
+from service.domain.attachments import CONTENT_TYPES
 from service.domain.principal import Principal
+from service.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class RawBody:
+    """A request body that is not JSON but a file, taken as it is: its media types (what the domain accepts)
+    and its size limit (from the settings)."""
+
+    media_types: tuple[str, ...]
+    max_bytes: Callable[[Settings], int]
+    description: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +106,37 @@ class Route:
     status: int = 200
     errors: tuple[int, ...] = ()
     media_type: str = "application/json"
-    query: tuple[tuple[str, str, bool], ...] = field(default=())  # (name, description, required)
+    # A success answer that is a stored file, served as its own media type: one of these.
+    file_types: tuple[str, ...] | None = None
+    # The model the handler parses the query string with (`parse_query`): the document's parameters, their
+    # types and bounds come from it.
+    query: type[BaseModel] | None = None
+    # Request headers the handler reads (through the same declarations) and headers its success answer carries.
+    headers: tuple[Header, ...] = ()
+    response_headers: tuple[Header, ...] = ()
+    raw_body: RawBody | None = None
     # Non-2xx answers whose body is a model rather than a problem (readiness says why it is not ready).
     other_responses: tuple[tuple[int, type[BaseModel]], ...] = ()
     # A first, coarse policy check made before the body is read: a caller it refuses gets the same 404
     # as for a route that does not exist, and learns nothing of the body's schema. The domain checks
     # again (defence in depth).
     gate: Callable[[Principal], bool] | None = None
+
+    @property
+    def query_names(self) -> tuple[str, ...]:
+        """The query parameters the route takes, as sent."""
+        if self.query is None:
+            return ()
+        return tuple(field.alias or name for name, field in self.query.model_fields.items())
+
+
+def _attachment_bytes(settings: Settings) -> int:
+    return settings.max_attachment_bytes
+
+
+IDEMPOTENT = (IDEMPOTENCY_KEY,)
+REPLAYED = (IDEMPOTENT_REPLAYED,)
+NOT_CACHED = (NO_STORE,)  # webhook administration: secrets are shown once, and the rest is a current view
 
 
 ROUTES: tuple[Route, ...] = (
@@ -193,19 +251,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_query_audit,
         response=AuditEventListOut,
         errors=(404, 422),
-        query=(
-            ("patient", "Patient/.. the event concerns", False),
-            ("actor", "who acted (FHIR reference)", False),
-            ("action", "subject:action code, e.g. key:shred", False),
-            ("outcome", "success | denied | failure", False),
-            ("resource_type", "type of the resource acted on", False),
-            ("resource_id", "id of the resource acted on", False),
-            ("since", "RFC 3339 time, inclusive", False),
-            ("until", "RFC 3339 time, exclusive", False),
-            ("order", "newest (default) | oldest", False),
-            ("limit", "1 to 500, default 100", False),
-            ("cursor", "next_cursor of the previous page", False),
-        ),
+        query=AuditEventQuery,
     ),
     Route(
         "GET",
@@ -228,7 +274,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_query_audit,
         response=InclusionProofOut,
         errors=(404, 422),
-        query=(("index", "leaf index", True), ("size", "tree size", True)),
+        query=InclusionProofQuery,
     ),
     Route(
         "GET",
@@ -240,7 +286,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_query_audit,
         response=ConsistencyProofOut,
         errors=(404, 422),
-        query=(("from", "older tree size", True), ("to", "newer tree size", True)),
+        query=ConsistencyProofQuery,
     ),
     Route(
         "GET",
@@ -252,7 +298,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_query_audit,
         response=LeafHashesOut,
         errors=(404, 422),
-        query=(("start", "first index", True), ("end", "index after the last", True)),
+        query=LeafHashesQuery,
     ),
     Route(
         "GET",
@@ -265,14 +311,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_query_audit,
         media_type="application/x-ndjson",
         errors=(404, 422),
-        query=(
-            ("format", "ndjson (default) | fhir", False),
-            ("patient", "filter, as for /v1/audit/events", False),
-            ("actor", "filter", False),
-            ("action", "filter", False),
-            ("since", "filter", False),
-            ("until", "filter", False),
-        ),
+        query=AuditExportQuery,
     ),
     Route(
         "POST",
@@ -285,6 +324,8 @@ ROUTES: tuple[Route, ...] = (
         body=ConsentBody,
         response=ConsentOut,
         status=201,
+        headers=IDEMPOTENT,
+        response_headers=REPLAYED,
         errors=(404, 409),
     ),
     Route(
@@ -307,7 +348,7 @@ ROUTES: tuple[Route, ...] = (
         "consent",
         response=ConsentOut,
         errors=(404, 422),
-        query=(("format", "json (default) | fhir", False),),
+        query=ConsentQuery,
     ),
     Route(
         "GET",
@@ -318,7 +359,7 @@ ROUTES: tuple[Route, ...] = (
         "consent",
         response=ConsentHistoryOut,
         errors=(404, 422),
-        query=(("as_of", "RFC 3339 time", False),),
+        query=ConsentHistoryQuery,
     ),
     Route(
         "POST",
@@ -331,6 +372,8 @@ ROUTES: tuple[Route, ...] = (
         body=ThreadBody,
         response=ThreadOut,
         status=201,
+        headers=IDEMPOTENT,
+        response_headers=REPLAYED,
         errors=(403, 404, 409),
     ),
     Route(
@@ -342,13 +385,7 @@ ROUTES: tuple[Route, ...] = (
         "messaging",
         response=ThreadListOut,
         errors=(422,),
-        query=(
-            ("patient", "Patient/.. filter", False),
-            ("status", "open | closed", False),
-            ("unread", "true: only threads with unread messages", False),
-            ("limit", "1 to 100, default 50", False),
-            ("cursor", "next_cursor of the previous page", False),
-        ),
+        query=ThreadListQuery,
     ),
     Route(
         "GET",
@@ -358,6 +395,7 @@ ROUTES: tuple[Route, ...] = (
         "One thread with its receipts; a physician outside it may read it with a Break-Glass-Reason header",
         "messaging",
         response=ThreadOut,
+        headers=(BREAK_GLASS_REASON,),
         errors=(404, 410, 422),
     ),
     Route(
@@ -380,6 +418,8 @@ ROUTES: tuple[Route, ...] = (
         body=MessageBody,
         response=MessageOut,
         status=201,
+        headers=IDEMPOTENT,
+        response_headers=REPLAYED,
         errors=(403, 404, 409, 410, 422),
     ),
     Route(
@@ -390,12 +430,9 @@ ROUTES: tuple[Route, ...] = (
         "Messages by sequence: the latest `limit` (before `before`), or the next after `after`",
         "messaging",
         response=MessageListOut,
+        headers=(BREAK_GLASS_REASON,),
         errors=(404, 410, 422),
-        query=(
-            ("after", "sequence number, exclusive", False),
-            ("before", "sequence number, exclusive", False),
-            ("limit", "1 to 200, default 50", False),
-        ),
+        query=MessageListQuery,
     ),
     Route(
         "GET",
@@ -433,14 +470,21 @@ ROUTES: tuple[Route, ...] = (
         "/v1/attachments",
         attachments.upload_attachment,
         "upload_attachment",
-        "Upload a file into a thread as the raw body (application/pdf, image/png, image/jpeg or UTF-8 "
-        "text/plain, checked against the content): streamed, sealed in chunks, stored all or nothing. The file "
-        "name goes in the Bedside-File-Name header (percent-encoded UTF-8), never in the URL",
+        "Upload a file into a thread as the raw body, of a media type the body lists (checked against the "
+        "content; text as UTF-8): streamed, sealed in chunks, stored all or nothing. The file name goes in the "
+        "Bedside-File-Name header, never in the URL",
         "messaging",
         response=AttachmentOut,
         status=201,
         errors=(400, 403, 404, 409, 410, 413, 415, 422, 503),
-        query=(("thread_id", "the thread (write access and its messaging consent required)", True),),
+        query=AttachmentUploadQuery,
+        headers=(FILE_NAME,),
+        raw_body=RawBody(
+            CONTENT_TYPES,
+            _attachment_bytes,
+            "The file itself, as it is (not multipart); its Content-Type one of these, and for text/plain "
+            "UTF-8 or US-ASCII",
+        ),
     ),
     Route(
         "GET",
@@ -450,7 +494,8 @@ ROUTES: tuple[Route, ...] = (
         "Download an attachment (whoever may read its thread, break-glass included), verified whole before "
         "the first byte is sent; served as its stored type, as a download, never sniffed or cached",
         "messaging",
-        media_type="application/octet-stream",
+        file_types=CONTENT_TYPES,
+        response_headers=(CONTENT_DISPOSITION, NO_SNIFF, NO_STORE, SANDBOX),
         errors=(404, 410),
     ),
     Route(
@@ -463,7 +508,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_review_break_glass,
         response=BreakGlassListOut,
         errors=(404,),
-        query=(("reviewed", "true | false", False),),
+        query=BreakGlassQuery,
     ),
     Route(
         "POST",
@@ -522,6 +567,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_manage_webhooks,
         body=EndpointBody,
         response=EndpointCreatedOut,
+        response_headers=NOT_CACHED,
         status=201,
         errors=(404, 422),
     ),
@@ -534,12 +580,9 @@ ROUTES: tuple[Route, ...] = (
         "webhooks",
         gate=policy.can_manage_webhooks,
         response=EndpointListOut,
+        response_headers=NOT_CACHED,
         errors=(404, 422),
-        query=(
-            ("subscriber", "only this Practitioner/.. or CareTeam/..", False),
-            ("limit", "1 to 200 (50)", False),
-            ("cursor", "next_cursor of the previous page", False),
-        ),
+        query=EndpointQuery,
     ),
     Route(
         "GET",
@@ -550,6 +593,7 @@ ROUTES: tuple[Route, ...] = (
         "webhooks",
         gate=policy.can_manage_webhooks,
         response=EndpointOut,
+        response_headers=NOT_CACHED,
         errors=(404,),
     ),
     Route(
@@ -562,6 +606,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_manage_webhooks,
         body=EndpointPatchBody,
         response=EndpointOut,
+        response_headers=NOT_CACHED,
         errors=(404, 422),
     ),
     Route(
@@ -586,6 +631,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_manage_webhooks,
         body=RotateBody,
         response=SecretsOut,
+        response_headers=NOT_CACHED,
         status=201,
         errors=(404, 422),
     ),
@@ -598,6 +644,7 @@ ROUTES: tuple[Route, ...] = (
         "webhooks",
         gate=policy.can_manage_webhooks,
         response=EndpointEnabledOut,
+        response_headers=NOT_CACHED,
         errors=(404,),
     ),
     Route(
@@ -609,6 +656,7 @@ ROUTES: tuple[Route, ...] = (
         "webhooks",
         gate=policy.can_manage_webhooks,
         response=EndpointOut,
+        response_headers=NOT_CACHED,
         errors=(404,),
     ),
     Route(
@@ -620,12 +668,9 @@ ROUTES: tuple[Route, ...] = (
         "webhooks",
         gate=policy.can_manage_webhooks,
         response=DeliveryListOut,
+        response_headers=NOT_CACHED,
         errors=(404, 422),
-        query=(
-            ("status", "pending | succeeded | held | dead", False),
-            ("limit", "1 to 200 (50)", False),
-            ("cursor", "next_cursor of the previous page", False),
-        ),
+        query=DeliveryQuery,
     ),
     Route(
         "GET",
@@ -636,6 +681,7 @@ ROUTES: tuple[Route, ...] = (
         "webhooks",
         gate=policy.can_manage_webhooks,
         response=DeliveryOut,
+        response_headers=NOT_CACHED,
         errors=(404,),
     ),
     Route(
@@ -647,6 +693,7 @@ ROUTES: tuple[Route, ...] = (
         "webhooks",
         gate=policy.can_manage_webhooks,
         response=DeliveryOut,
+        response_headers=NOT_CACHED,
         status=202,
         errors=(404, 409),
     ),
@@ -661,6 +708,7 @@ ROUTES: tuple[Route, ...] = (
         gate=policy.can_manage_webhooks,
         body=RecoverBody,
         response=RecoveredOut,
+        response_headers=NOT_CACHED,
         status=202,
         errors=(404, 422),
     ),
@@ -674,11 +722,12 @@ ROUTES: tuple[Route, ...] = (
         "webhook-id and body come again; 409 for the same webhook-id with another body",
         "webhooks",
         public=True,
+        headers=WEBHOOK_HEADERS,
         body=InboundReplyBody,
         response=InboundReplyOut,
         status=201,
         other_responses=((200, InboundReplyOut),),
-        errors=(400, 401, 403, 404, 409, 413, 415, 422),
+        errors=(400, 401, 403, 404, 409, 413, 415, 422, 503),
     ),
 )
 

@@ -756,7 +756,7 @@ def requests(
         False: {name: st.sampled_from(ids) for name, ids in real.items()},
         True: {name: path_values(ids) for name, ids in real.items()},
     }
-    names, values, seeds = [q[0] for q in route.query], query_params(world), fuzz.seeds(world) if fuzz.seeds else ()
+    names, values, seeds = list(route.query_names), query_params(world), fuzz.seeds(world) if fuzz.seeds else ()
     query = {fuzzed: query_string(names, values, fuzzed=fuzzed) for fuzzed in (False, True)}
     body = {fuzzed: body_bytes(route.body, field_values(world), seeds, fuzzed=fuzzed) for fuzzed in (False, True)}
     callers = st.sampled_from(fuzz.callers)
