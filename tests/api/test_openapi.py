@@ -3,7 +3,10 @@ true to what the service actually sends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,10 +19,13 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from standardwebhooks import Webhook
 
+from service.app import create_app
+from service.domain.attachments import CONTENT_TYPES
 from service.keys import PUBLIC_ROUTES
-from tests.api.messaging_helpers import consent, thread
+from service.settings import Settings
+from tests.api.messaging_helpers import PORTAL, consent, patient, thread
 from tests.conftest import Dsns, Portals
-from tests.support import TestIssuer
+from tests.support import TestIssuer, as_owner, database_connection_limit
 
 DOCUMENT_URI = "urn:bedside:openapi"
 
@@ -101,16 +107,49 @@ def _validator(document: dict[str, Any], schema: dict[str, Any]) -> Draft202012V
     return Draft202012Validator(schema, registry=registry)
 
 
+# Headers of HTTP itself (framing, the body's media type), which OpenAPI does not list per response.
+HTTP_HEADERS = frozenset({"content-type", "content-length", "date", "server", "transfer-encoding", "connection"})
+
+
+def _resolve(document: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+    """`item`, or what its local `$ref` names."""
+    ref = item.get("$ref")
+    if ref is None:
+        return item
+    found: Any = document
+    for part in ref.removeprefix("#/").split("/"):
+        found = found[part]
+    return dict(found)
+
+
+def _is_json(content_type: str) -> bool:
+    """One JSON document (not NDJSON, a stream of them)."""
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
 async def _conforms(document: dict[str, Any], method: str, path: str, response: ClientResponse) -> None:
-    """The response's status and media type are documented for the operation, and its body fits the schema."""
+    """The response's status and media type are documented for the operation, its body fits the schema, and
+    every header it carries (HTTP's own aside) is documented for that status, with a value that fits."""
     responses = document["paths"][path][method.lower()]["responses"]
     assert str(response.status) in responses, (method, path, response.status)
+    documented = {
+        name.lower(): _resolve(document, header)
+        for name, header in responses[str(response.status)].get("headers", {}).items()
+    }
+    for name, value in response.headers.items():
+        if name.lower() in HTTP_HEADERS:
+            continue
+        assert name.lower() in documented, (method, path, response.status, f"{name} is sent, not documented")
+        schema = documented[name.lower()]["schema"]
+        sent: Any = int(value) if schema.get("type") == "integer" and value.isdigit() else value
+        errors = [e.message for e in _validator(document, schema).iter_errors(sent)]
+        assert not errors, (method, path, response.status, name, errors)
     content = responses[str(response.status)].get("content", {})
     if response.status == 204:  # no content, documented as none
         assert (content, await response.read()) == ({}, b""), (method, path)
         return
     assert response.content_type in content, (method, path, response.status, response.content_type, list(content))
-    if response.content_type.endswith("json"):
+    if _is_json(response.content_type):
         body = json.loads(await response.text())
         errors = [
             error.message for error in _validator(document, content[response.content_type]["schema"]).iter_errors(body)
@@ -233,3 +272,392 @@ async def test_not_ready_response_matches_what_the_document_says(client, databas
 
     assert response.status == 503
     await _conforms(document, "GET", "/readyz", response)
+
+
+# --- request headers: what a route reads, the document declares ----------------------------------------------
+
+# Headers the application reads that OpenAPI does not declare as parameters: `Authorization` is the bearer
+# security scheme (OpenAPI ignores a header parameter of that name), `Expect` is aiohttp's own (100-continue).
+UNDECLARED = frozenset({"authorization", "expect"})
+
+
+class _RecordedHeaders:
+    """A request's headers that note which names were asked for; `*` when they were looked through."""
+
+    def __init__(self, headers: Any, seen: set[str]) -> None:
+        self._headers, self._seen = headers, seen
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self._seen.add(name.lower())
+        return self._headers.get(name, default)
+
+    def getone(self, name: str, *default: Any) -> Any:
+        self._seen.add(name.lower())
+        return self._headers.getone(name, *default)
+
+    def getall(self, name: str, *default: Any) -> Any:
+        self._seen.add(name.lower())
+        return self._headers.getall(name, *default)
+
+    def __getitem__(self, name: str) -> str:
+        self._seen.add(name.lower())
+        return str(self._headers[name])
+
+    def __contains__(self, name: object) -> bool:
+        self._seen.add(str(name).lower())
+        return name in self._headers
+
+    def __iter__(self) -> Any:
+        self._seen.add("*")
+        return iter(self._headers)
+
+    def __len__(self) -> int:
+        self._seen.add("*")
+        return len(self._headers)
+
+    def __getattr__(self, attribute: str) -> Any:  # items(), keys(), values(), copy(): all of them
+        self._seen.add("*")
+        return getattr(self._headers, attribute)
+
+
+@pytest.fixture
+def header_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, set[str]]:
+    """Route name -> the request headers read while serving it (middleware and handler), lower-cased."""
+    reads: dict[str, set[str]] = {}
+
+    def headers(request: web.Request) -> _RecordedHeaders:
+        info = request.match_info
+        route = (info.route.name if info is not None else None) or "(no route)"
+        return _RecordedHeaders(super(web.Request, request).headers, reads.setdefault(route, set()))
+
+    monkeypatch.setattr(web.Request, "headers", property(headers))
+    return reads
+
+
+def _operations(document: dict[str, Any]) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """operationId -> (method, path, operation)."""
+    return {
+        operation["operationId"]: (method.upper(), path, operation)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+    }
+
+
+def _parameters(document: dict[str, Any], operation: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """The operation's parameters `in` `where`, by name (lower-cased for headers), refs resolved."""
+    found = [_resolve(document, parameter) for parameter in operation.get("parameters", [])]
+    return {(p["name"].lower() if where == "header" else p["name"]): p for p in found if p["in"] == where}
+
+
+async def _integrated(client: Any) -> None:
+    for _ in range(200):
+        if (await (await client.get("/readyz")).json())["audit_backlog"] == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the sequencer did not integrate the audit backlog")
+
+
+async def _tour(client: Any, portals: Portals, document: dict[str, Any]) -> set[str]:
+    """Every operation of the document called once with what it needs to succeed, each answer checked
+    against the document; the operationIds it called."""
+    operations = _operations(document)
+    toured: set[str] = set()
+    acme = portals.acme
+    me = acme.auth(role="patient", sub="Patient/1")
+    doctor = acme.auth(role="physician", sub="Practitioner/7")
+    outsider = acme.auth(role="physician", sub="Practitioner/99")
+    admin = acme.auth(role="admin", sub="Practitioner/admin1")
+    compliance = acme.auth(role="compliance", sub="Practitioner/c1")
+
+    async def call(name: str, auth: dict[str, str], ids: dict[str, str] | None = None, **kw: Any) -> Any:
+        method, template, _ = operations[name]
+        headers = {**auth, **kw.pop("headers", {})}
+        response = await client.request(method, template.format(**(ids or {})), headers=headers, **kw)
+        await _conforms(document, method, template, response)
+        assert 200 <= response.status < 300, (name, response.status, await response.text())
+        toured.add(name)
+        text = await response.text()
+        return json.loads(text) if _is_json(response.content_type) and text else text
+
+    for name in ("get_health", "get_readiness", "get_metrics", "get_openapi"):
+        await call(name, {})
+    await call("get_me", me)
+    new_key = TestIssuer(tenant="acme", issuer=acme.issuer, kid="portal-key-2")
+    key = {"issuer": new_key.issuer, "public_key_pem": new_key.public_pem.decode(), "kid": new_key.kid}
+    await call("add_issuer_key", admin, json=key)
+    await call("list_issuer_keys", admin)
+    await call("get_key_status", admin)
+    await call("rewrap_keys", admin)
+    team = {"team": "CareTeam/cardio", "members": ["Practitioner/7"]}
+    await call("create_care_team", admin, json=team)
+    await call("set_care_team_members", admin, {"team_id": "cardio"}, json={"members": ["Practitioner/7"]})
+    await call("get_care_team", admin, {"team_id": "cardio"})
+
+    hook = {"subscriber": "Practitioner/7", "url": "https://93.184.215.14/hook", "event_types": ["message.created"]}
+    created = await call("register_webhook_endpoint", admin, json=hook)
+    endpoint = {"id": created["endpoint"]["id"]}
+    await call("list_webhook_endpoints", admin)
+    await call("get_webhook_endpoint", admin, endpoint)
+    await call("update_webhook_endpoint", admin, endpoint, json={"event_types": ["message.created"]})
+
+    idempotent = {"Idempotency-Key": "tour-consent"}
+    body = {"patient": "Patient/1", "grantee": "Practitioner/7", "scope": "messaging", "evidence": PORTAL}
+    granted = await call("record_consent", me, json=body, headers=idempotent)
+    await call("record_consent", me, json=body, headers=idempotent)  # the replay: Idempotent-Replayed
+    await call("get_consent", me, {"id": granted["id"]})
+    await call("list_patient_consents", me, {"patient_id": "1"})
+    other = await call("record_consent", me, json={**body, "grantee": "Practitioner/8"})
+    await call("revoke_consent", me, {"id": other["id"]}, json={"reason": "patient-request"})
+
+    subject = {"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "Tour"}
+    first = {**subject, "message": {"body": "Hi"}}
+    made = await call("create_thread", me, json=first, headers={"Idempotency-Key": "tour-thread"})
+    thread_id = {"id": made["id"]}
+    await call("list_threads", me)
+    reason = {"Break-Glass-Reason": "Unconscious in the ED, need history"}
+    await call("get_thread", outsider, thread_id, headers=reason)
+    sent = await call("send_message", me, thread_id, json={"body": "More"}, headers={"Idempotency-Key": "tour-message"})
+    await call("list_messages", outsider, thread_id, headers=reason)
+    await call("get_message", me, {"id": sent["id"]})
+    await call("mark_read", doctor, thread_id, json={"up_to": 1})
+    upload = {"Content-Type": "text/plain; charset=utf-8", "Bedside-File-Name": "tour.txt"}
+    file = await call("upload_attachment", me, params={"thread_id": made["id"]}, data=b"notes", headers=upload)
+    await call("download_attachment", me, {"id": file["id"]})
+    grants = await call("list_break_glass", compliance)
+    await call("review_break_glass", compliance, {"id": grants["items"][0]["id"]})
+    second = await call("create_thread", me, json={**subject, "message": {"body": "Oops"}})
+    await call("recall_message", me, {"id": second["message"]["id"]})
+    await call("close_thread", me, {"id": second["id"]})
+
+    deliveries = await call("list_webhook_deliveries", admin, endpoint)
+    delivery = {**endpoint, "delivery_id": deliveries["items"][0]["id"]}
+    await call("get_webhook_delivery", admin, delivery)
+    await call("resend_webhook_delivery", admin, delivery)
+    window = {"since": "2025-01-01T00:00:00Z", "until": "2100-01-01T00:00:00Z"}
+    await call("recover_webhook_deliveries", admin, endpoint, json=window)
+    reply = json.dumps({"thread_id": made["id"], "body": "Yes.", "sender": "Practitioner/7"})
+    at = datetime.now(UTC)
+    signed = {
+        "webhook-id": "msg_tour",
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(created["secrets"]["inbound_secret"]).sign("msg_tour", at, reply),
+        "Content-Type": "application/json",
+    }
+    await call("receive_webhook_reply", {}, {"endpoint_id": endpoint["id"]}, data=reply.encode(), headers=signed)
+    await call("rotate_webhook_secret", admin, endpoint, json={"purpose": "inbound"})
+    await call("disable_webhook_endpoint", admin, endpoint)
+    await call("enable_webhook_endpoint", admin, endpoint)
+    await call("delete_webhook_endpoint", admin, endpoint)
+
+    await _integrated(client)
+    await call("list_audit_events", compliance)
+    checkpoint = await call("get_latest_checkpoint", compliance)
+    size = str(checkpoint["size"])
+    await call("get_inclusion_proof", compliance, params={"index": "0", "size": size})
+    await call("get_consistency_proof", compliance, params={"from": "1", "to": size})
+    await call("list_leaf_hashes", compliance, params={"start": "0", "end": size})
+    await call("export_audit_events", compliance)
+    await call("shred_patient_key", admin, json={"patient": "Patient/1", "confirm": "Patient/1"})
+    return toured
+
+
+@pytest.fixture
+async def quiet_client(settings: Settings, aiohttp_client: Any) -> Any:
+    """The real application without its webhook delivery worker: nothing leaves the machine."""
+    return await aiohttp_client(create_app(settings.model_copy(update={"webhook_worker": False})))
+
+
+async def test_every_header_a_route_reads_is_documented_for_it(
+    quiet_client: Any, portals: Portals, header_reads: dict[str, set[str]]
+) -> None:
+    """A tour of every operation, each called as it succeeds, with the real application noting which request
+    headers each route reads: a header a handler starts reading fails here until the route declares it. Every
+    answer on the way is checked against the document too, the headers it sends included."""
+    document = await _document(quiet_client)
+    operations = _operations(document)
+
+    toured = await _tour(quiet_client, portals, document)
+
+    assert toured == set(operations), f"the tour misses {sorted(set(operations) - toured)}: add them to _tour"
+    undocumented = {}
+    for name, (_method, _path, operation) in operations.items():
+        declared = set(_parameters(document, operation, "header")) | UNDECLARED
+        if extra := header_reads.get(name, set()) - declared:
+            undocumented[name] = sorted(extra)
+    assert undocumented == {}, "headers read but not declared (`*`: all of them looked through)"
+
+
+async def test_the_idempotency_key_is_declared_with_the_form_the_api_enforces(client, portals: Portals) -> None:
+    document = await _document(client)
+    body = {"patient": "Patient/1", "grantee": "Practitioner/7", "scope": "messaging", "evidence": PORTAL}
+    keys = ["k" * 200, "a.b:c_d-e", "k" * 201, "", "with space", "ünïcode"]
+
+    for name in ("create_thread", "send_message", "record_consent"):
+        parameter = _parameters(document, _operations(document)[name][2], "header")["idempotency-key"]
+        assert (parameter["required"], parameter["schema"]["type"]) == (False, "string"), name
+    declared = _parameters(document, _operations(document)["record_consent"][2], "header")["idempotency-key"]
+    for key in keys:
+        response = await client.post("/v1/consents", json=body, headers={**patient(portals), "Idempotency-Key": key})
+        fits = re.fullmatch(declared["schema"]["pattern"], key) is not None
+        assert (response.status == 201) == fits, (key, response.status)
+        await _conforms(document, "POST", "/v1/consents", response)
+
+    again = await client.post("/v1/consents", json=body, headers={**patient(portals), "Idempotency-Key": keys[0]})
+    assert (again.status, again.headers["Idempotent-Replayed"]) == (201, "true")
+    await _conforms(document, "POST", "/v1/consents", again)
+
+
+async def test_the_headers_routes_read_are_declared_where_they_are_read(client) -> None:
+    document = await _document(client)
+    operations = _operations(document)
+
+    def headers(name: str) -> dict[str, bool]:
+        declared = _parameters(document, operations[name][2], "header")
+        return {key: value["required"] for key, value in declared.items() if key != "x-request-id"}
+
+    idempotent = {"idempotency-key": False}
+    assert {name: headers(name) for name in ("create_thread", "send_message", "record_consent")} == {
+        "create_thread": idempotent,
+        "send_message": idempotent,
+        "record_consent": idempotent,
+    }
+    assert headers("get_thread") == headers("list_messages") == {"break-glass-reason": False}
+    assert headers("upload_attachment") == {"bedside-file-name": True}
+    assert headers("receive_webhook_reply") == {
+        "webhook-id": True,
+        "webhook-timestamp": True,
+        "webhook-signature": True,
+    }
+    for name, (_method, _path, operation) in operations.items():
+        declared = _parameters(document, operation, "header")
+        assert declared["x-request-id"]["required"] is False, name
+        assert all(parameter.get("description") for parameter in declared.values()), name
+
+
+# --- response headers ------------------------------------------------------------------------------------------
+
+
+async def test_an_outage_answer_and_its_retry_after_are_documented(client, portals: Portals, database: Dsns) -> None:
+    document = await _document(client)
+    async with database_connection_limit(database.owner, database.name, 0):
+        await as_owner(
+            database.owner,
+            lambda conn: conn.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'bedside'"
+            ),
+        )
+        for _ in range(2):
+            response = await client.get("/v1/threads", headers=patient(portals))
+            assert (response.status, response.headers["Retry-After"]) == (503, "5")
+            await _conforms(document, "GET", "/v1/threads", response)
+
+    for name, (_method, _path, operation) in _operations(document).items():
+        if "security" in operation:  # authentication needs the database: any of them may meet an outage
+            assert "Retry-After" in operation["responses"]["503"]["headers"], name
+
+
+# --- the attachment upload's body ------------------------------------------------------------------------------
+
+LIMIT = 1024
+# A file of each type Bedside stores, `LIMIT` bytes long: the content must match the declared type.
+FILES = {
+    "application/pdf": b"%PDF-1.7\n".ljust(LIMIT, b"%"),
+    "image/png": b"\x89PNG\r\n\x1a\n".ljust(LIMIT, b"\x00"),
+    "image/jpeg": b"\xff\xd8\xff\xe0".ljust(LIMIT, b"\x00"),
+    "text/plain": b"notes".ljust(LIMIT, b"."),
+}
+
+
+async def test_the_upload_body_is_the_file_in_exactly_the_stored_types_up_to_the_size_limit(
+    settings: Settings, portals: Portals, aiohttp_client: Any
+) -> None:
+    limited = await aiohttp_client(create_app(settings.model_copy(update={"max_attachment_bytes": LIMIT})))
+    document = await _document(limited)
+    operation = document["paths"]["/v1/attachments"]["post"]
+    body = operation["requestBody"]
+    await consent(limited, portals)
+    made = await thread(limited, portals)
+
+    assert body["required"] is True
+    assert tuple(body["content"]) == CONTENT_TYPES
+    assert {media: content["schema"]["maxLength"] for media, content in body["content"].items()} == dict.fromkeys(
+        CONTENT_TYPES, LIMIT
+    )
+    assert set(FILES) == set(CONTENT_TYPES)
+
+    async def upload(media: str, data: bytes) -> ClientResponse:
+        headers = {**patient(portals), "Content-Type": media, "Bedside-File-Name": "file"}
+        response = await limited.post("/v1/attachments", params={"thread_id": made["id"]}, data=data, headers=headers)
+        await _conforms(document, "POST", "/v1/attachments", response)
+        return response
+
+    for media in body["content"]:
+        assert (await upload(media, FILES[media])).status == 201, media
+        assert (await upload(media, FILES[media] + b".")).status == 413, media
+    assert (await upload("image/gif", b"GIF89a")).status == 415
+
+
+# --- query parameters ------------------------------------------------------------------------------------------
+
+# What pydantic calls a value outside a declared bound or not of the declared type: the schema's own refusals
+# (the domain's further checks, such as `index < size`, have types of their own).
+SCHEMA_REFUSALS = frozenset({"greater_than_equal", "less_than_equal", "int_parsing", "bool_parsing"})
+
+
+def _refusals(problem: dict[str, Any], name: str) -> set[str]:
+    return {error["type"] for error in problem.get("errors", []) if error["loc"] == [name]} & SCHEMA_REFUSALS
+
+
+def _valid(parameter: dict[str, Any]) -> str:
+    schema = parameter["schema"]
+    if schema.get("format") == "uuid":
+        return str(uuid.uuid4())
+    return str(schema.get("minimum", 1)) if schema.get("type") == "integer" else "x"
+
+
+async def test_query_parameters_are_typed_with_the_bounds_the_api_enforces(client, portals: Portals) -> None:
+    """Each integer parameter at its documented minimum and maximum passes the schema and one beyond fails
+    it; each boolean takes `true` and refuses anything else. Gated routes: whichever caller gets past the
+    gate, which checks before the query is read."""
+    document = await _document(client)
+    callers = [
+        portals.acme.auth(role="patient", sub="Patient/1"),
+        portals.acme.auth(role="compliance", sub="Practitioner/c1"),
+        portals.acme.auth(role="admin", sub="Practitioner/admin1"),
+    ]
+    checked: dict[tuple[str, str], dict[str, Any]] = {}
+
+    for name, (method, template, operation) in _operations(document).items():
+        query = _parameters(document, operation, "query")
+        path = template.format(**{p: str(uuid.uuid4()) for p in _parameters(document, operation, "path")})
+        for parameter, spec in query.items():
+            schema = spec["schema"]
+            if schema.get("type") == "integer":
+                cases = [(str(schema[k]), str(schema[k] + step)) for k, step in (("minimum", -1), ("maximum", 1))]
+            elif schema.get("type") == "boolean":
+                cases = [("true", "maybe")]
+            else:
+                continue
+            required = {p: _valid(s) for p, s in query.items() if s["required"] and p != parameter}
+            for bound, beyond in cases:
+                for caller in callers:
+                    refused = await client.request(method, path, params={**required, parameter: beyond}, headers=caller)
+                    if refused.status == 422:
+                        break
+                assert _refusals(await refused.json(content_type=None), parameter), (name, parameter, beyond)
+                taken = await client.request(method, path, params={**required, parameter: bound}, headers=caller)
+                problem = await taken.json(content_type=None) if taken.status == 422 else {}
+                assert not _refusals(problem, parameter), (name, parameter, bound, problem)
+            checked[name, parameter] = schema
+
+    assert {key: checked.get(key, {}).get("type") for key in LIST_PARAMETERS} == LIST_PARAMETERS
+
+
+LIST_PARAMETERS = {
+    ("list_threads", "limit"): "integer",
+    ("list_threads", "unread"): "boolean",
+    ("list_messages", "after"): "integer",
+    ("list_messages", "before"): "integer",
+    ("list_messages", "limit"): "integer",
+}
