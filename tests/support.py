@@ -1,15 +1,18 @@
-"""Helpers the tests share: token issuers with real keys, canaries, and every audit event as the owner
-sees it."""
+"""Helpers the tests share: token issuers with real keys, canaries, every audit event as the owner
+sees it, and the server processes under a `bedside serve`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -78,6 +81,23 @@ async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncp
 def canary(label: str = "canary") -> str:
     """A unique string that must never show up where patient content does not belong."""
     return f"CANARY-{label}-{uuid.uuid4().hex}"
+
+
+def server_processes(parent: int) -> list[int]:
+    """The spawned server processes under `bedside serve` (not its PostgreSQL or helper processes)."""
+    children = [int(c) for t in Path(f"/proc/{parent}/task").iterdir() for c in (t / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """`pid` stopped (SIGSTOP) meanwhile, then let go on (SIGCONT) whatever happened: a server process
+    frozen so that the others take every new connection."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from service.embedded import EmbeddedPostgres
 from service.errors import ConfigurationError
 from service.settings import Settings
 from tests.conftest import Cluster
+from tests.support import frozen, server_processes
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
@@ -204,12 +205,6 @@ def test_the_embedded_connection_bound_admits_up_to_3975_connections(tmp_path: P
         _check_embedded_connections(wanting(8, 496))  # 8 x 497
 
 
-def _server_processes(parent: int) -> list[int]:
-    """The spawned server processes under `bedside serve` (not its PostgreSQL or helper processes)."""
-    children = [int(c) for t in Path(f"/proc/{parent}/task").iterdir() for c in (t / "children").read_text().split()]
-    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-
-
 def _connection_slots(pg: EmbeddedPostgres) -> int:
     """How many connections the running embedded PostgreSQL accepts from the service's role."""
     running = pg.running()
@@ -240,18 +235,15 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     # Ctrl-C stops every server process, then the database, and the command succeeds.
     proc, _ = _start(env)
     try:
-        servers = _server_processes(proc.pid)
+        servers = server_processes(proc.pid)
         assert len(servers) == 2
         # The embedded PostgreSQL was started with room for every connection the servers may open.
         assert _connection_slots(pg) >= 2 * 121
         token = _cli(env, "token", "--tenant", "demo", "--role", "patient", "--sub", "Patient/1").stdout.strip()
         # Each one serves the shared port: with either one frozen, the other still answers.
-        for frozen in servers:
-            os.kill(frozen, signal.SIGSTOP)
-            try:
+        for server in servers:
+            with frozen(server):
                 assert [_me(port, token)[0] for _ in range(3)] == [200, 200, 200]
-            finally:
-                os.kill(frozen, signal.SIGCONT)
     finally:
         assert _stop(proc) == 0
     assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
@@ -262,7 +254,7 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     with (tmp_path / "stderr.txt").open("w+") as stderr:
         proc, _ = _start(env, stderr)
         try:
-            servers = _server_processes(proc.pid)
+            servers = server_processes(proc.pid)
             assert len(servers) == 2
             assert _me(port, token)[0] == 200
             os.kill(servers[0], signal.SIGKILL)
@@ -281,7 +273,7 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     proc, _ = _start(env, subprocess.PIPE)
     servers = []
     try:
-        servers = _server_processes(proc.pid)
+        servers = server_processes(proc.pid)
         assert len(servers) == 2
         assert proc.stderr is not None
         proc.stderr.close()
