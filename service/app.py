@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 from aiohttp import web
 
@@ -67,14 +68,16 @@ from service.workers.sequencer import Sequencer
 from service.workers.webhooks import WebhookWorker
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, shared_metrics_dir: Path | None = None) -> web.Application:
     """The aiohttp application for `settings` (which must name a database: embedded mode resolves one
-    before calling this). The pool and services are opened on start-up and closed on clean-up."""
+    before calling this). The pool and services are opened on start-up and closed on clean-up.
+    `shared_metrics_dir`: where the server processes of one `serve` share their request metrics (see
+    `HttpMetrics`); None, the app counts for itself alone."""
     if settings.database_url is None:
         raise ConfigurationError("create_app needs a database URL")
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.max_json_body_bytes)
     app[SETTINGS] = settings
-    app[METRICS] = HttpMetrics()
+    app[METRICS] = HttpMetrics(shared_dir=shared_metrics_dir)
     app[PUBLIC_ROUTES] = add_routes(app, ROUTES)
     app[ROUTE_GATES] = route_gates(ROUTES)
     app[OPENAPI] = build_openapi(ROUTES, version=__version__, settings=settings)
