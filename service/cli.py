@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
@@ -31,6 +32,7 @@ from crypto.checkpoint import format_vkey, parse_vkey
 from crypto.dek_cache import DataKeyCache
 from crypto.issuer_keys import IssuerKeyError, generate_ed25519_issuer_key, issuer_key_pair_from_private_pem
 from service import __version__
+from service.api.metrics import SHARED_DIR_VARIABLE
 from service.api.server import app_runner
 from service.app import build_audit_signer, build_kek_provider, close_provider, create_app
 from service.domain.audit import REQUEST_META, AuditRecorder, RequestMeta
@@ -312,12 +314,20 @@ def _serve_processes(settings: Settings, on_ready: Callable[[int], None]) -> Non
 
     This process only watches: SIGINT or SIGTERM is passed on to every server process, which stops as
     `bedside serve` does (in-flight requests finish), and if one of them ends on its own the others are
-    stopped too and the command fails, so that a supervisor restarts the whole."""
+    stopped too and the command fails, so that a supervisor restarts the whole.
+
+    The servers keep their request metrics in files in a directory of this run's own, which every scrape
+    adds up (`HttpMetrics`). A server that ends leaves its files: prometheus_client's `mark_process_dead`
+    only removes those of live gauges, of which there are none, and the requests a process served stay
+    counted, as counters should; the others are stopped then anyway."""
     settings = _keys_made_once(settings)
     context = multiprocessing.get_context("spawn")
     children: dict[int, SpawnProcess] = {}  # by sentinel
     with contextlib.ExitStack() as stack:
         woken = _woken_by_signals(stack)
+        # Private (mkdtemp makes it 0700) and removed once every server has stopped, however this ends:
+        # entered before `_stop_all` is, so left after it.
+        metrics_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bedside-metrics-")))
         # `lifeline` is never written: when this process ends, however it ends, the servers read
         # end-of-file from it. This process keeps only `lifeline_end`, closed after the servers stopped.
         lifeline, lifeline_end = context.Pipe(duplex=False)
@@ -326,18 +336,21 @@ def _serve_processes(settings: Settings, on_ready: Callable[[int], None]) -> Non
         ready: dict[Connection, SpawnProcess] = {}
         with _listening_socket(settings) as sock, lifeline:
             port = sock.getsockname()[1]
-            for index in range(settings.processes):
-                parent_end, child_end = context.Pipe(duplex=False)
-                stack.callback(parent_end.close)
-                with child_end:
-                    child = context.Process(
-                        target=_server_process,
-                        args=(settings, sock, child_end, lifeline, REQUEST_META.get()),
-                        name=f"bedside-serve-{index}",
-                    )
-                    child.start()
-                children[child.sentinel] = child
-                ready[parent_end] = child
+            # A spawned server gets this process's environment: the variable is there when it first imports
+            # prometheus_client. This process counts no requests, and its environment is put back.
+            with _environment(SHARED_DIR_VARIABLE, str(metrics_dir)):
+                for index in range(settings.processes):
+                    parent_end, child_end = context.Pipe(duplex=False)
+                    stack.callback(parent_end.close)
+                    with child_end:
+                        child = context.Process(
+                            target=_server_process,
+                            args=(settings, sock, child_end, lifeline, REQUEST_META.get(), metrics_dir),
+                            name=f"bedside-serve-{index}",
+                        )
+                        child.start()
+                    children[child.sentinel] = child
+                    ready[parent_end] = child
         # The servers hold the socket and the lifeline's reading end now, this process neither: the port
         # stops listening as soon as the last server does.
         # A stop request wins over whatever else is ready with it (on Ctrl-C the servers get the SIGINT too).
@@ -367,6 +380,20 @@ def _serve_processes(settings: Settings, on_ready: Callable[[int], None]) -> Non
         assert isinstance(found[0], int)
         gone = children[found[0]]
         raise CliError(f"server process {gone.name} {_ending(gone)}; the others were stopped")
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """The environment variable `name` set to `value` meanwhile, then as it was before."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _ignore_signal(signum: int, frame: object) -> None:
@@ -429,13 +456,18 @@ def _ending(process: SpawnProcess) -> str:
 
 
 def _server_process(
-    settings: Settings, sock: socket.socket, ready: Connection, lifeline: Connection, meta: RequestMeta | None
+    settings: Settings,
+    sock: socket.socket,
+    ready: Connection,
+    lifeline: Connection,
+    meta: RequestMeta | None,
+    metrics_dir: Path,
 ) -> None:
     """One of `_serve_processes`'s servers (a spawned interpreter): serve on the inherited socket until
     told to stop, or until the parent is gone (`lifeline` reads end-of-file). `ready` gets None once it
     listens, or the message of an operator's error that kept it from starting. `meta` is the request meta
     `main` set for this command: the events its background tasks audit (webhook deliveries) carry it, as
-    they do in a single process."""
+    they do in a single process. `metrics_dir` is where all the servers keep their request metrics."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the event loop's handlers are in place
     REQUEST_META.set(meta)
     configure_logging(settings.log_format, settings.log_level)
@@ -445,7 +477,7 @@ def _server_process(
         ready.close()
 
     try:
-        _run_server(_serve(settings, notify, sock=sock, lifeline=lifeline))
+        _run_server(_serve(settings, notify, sock=sock, lifeline=lifeline, shared_metrics_dir=metrics_dir))
     except _OPERATOR_ERRORS as exc:
         if ready.closed:  # after start-up: nobody else will say it
             print(f"bedside: {_operator_message(exc)}", file=sys.stderr)
@@ -485,11 +517,12 @@ async def _serve(
     sock: socket.socket | None = None,
     lifeline: Connection | None = None,
     listen: bool = True,
+    shared_metrics_dir: Path | None = None,
 ) -> None:
     """Run the app until SIGINT or SIGTERM: on `sock`, else on the settings' host and port, or (`listen`
     False: `bedside worker`) on none, so only its background tasks run. `on_ready` gets the bound port
-    (0 when not listening)."""
-    app = create_app(settings)
+    (0 when not listening). `shared_metrics_dir`: see `create_app`."""
+    app = create_app(settings, shared_metrics_dir=shared_metrics_dir)
     runner = app_runner(app, shutdown_timeout=settings.shutdown_timeout_seconds)
     await runner.setup()
     stop = asyncio.Event()

@@ -228,7 +228,10 @@ def _connection_slots(pg: EmbeddedPostgres) -> int:
 def test_several_server_processes_share_the_port_and_stop_together(data_dir: Path, tmp_path: Path) -> None:
     port = _free_port()
     # Pools of up to 120: with the sequencers' own connections 2 x 121, more than PostgreSQL's usual 200.
-    env = _env(data_dir, port) | {"BEDSIDE_PROCESSES": "2", "BEDSIDE_DB_POOL_MAX": "120"}
+    # A TMPDIR of the test's own: a parent killed outright (below) leaves its servers' metrics directory.
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = _env(data_dir, port) | {"BEDSIDE_PROCESSES": "2", "BEDSIDE_DB_POOL_MAX": "120", "TMPDIR": str(temp)}
     pg = EmbeddedPostgres(data_dir)
     token = ""
 

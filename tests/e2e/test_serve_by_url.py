@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from crypto.checkpoint import Ed25519CheckpointSigner
 from crypto.kek_file import LocalKeyFileProvider
@@ -28,7 +29,7 @@ from service.settings import Settings
 from tests.api.messaging_helpers import consent, thread
 from tests.api.webhook_helpers import Receiver, register
 from tests.conftest import Dsns, Portals
-from tests.support import audit_events
+from tests.support import audit_events, frozen, server_processes
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
@@ -109,10 +110,12 @@ async def test_serve_counts_a_role_or_database_connection_limit_too(
 
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_a_server_that_cannot_start_says_why_in_one_line(
-    empty_database: Dsns, kek_file: Path, signing_key_file: Path, processes: str
+    empty_database: Dsns, kek_file: Path, signing_key_file: Path, processes: str, tmp_path: Path
 ) -> None:
     # A database nobody migrated: serve itself connects to it, then each server process refuses it.
-    env = _env(kek_file, signing_key_file, processes=processes, port="0")
+    temp = tmp_path / "temp"  # serve's TMPDIR: whatever it leaves there, the test sees
+    temp.mkdir()
+    env = _env(kek_file, signing_key_file, processes=processes, port="0") | {"TMPDIR": str(temp)}
 
     result = subprocess.run(
         [BEDSIDE, "serve", "--database-url", empty_database.app], env=env, capture_output=True, text=True, timeout=60
@@ -123,6 +126,7 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
     assert result.stdout == ""
     [said] = result.stderr.splitlines()
     assert re.fullmatch(r"bedside: the database schema is at migration 0 of \d+: run `bedside migrate` first", said)
+    assert list(temp.iterdir()) == []  # the servers' shared metrics directory is gone too
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
@@ -131,15 +135,94 @@ async def test_port_zero_serves_on_a_free_port_and_says_which(
 ) -> None:
     env = _env(kek_file, signing_key_file, processes=processes, port="0")
     async with _running(["serve", "--database-url", database.app], env, tmp_path) as serve:
-        banner = await serve.first_line()
-        found = re.search(r"serving on http://127\.0\.0\.1:(\d+)$", banner)
-        assert found, banner
-        port = int(found.group(1))
+        port = _serving_port(await serve.first_line())
         assert port != 0
         ready = await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/readyz", timeout=10)
         with ready:
             assert ready.status == 200
     assert serve.returncode == 0, serve.stderr()
+
+
+async def test_every_scrape_counts_the_requests_of_every_server_process(
+    database: Dsns, kek_file: Path, signing_key_file: Path, tmp_path: Path
+) -> None:
+    """With several server processes a scrape of /metrics reaches one of them, whichever the kernel hands
+    the connection to; each reports what all of them served. Each is frozen in turn (SIGSTOP), so that the
+    other takes every new connection: both serve requests, and both answer scrapes. The files the counts
+    are shared through go in a private directory that is gone once serve stops."""
+    temp = tmp_path / "temp"  # serve's TMPDIR: whatever it leaves there, the test sees
+    temp.mkdir()
+    env = _env(kek_file, signing_key_file, processes="2", port="0") | {"TMPDIR": str(temp)}
+    scrapes: list[str] = []
+    async with _running(["serve", "--database-url", database.app], env, tmp_path) as serve:
+        port = _serving_port(await serve.first_line())
+        servers = server_processes(serve.process.pid)
+        assert len(servers) == 2
+        for server in servers:
+            with frozen(server):
+                for _ in range(3):
+                    assert await asyncio.to_thread(_get, port, "/healthz") == 200
+        for server in servers:
+            with frozen(server):
+                for _ in range(2):
+                    scrapes.append(await asyncio.to_thread(_scrape, port))
+        # Exactly the six health checks, and the scrapes before this one (each is counted once answered;
+        # a route nothing has requested yet has no sample at all).
+        for earlier, scrape in enumerate(scrapes):
+            requests, durations = {("/healthz", "200"): 6.0}, {"/healthz": 6.0}
+            if earlier:
+                requests[("/metrics", "200")] = durations["/metrics"] = earlier
+            assert (_requests_counted(scrape), _durations_counted(scrape)) == (requests, durations), scrape
+
+        [shared] = temp.iterdir()
+        assert shared.stat().st_mode & 0o777 == 0o700
+        # Files named by metric type and process id, holding route templates, methods and statuses only.
+        assert {path.name for path in shared.iterdir()} == {
+            f"{kind}_{pid}.db" for kind in ("counter", "histogram") for pid in servers
+        }
+    assert serve.returncode == 0, serve.stderr()
+    assert list(temp.iterdir()) == []
+
+
+def _serving_port(banner: str) -> int:
+    """The port in what `serve` prints once it listens."""
+    found = re.search(r"serving on http://127\.0\.0\.1:(\d+)$", banner)
+    assert found, banner
+    return int(found.group(1))
+
+
+def _get(port: int, path: str) -> int:
+    """GET `path` over a connection of its own (urllib closes each): its status."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        status: int = response.status
+        return status
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text: str = response.read().decode()
+        return text
+
+
+def _requests_counted(scrape: str) -> dict[tuple[str, str], float]:
+    """`bedside_http_requests_total` of the GET requests in `scrape`, by route and status."""
+    return {
+        (sample.labels["route"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(scrape)
+        for sample in family.samples
+        if sample.name == "bedside_http_requests_total" and sample.labels["method"] == "GET"
+    }
+
+
+def _durations_counted(scrape: str) -> dict[str, float]:
+    """How many GET requests the latency histogram in `scrape` has observed, by route."""
+    return {
+        sample.labels["route"]: sample.value
+        for family in text_string_to_metric_families(scrape)
+        for sample in family.samples
+        if sample.name == "bedside_http_request_duration_seconds_count" and sample.labels["method"] == "GET"
+    }
 
 
 @dataclass
