@@ -196,6 +196,10 @@ class DatabaseLink:
         self._cut()
         self._refuse = 1
 
+    def cut(self) -> None:
+        """Close every connection through the link, as a restart does; the next ones go through."""
+        self._cut()
+
     def linger(self) -> None:
         self._lingering = set(self._clients)
 

@@ -8,9 +8,9 @@ still sees one tenant's rows. With no tenant set, those tables look empty (fail 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -78,9 +78,47 @@ _UNAVAILABLE = (
 # ("cannot switch to state ...") after which asyncpg closes the connection. An InternalClientError on a
 # connection the driver has closed is the server going away; one that leaves it open is not.
 
+# A pooled connection's first statement of a use (BEGIN, or a health check's read) failing with one of these
+# says the connection is dead, not the server: its session was ended while it sat in the pool (a restart,
+# a failover, idle_session_timeout) or its socket broke. Nothing of the caller's has run on it, so that
+# statement goes once more on the connection the pool acquires next.
+_ENDED = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.IdleSessionTimeoutError,
+)
+
+T = TypeVar("T")
 
 # Subscripted only for the type checker: asyncpg's classes are not generic at run time.
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+Pooled: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+
+
+def _closed(conn: Conn) -> bool:
+    """Whether the driver has closed `conn`. A pooled connection whose end the driver saw mid-use it has
+    already given back to the pool, and the caller's proxy then answers only that it was released."""
+    try:
+        return conn.is_closed()
+    except asyncpg.exceptions.InterfaceError:
+        return True
+
+
+def _ended(exc: BaseException, conn: Conn) -> bool:
+    """Whether `exc`, raised by the first statement of a pooled connection's use, says it is dead."""
+    if isinstance(exc, _ENDED):
+        return True
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) and _closed(conn)
+
+
+def _unavailable(exc: BaseException, conn: Conn) -> bool:
+    """Whether `exc`, raised while `conn` served a caller, is the database being unavailable."""
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    return isinstance(exc, asyncpg.exceptions.InternalClientError) and _closed(conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,30 +168,30 @@ class Database:
         BEGIN and the tenant setting travel in one round trip (a simple-protocol batch). The tenant id is a
         `UUID`, whose text form is 36 hex digits and dashes: nothing in it needs escaping. A request
         cancelled mid-way leaves the transaction to the pool, whose reset rolls it back.
-        A database that cannot be reached becomes `UnavailableError`: callers fail closed.
+        A database that cannot be reached becomes `UnavailableError`: callers fail closed. A pooled
+        connection the server ended while it sat idle is replaced at BEGIN (`_connection`); no statement
+        after BEGIN is ever sent twice.
         """
         begin = "BEGIN"
         if tenant_id is not None:
             if not isinstance(tenant_id, UUID):
                 raise TypeError("tenant_id must be a UUID")
             begin = f"BEGIN; SELECT pg_catalog.set_config('bedside.tenant_id', '{tenant_id}', true)"
-        try:
-            async with self._pool.acquire() as conn:
+        async with self._connection(lambda conn: conn.execute(begin)) as (conn, _):
+            try:
                 try:
-                    await conn.execute(begin)
-                    try:
-                        yield Tx(conn=conn, tenant_id=tenant_id)
-                    except BaseException:
-                        with contextlib.suppress(*_UNAVAILABLE, asyncpg.PostgresError):
-                            await conn.execute("ROLLBACK")
-                        raise
-                    await conn.execute("COMMIT")
-                except asyncpg.exceptions.InternalClientError:
-                    if conn.is_closed():
-                        raise UnavailableError("the database is not reachable") from None
+                    yield Tx(conn=conn, tenant_id=tenant_id)
+                except BaseException:
+                    with contextlib.suppress(
+                        *_UNAVAILABLE, asyncpg.PostgresError, asyncpg.exceptions.InternalClientError
+                    ):
+                        await conn.execute("ROLLBACK")
                     raise
-        except _UNAVAILABLE:
-            raise UnavailableError("the database is not reachable") from None
+                await conn.execute("COMMIT")  # never sent again: on another connection it would commit nothing
+            except BaseException as exc:
+                if _unavailable(exc, conn):
+                    raise UnavailableError("the database is not reachable") from None
+                raise
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[Conn]:
@@ -174,15 +212,58 @@ class Database:
         return Tx(conn=tx.conn, tenant_id=tenant_id)
 
     async def fetch_value(self, query: str, *args: Any) -> Any:
-        """A single value outside any tenant (health checks)."""
+        """A single value outside any tenant (health checks). `query` only reads: on a pooled connection
+        the server has ended, it goes again on a fresh one."""
+        async with self._connection(lambda conn: conn.fetchval(query, *args)) as (_, value):
+            return value
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, first: Callable[[Pooled], Awaitable[T]]) -> AsyncIterator[tuple[Pooled, T]]:
+        """A pooled connection, released on exit, with what `first`, its first statement of this use, returned.
+
+        A pooled connection the server ended while it sat idle (a restart, a failover) fails its next
+        statement, and nothing of the caller's has run on it yet: `first` goes once more, on the connection
+        the pool acquires next, and the dead one is never handed out again (the pool replaces a closed
+        connection; one the driver has not closed yet is terminated). A second failure is the answer.
+        """
+        conn, result = await self._first(first)
         try:
-            async with self._pool.acquire() as conn:
-                try:
-                    return await conn.fetchval(query, *args)
-                except asyncpg.exceptions.InternalClientError:
-                    if conn.is_closed():
-                        raise UnavailableError("the database is not reachable") from None
-                    raise
+            yield conn, result
+        finally:
+            await self._release(conn)
+
+    async def _first(self, first: Callable[[Pooled], Awaitable[T]]) -> tuple[Pooled, T]:
+        retried = False
+        while True:
+            conn = await self._acquire()
+            try:
+                return conn, await first(conn)
+            except BaseException as exc:
+                dead = _ended(exc, conn)
+                unavailable = dead or _unavailable(exc, conn)
+                if dead and not _closed(conn):
+                    conn.terminate()
+                await self._release(conn)
+                if dead and not retried:
+                    retried = True
+                    # A restart or a failover ends every session at once, so the pool's other idle
+                    # connections are most likely dead too: each is replaced at its next use, and the
+                    # connection BEGIN goes again on is a new one.
+                    await self._pool.expire_connections()
+                    continue
+                if unavailable:
+                    raise UnavailableError("the database is not reachable") from None
+                raise
+
+    async def _acquire(self) -> Pooled:
+        try:
+            return await self._pool.acquire()
+        except _UNAVAILABLE:
+            raise UnavailableError("the database is not reachable") from None
+
+    async def _release(self, conn: Pooled) -> None:
+        try:
+            await self._pool.release(conn)
         except _UNAVAILABLE:
             raise UnavailableError("the database is not reachable") from None
 

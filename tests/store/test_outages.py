@@ -9,7 +9,9 @@ would time out again, and a webhook delivery that keeps doing it must be dead-le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -17,6 +19,7 @@ import pytest
 
 from service.errors import ConfigurationError, UnavailableError
 from service.store.db import Database
+from service.store.tenants import TenantStore
 from tests.conftest import Dsns
 from tests.support import DatabaseLink, database_connection_limit
 
@@ -90,30 +93,140 @@ async def test_a_database_that_takes_no_more_connections_is_unavailable_until_it
         await db.close()
 
 
-async def test_a_pooled_connection_the_server_ended_while_it_sat_idle_is_unavailable_then_replaced(
-    database: Dsns,
-) -> None:
-    """A failover ends every session, idle ones too. When the server's FATAL error has reached an idle
-    pooled connection but its closing has not yet, the driver has no name for what it sees on the next
-    statement (asyncpg's InternalClientError, 'cannot switch to state ...') and closes the connection
-    itself: that too is an outage, and the pool's next connection is a fresh one."""
+@pytest.fixture
+async def link(database: Dsns) -> AsyncIterator[DatabaseLink]:
+    """A link the test can cut between the pool and the test's database."""
     link = DatabaseLink(database.app)
     await link.start()
+    yield link
+    await link.close()
+
+
+async def _backends(db: Database, count: int) -> list[int]:
+    """The backends of `count` pooled connections, all held at once so that each is a connection of its own."""
+    async with contextlib.AsyncExitStack() as held:
+        return [
+            await (await held.enter_async_context(db.transaction())).conn.fetchval("SELECT pg_backend_pid()")
+            for _ in range(count)
+        ]
+
+
+async def test_pooled_connections_the_server_ended_while_they_sat_idle_fail_no_transaction(
+    database: Dsns, link: DatabaseLink
+) -> None:
+    """A restart or a failover ends every session, idle pooled ones too. When the server's FATAL error has
+    reached an idle connection but its closing has not yet, the driver learns of it only on the next
+    statement (asyncpg's InternalClientError, 'cannot switch to state ...'). That statement is BEGIN,
+    which nothing has run before: it goes again, once, on a fresh connection, so no transaction fails
+    for any of the dead connections the pool held."""
+    db = await Database.connect(link.dsn, min_size=4, max_size=4)
+    try:
+        ended = await _backends(db, 4)
+        for backend in ended:
+            await link.end_idle(database.owner, backend)
+
+        for _ in range(4):
+            async with db.transaction() as tx:
+                assert await tx.conn.fetchval("SELECT pg_backend_pid()") not in ended
+    finally:
+        await db.close()
+
+
+async def test_a_pooled_connection_whose_end_arrives_as_its_begin_goes_out_is_replaced(link: DatabaseLink) -> None:
+    """The server's side of an idle pooled connection closes (a restart) and the driver has not seen it yet
+    when the pool hands the connection out: BEGIN goes out, then the connection's end arrives (asyncpg's
+    ConnectionDoesNotExistError, the connection already given back to the pool). BEGIN goes again on a
+    fresh connection."""
+    db = await Database.connect(link.dsn, min_size=1, max_size=1)
+    try:
+        backend = await db.fetch_value("SELECT pg_backend_pid()")
+        link.cut()  # nothing awaited after it: the driver learns of the end only once BEGIN is on its way
+
+        async with db.transaction() as tx:
+            assert await tx.conn.fetchval("SELECT pg_backend_pid()") != backend
+    finally:
+        await db.close()
+
+
+async def test_a_health_check_on_a_pooled_connection_the_server_ended_is_answered_on_a_fresh_one(
+    database: Dsns, link: DatabaseLink
+) -> None:
+    """`fetch_value` runs one statement that only reads, outside any transaction: going again is safe."""
     db = await Database.connect(link.dsn, min_size=1, max_size=1)
     try:
         backend = await db.fetch_value("SELECT pg_backend_pid()")
         await link.end_idle(database.owner, backend)
 
-        with pytest.raises(UnavailableError) as raised:
-            async with db.transaction():
-                pass
-        # The case named above, not the plainer one where the connection's end had arrived too.
-        assert isinstance(raised.value.__context__, asyncpg.exceptions.InternalClientError)
+        assert await db.fetch_value("SELECT pg_backend_pid()") not in (None, backend)
+    finally:
+        await db.close()
+
+
+async def test_a_begin_that_fails_again_on_the_fresh_connection_is_unavailable_at_once(
+    database: Dsns, link: DatabaseLink
+) -> None:
+    """The pooled connection was ended and the server takes no new one (here 53300, the database's
+    connection limit): BEGIN goes again once, on the connection the pool tries to open, and that failure
+    is the answer, with no waiting and no third try."""
+    db = await Database.connect(link.dsn, min_size=1, max_size=1)
+    try:
+        backend = await db.fetch_value("SELECT pg_backend_pid()")
+        await link.end_idle(database.owner, backend)
+        async with database_connection_limit(database.owner, database.name, 0):
+            started = time.monotonic()
+            with pytest.raises(UnavailableError) as raised:
+                async with db.transaction():
+                    pass
+            assert time.monotonic() - started < 2
+        # The second try's failure, not the first's: the dead connection was replaced.
+        assert isinstance(raised.value.__context__, asyncpg.exceptions.TooManyConnectionsError)
         async with db.transaction() as tx:
             assert await tx.conn.fetchval("SELECT pg_backend_pid()") != backend
     finally:
         await db.close()
-        await link.close()
+
+
+async def test_a_statement_of_the_transaction_is_not_repeated_when_its_connection_was_ended(
+    database: Dsns, link: DatabaseLink
+) -> None:
+    """Only BEGIN goes again. A statement of the transaction's own whose session the server ended is an
+    outage, and the transaction is over: the body does not run a second time."""
+    db = await Database.connect(link.dsn, min_size=1, max_size=1)
+    runs = []
+
+    async def work() -> None:
+        async with db.transaction() as tx:
+            runs.append(await tx.conn.fetchval("SELECT pg_backend_pid()"))
+            await link.end_idle(database.owner, runs[-1])
+            await tx.conn.execute("SELECT 1")
+
+    try:
+        with pytest.raises(UnavailableError):
+            await work()
+        assert len(runs) == 1
+    finally:
+        await db.close()
+
+
+async def test_a_commit_whose_connection_was_ended_is_unavailable_and_not_repeated(
+    database: Dsns, link: DatabaseLink
+) -> None:
+    """COMMIT never goes again: on a fresh connection it would commit nothing and report success. The
+    transaction's work is lost with its session, and the caller is told the database was unavailable."""
+    db = await Database.connect(link.dsn, min_size=1, max_size=1)
+
+    async def work() -> None:
+        async with db.transaction() as tx:
+            assert await TenantStore().create(tx, "lost-with-its-session") is not None
+            await link.end_idle(database.owner, await tx.conn.fetchval("SELECT pg_backend_pid()"))
+
+    try:
+        with pytest.raises(UnavailableError):
+            await work()
+        async with db.transaction() as tx:
+            assert await TenantStore().by_slug(tx, "lost-with-its-session") is None
+    finally:
+        await db.close()
 
 
 async def test_a_statement_that_runs_past_its_timeout_is_not_an_outage(database: Dsns) -> None:

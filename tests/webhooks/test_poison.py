@@ -522,14 +522,14 @@ async def test_a_database_outage_before_the_request_uses_up_no_attempt(
 
 
 @NO_WORKER
-async def test_a_failover_that_ended_the_dispatchers_idle_connection_uses_up_no_attempt(
+async def test_a_failover_that_ended_the_dispatchers_idle_connection_costs_the_delivery_nothing(
     client, portals: Portals, receiver: Receiver, database: Dsns, make_dispatcher: MakeDispatcher
 ) -> None:
     """The server ends the dispatcher's pooled connection while it sits idle, as a failover ends every
     session; its FATAL error has arrived, its closing not yet, so the driver trips on the next statement
-    (asyncpg's InternalClientError) and closes the connection. That is the database going away, not a
-    poison delivery: `UnavailableError`, no `internal-error` attempt recorded on the fresh connection the
-    pool would open for it, nothing sent; the delivery goes once its lease runs out."""
+    (asyncpg's InternalClientError). That statement is the attempt's BEGIN, which goes again on a fresh
+    connection: the delivery goes at once as its first attempt, neither recorded as our failure nor left to
+    the reaper, and the endpoint is unmarked."""
     endpoint_id = await one_delivery(client, portals, receiver)
     link = DatabaseLink(database.app)
     await link.start()
@@ -541,13 +541,11 @@ async def test_a_failover_that_ended_the_dispatchers_idle_connection_uses_up_no_
         backend = await db.fetch_value("SELECT pg_backend_pid()")
         await link.end_idle(database.owner, backend)
 
-        with pytest.raises(UnavailableError) as raised:
-            await dispatcher.deliver(owner, tenant_id, delivery_id)
-        assert isinstance(raised.value.__context__, asyncpg.exceptions.InternalClientError)
+        assert await dispatcher.deliver(owner, tenant_id, delivery_id) == "succeeded"
 
-        await _left_to_its_lease_then_delivered(
-            database, dispatcher, receiver, endpoint_id, owner, tenant_id, delivery_id
-        )
+        assert [(a["attempt"], a["status_code"]) for a in await attempt_rows(database, delivery_id)] == [(1, 200)]
+        assert len(receiver.received) == 1
+        assert await endpoint_health(database, endpoint_id) == (None, None, None)
     finally:
         await db.close()
         await link.close()
