@@ -59,12 +59,23 @@ SELECT pg_catalog.current_setting('max_connections')::int
 """
 
 
-# The driver raises these when the server cannot serve this connection now and a later one may succeed:
-# it is unreachable, the connection died mid-way, or the server ended the session or turned it away (a
-# restart, a failover, a full server). Not 57014 query_canceled (statement_timeout): that statement would
-# time out again, and a webhook delivery that keeps doing so must be dead-lettered, not retried forever.
+# What is an outage (`UnavailableError`: 503 with Retry-After at the HTTP edge, a webhook delivery left to
+# the reaper): the server cannot serve this connection now, and a later one may succeed. Exactly these:
+# - `_UNAVAILABLE`, wherever it is raised. Only the driver raises these: the server is unreachable, the
+#   connection died mid-way, or the server ended the session or turned it away (a restart, a failover, a
+#   full server).
+# - An OSError while a connection is opened, or from a statement of our own (BEGIN, COMMIT, ROLLBACK, the
+#   pool's release): nothing of the caller's runs there, so it is the connection's.
+# - An OSError raised in the transaction's body, only when the connection closed with it. The caller's
+#   code raises OSErrors of its own (a key file it reads, a timeout of its own: TimeoutError is one); those
+#   are not the database's and propagate as they are, the transaction rolled back.
+# - An InternalClientError, only when the connection closed with it: the one the driver has no name for.
+#   When the server ends an idle pooled connection, its FATAL error can reach asyncpg before the
+#   connection's end does, and the next statement fails with InternalClientError ("cannot switch to state
+#   ...") after which asyncpg closes the connection. One that leaves it open is not the server going away.
+# Not 57014 query_canceled (statement_timeout): that statement would time out again, and a webhook delivery
+# that keeps doing so must be dead-lettered, not retried forever.
 _UNAVAILABLE = (
-    OSError,
     asyncpg.exceptions.PostgresConnectionError,  # class 08; also a statement whose session was ended
     asyncpg.exceptions.InterfaceError,  # the connection is closed
     asyncpg.exceptions.AdminShutdownError,  # 57P01: fast shutdown, pg_terminate_backend, a failover manager
@@ -73,10 +84,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.IdleSessionTimeoutError,  # 57P05: the server's idle_session_timeout ended it
     asyncpg.exceptions.TooManyConnectionsError,  # 53300: no connection slot free, for now
 )
-# And one the driver has no name for: when the server ends an idle pooled connection, its FATAL error can
-# reach asyncpg before the connection's end does, and the next statement fails with InternalClientError
-# ("cannot switch to state ...") after which asyncpg closes the connection. An InternalClientError on a
-# connection the driver has closed is the server going away; one that leaves it open is not.
+# Opening a connection, or the driver running a statement of ours.
+_UNREACHABLE = (OSError, *_UNAVAILABLE)
 
 # A pooled connection's first statement of a use (BEGIN, or a health check's read) failing with one of these
 # says the connection is dead, not the server: its session was ended while it sat in the pool (a restart,
@@ -114,11 +123,12 @@ def _ended(exc: BaseException, conn: Conn) -> bool:
     return isinstance(exc, asyncpg.exceptions.InternalClientError) and _closed(conn)
 
 
-def _unavailable(exc: BaseException, conn: Conn) -> bool:
-    """Whether `exc`, raised while `conn` served a caller, is the database being unavailable."""
-    if isinstance(exc, _UNAVAILABLE):
+def _unavailable(exc: BaseException, conn: Conn, *, ours: bool = False) -> bool:
+    """Whether `exc`, raised while `conn` was in use, is an outage (the rules above `_UNAVAILABLE`).
+    `ours`: raised by a statement of our own, not by the caller's code."""
+    if isinstance(exc, _UNREACHABLE if ours else _UNAVAILABLE):
         return True
-    return isinstance(exc, asyncpg.exceptions.InternalClientError) and _closed(conn)
+    return isinstance(exc, (OSError, asyncpg.exceptions.InternalClientError)) and _closed(conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +160,7 @@ class Database:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size, server_settings=server_settings, reset=_keep_session
             )
-        except _UNAVAILABLE as exc:
+        except _UNREACHABLE as exc:
             raise ConfigurationError(f"cannot connect to the database ({type(exc).__name__})") from None
         except asyncpg.exceptions.InvalidAuthorizationSpecificationError:
             raise ConfigurationError("the database refused the login (check the role and password)") from None
@@ -168,7 +178,8 @@ class Database:
         BEGIN and the tenant setting travel in one round trip (a simple-protocol batch). The tenant id is a
         `UUID`, whose text form is 36 hex digits and dashes: nothing in it needs escaping. A request
         cancelled mid-way leaves the transaction to the pool, whose reset rolls it back.
-        A database that cannot be reached becomes `UnavailableError`: callers fail closed. A pooled
+        A database that cannot be reached becomes `UnavailableError`: callers fail closed. An exception of
+        the body's own, an OSError too, rolls the transaction back and propagates as it is. A pooled
         connection the server ended while it sat idle is replaced at BEGIN (`_connection`); no statement
         after BEGIN is ever sent twice.
         """
@@ -179,17 +190,17 @@ class Database:
             begin = f"BEGIN; SELECT pg_catalog.set_config('bedside.tenant_id', '{tenant_id}', true)"
         async with self._connection(lambda conn: conn.execute(begin)) as (conn, _):
             try:
-                try:
-                    yield Tx(conn=conn, tenant_id=tenant_id)
-                except BaseException:
-                    with contextlib.suppress(
-                        *_UNAVAILABLE, asyncpg.PostgresError, asyncpg.exceptions.InternalClientError
-                    ):
-                        await conn.execute("ROLLBACK")
-                    raise
+                yield Tx(conn=conn, tenant_id=tenant_id)
+            except BaseException as exc:
+                with contextlib.suppress(*_UNREACHABLE, asyncpg.PostgresError, asyncpg.exceptions.InternalClientError):
+                    await conn.execute("ROLLBACK")
+                if _unavailable(exc, conn):
+                    raise UnavailableError("the database is not reachable") from None
+                raise
+            try:
                 await conn.execute("COMMIT")  # never sent again: on another connection it would commit nothing
             except BaseException as exc:
-                if _unavailable(exc, conn):
+                if _unavailable(exc, conn, ours=True):
                     raise UnavailableError("the database is not reachable") from None
                 raise
 
@@ -199,7 +210,7 @@ class Database:
         transaction (the sequencer's advisory lock). Closing it releases that state."""
         try:
             conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
-        except _UNAVAILABLE:
+        except _UNREACHABLE:
             raise UnavailableError("the database is not reachable") from None
         try:
             yield conn
@@ -240,7 +251,7 @@ class Database:
                 return conn, await first(conn)
             except BaseException as exc:
                 dead = _ended(exc, conn)
-                unavailable = dead or _unavailable(exc, conn)
+                unavailable = dead or _unavailable(exc, conn, ours=True)
                 if dead and not _closed(conn):
                     conn.terminate()
                 await self._release(conn)
@@ -258,13 +269,13 @@ class Database:
     async def _acquire(self) -> Pooled:
         try:
             return await self._pool.acquire()
-        except _UNAVAILABLE:
+        except _UNREACHABLE:
             raise UnavailableError("the database is not reachable") from None
 
     async def _release(self, conn: Pooled) -> None:
         try:
             await self._pool.release(conn)
-        except _UNAVAILABLE:
+        except _UNREACHABLE:
             raise UnavailableError("the database is not reachable") from None
 
 

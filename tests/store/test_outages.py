@@ -229,6 +229,39 @@ async def test_a_commit_whose_connection_was_ended_is_unavailable_and_not_repeat
         await db.close()
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError(2, "No such file or directory", "kek.json"),
+        PermissionError(13, "Permission denied", "kek.json"),
+        TimeoutError(),  # asyncio.timeout around a call of the caller's: an OSError too
+    ],
+    ids=type,
+)
+async def test_an_os_error_of_the_callers_own_in_a_transaction_is_not_an_outage(database: Dsns, error: OSError) -> None:
+    """An OSError raised by the caller's code inside the transaction (reading a key file, a timeout of its
+    own) says nothing about the database: it propagates as itself, the transaction is rolled back, and the
+    connection, alive, serves the next transaction."""
+    db = await Database.connect(database.app, min_size=1, max_size=1)
+    backends = []
+
+    async def work() -> None:
+        async with db.transaction() as tx:
+            assert await TenantStore().create(tx, "rolled-back") is not None
+            backends.append(await tx.conn.fetchval("SELECT pg_backend_pid()"))
+            raise error
+
+    try:
+        with pytest.raises(type(error)) as raised:
+            await work()
+        assert raised.value is error
+        async with db.transaction() as tx:
+            assert await TenantStore().by_slug(tx, "rolled-back") is None
+            assert await tx.conn.fetchval("SELECT pg_backend_pid()") == backends[0]
+    finally:
+        await db.close()
+
+
 async def test_a_statement_that_runs_past_its_timeout_is_not_an_outage(database: Dsns) -> None:
     """57014 query_canceled is the driver's QueryCanceledError, left as it is: the same statement would
     time out again, so retrying it as an outage would never end."""

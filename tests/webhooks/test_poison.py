@@ -11,11 +11,13 @@ the test can cut stands between a dispatcher and PostgreSQL where it needs an ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -162,6 +164,19 @@ async def drop_trigger(database: Dsns, name: str, table: str) -> None:
         database.owner,
         lambda conn: conn.execute(f"DROP TRIGGER {name} ON {table}; DROP FUNCTION {name}()"),
     )
+
+
+@contextlib.contextmanager
+def unreadable(path: Path) -> Iterator[None]:
+    """`path` replaced by a symlink to itself (opening it fails with ELOOP, as root too), then restored."""
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    path.symlink_to(path.name)
+    try:
+        yield
+    finally:
+        path.unlink()
+        aside.rename(path)
 
 
 async def outbox_row(database: Dsns, delivery_id: uuid.UUID) -> asyncpg.Record:
@@ -424,6 +439,38 @@ async def test_a_poison_delivery_of_a_disabled_endpoint_is_held_like_its_others_
     assert enabled["released"] == 1
     row = await outbox_row(database, delivery_id)
     assert (row["status"], row["tries"], row["attempts"]) == ("pending", 0, 3)
+    assert receiver.received == []
+
+
+@NO_WORKER
+async def test_a_delivery_whose_key_file_cannot_be_read_is_an_internal_error_attempt_not_an_outage(
+    client,
+    portals: Portals,
+    receiver: Receiver,
+    database: Dsns,
+    kek_file: Path,
+    make_dispatcher: MakeDispatcher,
+) -> None:
+    """Opening the endpoint's sealed URL needs the KEK file, which this dispatcher's keyring has not read
+    for it yet, and the file cannot be read: an OSError (ELOOP: a symlink to itself, which root cannot read
+    past either) raised inside the attempt's database transaction. That is our failure, not the
+    database's: an `internal-error` attempt, retried on the schedule and released by this worker, rather
+    than an outage that leaves the delivery leased for the reaper to hand out again, forever."""
+    endpoint_id = await one_delivery(client, portals, receiver)
+    dispatcher = make_dispatcher()
+    owner = uuid.uuid4()
+    [(tenant_id, delivery_id)] = await dispatcher.claim(owner, 30.0, 10)
+    with unreadable(kek_file), capture_logs() as logs:
+        assert await dispatcher.deliver(owner, tenant_id, delivery_id) == "retry"
+
+    row = await outbox_row(database, delivery_id)
+    assert (row["status"], row["tries"], row["attempts"], row["lease_owner"]) == ("pending", 1, 1, None)
+    assert [(a["attempt"], a["status_code"], a["error_class"]) for a in await attempt_rows(database, delivery_id)] == [
+        (1, None, "internal-error")
+    ]
+    [event] = [dict(e) for e in logs if e["event"] == "webhook.attempt"]
+    assert summarize_exception(None, "error", event)["error_type"] == "OSError"
+    assert await endpoint_health(database, endpoint_id) == (None, None, None)
     assert receiver.received == []
 
 
