@@ -68,6 +68,24 @@ async def database_connection_limit(owner_dsn: str, database: str, limit: int) -
         await set_limit(-1)
 
 
+@contextlib.asynccontextmanager
+async def database_read_only(owner_dsn: str, database: str) -> AsyncIterator[None]:
+    """Sessions opened in `database` from now on refuse writes (SQLSTATE 25006), as on a hot standby or a
+    demoted primary; sessions already open are not changed. Undone however the block ends."""
+
+    async def read_write(conn: asyncpg.Connection) -> None:
+        await conn.execute("SET default_transaction_read_only = off")  # the owner's session is one of them
+        await conn.execute(f'ALTER DATABASE "{database}" RESET default_transaction_read_only')
+
+    await as_owner(
+        owner_dsn, lambda conn: conn.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+    )
+    try:
+        yield
+    finally:
+        await as_owner(owner_dsn, read_write)
+
+
 async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncpg.Record]:
     """The audit events that match the SQL condition `where` (on `AUDIT_EVENTS`' columns, with `$n`
     arguments), oldest first, read on a connection of the owner role (no row-level security)."""

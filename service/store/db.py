@@ -62,10 +62,12 @@ SELECT pg_catalog.current_setting('max_connections')::int
 # What is an outage (`UnavailableError`: 503 with Retry-After at the HTTP edge, a webhook delivery left to
 # the reaper): the server cannot serve this connection now, and a later one may succeed. Exactly these:
 # - `_UNAVAILABLE`, wherever it is raised. Only the driver raises these: the server is unreachable, the
-#   connection died mid-way, or the server ended the session or turned it away (a restart, a failover, a
-#   full server).
-# - An OSError while a connection is opened, or from a statement of our own (BEGIN, COMMIT, ROLLBACK, the
-#   pool's release): nothing of the caller's runs there, so it is the connection's.
+#   connection died mid-way, the server ended the session or turned it away (a restart, a failover, a
+#   full server), or it takes no writes (an old primary a failover demoted, a hot standby a stale DNS name
+#   still points at).
+# - `_UNREACHABLE` (an OSError too, or no host of the URL taking writes) while a connection is opened, or
+#   from a statement of our own (BEGIN, COMMIT, ROLLBACK, the pool's release): nothing of the caller's runs
+#   there, so it is the connection's.
 # - An OSError raised in the transaction's body, only when the connection closed with it. The caller's
 #   code raises OSErrors of its own (a key file it reads, a timeout of its own: TimeoutError is one); those
 #   are not the database's and propagate as they are, the transaction rolled back.
@@ -75,6 +77,12 @@ SELECT pg_catalog.current_setting('max_connections')::int
 #   ...") after which asyncpg closes the connection. One that leaves it open is not the server going away.
 # Not 57014 query_canceled (statement_timeout): that statement would time out again, and a webhook delivery
 # that keeps doing so must be dead-lettered, not retried forever.
+#
+# What follows from an outage: a pooled connection it leaves open is terminated, never handed out again (a
+# read-only server's would refuse every write it is given; a new one may reach the new primary). When it
+# is the first statement of a pooled connection's use (BEGIN, a health check's read) that fails, and the
+# failure says that connection is dead (`_ENDED`), the statement goes once more on a new connection; only
+# a second failure is `UnavailableError`. No later statement goes twice, and never COMMIT.
 _UNAVAILABLE = (
     asyncpg.exceptions.PostgresConnectionError,  # class 08; also a statement whose session was ended
     asyncpg.exceptions.InterfaceError,  # the connection is closed
@@ -83,9 +91,13 @@ _UNAVAILABLE = (
     asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
     asyncpg.exceptions.IdleSessionTimeoutError,  # 57P05: the server's idle_session_timeout ended it
     asyncpg.exceptions.TooManyConnectionsError,  # 53300: no connection slot free, for now
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: a read-only server, until the failover is done
 )
-# Opening a connection, or the driver running a statement of ours.
-_UNREACHABLE = (OSError, *_UNAVAILABLE)
+_UNREACHABLE = (
+    OSError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,  # no host takes writes (target_session_attrs=read-write)
+    *_UNAVAILABLE,
+)
 
 # A pooled connection's first statement of a use (BEGIN, or a health check's read) failing with one of these
 # says the connection is dead, not the server: its session was ended while it sat in the pool (a restart,
@@ -114,6 +126,12 @@ def _closed(conn: Conn) -> bool:
         return conn.is_closed()
     except asyncpg.exceptions.InterfaceError:
         return True
+
+
+def _drop(conn: Pooled) -> None:
+    """Keep `conn`, which an outage befell, out of the pool: the pool opens a new connection in its place."""
+    if not _closed(conn):
+        conn.terminate()
 
 
 def _ended(exc: BaseException, conn: Conn) -> bool:
@@ -195,12 +213,14 @@ class Database:
                 with contextlib.suppress(*_UNREACHABLE, asyncpg.PostgresError, asyncpg.exceptions.InternalClientError):
                     await conn.execute("ROLLBACK")
                 if _unavailable(exc, conn):
+                    _drop(conn)
                     raise UnavailableError("the database is not reachable") from None
                 raise
             try:
                 await conn.execute("COMMIT")  # never sent again: on another connection it would commit nothing
             except BaseException as exc:
                 if _unavailable(exc, conn, ours=True):
+                    _drop(conn)
                     raise UnavailableError("the database is not reachable") from None
                 raise
 
@@ -252,14 +272,14 @@ class Database:
             except BaseException as exc:
                 dead = _ended(exc, conn)
                 unavailable = dead or _unavailable(exc, conn, ours=True)
-                if dead and not _closed(conn):
-                    conn.terminate()
+                if unavailable:
+                    _drop(conn)
                 await self._release(conn)
                 if dead and not retried:
                     retried = True
                     # A restart or a failover ends every session at once, so the pool's other idle
                     # connections are most likely dead too: each is replaced at its next use, and the
-                    # connection BEGIN goes again on is a new one.
+                    # statement goes again on a new connection.
                     await self._pool.expire_connections()
                     continue
                 if unavailable:

@@ -1,6 +1,6 @@
-"""A database that goes away mid-request (a failover, a restart, an operator ending backends) or turns new
-connections away is an outage, not a fault of ours: 503 problem+json with Retry-After, nothing written, and
-the next request is served on a fresh connection once the server takes it."""
+"""A database that goes away mid-request (a failover, a restart, an operator ending backends), turns new
+connections away or takes no writes is an outage, not a fault of ours: 503 problem+json with Retry-After,
+nothing written, and the next request is served on a fresh connection once the server takes it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from aiohttp import ClientResponse
 
 from tests.api.messaging_helpers import consent, patient, thread
 from tests.conftest import Dsns, Portals
-from tests.support import as_owner, blocked_by, database_connection_limit
+from tests.support import as_owner, blocked_by, database_connection_limit, database_read_only
 
 
 async def _assert_unavailable(response: ClientResponse) -> None:
@@ -22,6 +22,19 @@ async def _assert_unavailable(response: ClientResponse) -> None:
     problem = await response.json(content_type="application/problem+json")
     assert (problem["status"], problem["code"]) == (503, "unavailable")
     assert problem["request_id"] == response.headers["X-Request-Id"]
+
+
+async def _end_the_services_sessions(database: Dsns) -> int:
+    """End the service's sessions in the test's database, as a failover does, and wait (5 s at most) until
+    they are gone, so that no request meets a backend still on its way out. How many there were."""
+    ended: int = await as_owner(
+        database.owner,
+        lambda conn: conn.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'bedside'"
+        ),
+    )
+    return ended
 
 
 async def _messages(owner: asyncpg.Connection, thread_id: str) -> int:
@@ -76,17 +89,32 @@ async def test_a_server_that_turns_new_connections_away_answers_503_until_it_tak
     created = await thread(client, portals)
     url = f"/v1/threads/{created['id']}"
     async with database_connection_limit(database.owner, database.name, 0):
-        # Ended, and waited for (5 s at most) so that no request meets a backend still on its way out.
-        ended = await as_owner(
-            database.owner,
-            lambda conn: conn.fetchval(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = 'bedside'"
-            ),
-        )
+        ended = await _end_the_services_sessions(database)
         assert ended >= 1  # the pool had connections: some requests meet one that has died
         for _ in range(6):  # the suite's pool holds at most 4
             await _assert_unavailable(await client.get(url, headers=patient(portals)))
 
     served = await client.get(url, headers=patient(portals))
     assert served.status == 200, await served.text()
+
+
+async def test_a_write_to_a_server_that_refuses_writes_answers_503(client, portals: Portals, database: Dsns) -> None:
+    """A failover demoted the server the service's connections reach to a read-only one (25006
+    read_only_sql_transaction, as from a hot standby): a send is a 503 to retry, not a 500, and nothing is
+    written. Once the server takes writes again, so does the service: a connection opened while it did
+    not refuses at most one more write, and is dropped for a new one."""
+    await consent(client, portals)
+    created = await thread(client, portals)
+    url = f"/v1/threads/{created['id']}/messages"
+    async with database_read_only(database.owner, database.name):
+        await _end_the_services_sessions(database)  # its next connections are opened read-only
+        await _assert_unavailable(await client.post(url, json={"body": "refused"}, headers=patient(portals)))
+    assert await as_owner(database.owner, lambda conn: _messages(conn, created["id"])) == 1
+
+    statuses = []
+    for _ in range(5):  # the suite's pool holds at most 4
+        sent = await client.post(url, json={"body": "after the failover"}, headers=patient(portals))
+        statuses.append(sent.status)
+        if sent.status != 503:
+            break
+    assert statuses[-1] == 201, statuses

@@ -3,8 +3,10 @@ delivery left to the reaper) and what it does not.
 
 An outage is the server saying it cannot serve this connection now while a later one may succeed: it is
 unreachable, it ended the session (a restart, a failover, pg_terminate_backend), it is starting up, shutting
-down or in recovery, or it has no connection slot free. A statement that runs past its timeout is not: it
-would time out again, and a webhook delivery that keeps doing it must be dead-lettered, not retried forever."""
+down or in recovery, it has no connection slot free, or it takes no writes (a demoted primary, a standby). A
+statement that runs past its timeout is not: it would time out again, and a webhook delivery that keeps doing
+it must be dead-lettered, not retried forever. Nor is an OSError of the caller's own code. A pooled
+connection the server ended while it sat idle is an outage for no one: BEGIN goes again on a fresh one."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from service.errors import ConfigurationError, UnavailableError
 from service.store.db import Database
 from service.store.tenants import TenantStore
 from tests.conftest import Dsns
-from tests.support import DatabaseLink, database_connection_limit
+from tests.support import DatabaseLink, database_connection_limit, database_read_only
 
 
 @pytest.fixture
@@ -260,6 +262,50 @@ async def test_an_os_error_of_the_callers_own_in_a_transaction_is_not_an_outage(
             assert await tx.conn.fetchval("SELECT pg_backend_pid()") == backends[0]
     finally:
         await db.close()
+
+
+async def test_a_write_on_a_read_only_server_is_unavailable_until_it_takes_writes_again(database: Dsns) -> None:
+    """A server that refuses writes (25006 read_only_sql_transaction): an old primary demoted by a failover,
+    or a hot standby that a stale DNS name still points at. For the caller it is temporary, an outage; and
+    the connection is not given back to the pool, so once the server takes writes again (or the name points
+    at the new primary) the next connection does."""
+    async with database_read_only(database.owner, database.name):
+        db = await Database.connect(database.app, min_size=1, max_size=1)
+
+    async def write() -> None:
+        async with db.transaction() as tx:
+            await TenantStore().create(tx, "written")
+
+    try:
+        with pytest.raises(UnavailableError) as raised:
+            await write()
+        assert isinstance(raised.value.__context__, asyncpg.exceptions.ReadOnlySQLTransactionError)
+
+        await write()
+        async with db.transaction() as tx:
+            assert await TenantStore().by_slug(tx, "written") is not None
+    finally:
+        await db.close()
+
+
+async def test_a_url_that_asks_for_a_read_write_server_finds_none_is_unavailable(database: Dsns) -> None:
+    """With `target_session_attrs=read-write` (the README's advice for a URL of several hosts), a connection
+    to a server that refuses writes is given up at once; when no host takes writes (a failover not yet
+    done) the driver says so with an error of its own: unavailable, or at start-up, cannot connect."""
+    read_write = f"{database.app}{'&' if '?' in database.app else '?'}target_session_attrs=read-write"
+    async with database_read_only(database.owner, database.name):
+        with pytest.raises(ConfigurationError, match=r"^cannot connect to the database \("):
+            await Database.connect(read_write, min_size=1, max_size=1)
+        db = await Database.connect(read_write, min_size=0, max_size=1)
+        try:
+            with pytest.raises(UnavailableError):
+                async with db.transaction():
+                    pass
+            with pytest.raises(UnavailableError):
+                async with db.session():
+                    pass
+        finally:
+            await db.close()
 
 
 async def test_a_statement_that_runs_past_its_timeout_is_not_an_outage(database: Dsns) -> None:
