@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 
 from service.errors import AuditUnavailableError
-from service.store.db import Conn, Tx
+from service.store.db import Conn, Tx, is_outage
 
 log = structlog.get_logger("bedside.audit")
 
@@ -133,11 +133,14 @@ class AuditStore:
     _LEAF = f"SELECT seq, leaf_hash, {_EVENT_COLUMNS}, entry FROM audit_leaves WHERE tenant_id = $1 AND seq = $2"  # noqa: S608
 
     async def append(self, tx: Tx, row: OutboxRow) -> None:
-        """Insert into the outbox; any failure is `AuditUnavailableError` and aborts the transaction."""
+        """Insert into the outbox; any failure aborts the transaction: the database's outage as it is (the
+        transaction makes it `UnavailableError`), any other `AuditUnavailableError`."""
         try:
             await self._insert(tx, row)
         except (asyncpg.PostgresError, OSError, asyncpg.exceptions.InterfaceError) as exc:
             log.error("audit.write_failed", error_type=type(exc).__name__)
+            if is_outage(exc):
+                raise
             raise AuditUnavailableError() from None
 
     async def _insert(self, tx: Tx, row: OutboxRow) -> None:

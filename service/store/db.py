@@ -112,6 +112,14 @@ _ENDED = (
     asyncpg.exceptions.IdleSessionTimeoutError,
 )
 
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc`, raised by a statement, is the database's outage (`_UNAVAILABLE`). A store that maps
+    a statement's failures to errors of its own lets these through, so that the transaction answers with
+    `UnavailableError` and drops a connection the outage leaves open (a read-only server's)."""
+    return isinstance(exc, _UNAVAILABLE)
+
+
 T = TypeVar("T")
 
 # Subscripted only for the type checker: asyncpg's classes are not generic at run time.

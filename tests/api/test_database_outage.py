@@ -118,3 +118,26 @@ async def test_a_write_to_a_server_that_refuses_writes_answers_503(client, porta
         if sent.status != 503:
             break
     assert statuses[-1] == 201, statuses
+
+
+async def test_a_read_whose_only_write_is_its_audit_event_drops_a_read_only_connection(
+    client, portals: Portals, database: Dsns
+) -> None:
+    """A read writes one row, its audit event. On a read-only server that insert is refused with 25006:
+    a 503, and the connection is dropped like any other that met the outage, so that reads recover once
+    the server takes writes again (a connection kept would refuse every audited read for good)."""
+    await consent(client, portals)
+    created = await thread(client, portals)
+    url = f"/v1/threads/{created['id']}"
+    async with database_read_only(database.owner, database.name):
+        await _end_the_services_sessions(database)
+        for _ in range(5):  # more than the suite's pool holds: every connection it opens now is read-only
+            await _assert_unavailable(await client.get(url, headers=patient(portals)))
+
+    statuses = []
+    for _ in range(5):
+        read = await client.get(url, headers=patient(portals))
+        statuses.append(read.status)
+        if read.status != 503:
+            break
+    assert statuses[-1] == 200, statuses
