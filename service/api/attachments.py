@@ -4,7 +4,7 @@ download it (verified first, then streamed). Thin handlers over AttachmentServic
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import structlog
 from aiohttp import ClientPayloadError, web
@@ -35,11 +35,7 @@ async def _body(request: web.Request, piece_bytes: int) -> AsyncIterator[bytes]:
 def _file_name(request: web.Request) -> str:
     # The file name travels in a header, never in the URL: proxies and load balancers log URLs. Its value
     # is percent-encoded UTF-8 (RFC 3986), so any name fits in a header.
-    raw = FILE_NAME.read(request)
-    try:
-        name = unquote(raw, errors="strict") if raw is not None else ""
-    except UnicodeDecodeError:
-        name = ""
+    name = FILE_NAME.text(request)
     if not name:
         raise InvalidRequestError([FieldProblem((FILE_NAME.name,), "required", "the file name, percent-encoded UTF-8")])
     return name

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -46,6 +47,22 @@ class Header:
             raise InvalidRequestError([FieldProblem((self.name,), "format", self.form)])
         return value
 
+    def text(self, request: web.Request) -> str | None:
+        """The value of a header that carries text as percent-encoded UTF-8 (RFC 3986), decoded, or None.
+
+        A header carries bytes, and which charset they are in is anyone's guess (aiohttp reads them as
+        Latin-1, so UTF-8 sent raw would turn "ä" into "Ã¤"): a value with anything but printable ASCII in
+        it, or escapes that are not UTF-8, is a 422 that names the header, never text stored garbled."""
+        value = self.read(request)
+        if value is None:
+            return None
+        try:
+            if value.isascii() and value.isprintable():
+                return unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            pass
+        raise InvalidRequestError([FieldProblem((self.name,), "encoding", "percent-encoded UTF-8 (RFC 3986)")])
+
     def fixed(self) -> dict[str, str]:
         """The response header with its one value, to send."""
         if self.value is None:
@@ -75,8 +92,9 @@ IDEMPOTENCY_KEY = Header(
 )
 BREAK_GLASS_REASON = Header(
     "Break-Glass-Reason",
-    "Why a physician outside the thread must read it (10 to 500 printable characters): opens a break-glass "
-    "grant, recorded with the reason, sealed, for compliance to review. Ignored for anyone else",
+    "Why a physician outside the thread must read it, percent-encoded UTF-8 (RFC 3986; 10 to 500 printable "
+    "characters once decoded): opens a break-glass grant, recorded with the reason, sealed, for compliance to "
+    "review. Checked whoever sends it; opens nothing for anyone else",
 )
 FILE_NAME = Header(
     "Bedside-File-Name",

@@ -134,7 +134,7 @@ async def list_threads(request: web.Request) -> web.Response:
 
 async def get_thread(request: web.Request) -> web.Response:
     view = await request.app[MESSAGING].get_thread(
-        request[PRINCIPAL], path_uuid(request, "Thread"), BREAK_GLASS_REASON.read(request)
+        request[PRINCIPAL], path_uuid(request, "Thread"), BREAK_GLASS_REASON.text(request)
     )
     return _json(thread_out(view))
 
@@ -167,7 +167,7 @@ async def list_messages(request: web.Request) -> web.Response:
         after=query.after,
         before=query.before,
         limit=query.limit,
-        break_glass_reason=BREAK_GLASS_REASON.read(request),
+        break_glass_reason=BREAK_GLASS_REASON.text(request),
     )
     return _json(MessageListOut(items=[message_out(v) for v in views]))
 

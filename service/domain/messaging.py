@@ -110,6 +110,11 @@ def _body_context(message: MessageRecord | tuple[UUID, UUID, str]) -> dict[str, 
     return _context("messages.body", message_id, thread_id, sender)
 
 
+def _check_break_glass_reason(reason: str) -> None:
+    if not 10 <= len(reason) <= 500 or not reason.isprintable():
+        raise InvalidRequestError([FieldProblem(("Break-Glass-Reason",), "length", "10 to 500 printable characters")])
+
+
 def _fingerprint(*parts: object) -> bytes:
     return hashlib.sha256(repr(parts).encode()).digest()
 
@@ -759,7 +764,11 @@ class MessagingService:
     async def _reading(
         self, tx: Tx, principal: Principal, thread_id: UUID, break_glass_reason: str | None
     ) -> tuple[ThreadRecord, Access]:
-        """Read access, opening a break-glass grant when a physician outside the thread gives a reason."""
+        """Read access, opening a break-glass grant when a physician outside the thread gives a reason.
+        A reason is checked whenever one is given, also when no grant is opened (a participant's, or a
+        physician's whose grant is still running): a malformed header is refused the same every time."""
+        if break_glass_reason is not None:
+            _check_break_glass_reason(break_glass_reason)
         if break_glass_reason is not None and can_break_glass(principal):
             thread = await self._store.thread(tx, principal.tenant_id, thread_id)
             if thread is not None:
@@ -769,10 +778,6 @@ class MessagingService:
         return await self.access(tx, principal, thread_id, write=False)
 
     async def _open_break_glass(self, tx: Tx, principal: Principal, thread: ThreadRecord, reason: str) -> None:
-        if not 10 <= len(reason) <= 500 or not reason.isprintable():
-            raise InvalidRequestError(
-                [FieldProblem(("Break-Glass-Reason",), "length", "10 to 500 printable characters")]
-            )
         grant_id = uuid.uuid4()
         # The reason is sealed with the patient's key: a crypto-shredded patient's thread cannot be
         # opened, and that refused emergency access is recorded like every other 410.

@@ -290,6 +290,16 @@ async def test_bad_uploads_are_refused_before_anything_is_stored(client, portals
     )
     assert missing.status == 422
     assert (await missing.json())["errors"][0]["loc"] == ["Bedside-File-Name"]
+    # Not percent-encoded (raw UTF-8, which would be stored garbled), or escapes that are not UTF-8.
+    for raw in ("Röntgen.pdf", "scan%FF.pdf"):
+        garbled = await client.post(
+            URL,
+            params={"thread_id": thread_id},
+            data=b"%PDF-",
+            headers={**me, "Content-Type": PDF, "Bedside-File-Name": raw},
+        )
+        assert garbled.status == 422, raw
+        assert (await garbled.json())["errors"][0]["loc"] == ["Bedside-File-Name"]
     assert (await upload(client, me, "not-a-uuid", b"%PDF-")).status == 422
     assert (await upload(client, me, thread_id, b"", TEXT)).status == 422  # an empty file
     assert (await upload(client, me, str(uuid.uuid4()), b"%PDF-")).status == 404

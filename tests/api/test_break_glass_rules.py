@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -123,6 +124,30 @@ async def test_a_reason_must_be_10_to_500_characters(client: Client, portals: Po
         ("Practitioner/98", shortest),
         ("Practitioner/99", longest),
     ]
+
+
+async def test_a_malformed_reason_is_refused_also_when_no_grant_would_open(client: Client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="chest pain since this morning")
+    assert await _open(client, portals, created["id"], REASON) == 200  # Practitioner/99's grant runs now
+    participant = physician(portals)  # Practitioner/7, in the thread
+    for headers in (physician(portals, n=99), participant):
+        for path in (f"/v1/threads/{created['id']}", f"/v1/threads/{created['id']}/messages"):
+            response = await client.get(path, headers={**headers, "Break-Glass-Reason": "too short"})
+            assert response.status == 422, path
+            assert [e["loc"] for e in (await response.json())["errors"]] == [["Break-Glass-Reason"]]
+    assert len(await _grants(client, portals)) == 1
+
+
+async def test_a_reason_is_percent_encoded_utf8_and_reviewed_as_written(client: Client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="found unconscious")
+    reason = "Schädeltrauma, bewusstlos: 100% dringend"
+    assert await _open(client, portals, created["id"], reason) == 422  # raw UTF-8: refused, never stored garbled
+    assert await _open(client, portals, created["id"], "Patient %FF unconscious") == 422  # escapes not UTF-8
+    assert await _grants(client, portals) == []
+    assert await _open(client, portals, created["id"], quote(reason)) == 200
+    assert [g["reason"] for g in await _grants(client, portals)] == [reason]
 
 
 async def test_a_grant_is_listed_not_reviewed_then_reviewed(client: Client, portals: Portals, database: Dsns) -> None:
