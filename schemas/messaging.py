@@ -75,9 +75,11 @@ class ThreadOut(BaseModel):
     closed_at: datetime | None
     last_seq: int
     last_activity: datetime
-    unread: int
+    unread: int = Field(description="The caller's: others' messages after the caller's receipt, recalled ones left out")
     access: Literal["read", "write"] = Field(description="read: a break-glass grant; write: a participant")
-    receipts: list[ReceiptOut] = Field(default_factory=list)
+    receipts: list[ReceiptOut] | None = Field(
+        description="Every participant's read receipt; null in `GET /v1/threads` (read one thread for them)"
+    )
     message: MessageOut | None = Field(default=None, description="The first message, when created with one")
     shredded_at: datetime | None = Field(
         default=None,

@@ -69,7 +69,9 @@ def thread_out(view: ThreadView, message: MessageView | None = None) -> ThreadOu
         last_activity=record.last_activity,
         unread=view.unread,
         access=view.access.value,  # type: ignore[arg-type]
-        receipts=[ReceiptOut(reader=r.reader, up_to=r.up_to, read_at=r.read_at) for r in view.receipts],
+        receipts=None
+        if view.receipts is None
+        else [ReceiptOut(reader=r.reader, up_to=r.up_to, read_at=r.read_at) for r in view.receipts],
         message=None if message is None else message_out(message),
         shredded_at=view.shredded_at,
     )

@@ -62,8 +62,8 @@ class ThreadView:
     record: ThreadRecord
     subject: str | None  # None in a listing's tombstone of a shredded patient's thread
     access: Access
-    unread: int = 0
-    receipts: tuple[ReceiptRecord, ...] = ()
+    unread: int = 0  # the reader's: the others' messages after the reader's receipt
+    receipts: tuple[ReceiptRecord, ...] | None = None  # None: not read for this answer (a listing's item)
     shredded_at: datetime | None = None
 
 
@@ -301,7 +301,7 @@ class MessagingService:
                 )
             thread = await self._store.thread(tx, principal.tenant_id, thread_id)
         assert thread is not None
-        return ThreadView(thread, subject, Access.WRITE), message
+        return ThreadView(thread, subject, Access.WRITE, receipts=()), message  # new: nothing read, no receipts
 
     async def get_thread(
         self, principal: Principal, thread_id: UUID, break_glass_reason: str | None = None
@@ -312,10 +312,16 @@ class MessagingService:
             read = _on_thread(principal, AuditAction.THREAD_READ, thread, purpose=purpose)
             with recorded_if_shredded(read):
                 subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
-            receipts = await self._store.receipts(tx, principal.tenant_id, thread.id)
-            unread = await self._store.unread(tx, principal.tenant_id, thread.id, principal.subject)
+            unread, receipts = await self._reader_state(tx, principal, thread.id)
             await self._audit.record(tx, read)
-        return ThreadView(thread, subject, access, unread, tuple(receipts))
+        return ThreadView(thread, subject, access, unread, receipts)
+
+    async def _reader_state(
+        self, tx: Tx, principal: Principal, thread_id: UUID
+    ) -> tuple[int, tuple[ReceiptRecord, ...]]:
+        """The caller's unread count and the thread's receipts, for an answer that shows one thread."""
+        receipts = await self._store.receipts(tx, principal.tenant_id, thread_id)
+        return await self._store.unread(tx, principal.tenant_id, thread_id, principal.subject), tuple(receipts)
 
     async def list_threads(
         self,
@@ -393,7 +399,8 @@ class MessagingService:
             closed = await self._store.thread(tx, principal.tenant_id, thread.id)
             assert closed is not None
             subject = (await self._keyring.open(tx, closed.subject, _subject_context(closed.id))).decode()
-        return ThreadView(closed, subject, Access.WRITE)
+            unread, receipts = await self._reader_state(tx, principal, closed.id)
+        return ThreadView(closed, subject, Access.WRITE, unread, receipts)
 
     # -- messages ----------------------------------------------------------------------------------
 
@@ -853,6 +860,7 @@ class MessagingService:
         with recorded_if_shredded(thread_read):
             subject = (await self._keyring.open(tx, thread.subject, _subject_context(thread.id))).decode()
         await self._audit.record(tx, thread_read)
+        unread, receipts = await self._reader_state(tx, principal, thread.id)
         message = None
         if response.get("message_id"):
             record = await self._store.message(tx, principal.tenant_id, UUID(str(response["message_id"])))
@@ -861,7 +869,7 @@ class MessagingService:
                 with recorded_if_shredded(read):
                     (message,) = await self._views(tx, [record])
                 await self._audit.record(tx, read)
-        return ThreadView(thread, subject, access), message
+        return ThreadView(thread, subject, access, unread, receipts), message
 
     async def _deny_resource(self, principal: Principal, resource_type: str, resource_id: str, attempt: str) -> None:
         """Not found, or not the caller's: both answer 404, and the attempt is audited."""

@@ -61,6 +61,14 @@ async def test_a_thread_and_the_listing_count_the_same_unread_messages(client, p
     assert await unread(patient(portals)) == (1, 1)
     assert await unread(physician(portals)) == (1, 1)  # the physician's own reply is not unread for them
 
+    # Receipts come with an answer about one thread (a read, a close), not with a listing's items.
+    receipt = await client.post(f"/v1/threads/{created['id']}/read", json={"up_to": 3}, headers=patient(portals))
+    assert receipt.status == 200
+    listed = await (await client.get("/v1/threads", headers=patient(portals))).json()
+    assert [t["receipts"] for t in listed["items"]] == [None]
+    closed = await (await client.post(f"/v1/threads/{created['id']}/close", headers=physician(portals))).json()
+    assert (closed["unread"], [(r["reader"], r["up_to"]) for r in closed["receipts"]]) == (1, [("Patient/1", 3)])
+
 
 async def test_no_consent_no_thread_and_a_revocation_stops_the_next_message(client, portals: Portals) -> None:
     refused = await client.post(
