@@ -114,6 +114,8 @@ class BreakGlassQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     reviewed: bool | None = Field(default=None, description="only reviewed (true) or unreviewed (false) accesses")
+    limit: int = Field(default=50, ge=1, le=100)
+    cursor: str | None = Field(default=None, max_length=100, description="next_cursor of the previous page")
 
 
 class BreakGlassOut(BaseModel):
@@ -133,6 +135,7 @@ class BreakGlassOut(BaseModel):
 
 class BreakGlassListOut(BaseModel):
     items: list[BreakGlassOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page (older grants); null on the last")
 
 
 class CareTeamBody(StrictBody):

@@ -191,7 +191,9 @@ async def recall_message(request: web.Request) -> web.Response:
 
 async def list_break_glass(request: web.Request) -> web.Response:
     query = parse_query(request, BreakGlassQuery)
-    grants = await request.app[MESSAGING].break_glass_grants(request[PRINCIPAL], query.reviewed)
+    page = await request.app[MESSAGING].break_glass_grants(
+        request[PRINCIPAL], query.reviewed, cursor=decode_cursor(query.cursor), limit=query.limit
+    )
     return _json(
         BreakGlassListOut(
             items=[
@@ -207,8 +209,9 @@ async def list_break_glass(request: web.Request) -> web.Response:
                     reviewed_by=g.record.reviewed_by,
                     shredded_at=g.shredded_at,
                 )
-                for g in grants
-            ]
+                for g in page.items
+            ],
+            next_cursor=encode_cursor(page.next_cursor),
         )
     )
 

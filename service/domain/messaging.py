@@ -92,6 +92,12 @@ class BreakGlassView:
     shredded_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BreakGlassPage:
+    items: list[BreakGlassView]
+    next_cursor: tuple[datetime, UUID] | None
+
+
 def _context(column: str, row: UUID, thread: UUID, sender: str | None = None) -> dict[str, str]:
     context = {"column": column, "row": str(row), "thread": str(thread), "schema": "1"}
     if sender is not None:
@@ -670,12 +676,20 @@ class MessagingService:
     # -- break-glass review (compliance) ------------------------------------------------------------------
 
     async def break_glass_grants(
-        self, principal: Principal, reviewed: bool | None, limit: int = 100
-    ) -> list[BreakGlassView]:
+        self,
+        principal: Principal,
+        reviewed: bool | None,
+        *,
+        cursor: tuple[datetime, UUID] | None = None,
+        limit: int = 50,
+    ) -> BreakGlassPage:
+        """The tenant's grants for review, newest first, a page at a time (every grant is reachable, however
+        many wait for review)."""
         if not can_review_break_glass(principal):
             await self._deny(principal, None, "break-glass review")
         async with self._db.transaction(principal.tenant_id) as tx:
-            grants = await self._store.break_glass(tx, principal.tenant_id, reviewed, limit)
+            found = await self._store.break_glass(tx, principal.tenant_id, reviewed, cursor, limit + 1)
+            grants = found[:limit]
             views = []
             for grant in grants:
                 reason, shredded_at = await self._open_in_listing(
@@ -691,7 +705,8 @@ class MessagingService:
                     details={"grant_ids": [str(g.id) for g in grants]},
                 ),
             )
-        return views
+        last = grants[-1] if len(found) > limit else None
+        return BreakGlassPage(views, (last.opened_at, last.id) if last else None)
 
     async def review_break_glass(self, principal: Principal, grant_id: UUID) -> None:
         if not can_review_break_glass(principal):

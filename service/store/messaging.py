@@ -260,7 +260,8 @@ class MessagingStore:
     _BREAK_GLASS_LIST = """
         SELECT id, thread_id, physician, reason, opened_at, expires_at, reviewed_at, reviewed_by FROM break_glass
         WHERE tenant_id = $1 AND ($2::boolean IS NULL OR (reviewed_at IS NOT NULL) = $2)
-        ORDER BY opened_at DESC LIMIT $3
+          AND ($4::timestamptz IS NULL OR (opened_at, id) < ($4, $5::uuid))
+        ORDER BY opened_at DESC, id DESC LIMIT $3
     """
     _REVIEW_BREAK_GLASS = """
         UPDATE break_glass SET reviewed_at = now(), reviewed_by = $3
@@ -589,8 +590,12 @@ class MessagingStore:
         value: UUID | None = await tx.conn.fetchval(self._ACTIVE_BREAK_GLASS, tenant_id, thread_id, physician)
         return value
 
-    async def break_glass(self, tx: Tx, tenant_id: UUID, reviewed: bool | None, limit: int) -> list[BreakGlassRecord]:
-        rows = await tx.conn.fetch(self._BREAK_GLASS_LIST, tenant_id, reviewed, limit)
+    async def break_glass(
+        self, tx: Tx, tenant_id: UUID, reviewed: bool | None, after: tuple[datetime, UUID] | None, limit: int
+    ) -> list[BreakGlassRecord]:
+        """Newest first, keyset-paginated on (opened_at, id): `after` is the previous page's last grant."""
+        moment, grant_id = after if after is not None else (None, None)
+        rows = await tx.conn.fetch(self._BREAK_GLASS_LIST, tenant_id, reviewed, limit, moment, grant_id)
         return [
             BreakGlassRecord(
                 r["id"],

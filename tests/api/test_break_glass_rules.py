@@ -174,3 +174,26 @@ async def test_a_grant_is_listed_not_reviewed_then_reviewed(client: Client, port
     assert [g["reviewed"] for g in await _grants(client, portals)] == [True]
     (event,) = await audit_events(database.owner, "action = 'break_glass:review'")
     assert (event["actor"], event["resource_id"]) == ("Practitioner/c1", pending["id"])
+
+
+async def test_every_grant_is_reachable_a_page_at_a_time(client: Client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="found unconscious")
+    for n in range(90, 95):
+        assert await _open(client, portals, created["id"], REASON, n=n) == 200
+    seen: list[str] = []
+    cursor = None
+    for _ in range(5):  # bounded: a cursor that cycles fails the test instead of hanging it
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        response = await client.get("/v1/audit/break-glass", params=params, headers=_compliance(portals))
+        assert response.status == 200
+        page = await response.json()
+        seen += [g["physician"] for g in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"Practitioner/{n}" for n in range(94, 89, -1)]  # newest first, each once
+    forged = await client.get(
+        "/v1/audit/break-glass", params={"cursor": "bm90LWEtY3Vyc29y"}, headers=_compliance(portals)
+    )
+    assert forged.status == 422
