@@ -80,7 +80,17 @@ def run_bare_server(dsn: str, port: int, processes: int = 1) -> None:
             child.join()
 
 
-def _bare_process(dsn: str, sock: socket.socket) -> None:
+_INSERT_MESSAGE = "INSERT INTO bench_messages (id, body) VALUES ($1, $2)"
+_INSERT_AUDIT = "INSERT INTO bench_audit (id, entry) VALUES ($1, $2)"
+_BOTH_IN_ONE_STATEMENT = (
+    "WITH m AS (INSERT INTO bench_messages (id, body) VALUES ($1, $2)) "
+    "INSERT INTO bench_audit (id, entry) VALUES ($3, $4)"
+)
+
+
+def _bare_process(dsn: str, sock: socket.socket, round_trips: int = 4) -> None:
+    """The bare endpoint. `round_trips`: 4 is the ceiling (BEGIN, the two INSERTs, COMMIT); 2 sends the
+    INSERTs each in an implicit transaction; 1 sends both in one statement (`bench_round_trips.py`)."""
     import uuid
 
     import asyncpg
@@ -93,10 +103,17 @@ def _bare_process(dsn: str, sock: socket.socket) -> None:
 
     async def post(request: web.Request) -> web.Response:
         body = await request.read()
-        message_id = uuid.uuid4()
-        async with request.app["pool"].acquire() as conn, conn.transaction():
-            await conn.execute("INSERT INTO bench_messages (id, body) VALUES ($1, $2)", message_id, body)
-            await conn.execute("INSERT INTO bench_audit (id, entry) VALUES ($1, $2)", uuid.uuid4(), b"x" * 400)
+        message_id, audit_id = uuid.uuid4(), uuid.uuid4()
+        async with request.app["pool"].acquire() as conn:
+            if round_trips == 4:
+                async with conn.transaction():
+                    await conn.execute(_INSERT_MESSAGE, message_id, body)
+                    await conn.execute(_INSERT_AUDIT, audit_id, b"x" * 400)
+            elif round_trips == 2:
+                await conn.execute(_INSERT_MESSAGE, message_id, body)
+                await conn.execute(_INSERT_AUDIT, audit_id, b"x" * 400)
+            else:
+                await conn.execute(_BOTH_IN_ONE_STATEMENT, message_id, body, audit_id, b"x" * 400)
         return web.json_response({"id": str(message_id)}, status=201)
 
     app = web.Application()

@@ -1,7 +1,7 @@
 """What one round trip to PostgreSQL costs here: the bare endpoint's two INSERTs sent three ways.
 
     apt-get install -y wrk
-    .venv/bin/python tests/perf/bench_round_trips.py [--seconds 8] [--rounds 2] [--processes 1]
+    .venv/bin/python tests/perf/bench_round_trips.py [--seconds 8] [--rounds 2] [--concurrency 64]
 
 `bench_messaging.py`'s ceiling sends BEGIN, two INSERTs and COMMIT: four round trips. This script starts
 a durable PostgreSQL of its own (the embedded one, in a temporary directory, reached over its Unix
@@ -21,56 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_messaging as bench  # this directory is not a package
-
-_INSERT_MESSAGE = "INSERT INTO bench_messages (id, body) VALUES ($1, $2)"
-_INSERT_AUDIT = "INSERT INTO bench_audit (id, entry) VALUES ($1, $2)"
-_ONE_STATEMENT = (
-    "WITH m AS (INSERT INTO bench_messages (id, body) VALUES ($1, $2)) "
-    "INSERT INTO bench_audit (id, entry) VALUES ($3, $4)"
-)
-
-
-def run_endpoint(dsn: str, port: int, variant: str) -> None:
-    """The bare endpoint with its statements sent as `variant` says (4, 2 or 1 round trips)."""
-    import socket
-    import uuid
-
-    import asyncpg
-    from aiohttp import web
-
-    async def init(app: web.Application) -> Any:
-        app["pool"] = await asyncpg.create_pool(dsn, min_size=20, max_size=20)
-        yield
-        await app["pool"].close()
-
-    async def post(request: web.Request) -> web.Response:
-        body = await request.read()
-        message_id, audit_id = uuid.uuid4(), uuid.uuid4()
-        async with request.app["pool"].acquire() as conn:
-            if variant == "4":
-                async with conn.transaction():
-                    await conn.execute(_INSERT_MESSAGE, message_id, body)
-                    await conn.execute(_INSERT_AUDIT, audit_id, b"x" * 400)
-            elif variant == "2":
-                await conn.execute(_INSERT_MESSAGE, message_id, body)
-                await conn.execute(_INSERT_AUDIT, audit_id, b"x" * 400)
-            else:
-                await conn.execute(_ONE_STATEMENT, message_id, body, audit_id, b"x" * 400)
-        return web.json_response({"id": str(message_id)}, status=201)
-
-    app = web.Application()
-    app.cleanup_ctx.append(init)
-    app.router.add_post("/bare", post)
-    web.run_app(app, sock=socket.create_server(("127.0.0.1", port), backlog=1024), print=None, access_log=None)
 
 
 def main() -> None:
@@ -84,7 +43,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["4", "2", "1"])
     args = parser.parse_args()
     if args.mode == "endpoint":
-        run_endpoint(args.dsn, args.port, args.variant)
+        bench._bare_process(args.dsn, socket.create_server(("127.0.0.1", args.port), backlog=1024), int(args.variant))
         return
     if shutil.which("wrk") is None:
         sys.exit("wrk is required: apt-get install -y wrk")
