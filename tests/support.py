@@ -43,6 +43,12 @@ async def as_owner(owner_dsn: str, work: Callable[[asyncpg.Connection], Awaitabl
         await conn.close()
 
 
+async def owner_count(owner_dsn: str, query: str, *args: object) -> int:
+    """The count that `query` (a `SELECT count(*) ...`) finds, read as the owner role (no row-level security)."""
+    count: int = await as_owner(owner_dsn, lambda conn: conn.fetchval(query, *args))
+    return count
+
+
 async def blocked_by(conn: asyncpg.Connection, blocker: int) -> int:
     """The pid of the backend that waits for a lock the backend `blocker` holds, once one does."""
     for _ in range(200):

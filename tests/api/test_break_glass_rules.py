@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -17,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from service.settings import Settings
 from tests.api.messaging_helpers import consent, physician, thread
 from tests.conftest import Dsns, Portals
-from tests.support import as_owner, audit_events
+from tests.support import audit_events, owner_count
 
 Client = TestClient[web.Request, web.Application]
 
@@ -47,14 +46,6 @@ async def _open(client: Client, portals: Portals, thread_id: str, reason: str, n
     return (await client.get(f"/v1/threads/{thread_id}", headers=headers)).status
 
 
-async def _grant_rows(owner_dsn: str) -> int:
-    async def work(conn: asyncpg.Connection) -> int:
-        return int(await conn.fetchval("SELECT count(*) FROM break_glass"))
-
-    count: int = await as_owner(owner_dsn, work)
-    return count
-
-
 async def test_an_opening_is_audited_with_purpose_of_use_etreat(
     client: Client, portals: Portals, database: Dsns
 ) -> None:
@@ -76,23 +67,18 @@ async def test_an_opening_is_audited_with_purpose_of_use_etreat(
     assert [r["purpose"] for r in reads] == ["ETREAT"]
 
 
-async def test_a_grant_lasts_sixty_minutes_by_default(client: Client, portals: Portals) -> None:
+@pytest.mark.parametrize(
+    ("settings", "minutes"), [({}, 60), ({"break_glass_minutes": 5}, 5)], indirect=["settings"], ids=["default", "set"]
+)
+async def test_a_grant_lasts_as_configured_sixty_minutes_by_default(
+    client: Client, portals: Portals, database: Dsns, minutes: int
+) -> None:
     await consent(client, portals)
     created = await thread(client, portals)
     assert await _open(client, portals, created["id"], REASON) == 200
     (grant,) = await _grants(client, portals)
     lasts = datetime.fromisoformat(grant["expires_at"]) - datetime.fromisoformat(grant["opened_at"])
-    assert lasts == timedelta(minutes=60)
-
-
-@pytest.mark.parametrize("settings", [{"break_glass_minutes": 5}], indirect=True)
-async def test_a_grant_lasts_as_long_as_configured(client: Client, portals: Portals, database: Dsns) -> None:
-    await consent(client, portals)
-    created = await thread(client, portals)
-    assert await _open(client, portals, created["id"], REASON) == 200
-    (grant,) = await _grants(client, portals)
-    lasts = datetime.fromisoformat(grant["expires_at"]) - datetime.fromisoformat(grant["opened_at"])
-    assert lasts == timedelta(minutes=5)
+    assert lasts == timedelta(minutes=minutes)
     (event,) = await audit_events(database.owner, "action = 'break_glass:open'")
     assert datetime.fromisoformat(json.loads(event["details"])["expires_at"]) == datetime.fromisoformat(
         grant["expires_at"]
@@ -111,7 +97,7 @@ async def test_a_reason_must_be_10_to_500_characters(client: Client, portals: Po
         assert problem["type"] == "urn:bedside:problem:validation-failed"
         assert [e["loc"] for e in problem["errors"]] == [["Break-Glass-Reason"]]
         assert refused not in await response.text()
-    assert await _grant_rows(database.owner) == 0
+    assert await owner_count(database.owner, "SELECT count(*) FROM break_glass") == 0
     assert await audit_events(database.owner, "action = 'break_glass:open'") == []
     # Still an outsider: no grant came of the refused reasons.
     assert (await client.get(f"/v1/threads/{created['id']}/messages", headers=physician(portals, n=99))).status == 404

@@ -8,29 +8,20 @@ import asyncio
 import json
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Dsns, Portals
-from tests.support import as_owner, audit_events
+from tests.support import audit_events, owner_count
 
 Client = TestClient[web.Request, web.Application]
 
 KIB_64 = 64 * 1024
 
 
-async def _count(owner_dsn: str, sql: str, *args: object) -> int:
-    async def work(conn: asyncpg.Connection) -> int:
-        return int(await conn.fetchval(sql, *args))
-
-    count: int = await as_owner(owner_dsn, work)
-    return count
-
-
 async def _messages_stored(owner_dsn: str, thread_id: str) -> int:
-    return await _count(owner_dsn, "SELECT count(*) FROM messages WHERE thread_id = $1::uuid", thread_id)
+    return await owner_count(owner_dsn, "SELECT count(*) FROM messages WHERE thread_id = $1::uuid", thread_id)
 
 
 async def _get(client: Client, url: str, headers: dict[str, str], **params: str | int) -> dict[str, Any]:
@@ -85,8 +76,8 @@ async def test_a_first_message_over_64_kib_creates_no_thread(client: Client, por
     }
     response = await client.post("/v1/threads", json=body, headers=patient(portals))
     assert response.status == 422
-    assert await _count(database.owner, "SELECT count(*) FROM threads") == 0
-    assert await _count(database.owner, "SELECT count(*) FROM messages") == 0
+    assert await owner_count(database.owner, "SELECT count(*) FROM threads") == 0
+    assert await owner_count(database.owner, "SELECT count(*) FROM messages") == 0
 
 
 # -- thread listing ------------------------------------------------------------------------------------
@@ -228,7 +219,7 @@ async def test_a_thread_refused_for_want_of_consent_is_audited(
     assert all(d["consent_decision"] == "deny" and d["reason"] == "consent-required" for d in details)
     assert all("no-consent" in d["consent_reasons"] for d in details)
     assert [d["consent_ids"] for d in details] == [[], [grant["id"]]]
-    assert await _count(database.owner, "SELECT count(*) FROM threads") == 0
+    assert await owner_count(database.owner, "SELECT count(*) FROM threads") == 0
     assert await audit_events(database.owner, "action = 'thread:create' AND outcome = 'success'") == []
 
 

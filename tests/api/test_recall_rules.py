@@ -71,6 +71,13 @@ async def _body_seen_by(client: Client, message_id: str, headers: dict[str, str]
     return body
 
 
+async def _thread_with_a_secret(client: Client, portals: Portals) -> tuple[str, dict[str, Any]]:
+    """A thread whose first message, the patient's, is a canary: (the canary, the created thread)."""
+    await consent(client, portals)
+    secret = canary("recalled-body")
+    return secret, await thread(client, portals, message=secret)
+
+
 def _refused_as_conflict(status: int, problem: dict[str, Any]) -> None:
     assert status == 409
     assert problem["type"] == "urn:bedside:problem:conflict"
@@ -113,9 +120,7 @@ async def test_the_window_follows_its_setting(client: Client, portals: Portals, 
 async def test_a_recall_leaves_the_ciphertext_and_a_tombstone_of_who_and_when(
     client: Client, portals: Portals, database: Dsns
 ) -> None:
-    await consent(client, portals)
-    secret = canary("recalled-body")
-    created = await thread(client, portals, message=secret)
+    secret, created = await _thread_with_a_secret(client, portals)
     message_id = created["message"]["id"]
     before = await _stored(database.owner, message_id)
 
@@ -142,9 +147,7 @@ async def test_a_recall_leaves_the_ciphertext_and_a_tombstone_of_who_and_when(
 async def test_a_recall_is_audited_with_its_actor_and_message_and_no_content(
     client: Client, portals: Portals, database: Dsns
 ) -> None:
-    await consent(client, portals)
-    secret = canary("recalled-body")
-    created = await thread(client, portals, message=secret)
+    secret, created = await _thread_with_a_secret(client, portals)
     message_id = created["message"]["id"]
     assert (await _recall(client, message_id, patient(portals)))[0] == 200
 

@@ -277,6 +277,14 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"webhook_worker": False, "webhook_allow_http_loopback": True})
 
 
+async def _two_deliveries_waiting(client: Any, portals: Portals, receiver: Receiver) -> None:
+    """An endpoint for the receiver and a new thread with a message: thread.created and message.created
+    wait for a delivery (the app that arranges them delivers none itself)."""
+    await register(client, portals, receiver.url)
+    await consent(client, portals)
+    await thread(client, portals, message="first")
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
 async def test_background_work_is_audited_under_the_serve_run_in_every_process_count(
     client: Any,
@@ -290,9 +298,7 @@ async def test_background_work_is_audited_under_the_serve_run_in_every_process_c
 ) -> None:
     """What the servers' background tasks record (here the webhook worker's deliveries) carries the
     request id and source of the `bedside serve` run that did it, whether one process serves or several."""
-    await register(client, portals, receiver.url)
-    await consent(client, portals)
-    await thread(client, portals, message="first")  # thread.created and message.created, not yet delivered
+    await _two_deliveries_waiting(client, portals, receiver)
     env = _env(
         kek_file,
         signing_key_file,
@@ -322,9 +328,7 @@ async def test_a_worker_delivers_webhooks_without_serving_http(
 ) -> None:
     """`bedside worker`: the background work of `serve` (here the webhook deliveries) with no HTTP API,
     for deployments that keep them apart; it stops cleanly on SIGTERM."""
-    await register(client, portals, receiver.url)
-    await consent(client, portals)
-    await thread(client, portals, message="first")  # thread.created and message.created, not yet delivered
+    await _two_deliveries_waiting(client, portals, receiver)
     env = _env(kek_file, signing_key_file, webhook_allow_http_loopback="true", webhook_poll_interval_seconds="0.05")
     async with _running(["worker", "--database-url", database.app], env, tmp_path, stop=signal.SIGTERM) as worker:
         banner = await worker.first_line()
