@@ -25,6 +25,7 @@ from service.domain.audit_log import AuditLog, AuditQueries
 from service.domain.auth import Authenticator
 from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
+from service.domain.idempotency import RequestFingerprints
 from service.domain.inbound import InboundReplies
 from service.domain.issuers import IssuerService
 from service.domain.keyring import KekClient, PatientKeyring
@@ -134,11 +135,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             verified_cache_seconds=settings.issuer_cache_seconds,
         )
         app[HEALTH] = HealthService(db, schema, audit_store)
+        fingerprints = RequestFingerprints(keyring)
         consents = ConsentLedger(
             db,
             ConsentStore(),
             idempotency_store,
             recorder,
+            fingerprints=fingerprints,
             proxy_max_validity=timedelta(days=settings.proxy_consent_max_days),
             outbox=WebhookStore(),
         )
@@ -152,6 +155,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             idempotency_store,
             recorder,
             attachments=AttachmentReferences(attachment_store),
+            fingerprints=fingerprints,
             recall_window=timedelta(seconds=settings.recall_window_seconds),
             break_glass_duration=timedelta(minutes=settings.break_glass_minutes),
         )
@@ -179,6 +183,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             MessagingStore(),
             keyring,
             messaging,
+            fingerprints,
             tolerance_seconds=settings.inbound_tolerance_seconds,
         )
         transport = HttpTransport(timeout_seconds=settings.webhook_timeout_seconds)

@@ -10,6 +10,7 @@ teams); a question about the past reads the events recorded by then.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -23,7 +24,7 @@ from uuid import UUID
 
 from crypto.merkle import FieldValue, encode_fields
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder, format_time
-from service.domain.idempotency import replayable
+from service.domain.idempotency import RequestFingerprints, replayable
 from service.domain.policy import can_read_consents, can_record_consent, can_revoke_consent
 from service.domain.principal import Principal, Role, is_plain_text, is_reference
 from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError, UnavailableError
@@ -119,9 +120,9 @@ class ConsentRequest:
     valid_until: datetime | None = None
     include_sensitive: bool = False
 
-    def fingerprint(self) -> bytes:
-        """What makes two requests the same request (for idempotency keys)."""
-        return hashlib.sha256(repr(self).encode()).digest()
+    def identity(self) -> dict[str, object]:
+        """What makes two requests the same request (fingerprinted for idempotency keys)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,7 @@ class ConsentLedger:
         idempotency: IdempotencyStore,
         audit: AuditRecorder,
         *,
+        fingerprints: RequestFingerprints,
         proxy_max_validity: timedelta = timedelta(days=548),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         outbox: WebhookStore | None = None,
@@ -227,6 +229,7 @@ class ConsentLedger:
         self._db = db
         self._store = store
         self._idempotency = idempotency
+        self._fingerprints = fingerprints
         self._audit = audit
         self._proxy_max = proxy_max_validity
         self._clock = clock
@@ -301,9 +304,9 @@ class ConsentLedger:
         self._check_request(request)
         if not can_record_consent(principal, request.patient, request.evidence.method.value):
             await self._deny(principal, request.patient, "consent:grant")
-        fingerprint = request.fingerprint() if idempotency_key is not None else b""
         async with self._db.transaction(principal.tenant_id) as tx:
             if idempotency_key is not None:
+                fingerprint = await self._fingerprints.of(tx, request.identity())
                 stored = await self._idempotency.claim(
                     tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
                 )

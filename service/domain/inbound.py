@@ -10,14 +10,13 @@ the endpoint's inbound secret is the credential. In order:
 2. `accept`: the sender must be the endpoint's practitioner, or a current member of its care team; then
    the reply is a message like any other (`MessagingService.send_within`: policy, consent, sealing, the
    outbox rows that notify the other side, the audit event, which names the endpoint, the secret that
-   verified and the `webhook-id`). The receipt (endpoint, webhook-id, body hash) is written in the same
-   transaction: the same delivery again answers with the first message, the same id with another body
-   is a conflict.
+   verified and the `webhook-id`). The receipt (endpoint, webhook-id, the body's keyed fingerprint) is
+   written in the same transaction: the same delivery again answers with the first message, the same id
+   with another body is a conflict.
 """
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from uuid import UUID
 
 from crypto.webhooks import Reason, WebhookVerificationError, generate_secret, verify
 from service.domain.audit import AuditAction, AuditEvent
+from service.domain.idempotency import RequestFingerprints, same_request
 from service.domain.keyring import PatientKeyring
 from service.domain.messaging import MessagingService
 from service.domain.principal import Principal, Role, is_reference
@@ -77,6 +77,7 @@ class InboundReplies:
         teams: MessagingStore,
         keyring: PatientKeyring,
         messaging: MessagingService,
+        fingerprints: RequestFingerprints,
         *,
         tolerance_seconds: int = 300,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -87,6 +88,7 @@ class InboundReplies:
         self._teams = teams
         self._keyring = keyring
         self._messaging = messaging
+        self._fingerprints = fingerprints
         self._tolerance = tolerance_seconds
         # What an unknown endpoint's requests are checked against, so that they meet the same checks (and
         # answers) as a known endpoint's. Random, never stored or shown: nothing can be signed with it.
@@ -103,6 +105,8 @@ class InboundReplies:
             endpoint = await self._store.endpoint(tx, tenant_id, endpoint_id)
             keys = await self._store.keys(tx, tenant_id, endpoint_id, ["inbound"])
             secrets = await open_secrets(self._keyring, tx, keys)
+            # Kept with the receipt, for ever: keyed, so it confirms no guess of the reply to a database holder.
+            body_fingerprint = await self._fingerprints.of_bytes(tx, body)
         if endpoint is None or not keys:
             raise self._unknown(tenant_id, endpoint_id, headers, body, now)
         try:
@@ -110,9 +114,7 @@ class InboundReplies:
         except WebhookVerificationError as exc:
             raise _refused(exc.reason, tenant_id, endpoint_id, f"webhook-{exc.reason.value}") from None
         msg_id = next(v for k, v in headers.items() if k.lower() == "webhook-id")
-        return VerifiedReply(
-            tenant_id, endpoint_id, endpoint.subscriber, keys[index].id, msg_id, hashlib.sha256(body).digest()
-        )
+        return VerifiedReply(tenant_id, endpoint_id, endpoint.subscriber, keys[index].id, msg_id, body_fingerprint)
 
     def _unknown(
         self, tenant_id: UUID | None, endpoint_id: UUID, headers: Mapping[str, str], body: bytes, now: int
@@ -154,7 +156,7 @@ class InboundReplies:
                 message_id,
             )
             if earlier is not None:
-                if earlier.body_hash != reply.body_hash:
+                if not same_request(earlier.body_hash, reply.body_hash):
                     raise ConflictError("This webhook-id was already used for a different reply")
                 return AcceptedReply(earlier.thread_id, earlier.message_id, None, replayed=True)
             if sender != reply.subscriber and reply.subscriber not in await self._teams.teams_of(

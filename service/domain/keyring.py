@@ -25,6 +25,8 @@ from service.store.db import Tx
 
 T = TypeVar("T")
 
+TENANT_KEY_OWNER = "Tenant/secrets"  # the owner of the tenant's own data key (not a patient: never shredded)
+
 
 class KekClient:
     """The KEK provider behind one worker thread: its calls block (file, HSM) and it is not
@@ -64,6 +66,8 @@ class PatientKeyring:
         self._store = store
         self._kek = kek
         self._cache = cache
+        # Each tenant's own key, by id and version only: the secret stays in the bounded cache.
+        self._tenant_keys: dict[UUID, tuple[UUID, int]] = {}
 
     async def seal_for(self, tx: Tx, patient: str, plaintext: bytes, context: Mapping[str, str]) -> bytes:
         """Seal `plaintext` with the patient's DEK (made on first use), bound to the tenant and `context`."""
@@ -108,6 +112,18 @@ class PatientKeyring:
             if record is None:
                 raise DecryptionError()
         return await self._unwrapped(tenant_id, record)
+
+    async def tenant_key(self, tx: Tx) -> DataKey:
+        """The tenant's own data key (owner `TENANT_KEY_OWNER`, made on first use), for what belongs to
+        no patient: webhook secrets, request fingerprints. Shredding is per patient, so this key is never
+        shredded, and while the cache holds it no row is read: it costs a hot path no round trip."""
+        tenant_id = _tenant(tx)
+        known = self._tenant_keys.get(tenant_id)
+        if known is not None and (cached := self._cache.get(*known)) is not None:
+            return cached
+        key = await self.key_for_writing(tx, TENANT_KEY_OWNER)
+        self._tenant_keys[tenant_id] = (key.id, key.version)
+        return key
 
     async def key_for_reading(self, tx: Tx, sealed: bytes) -> DataKey:
         tenant_id = _tenant(tx)

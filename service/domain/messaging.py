@@ -11,7 +11,6 @@ event, and commits. Nothing after the commit waits on the network.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from uuid import UUID
 
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.consents import ConsentLedger, Decision, Scope
-from service.domain.idempotency import replayable
+from service.domain.idempotency import RequestFingerprints, replayable
 from service.domain.keyring import PatientKeyring
 from service.domain.policy import (
     Access,
@@ -121,10 +120,6 @@ def _check_break_glass_reason(reason: str) -> None:
         raise InvalidRequestError([FieldProblem(("Break-Glass-Reason",), "length", "10 to 500 printable characters")])
 
 
-def _fingerprint(*parts: object) -> bytes:
-    return hashlib.sha256(repr(parts).encode()).digest()
-
-
 class MessagingService:
     def __init__(
         self,
@@ -136,6 +131,7 @@ class MessagingService:
         audit: AuditRecorder,
         *,
         attachments: AttachmentReferences,
+        fingerprints: RequestFingerprints,
         recall_window: timedelta = timedelta(minutes=15),
         break_glass_duration: timedelta = timedelta(minutes=60),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -147,6 +143,7 @@ class MessagingService:
         self._idempotency = idempotency
         self._audit = audit
         self._attachments = attachments
+        self._fingerprints = fingerprints
         self._recall_window = recall_window
         self._break_glass = break_glass_duration
         self._clock = clock
@@ -236,8 +233,8 @@ class MessagingService:
         thread_id = uuid.uuid4()
         async with self._db.transaction(principal.tenant_id) as tx:
             if idempotency_key is not None:
-                fingerprint = _fingerprint(
-                    "thread", patient, sorted(members), subject, priority, sensitive, first_message
+                fingerprint = await self._fingerprints.of(
+                    tx, ["thread", patient, sorted(members), subject, priority, sensitive, first_message]
                 )
                 stored = await self._idempotency.claim(
                     tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
@@ -421,11 +418,13 @@ class MessagingService:
         idempotency_key: str | None = None,
     ) -> MessageView:
         _check_body(body)
-        claim, fingerprint = None, b""
-        if idempotency_key is not None:
-            fingerprint = _fingerprint("message", thread_id, body, list(attachment_ids), in_reply_to)
-            claim = IdempotencyClaim(principal.subject, idempotency_key, fingerprint)
         async with self._db.transaction(principal.tenant_id) as tx:
+            claim, fingerprint = None, b""
+            if idempotency_key is not None:
+                fingerprint = await self._fingerprints.of(
+                    tx, ["message", thread_id, body, list(attachment_ids), in_reply_to]
+                )
+                claim = IdempotencyClaim(principal.subject, idempotency_key, fingerprint)
             # One round trip reads everything the decisions below need, and claims the idempotency key.
             facts = await self._store.send_facts(
                 tx,

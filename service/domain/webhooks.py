@@ -42,7 +42,7 @@ import structlog
 from crypto.webhooks import generate_secret, generate_signing_key, public_key_for, signed_headers
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.consents import ConsentLedger, Scope
-from service.domain.keyring import PatientKeyring
+from service.domain.keyring import TENANT_KEY_OWNER, PatientKeyring
 from service.domain.policy import can_manage_webhooks
 from service.domain.principal import Principal, is_reference
 from service.domain.ssrf import (
@@ -71,7 +71,6 @@ EVENT_TYPES = ("message.created", "message.recalled", "thread.created", "consent
 # Events about a patient's thread are deliveries between the patient and the subscriber: consent gates
 # them. `consent.revoked` tells the grantee that a consent it held ended, and carries only its id.
 CONSENT_GATED = frozenset({"message.created", "message.recalled", "thread.created"})
-TENANT_SECRETS = "Tenant/secrets"  # the owner of the tenant's own data key
 SECRET_PURPOSES = ("outbound", "inbound", "ed25519")
 USER_AGENT = "Bedside-Webhooks/1"
 # The error class of an attempt that failed on our side before anything was sent (a sealed URL or secret
@@ -281,7 +280,7 @@ class WebhookEndpoints:
         outbound, inbound = generate_secret(), generate_secret()
         signing_key = generate_signing_key() if ed25519 else None
         async with self._db.transaction(principal.tenant_id) as tx:
-            sealed_url = await self._keyring.seal_for(tx, TENANT_SECRETS, url.encode(), _url_context(endpoint_id))
+            sealed_url = await self._keyring.seal_for(tx, TENANT_KEY_OWNER, url.encode(), _url_context(endpoint_id))
             await self._store.create_endpoint(
                 tx, principal.tenant_id, endpoint_id, subscriber, sealed_url, event_types, principal.subject
             )
@@ -345,7 +344,7 @@ class WebhookEndpoints:
             sealed = (
                 None
                 if url is None
-                else await self._keyring.seal_for(tx, TENANT_SECRETS, url.encode(), _url_context(endpoint_id))
+                else await self._keyring.seal_for(tx, TENANT_KEY_OWNER, url.encode(), _url_context(endpoint_id))
             )
             await self._store.update_endpoint(tx, principal.tenant_id, endpoint_id, sealed, event_types)
             await self._audit.record(
@@ -488,7 +487,7 @@ class WebhookEndpoints:
     async def _add_key(self, tx: Tx, principal: Principal, endpoint_id: UUID, purpose: str, secret: str) -> UUID:
         key_id = uuid.uuid4()
         sealed = await self._keyring.seal_for(
-            tx, TENANT_SECRETS, secret.encode(), _secret_context(key_id, endpoint_id, purpose)
+            tx, TENANT_KEY_OWNER, secret.encode(), _secret_context(key_id, endpoint_id, purpose)
         )
         public = public_key_for(secret) if purpose == "ed25519" else None
         await self._store.add_key(tx, principal.tenant_id, key_id, endpoint_id, purpose, sealed, public)

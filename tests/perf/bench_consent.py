@@ -24,12 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from crypto.dek_cache import DataKeyCache
+from crypto.kek_file import LocalKeyFileProvider
 from service.domain.audit import AuditRecorder
 from service.domain.consents import ConsentLedger, Scope
+from service.domain.idempotency import RequestFingerprints
+from service.domain.keyring import KekClient, PatientKeyring
 from service.embedded import APP_LOGIN_ROLE, Connection, EmbeddedPostgres
 from service.store.audit import AuditStore
 from service.store.bootstrap import ensure_database, prepare_database
 from service.store.consents import ConsentStore
+from service.store.data_keys import DataKeyStore
 from service.store.db import Database
 from service.store.idempotency import IdempotencyStore
 
@@ -55,7 +60,7 @@ ON CONFLICT DO NOTHING
 """
 
 
-async def run(args: argparse.Namespace, connection: Connection) -> None:
+async def run(args: argparse.Namespace, connection: Connection, work: Path) -> None:
     await ensure_database(connection.dsn(owner=True, database="postgres"), "bedside")
     await prepare_database(connection.dsn(owner=True, database="bedside"), APP_LOGIN_ROLE, connection.app_password)
     import asyncpg
@@ -92,7 +97,11 @@ async def run(args: argparse.Namespace, connection: Connection) -> None:
     db = await Database.connect(
         connection.dsn(database="bedside"), min_size=args.concurrency, max_size=args.concurrency
     )
-    ledger = ConsentLedger(db, ConsentStore(), IdempotencyStore(), AuditRecorder(AuditStore(), db))
+    kek = KekClient(LocalKeyFileProvider(work / "kek.key", create=True))
+    fingerprints = RequestFingerprints(PatientKeyring(DataKeyStore(), kek, DataKeyCache()))
+    ledger = ConsentLedger(
+        db, ConsentStore(), IdempotencyStore(), AuditRecorder(AuditStore(), db), fingerprints=fingerprints
+    )
     rng = random.Random(7)
 
     async def one() -> float:
@@ -128,6 +137,7 @@ async def run(args: argparse.Namespace, connection: Connection) -> None:
     for row in plan:
         print("  " + row[0])
     await db.close()
+    kek.close()
 
 
 def main() -> None:
@@ -141,7 +151,7 @@ def main() -> None:
     pg = EmbeddedPostgres(work)
     connection = pg.start()
     try:
-        asyncio.run(run(args, connection))
+        asyncio.run(run(args, connection, work))
     finally:
         pg.stop()
         shutil.rmtree(pg.pgdata.parent, ignore_errors=True)

@@ -22,6 +22,7 @@ from service.domain.consents import (
     Scope,
     consent_hash,
 )
+from service.domain.idempotency import RequestFingerprints
 from service.domain.principal import Principal, Role
 from service.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.store.audit import AuditStore
@@ -69,7 +70,12 @@ async def world(services: Services) -> World:
     tenant = await services.tenants.create("acme")
     clock = Clock()
     ledger = ConsentLedger(
-        services.db, ConsentStore(), IdempotencyStore(), AuditRecorder(AuditStore(), services.db), clock=clock
+        services.db,
+        ConsentStore(),
+        IdempotencyStore(),
+        AuditRecorder(AuditStore(), services.db),
+        fingerprints=RequestFingerprints(services.keyring),
+        clock=clock,
     )
     return World(ledger, clock, tenant.id, services)
 
@@ -282,7 +288,13 @@ def test_as_of_matches_a_model_of_the_rules(world: World, ops, probes) -> None:
 
         db = await Database.connect(world.services.db._dsn, min_size=1, max_size=2)
         try:
-            ledger = ConsentLedger(db, ConsentStore(), IdempotencyStore(), AuditRecorder(AuditStore(), db))
+            ledger = ConsentLedger(
+                db,
+                ConsentStore(),
+                IdempotencyStore(),
+                AuditRecorder(AuditStore(), db),
+                fingerprints=RequestFingerprints(world.services.keyring),
+            )
             principal = Principal(world.tenant_id, "acme", patient, Role.PATIENT, "iss")
             events = []
             for kind, grantee, start, length in ops:
@@ -344,7 +356,13 @@ async def test_a_ledger_that_cannot_be_read_denies(world: World, database: Dsns)
 
     await world.ledger.grant(world.patient, messaging())
     gone = await Database.connect(database.app, min_size=1, max_size=1)
-    ledger = ConsentLedger(gone, ConsentStore(), IdempotencyStore(), AuditRecorder(AuditStore(), gone))
+    ledger = ConsentLedger(
+        gone,
+        ConsentStore(),
+        IdempotencyStore(),
+        AuditRecorder(AuditStore(), gone),
+        fingerprints=RequestFingerprints(world.services.keyring),
+    )
     assert (await ledger.decide_now(world.tenant_id, "Patient/1", "Practitioner/7", Scope.MESSAGING)).permit
     await gone.close()  # the database can no longer be reached through it
     decision = await ledger.decide_now(world.tenant_id, "Patient/1", "Practitioner/7", Scope.MESSAGING)

@@ -14,6 +14,7 @@ from asyncpg.connection import LoggedQuery
 from service.domain.attachments import AttachmentReferences
 from service.domain.audit import AuditRecorder
 from service.domain.consents import ConsentLedger, ConsentRequest, Evidence, EvidenceMethod, Scope
+from service.domain.idempotency import RequestFingerprints
 from service.domain.messaging import MessagingService
 from service.domain.principal import Principal, Role
 from service.domain.tenants import TenantService
@@ -52,8 +53,9 @@ async def _messaging(database: Dsns, kek_file: Path) -> tuple[CountingDatabase, 
     db = await CountingDatabase.connect(database.app, min_size=1, max_size=1)
     db.statements = []
     recorder = AuditRecorder(AuditStore(), db)
-    consents = ConsentLedger(db, ConsentStore(), IdempotencyStore(), recorder)
     _, keyring, _ = build_key_services(db, kek_file)
+    fingerprints = RequestFingerprints(keyring)
+    consents = ConsentLedger(db, ConsentStore(), IdempotencyStore(), recorder, fingerprints=fingerprints)
     messaging = MessagingService(
         db,
         MessagingStore(),
@@ -62,6 +64,7 @@ async def _messaging(database: Dsns, kek_file: Path) -> tuple[CountingDatabase, 
         IdempotencyStore(),
         recorder,
         attachments=AttachmentReferences(AttachmentStore()),
+        fingerprints=fingerprints,
     )
     tenant = await TenantService(db, TenantStore(), recorder).create("acme")
     patient = Principal(tenant.id, "acme", "Patient/1", Role.PATIENT, "https://portal.acme.test")
@@ -93,6 +96,8 @@ async def test_a_send_and_a_read_are_four_round_trips_each(database: Dsns, kek_f
     try:
         for who in (patient, physician):  # the first of each prepares its statements
             await messaging.send(who, thread_id, "warm-up")
+            # (and the first keyed one reads the tenant's key, which fingerprints are keyed with)
+            await messaging.send(who, thread_id, "warm-up", idempotency_key=f"warm-{who.subject}")
             await messaging.messages(who, thread_id, after=None, before=None, limit=50)
 
             # BEGIN with the tenant; the thread, the caller's teams, consents and key; the write; COMMIT.

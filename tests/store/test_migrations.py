@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 
 import asyncpg
 import pytest
@@ -62,6 +63,44 @@ async def test_a_database_newer_than_the_code_is_refused(database) -> None:
         await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')")
         with pytest.raises(MigrationError, match="does not know"):
             await migrate(conn)
+    finally:
+        await conn.close()
+
+
+async def test_0009_scrubs_the_unkeyed_fingerprints_stored_before_it(empty_database) -> None:
+    known = load_migrations()
+    conn = await _connect(empty_database.owner)
+    try:
+        await migrate(conn, known[:8])
+        tenant = await conn.fetchval("INSERT INTO tenants (slug) VALUES ('acme') RETURNING id")
+        unkeyed = hashlib.sha256(b"('message', 'yes')").digest()
+        keyed = b"\x01" + bytes(range(32))
+        await conn.executemany(
+            "INSERT INTO idempotency_keys (tenant_id, principal, key, request_hash, status, response) "
+            "VALUES ($1, 'Patient/1', $2, $3, 201, '{\"message_id\": \"m\"}')",
+            [(tenant, "old", unkeyed), (tenant, "new", keyed)],
+        )
+        endpoint = await conn.fetchval(
+            "INSERT INTO webhook_endpoints (tenant_id, id, subscriber, event_types, url, created_by) "
+            "VALUES ($1, gen_random_uuid(), 'Practitioner/7', '{message.created}', '\\x00', 'Admin/1') RETURNING id",
+            tenant,
+        )
+        await conn.execute(
+            "INSERT INTO inbound_receipts (tenant_id, endpoint_id, webhook_id, body_hash, key_id, thread_id, "
+            "message_id) VALUES ($1, $2, 'msg_1', $3, gen_random_uuid(), gen_random_uuid(), gen_random_uuid())",
+            tenant,
+            endpoint,
+            hashlib.sha256(b'{"body": "yes"}').digest(),
+        )
+        assert [m.name for m in await migrate(conn, known[:9])] == ["keyed_fingerprints"]
+        rows = dict(await conn.fetch("SELECT key, request_hash FROM idempotency_keys"))
+        # The digest is gone (the replay still works: see tests/unit/test_idempotency_replay.py); a keyed
+        # fingerprint, 33 bytes, is left as it was. The same for the signed replies' receipts, which
+        # from now on take keyed fingerprints and the marker only.
+        assert rows == {"old": b"\x00", "new": keyed}
+        assert await conn.fetchval("SELECT body_hash FROM inbound_receipts") == b"\x00"
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE inbound_receipts SET body_hash = $1", unkeyed)
     finally:
         await conn.close()
 

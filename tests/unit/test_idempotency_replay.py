@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.domain.idempotency import replayable
+from service.domain.idempotency import SCRUBBED, replayable
 from service.errors import ConflictError, InvalidRequestError
 from service.store.idempotency import StoredResponse
 
@@ -25,3 +25,17 @@ def test_a_key_whose_request_has_not_completed_is_a_409_whatever_its_hash(stored
     # b"": the store's "in use" (the key was taken, then gone, between its statements).
     with pytest.raises(ConflictError):
         replayable(StoredResponse(stored_hash, None), b"same")
+
+
+def test_a_key_recorded_before_fingerprints_were_keyed_replays_without_the_check() -> None:
+    # Migration 0009 left SCRUBBED in place of the unkeyed digest: a retry gets its first response (the
+    # work is never done twice), whatever it says; such keys live out at most a day.
+    assert replayable(StoredResponse(SCRUBBED, {"message_id": "m-1"}), b"\x01" + bytes(32)) == {"message_id": "m-1"}
+    with pytest.raises(ConflictError):
+        replayable(StoredResponse(SCRUBBED, None), b"\x01" + bytes(32))
+
+
+def test_a_fingerprint_that_differs_only_in_its_last_byte_is_another_request() -> None:
+    first = b"\x01" + bytes(32)
+    with pytest.raises(InvalidRequestError):
+        replayable(StoredResponse(first, {"message_id": "m-1"}), first[:-1] + b"\x01")

@@ -10,6 +10,7 @@ the other participant's own system receives.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -296,6 +297,37 @@ async def test_the_same_delivery_again_answers_with_the_first_message(
     assert (first[0], again[0], retried[0]) == (201, 200, 200)
     assert again[1]["message_id"] == retried[1]["message_id"] == first[1]["message_id"]
     assert (again[1]["replayed"], again[1]["thread_id"]) == (True, c.thread_id)
+    assert [m["body"] for m in await messages(client, portals, c.thread_id)].count(REPLY) == 1
+
+
+async def test_the_receipt_keeps_a_keyed_fingerprint_that_confirms_no_guess_of_the_reply(
+    client, portals: Portals, receiver: Receiver, database: Dsns
+) -> None:
+    c = await converse(client, portals, receiver.url)
+    body = reply_body(c)
+    headers = signed(c.inbound_secret, body)
+    assert (await post_reply(client, c.endpoint_id, body, headers))[0] == 201
+
+    receipt = "SELECT body_hash FROM inbound_receipts WHERE webhook_id = $1"
+    conn = await asyncpg.connect(database.owner)
+    try:
+        stored = bytes(await conn.fetchval(receipt, headers["webhook-id"]))
+        # The thread, the message replied to and the sender are all in the database beside it: a plain
+        # digest of the body would confirm a guess of the reply's text. This one is keyed.
+        assert (len(stored), stored[0]) == (33, 1)
+        assert not {stored, stored[1:]} & {hashlib.sha256(body).digest(), hashlib.sha512(body).digest()}
+
+        # A receipt from before fingerprints were keyed (scrubbed by migration 0009) still answers a
+        # redelivery with its message rather than take the reply twice.
+        await conn.execute(
+            "UPDATE inbound_receipts SET body_hash = '\\x00' WHERE webhook_id = $1", headers["webhook-id"]
+        )
+    finally:
+        await conn.close()
+    status, out = await post_reply(
+        client, c.endpoint_id, body, signed(c.inbound_secret, body, msg_id=headers["webhook-id"])
+    )
+    assert (status, out["replayed"]) == (200, True)
     assert [m["body"] for m in await messages(client, portals, c.thread_id)].count(REPLY) == 1
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from service.domain.audit import AuditRecorder
 from service.domain.consents import ConsentLedger
+from service.domain.idempotency import RequestFingerprints
 from service.domain.webhooks import UrlGuard, WebhookDispatcher
 from service.settings import Settings
 from service.store.audit import AuditStore
@@ -39,7 +40,13 @@ async def test_a_delivery_whose_lease_passed_to_another_worker_is_not_sent(
         services.db,
         WebhookStore(),
         services.keyring,
-        ConsentLedger(services.db, ConsentStore(), IdempotencyStore(), recorder),
+        ConsentLedger(
+            services.db,
+            ConsentStore(),
+            IdempotencyStore(),
+            recorder,
+            fingerprints=RequestFingerprints(services.keyring),
+        ),
         recorder,
         transport,
         UrlGuard(system_resolver, allow_http_loopback=True),

@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 
 from service.domain.audit import AuditRecorder
 from service.domain.consents import ConsentLedger
+from service.domain.idempotency import RequestFingerprints
 from service.domain.ssrf import IPAddress
 from service.domain.webhooks import DeliveryPolicy, Resolver, UrlGuard, WebhookDispatcher
 from service.errors import AuditUnavailableError, UnavailableError
@@ -76,7 +77,9 @@ async def make_dispatcher(services: Services) -> AsyncIterator[MakeDispatcher]:
             db,
             WebhookStore(),
             services.keyring,
-            ConsentLedger(db, ConsentStore(), IdempotencyStore(), recorder),
+            ConsentLedger(
+                db, ConsentStore(), IdempotencyStore(), recorder, fingerprints=RequestFingerprints(services.keyring)
+            ),
             recorder,
             transport,
             UrlGuard(resolve, allow_http_loopback=True),
