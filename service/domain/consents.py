@@ -79,7 +79,10 @@ class Evidence:
     document_ref: str | None = None
     witness: str | None = None
 
-    def problems(self) -> list[FieldProblem]:
+    def problems(self, recorded_by: str) -> list[FieldProblem]:
+        """What is wrong with this evidence for a consent event that `recorded_by` records. A verbal
+        consent's witness is someone other than the recorder: a clinician cannot witness the consent they
+        record (a grant to themselves, say), or it would rest on their word alone."""
         needs = {
             EvidenceMethod.PORTAL: ("text_version", self.text_version),
             EvidenceMethod.PAPER: ("document_ref", self.document_ref),
@@ -96,6 +99,8 @@ class Evidence:
             out.append(FieldProblem(("evidence", needs[0]), "format", "an identifier: letters, digits, . _ - : /"))
         if self.witness is not None and not is_reference(self.witness, "Practitioner"):
             out.append(FieldProblem(("evidence", "witness"), "reference", "a Practitioner/.. reference"))
+        elif self.witness is not None and self.witness == recorded_by:
+            out.append(FieldProblem(("evidence", "witness"), "witness", "someone other than the one recording it"))
         return out
 
     def as_dict(self) -> dict[str, str]:
@@ -301,7 +306,7 @@ class ConsentLedger:
         self, principal: Principal, request: ConsentRequest, idempotency_key: str | None = None
     ) -> ConsentView:
         """Record a grant. Repeating a request with the same `Idempotency-Key` returns the first result."""
-        self._check_request(request)
+        self._check_request(request, principal)
         if not can_record_consent(principal, request.patient, request.evidence.method.value):
             await self._deny(principal, request.patient, "consent:grant")
         async with self._db.transaction(principal.tenant_id) as tx:
@@ -334,7 +339,7 @@ class ConsentLedger:
         self, principal: Principal, consent_id: UUID, reason: RevokeReason, evidence: Evidence | None
     ) -> ConsentView:
         """Revoke a grant that is in force as its key's current state. Takes effect for the next request."""
-        if evidence is not None and (problems := evidence.problems()):
+        if evidence is not None and (problems := evidence.problems(principal.subject)):
             raise InvalidRequestError(problems)
         async with self._db.transaction(principal.tenant_id) as tx:
             grant = await self._store.by_id(tx, principal.tenant_id, consent_id)
@@ -514,8 +519,8 @@ class ConsentLedger:
         is_current = any(s.event_id == event.id for s in current)
         return ConsentView(event, self._status(event, current=is_current), replayed=True)
 
-    def _check_request(self, request: ConsentRequest) -> None:
-        problems = request.evidence.problems()
+    def _check_request(self, request: ConsentRequest, principal: Principal) -> None:
+        problems = request.evidence.problems(principal.subject)
         if not is_reference(request.patient, "Patient"):
             problems.append(FieldProblem(("patient",), "reference", "a Patient/.. reference"))
         allowed = GRANTEE_TYPES[request.scope]

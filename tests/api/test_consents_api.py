@@ -68,6 +68,28 @@ async def test_who_may_record_for_a_patient(client, portals: Portals) -> None:
     assert (await client.post("/v1/consents", json=verbal, headers=doctor)).status == 201
 
 
+async def test_a_clinician_cannot_witness_the_consent_they_record(client, portals: Portals) -> None:
+    doctor = portals.acme.auth(role="physician", sub="Practitioner/7")
+    to_self = consent(grantee="Practitioner/7", evidence={"method": "verbal", "witness": "Practitioner/7"})
+    refused = await client.post("/v1/consents", json=to_self, headers=doctor)
+    assert refused.status == 422
+    problem = await refused.json()
+    assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["evidence", "witness"], "witness")]
+    listed = await client.get("/v1/patients/1/consents", headers=portals.acme.auth(role="patient", sub="Patient/1"))
+    assert (await listed.json())["history"] == []
+    # Witnessed by a colleague, the same grant is on record.
+    witnessed = consent(grantee="Practitioner/7", evidence={"method": "verbal", "witness": "Practitioner/8"})
+    granted = await client.post("/v1/consents", json=witnessed, headers=doctor)
+    assert granted.status == 201
+    # And a revocation on verbal evidence is witnessed by someone else too.
+    nurse = portals.acme.auth(role="staff", sub="Practitioner/nurse")
+    self_witnessed = {"reason": "patient-request", "evidence": {"method": "verbal", "witness": "Practitioner/nurse"}}
+    revoke = await client.post(
+        f"/v1/consents/{(await granted.json())['id']}/revoke", json=self_witnessed, headers=nurse
+    )
+    assert revoke.status == 422
+
+
 async def test_history_and_as_of(client, portals: Portals) -> None:
     patient = portals.acme.auth(role="patient", sub="Patient/1")
     created = await (await client.post("/v1/consents", json=consent(), headers=patient)).json()
