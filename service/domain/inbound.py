@@ -184,6 +184,7 @@ class InboundReplies:
                     "key_id": str(reply.key_id),
                     "webhook_id": reply.webhook_id,
                 },
+                through=reply.subscriber,
             )
         return AcceptedReply(thread_id, view.record.id, view.record.seq, replayed=False)
 

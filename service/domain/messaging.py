@@ -38,6 +38,7 @@ from service.errors import (
     ConflictError,
     ConsentRequiredError,
     FieldProblem,
+    ForbiddenError,
     InvalidRequestError,
     NotFoundError,
     ShreddedError,
@@ -471,12 +472,24 @@ class MessagingService:
         in_reply_to: UUID | None,
         message_id: UUID,
         evidence: Mapping[str, str],
+        through: str,
     ) -> MessageView:
         """A send inside the caller's transaction (an inbound webhook reply, whose receipt commits with
         it): the same policy, consent, sealing, outbox and audit as `send`; `evidence` joins the audit
-        event's details."""
+        event's details. `through`: the webhook endpoint's subscriber the reply came through. A care
+        team's endpoint speaks for the team: its members may write in other threads (their own, another
+        team's), but not through it, so the team must be a participant of this thread."""
         _check_body(body)
         thread, _ = await self.access(tx, principal, thread_id, write=True)
+        if is_reference(through, "CareTeam") and through not in thread.participants:
+            raise ForbiddenError("This endpoint's care team is not a participant of the thread").recording(
+                _on_thread(
+                    principal,
+                    AuditAction.ACCESS_DENIED,
+                    thread,
+                    details={"attempt": "inbound-reply", **evidence},
+                ).denied("endpoint-not-participant")
+            )
         decisions = await self.require_consent(tx, principal, thread, AuditAction.MESSAGE_SEND)
         return await self._send_in(
             tx, principal, thread, body, (), in_reply_to, decisions, message_id=message_id, evidence=evidence

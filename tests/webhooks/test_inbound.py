@@ -403,6 +403,39 @@ async def test_a_current_member_of_the_subscriber_care_team_may_reply(
     assert len(await messages(client, portals, c.thread_id)) == 2
 
 
+async def test_a_care_teams_endpoint_reaches_only_the_teams_threads(
+    client, portals: Portals, receiver: Receiver, database: Dsns
+) -> None:
+    admin = portals.acme.auth(**ADMIN)
+    team = {"team": "CareTeam/cardio", "members": ["Practitioner/7"]}
+    assert (await client.post("/v1/admin/care-teams", json=team, headers=admin)).status == 201
+    c = await converse(client, portals, receiver.url, subscriber="CareTeam/cardio")
+    # Practitioner/7 also has a thread of their own with the patient, which the team is no part of.
+    await consent(client, portals, grantee="Practitioner/7")
+    own = await thread(client, portals, participants=["Practitioner/7"], message="Just for you, doctor.")
+    body = reply_body(c, sender="Practitioner/7", thread_id=own["id"], in_reply_to=None)
+    headers = signed(c.inbound_secret, body)
+
+    status, out = await post_reply(client, c.endpoint_id, body, headers)
+
+    assert status == 403, out
+    assert len(await messages(client, portals, own["id"])) == 1
+    conn = await asyncpg.connect(database.owner)
+    try:
+        reasons = await conn.fetch(
+            "SELECT details->>'reason' AS reason FROM audit_outbox WHERE action = 'access:denied' "
+            "AND resource_id = $1 UNION ALL SELECT details->>'reason' FROM audit_leaves "
+            "WHERE action = 'access:denied' AND resource_id = $1",
+            own["id"],
+        )
+    finally:
+        await conn.close()
+    assert [r["reason"] for r in reasons] == ["endpoint-not-participant"]
+    # Through the team's own thread, the same member still replies.
+    ok = reply_body(c, sender="Practitioner/7")
+    assert (await post_reply(client, c.endpoint_id, ok, signed(c.inbound_secret, ok)))[0] == 201
+
+
 async def test_a_revoked_consent_refuses_the_reply(client, portals: Portals, receiver: Receiver) -> None:
     c = await converse(client, portals, receiver.url)
     revoked = await client.post(
