@@ -10,6 +10,7 @@ tree. PostgreSQL sequences are never used to number leaves.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
@@ -126,6 +127,24 @@ def _check_filter(where: EventFilter) -> None:
         raise InvalidRequestError(problems)
 
 
+def _looked_at(principal: Principal, action: AuditAction, where: EventFilter | None, **details: Any) -> AuditEvent:
+    """The audit event of a look at the log: what was asked for (the filter: identifiers and times, which
+    `_check_filter` has checked), so the log tells whose trail a compliance officer read or exported. A
+    filter on a patient makes the event that patient's too: it appears in their own trail."""
+    asked: dict[str, Any] = {}
+    if where is not None:
+        for name, value in dataclasses.asdict(where).items():
+            if value is not None and name != "patient":  # the patient has the event's own column
+                asked[f"filter_{name}"] = value.isoformat() if isinstance(value, datetime) else value
+    return AuditEvent.by(
+        principal,
+        action,
+        patient=None if where is None else where.patient,
+        resource_type="AuditLog",
+        details={**details, **asked},
+    )
+
+
 class AuditQueries:
     """What compliance officers ask of the log. Every query is itself audited as `audit:query`."""
 
@@ -139,13 +158,10 @@ class AuditQueries:
         if not can_query_audit(principal):
             raise NotFoundError()
 
-    async def _audited(self, tx: Tx, principal: Principal, what: str, **details: Any) -> None:
-        await self._recorder.record(
-            tx,
-            AuditEvent.by(
-                principal, AuditAction.AUDIT_QUERY, resource_type="AuditLog", details={"query": what, **details}
-            ),
-        )
+    async def _audited(
+        self, tx: Tx, principal: Principal, what: str, where: EventFilter | None = None, **details: Any
+    ) -> None:
+        await self._recorder.record(tx, _looked_at(principal, AuditAction.AUDIT_QUERY, where, query=what, **details))
 
     async def events(
         self, principal: Principal, where: EventFilter, *, cursor: str | None, newest_first: bool, limit: int
@@ -159,7 +175,7 @@ class AuditQueries:
             items = await self._store.events(
                 tx, principal.tenant_id, where, after=after, newest_first=newest_first, limit=limit + 1
             )
-            await self._audited(tx, principal, "events", returned=min(len(items), limit))
+            await self._audited(tx, principal, "events", where, returned=min(len(items), limit))
         more = len(items) > limit
         items = items[:limit]
         return EventPage(items, encode_cursor(items[-1].seq, newest_first) if more and items else None)
@@ -215,9 +231,7 @@ class AuditQueries:
         _check_filter(where)
         async with self._db.transaction(principal.tenant_id) as tx:
             checkpoint = await self._store.latest_checkpoint(tx)
-            await self._recorder.record(
-                tx, AuditEvent.by(principal, AuditAction.AUDIT_EXPORT, resource_type="AuditLog")
-            )
+            await self._recorder.record(tx, _looked_at(principal, AuditAction.AUDIT_EXPORT, where))
 
         async def rows() -> AsyncGenerator[tuple[LeafRecord, InclusionProof], None]:
             if checkpoint is None:

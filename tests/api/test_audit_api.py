@@ -163,6 +163,28 @@ async def test_queries_are_themselves_audited(client, portals: Portals) -> None:
     assert queries[-1]["details"]["query"] == "events"
 
 
+async def test_a_query_or_export_records_whose_trail_was_read(client, portals: Portals) -> None:
+    headers = portals.acme.auth(**COMPLIANCE)
+    asked = {"patient": "Patient/3", "action": "message:read", "since": "2026-01-01T00:00:00+00:00"}
+    assert (await client.get("/v1/audit/events", params=asked, headers=headers)).status == 200
+    exported = await client.get("/v1/audit/export", params={"patient": "Patient/3"}, headers=headers)
+    assert exported.status == 200
+    await exported.read()
+    await _integrated(client)
+    # The looks at Patient/3's trail are in Patient/3's trail, with what was asked for.
+    trail = await _all(client, headers, patient="Patient/3")
+    looks = {e["action"]: e for e in trail if e["action"] in ("audit:query", "audit:export")}
+    assert set(looks) == {"audit:query", "audit:export"}
+    assert looks["audit:query"]["details"] == {
+        "query": "events",
+        "returned": 0,
+        "filter_action": "message:read",
+        "filter_since": "2026-01-01T00:00:00+00:00",
+    }
+    assert looks["audit:export"]["details"] == {}
+    assert {e["actor"] for e in looks.values()} == {"Practitioner/c1"}
+
+
 async def test_failed_authentication_is_the_tenants_audit_event(client, portals: Portals) -> None:
     expired = portals.acme.token(exp=1, iat=0)
     assert (await client.get("/v1/me", headers={"Authorization": f"Bearer {expired}"})).status == 401
