@@ -12,8 +12,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from schemas.attachments import AttachmentOut, AttachmentUploadQuery
 from service.api.bodies import parse_query
-from service.api.consents import path_uuid
 from service.api.headers import CONTENT_DISPOSITION, FILE_NAME, NO_SNIFF, NO_STORE, SANDBOX, X_REQUEST_ID
+from service.api.paths import path_uuid
 from service.api.streaming import stream_body
 from service.errors import FieldProblem, InvalidRequestError, MalformedRequestError
 from service.keys import ATTACHMENTS, PRINCIPAL, REQUEST_ID

@@ -1,9 +1,6 @@
-"""`/v1/consents` and `/v1/patients/{id}/consents`: the consent ledger for portals and compliance."""
+"""`/v1/consents` and `/v1/patients/{patient_id}/consents`: the consent ledger for portals and compliance."""
 
 from __future__ import annotations
-
-import uuid
-from uuid import UUID
 
 from aiohttp import web
 
@@ -19,32 +16,10 @@ from schemas.consents import (
 from schemas.fhir_consent import ConsentFields, to_fhir_consent
 from service.api.bodies import parse_query, read_json
 from service.api.headers import IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED
-from service.domain.audit import AuditAction, AuditEvent
+from service.api.paths import PATIENT_ID, path_uuid
 from service.domain.consents import ConsentRequest, ConsentView, Evidence, EvidenceMethod, RevokeReason, Scope
-from service.errors import NotFoundError
 from service.keys import CONSENTS, PRINCIPAL
 from service.store.consents import ConsentEventRecord
-
-
-def path_uuid(request: web.Request, resource_type: str, name: str = "id") -> UUID:
-    """A path id that is not a UUID names nothing: 404, like any id that is not found, and audited like
-    one (`access:denied`, reason `malformed-id`, recorded by the problem middleware) with the resource
-    type and the route's name but no id: the caller's text is attacker-controlled and audit columns are
-    indexed, so none of it is recorded."""
-    try:
-        return uuid.UUID(request.match_info[name])
-    except ValueError:
-        error = NotFoundError()
-        principal = request.get(PRINCIPAL)
-        if principal is not None:  # a signed inbound webhook has no principal: nobody to record
-            denied = AuditEvent.by(
-                principal,
-                AuditAction.ACCESS_DENIED,
-                resource_type=resource_type,
-                details={"route": request.match_info.route.name or ""},
-            )
-            error.recording(denied.denied("malformed-id"))
-        raise error from None
 
 
 def _evidence(body: EvidenceBody) -> Evidence:
@@ -149,7 +124,7 @@ async def get_consent(request: web.Request) -> web.Response:
 
 async def list_patient_consents(request: web.Request) -> web.Response:
     query = parse_query(request, ConsentHistoryQuery)
-    patient = f"Patient/{request.match_info['patient_id']}"
+    patient = f"Patient/{PATIENT_ID.text(request)}"
     history = await request.app[CONSENTS].history(request[PRINCIPAL], patient, query.as_of)
     in_force_ids = {e.id for e in history.in_force}
     out = ConsentHistoryOut(

@@ -28,8 +28,8 @@ from schemas.messaging import (
     ThreadOut,
 )
 from service.api.bodies import parse_query, read_json
-from service.api.consents import path_uuid
 from service.api.headers import BREAK_GLASS_REASON, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED
+from service.api.paths import TEAM_ID, path_uuid
 from service.domain.messaging import MessageView, ThreadView
 from service.errors import FieldProblem, InvalidRequestError
 from service.keys import MESSAGING, PRINCIPAL
@@ -236,11 +236,11 @@ async def create_care_team(request: web.Request) -> web.Response:
 
 
 async def set_care_team_members(request: web.Request) -> web.Response:
-    team = f"CareTeam/{request.match_info['team_id']}"
+    team = f"CareTeam/{TEAM_ID.text(request)}"
     body = await read_json(request, CareTeamMembersBody)
     return _json(_team_out(team, await request.app[MESSAGING].set_members(request[PRINCIPAL], team, body.members)))
 
 
 async def get_care_team(request: web.Request) -> web.Response:
-    team = f"CareTeam/{request.match_info['team_id']}"
+    team = f"CareTeam/{TEAM_ID.text(request)}"
     return _json(_team_out(team, await request.app[MESSAGING].team(request[PRINCIPAL], team)))

@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document, generated from the route table and the pydantic schemas: query parameters from
-the models the handlers parse them with, headers from their declarations (`service.api.headers`), the
-upload's media types and size limit from what the domain accepts and the settings."""
+the models the handlers parse them with, path parameters and headers from their declarations
+(`service.api.paths`, `service.api.headers`), the upload's media types and size limit from what the domain
+accepts and the settings."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 
 from schemas.common import Problem
 from service.api.headers import RETRY_AFTER, WWW_AUTHENTICATE, X_REQUEST_ID, Header
+from service.api.paths import PATH_PARAMETERS
 from service.api.routes import Route
 from service.settings import Settings
 
@@ -48,6 +50,19 @@ def _response_headers(*headers: Header) -> dict[str, Any]:
     sent: dict[str, Any] = {X_REQUEST_ID.name: _REQUEST_ID_HEADER}
     sent.update({h.name: {"description": h.description, "schema": h.schema()} for h in headers})
     return sent
+
+
+def _path_parameter(route: Route, name: str) -> dict[str, Any]:
+    declared = PATH_PARAMETERS.get(name)
+    if declared is None:
+        raise ValueError(f"{route.name}: {{{name}}} is not declared in service.api.paths")
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": declared.description,
+        "schema": declared.schema(),
+    }
 
 
 def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -102,10 +117,7 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
             "tags": [route.tag],
             "responses": {},
         }
-        parameters: list[dict[str, Any]] = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in _PATH_PARAM.findall(route.path)
-        ]
+        parameters = [_path_parameter(route, name) for name in _PATH_PARAM.findall(route.path)]
         if route.query is not None:
             parameters += _query_parameters(route.query)
         parameters += [_request_header(header) for header in route.headers]

@@ -26,9 +26,9 @@ from schemas.webhooks import (
     SecretsOut,
 )
 from service.api.bodies import parse_model, parse_query, read_json
-from service.api.consents import path_uuid
 from service.api.headers import NO_STORE, WEBHOOK_HEADERS, only
 from service.api.messaging import decode_cursor, encode_cursor
+from service.api.paths import DELIVERY_ID, ENDPOINT_ID, path_uuid
 from service.domain.webhooks import DeliveryView, EndpointView, NewSecrets
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.keys import INBOUND, PRINCIPAL, SETTINGS, WEBHOOKS
@@ -183,14 +183,14 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 async def get_delivery(request: web.Request) -> web.Response:
     view = await request.app[WEBHOOKS].delivery(
-        request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"), path_uuid(request, "WebhookDelivery", "delivery_id")
+        request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"), path_uuid(request, "WebhookDelivery", DELIVERY_ID)
     )
     return _json(delivery_out(view))
 
 
 async def resend_delivery(request: web.Request) -> web.Response:
     view = await request.app[WEBHOOKS].resend(
-        request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"), path_uuid(request, "WebhookDelivery", "delivery_id")
+        request[PRINCIPAL], path_uuid(request, "WebhookEndpoint"), path_uuid(request, "WebhookDelivery", DELIVERY_ID)
     )
     return _json(delivery_out(view), 202)
 
@@ -205,7 +205,7 @@ async def recover_deliveries(request: web.Request) -> web.Response:
 async def receive_reply(request: web.Request) -> web.Response:
     """A physician's reply from their own system. The signature is verified on the raw bytes first;
     only then is the body parsed."""
-    endpoint_id = path_uuid(request, "WebhookEndpoint", "endpoint_id")
+    endpoint_id = path_uuid(request, "WebhookEndpoint", ENDPOINT_ID)
     limit = request.app[SETTINGS].inbound_max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(f"The limit for a reply is {limit} bytes")

@@ -19,13 +19,16 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from standardwebhooks import Webhook
 
+from service.api import health
+from service.api.openapi import build_openapi
+from service.api.routes import ROUTES, Route
 from service.app import create_app
 from service.domain.attachments import CONTENT_TYPES
 from service.keys import PUBLIC_ROUTES
 from service.settings import Settings
 from tests.api.messaging_helpers import PORTAL, consent, patient, thread
 from tests.conftest import Dsns, Portals
-from tests.support import TestIssuer, as_owner, database_connection_limit
+from tests.support import TestIssuer, as_owner, audit_events, database_connection_limit
 
 DOCUMENT_URI = "urn:bedside:openapi"
 
@@ -555,6 +558,75 @@ async def test_an_outage_answer_and_its_retry_after_are_documented(client, porta
     for name, (_method, _path, operation) in _operations(document).items():
         if "security" in operation:  # authentication needs the database: any of them may meet an outage
             assert "Retry-After" in operation["responses"]["503"]["headers"], name
+
+
+# --- path parameters -------------------------------------------------------------------------------------------
+
+# The path parameters the handlers read as UUIDs (`path_uuid`), and the ones they take as text (the FHIR id of
+# a reference).
+UUID_PATH_PARAMETERS = frozenset({"id", "delivery_id", "endpoint_id"})
+TEXT_PATH_PARAMETERS = frozenset({"patient_id", "team_id"})
+
+
+async def test_path_parameters_are_uuids_exactly_where_the_handlers_take_only_uuids(client) -> None:
+    document = await _document(client)
+    typed = {
+        (name, parameter): spec["schema"]
+        for name, (_method, _path, operation) in _operations(document).items()
+        for parameter, spec in _parameters(document, operation, "path").items()
+    }
+
+    assert {parameter for _, parameter in typed} == UUID_PATH_PARAMETERS | TEXT_PATH_PARAMETERS
+    for (name, parameter), schema in typed.items():
+        expected = {"type": "string", "format": "uuid"} if parameter in UUID_PATH_PARAMETERS else {"type": "string"}
+        assert schema == expected, (name, parameter)
+
+
+def test_a_path_parameter_must_be_declared_to_be_documented(settings: Settings) -> None:
+    undeclared = Route("GET", "/v1/things/{thing_id}", health.get_health, "get_thing", "A thing", "operations")
+
+    with pytest.raises(ValueError, match=r"get_thing: \{thing_id\} is not declared"):
+        build_openapi((*ROUTES, undeclared), version="0", settings=settings)
+
+
+async def test_a_path_parameter_typed_uuid_refuses_anything_else_as_a_malformed_id(
+    quiet_client: Any, portals: Portals, database: Dsns
+) -> None:
+    """Each path parameter of each operation, sent as a value that is not a UUID (its others as UUIDs), by
+    every kind of caller: one typed `format: uuid` is a 404 the handler audits as a malformed id (a public
+    route has nobody to audit: only the 404); one typed plain `string` is never refused as one."""
+    document = await _document(quiet_client)
+    acme = portals.acme
+    callers = [
+        acme.auth(role="patient", sub="Patient/1"),
+        acme.auth(role="compliance", sub="Practitioner/c1"),
+        acme.auth(role="admin", sub="Practitioner/admin1"),
+    ]
+    sent: dict[tuple[str, str], list[str]] = {}
+    for name, (method, template, operation) in _operations(document).items():
+        path_parameters = _parameters(document, operation, "path")
+        for parameter, spec in path_parameters.items():
+            values = {p: str(uuid.uuid4()) for p in path_parameters} | {parameter: "not-a-uuid"}
+            for caller in callers:
+                request_id = uuid.uuid4().hex
+                headers = {**caller, "X-Request-Id": request_id}
+                response = await quiet_client.request(method, template.format(**values), headers=headers)
+                if spec["schema"].get("format") == "uuid":
+                    assert response.status == 404, (name, parameter, response.status)
+                    assert (await response.json(content_type=None))["code"] == "not-found", (name, parameter)
+                sent.setdefault((name, parameter), []).append(request_id)
+
+    refused = {
+        event["request_id"]
+        for event in await audit_events(database.owner, "action = 'access:denied'")
+        if json.loads(event["details"]).get("reason") == "malformed-id"
+    }
+    public = {
+        name for name, (_method, _path, operation) in _operations(document).items() if "security" not in operation
+    }
+    recorded = {key: bool(refused & set(ids)) for key, ids in sent.items() if key[0] not in public}
+    assert recorded == {key: key[1] in UUID_PATH_PARAMETERS for key in recorded}
+    assert {parameter for _, parameter in sent} == UUID_PATH_PARAMETERS | TEXT_PATH_PARAMETERS
 
 
 # --- the attachment upload's body ------------------------------------------------------------------------------
