@@ -88,9 +88,11 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     return parameters
 
 
-def _problem_response(status: int, schema: dict[str, Any], *headers: Header) -> dict[str, Any]:
+def _problem_response(
+    status: int, schema: dict[str, Any], *headers: Header, description: str | None = None
+) -> dict[str, Any]:
     return {
-        "description": _STATUS_TEXT.get(status, "Problem"),
+        "description": description or _STATUS_TEXT.get(status, "Problem"),
         "headers": _response_headers(*headers),
         "content": {"application/problem+json": {"schema": schema}},
     }
@@ -122,9 +124,15 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
             parameters += _query_parameters(route.query)
         parameters += [_request_header(header) for header in route.headers]
         operation["parameters"] = [*parameters, _REQUEST_ID_PARAMETER]
+        # The largest body the route takes, if it takes one: in the body's description, as `x-max-bytes`,
+        # and in its 413's description.
+        limit: int | None = None
         if route.body is not None:
+            limit = route.max_body_bytes(settings)
             operation["requestBody"] = {
                 "required": True,
+                "description": f"A JSON document of at most {limit} bytes (more: 413)",
+                "x-max-bytes": limit,
                 "content": {"application/json": {"schema": refs[(route.body, "validation")]}},
             }
         if route.raw_body is not None:
@@ -132,6 +140,7 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
             operation["requestBody"] = {
                 "required": True,
                 "description": f"{route.raw_body.description}. At most {limit} bytes (more: 413)",
+                "x-max-bytes": limit,
                 "content": {
                     media_type: {"schema": {"type": "string", "format": "binary", "maxLength": limit}}
                     for media_type in route.raw_body.media_types
@@ -162,7 +171,10 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
             # RFC 6750's challenge answers a bearer token, not a refused webhook signature.
             challenge = (WWW_AUTHENTICATE,) if status == 401 and not route.public else ()
             retry = (RETRY_AFTER,) if status == 503 else ()
-            operation["responses"][str(status)] = _problem_response(status, problem, *challenge, *retry)
+            too_large = f"Body too large: more than {limit} bytes" if status == 413 and limit is not None else None
+            operation["responses"][str(status)] = _problem_response(
+                status, problem, *challenge, *retry, description=too_large
+            )
         for status, model in route.other_responses:
             operation["responses"][str(status)] = {
                 "description": "Not ready (the body says what is not)" if status == 503 else "See body",

@@ -62,6 +62,7 @@ from schemas.webhooks import (
     SecretsOut,
 )
 from service.api import attachments, audit, consents, health, issuers, keys, me, messaging, webhooks
+from service.api.bodies import max_json_bytes
 from service.api.headers import (
     BREAK_GLASS_REASON,
     CONTENT_DISPOSITION,
@@ -102,6 +103,9 @@ class Route:
     tag: str
     public: bool = False
     body: type[BaseModel] | None = None
+    # The JSON body's size limit, from the settings: the one the handler enforces (`read_json`'s, unless it
+    # reads the body itself).
+    max_body_bytes: Callable[[Settings], int] = max_json_bytes
     response: type[BaseModel] | None = None
     status: int = 200
     errors: tuple[int, ...] = ()
@@ -724,6 +728,7 @@ ROUTES: tuple[Route, ...] = (
         public=True,
         headers=WEBHOOK_HEADERS,
         body=InboundReplyBody,
+        max_body_bytes=webhooks.max_reply_bytes,
         response=InboundReplyOut,
         status=201,
         other_responses=((200, InboundReplyOut),),

@@ -32,6 +32,7 @@ from service.api.paths import DELIVERY_ID, ENDPOINT_ID, path_uuid
 from service.domain.webhooks import DeliveryView, EndpointView, NewSecrets
 from service.errors import PayloadTooLargeError, UnsupportedMediaTypeError
 from service.keys import INBOUND, PRINCIPAL, SETTINGS, WEBHOOKS
+from service.settings import Settings
 from service.store.webhooks import DeliveryRecord, EndpointRecord
 
 # Never cached: secrets are shown once, and the rest is an admin's current view.
@@ -202,11 +203,17 @@ async def recover_deliveries(request: web.Request) -> web.Response:
     return _json(RecoveredOut(recovered=count), 202)
 
 
+def max_reply_bytes(settings: Settings) -> int:
+    """The largest reply `receive_reply` takes (more is a 413): it reads its body itself, to verify the
+    signature on the raw bytes, so `read_json`'s limit is not this one. The route table documents it from here."""
+    return settings.inbound_max_body_bytes
+
+
 async def receive_reply(request: web.Request) -> web.Response:
     """A physician's reply from their own system. The signature is verified on the raw bytes first;
     only then is the body parsed."""
     endpoint_id = path_uuid(request, "WebhookEndpoint", ENDPOINT_ID)
-    limit = request.app[SETTINGS].inbound_max_body_bytes
+    limit = max_reply_bytes(request.app[SETTINGS])
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(f"The limit for a reply is {limit} bytes")
     raw = await _read_capped(request, limit)

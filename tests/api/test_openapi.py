@@ -651,7 +651,8 @@ async def test_the_upload_body_is_the_file_in_exactly_the_stored_types_up_to_the
     await consent(limited, portals)
     made = await thread(limited, portals)
 
-    assert body["required"] is True
+    assert (body["required"], body["x-max-bytes"]) == (True, LIMIT)
+    assert f"more than {LIMIT} bytes" in operation["responses"]["413"]["description"]
     assert tuple(body["content"]) == CONTENT_TYPES
     assert {media: content["schema"]["maxLength"] for media, content in body["content"].items()} == dict.fromkeys(
         CONTENT_TYPES, LIMIT
@@ -668,6 +669,56 @@ async def test_the_upload_body_is_the_file_in_exactly_the_stored_types_up_to_the
         assert (await upload(media, FILES[media])).status == 201, media
         assert (await upload(media, FILES[media] + b".")).status == 413, media
     assert (await upload("image/gif", b"GIF89a")).status == 415
+
+
+# --- JSON request bodies ---------------------------------------------------------------------------------------
+
+JSON_LIMIT, REPLY_LIMIT = 1024, 2048
+
+
+def _json_of(size: int) -> bytes:
+    """A JSON document of exactly `size` bytes (of no route's schema)."""
+    return b'{"pad":"' + b"x" * (size - 10) + b'"}'
+
+
+async def test_every_json_body_states_the_size_limit_the_api_enforces(
+    settings: Settings, portals: Portals, aiohttp_client: Any
+) -> None:
+    """Each JSON body's documented limit, from the settings (a signed reply has its own): a body of that many
+    bytes is taken (refused for what it says, not its size), one byte more is the documented 413. Gated
+    routes: whichever caller gets past the gate, which checks before the body is read."""
+    limits = {"max_json_body_bytes": JSON_LIMIT, "inbound_max_body_bytes": REPLY_LIMIT, "webhook_worker": False}
+    limited = await aiohttp_client(create_app(settings.model_copy(update=limits)))
+    document = await _document(limited)
+    acme = portals.acme
+    callers = [
+        acme.auth(role="patient", sub="Patient/1"),
+        acme.auth(role="compliance", sub="Practitioner/c1"),
+        acme.auth(role="admin", sub="Practitioner/admin1"),
+    ]
+    stated: dict[str, int] = {}
+
+    for name, (method, template, operation) in _operations(document).items():
+        body = operation.get("requestBody", {})
+        if "application/json" not in body.get("content", {}):
+            continue
+        limit = stated[name] = body["x-max-bytes"]
+        assert f"at most {limit} bytes" in body["description"], name
+        assert f"more than {limit} bytes" in operation["responses"]["413"]["description"], name
+        path = template.format(**{p: str(uuid.uuid4()) for p in _parameters(document, operation, "path")})
+        for caller in callers:
+            headers = {**caller, "Content-Type": "application/json"}
+            too_large = await limited.request(method, path, data=_json_of(limit + 1), headers=headers)
+            if too_large.status != 404:
+                break
+        assert too_large.status == 413, (name, too_large.status)
+        await _conforms(document, method, template, too_large)
+        at_limit = await limited.request(method, path, data=_json_of(limit), headers=headers)
+        assert at_limit.status != 413, name
+        await _conforms(document, method, template, at_limit)
+
+    assert stated == {name: REPLY_LIMIT if name == "receive_webhook_reply" else JSON_LIMIT for name in stated}
+    assert {"record_consent", "send_message", "receive_webhook_reply"} <= set(stated)
 
 
 # --- query parameters ------------------------------------------------------------------------------------------
