@@ -8,6 +8,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The domain's allow-list (`service.domain.attachments.CONTENT_TYPES`), written again because `schemas` may not
+# import `service` nor the domain `schemas` (pyproject's import contracts). tests/api/test_openapi.py fails
+# when the two differ, in members or order.
 AttachmentType = Literal["application/pdf", "image/png", "image/jpeg", "text/plain"]
 
 

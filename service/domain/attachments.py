@@ -54,6 +54,8 @@ from service.store.db import Database, Tx
 
 log = structlog.get_logger("bedside.attachments")
 
+# What Bedside stores. `schemas.attachments.AttachmentType` repeats it for the edge (the domain may not import
+# `schemas`, nor `schemas` the domain): tests/api/test_openapi.py keeps the two equal.
 CONTENT_TYPES = ("application/pdf", "image/png", "image/jpeg", "text/plain")
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 MAX_FILE_NAME_CHARS = 255

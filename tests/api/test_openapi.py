@@ -8,7 +8,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import asyncpg
 import pytest
@@ -19,6 +19,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from standardwebhooks import Webhook
 
+from schemas.attachments import AttachmentType
 from service.api import health
 from service.api.openapi import build_openapi
 from service.api.routes import ROUTES, Route
@@ -669,6 +670,21 @@ async def test_the_upload_body_is_the_file_in_exactly_the_stored_types_up_to_the
         assert (await upload(media, FILES[media])).status == 201, media
         assert (await upload(media, FILES[media] + b".")).status == 413, media
     assert (await upload("image/gif", b"GIF89a")).status == 415
+
+
+async def test_the_stored_types_are_one_list_in_the_domain_the_schema_and_the_document(client) -> None:
+    """`schemas` may not import the domain, nor the domain `schemas` (pyproject's import contracts), so the
+    allow-list is written twice: the domain's `CONTENT_TYPES` (what uploads are checked against) and the
+    schema's `AttachmentType` (the `content_type` of an attachment). Here they are the same, in the same order,
+    and so is every list of them the document shows."""
+    document = await _document(client)
+    operations = _operations(document)
+    stored = document["components"]["schemas"]["AttachmentOut"]["properties"]["content_type"]
+
+    assert get_args(AttachmentType) == CONTENT_TYPES
+    assert tuple(stored["enum"]) == CONTENT_TYPES
+    assert tuple(operations["upload_attachment"][2]["requestBody"]["content"]) == CONTENT_TYPES
+    assert tuple(operations["download_attachment"][2]["responses"]["200"]["content"]) == CONTENT_TYPES
 
 
 # --- JSON request bodies ---------------------------------------------------------------------------------------
