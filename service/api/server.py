@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from service.api.headers import X_REQUEST_ID
 from service.api.metrics import UNMATCHED_ROUTE, HttpMetrics
 from service.api.problems import HTTP_PROBLEMS, INTERNAL, HttpProblem, problem_response
 from service.keys import METRICS
@@ -67,7 +68,7 @@ class _ProblemRequestHandler(RequestHandler):
         response = problem_response(
             status=problem.status, code=problem.code, title=problem.title, detail=problem.title, request_id=request_id
         )
-        response.headers["X-Request-Id"] = request_id
+        response.headers[X_REQUEST_ID.name] = request_id
         response.force_close()  # what follows on this connection cannot be framed
         return response
 

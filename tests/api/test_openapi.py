@@ -3,11 +3,13 @@ true to what the service actually sends."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, get_args
 
 import asyncpg
@@ -20,6 +22,7 @@ from referencing.jsonschema import DRAFT202012
 from standardwebhooks import Webhook
 
 from schemas.attachments import AttachmentType
+from service.api import headers as declarations
 from service.api import health
 from service.api.openapi import build_openapi
 from service.api.routes import ROUTES, Route
@@ -536,6 +539,21 @@ async def test_the_headers_routes_read_are_declared_where_they_are_read(client) 
         declared = _parameters(document, operation, "header")
         assert declared["x-request-id"]["required"] is False, name
         assert all(parameter.get("description") for parameter in declared.values()), name
+
+
+def test_no_api_module_spells_a_declared_header_name_itself() -> None:
+    """Outside `service/api/headers.py`, the API's code names a header through its declaration, so the name
+    the document gives is the one read and sent."""
+    declared = {value.name.lower() for value in vars(declarations).values() if isinstance(value, declarations.Header)}
+    spelled = sorted(
+        (path.name, node.value)
+        for path in Path(declarations.__file__).parent.glob("*.py")
+        if path.name != "headers.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in declared
+    )
+
+    assert spelled == []
 
 
 # --- response headers ------------------------------------------------------------------------------------------
