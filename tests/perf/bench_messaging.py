@@ -8,8 +8,9 @@ It starts `bedside serve` in embedded mode (its own PostgreSQL, synchronous_comm
 temporary data directory, creates 1,000 patients each with a messaging consent and a thread, and drives it
 with wrk and a Lua script from this machine's loopback:
 
-- sends of 1 KiB messages to random threads at concurrency 1, 16 and 64 (auth, policy, consent, seal,
-  sequence, message, webhook outbox, audit: everything a real send does);
+- sends of 1 KiB messages to random threads at concurrency 1, 16 and 64 (auth, policy, consent, a new
+  `Idempotency-Key` claimed and completed, seal, sequence, message, webhook outbox, audit: everything a
+  real send does; `--no-idempotency-keys` leaves the key out, for comparison);
 - reads of the latest 50 messages of a random one of 100 threads at concurrency 64 (each topped up to
   50 messages first, so every read returns a full page);
 - in the same run, the ceiling: a bare aiohttp + asyncpg endpoint doing just the two INSERTs (a message
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -244,10 +246,23 @@ for line in io.lines("%(targets)s") do
   lines[#lines + 1] = {id, token}
 end
 local body = '{"body":"%(body)s"}'
+-- An Idempotency-Key on every send, as a portal that retries sends them: unique to this run, this wrk
+-- thread (numbered by setup) and this request, so that none is a replay.
+local keyed = %(keyed)s
+local sent = 0
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
 request = function()
   local t = lines[math.random(#lines)]
-  return wrk.format("POST", "/v1/threads/" .. t[1] .. "/messages",
-    {["Authorization"] = "Bearer " .. t[2], ["Content-Type"] = "application/json"}, body)
+  local headers = {["Authorization"] = "Bearer " .. t[2], ["Content-Type"] = "application/json"}
+  if keyed then
+    sent = sent + 1
+    headers["Idempotency-Key"] = "%(run)s-" .. tostring(tid) .. "-" .. sent
+  end
+  return wrk.format("POST", "/v1/threads/" .. t[1] .. "/messages", headers, body)
 end
 """
 LUA_READ = """
@@ -463,7 +478,8 @@ def count_round_trips(owner_dsn: str, logfile: Path, base: str, targets: Path, r
         url = f"{base}/v1/threads/{thread_id}/messages"
         async with aiohttp.ClientSession() as session:
             for _ in range(requests):
-                async with session.post(url, json={"body": BODY}, headers=headers) as response:
+                keyed = {**headers, "Idempotency-Key": uuid.uuid4().hex}
+                async with session.post(url, json={"body": BODY}, headers=keyed) as response:
                     assert response.status == 201, await response.text()
                 async with session.get(url, params={"limit": "50"}, headers=headers) as response:
                     assert response.status == 200, await response.text()
@@ -572,6 +588,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64", help="send and bare runs (reads run at 64)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no py-spy sampling")
     parser.add_argument(
+        "--no-idempotency-keys",
+        dest="idempotency_keys",
+        action="store_false",
+        help="sends without an Idempotency-Key (portals send one; this is for comparison)",
+    )
+    parser.add_argument(
         "--service-env", action="append", default=[], metavar="NAME=VALUE", help="a bedside serve setting (A/B)"
     )
     parser.add_argument(
@@ -638,7 +660,15 @@ def main() -> None:
         scripts = {}
         for name, template in (("send", LUA_SEND), ("read", LUA_READ), ("bare", LUA_BARE)):
             path = work / f"{name}.lua"
-            path.write_text(template % {"targets": read_targets if name == "read" else targets, "body": BODY})
+            path.write_text(
+                template
+                % {
+                    "targets": read_targets if name == "read" else targets,
+                    "body": BODY,
+                    "keyed": "true" if args.idempotency_keys else "false",
+                    "run": uuid.uuid4().hex[:12],
+                }
+            )
             scripts[name] = path
 
         results: list[tuple[str, int, dict[str, Any]]] = []
