@@ -92,6 +92,19 @@ async def database_read_only(owner_dsn: str, database: str) -> AsyncIterator[Non
         await as_owner(owner_dsn, read_write)
 
 
+async def end_service_sessions(owner_dsn: str) -> int:
+    """End the service's sessions in the owner's database, as a failover does, and wait (5 s at most) until
+    they are gone, so that no request meets a backend still on its way out. How many there were."""
+    ended: int = await as_owner(
+        owner_dsn,
+        lambda conn: conn.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'bedside'"
+        ),
+    )
+    return ended
+
+
 async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncpg.Record]:
     """The audit events that match the SQL condition `where` (on `AUDIT_EVENTS`' columns, with `$n`
     arguments), oldest first, read on a connection of the owner role (no row-level security)."""

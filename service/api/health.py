@@ -16,7 +16,7 @@ async def get_readiness(request: web.Request) -> web.Response:
     readiness = await request.app[HEALTH].readiness()
     body = ReadyOut(
         status="ready" if readiness.ready else "not-ready",
-        database="ok" if readiness.database else "unreachable",
+        database="unreachable" if not readiness.database else "read-only" if not readiness.takes_writes else "ok",
         schema_version="current" if readiness.schema_current else "not-current",
         audit_backlog=readiness.audit_backlog,
         audit_backlog_age_seconds=readiness.audit_backlog_age_seconds,

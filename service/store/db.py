@@ -59,6 +59,13 @@ SELECT pg_catalog.current_setting('max_connections')::int
 """
 
 
+# Whether this transaction may not write. On a hot standby every transaction is read-only (an old primary a
+# failover restarted as one is a standby too); so is every transaction of a session whose
+# default_transaction_read_only is on (how a failover manager fences an old primary it cannot stop: in the
+# server's configuration, or the database's or the role's setting, which the next sessions take).
+_READ_ONLY = "SELECT pg_catalog.current_setting('transaction_read_only')::boolean"
+
+
 # What is an outage (`UnavailableError`: 503 with Retry-After at the HTTP edge, a webhook delivery left to
 # the reaper): the server cannot serve this connection now, and a later one may succeed. Exactly these:
 # - `_UNAVAILABLE`, wherever it is raised. Only the driver raises these: the server is unreachable, the
@@ -250,6 +257,12 @@ class Database:
         await tx.conn.execute(_SET_TENANT, str(tenant_id))
         return Tx(conn=tx.conn, tenant_id=tenant_id)
 
+    async def replace_connections(self) -> None:
+        """Have every connection of the pool replaced by a new one at its next use (one in use, once it is
+        given back). For those opened while the server took no writes: they would refuse writes for good,
+        as a session keeps the default it started with, and a new one may find the server taking them."""
+        await self._pool.expire_connections()
+
     async def fetch_value(self, query: str, *args: Any) -> Any:
         """A single value outside any tenant (health checks). `query` only reads: on a pooled connection
         the server has ended, it goes again on a fresh one."""
@@ -314,6 +327,13 @@ async def client_connections(db: Database) -> int:
         "WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid()"
     )
     return count
+
+
+async def takes_writes(tx: Tx) -> bool:
+    """Whether the server takes writes in `tx`, begun as all of the service's are (a plain BEGIN). When it
+    does not, a write in it would be refused (25006 read_only_sql_transaction) while reads succeed."""
+    read_only: bool = await tx.conn.fetchval(_READ_ONLY)
+    return not read_only
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,13 @@ from aiohttp import ClientResponse
 
 from tests.api.messaging_helpers import consent, patient, thread
 from tests.conftest import Dsns, Portals
-from tests.support import as_owner, blocked_by, database_connection_limit, database_read_only
+from tests.support import (
+    as_owner,
+    blocked_by,
+    database_connection_limit,
+    database_read_only,
+    end_service_sessions,
+)
 
 
 async def _assert_unavailable(response: ClientResponse) -> None:
@@ -22,19 +28,6 @@ async def _assert_unavailable(response: ClientResponse) -> None:
     problem = await response.json(content_type="application/problem+json")
     assert (problem["status"], problem["code"]) == (503, "unavailable")
     assert problem["request_id"] == response.headers["X-Request-Id"]
-
-
-async def _end_the_services_sessions(database: Dsns) -> int:
-    """End the service's sessions in the test's database, as a failover does, and wait (5 s at most) until
-    they are gone, so that no request meets a backend still on its way out. How many there were."""
-    ended: int = await as_owner(
-        database.owner,
-        lambda conn: conn.fetchval(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'bedside'"
-        ),
-    )
-    return ended
 
 
 async def _messages(owner: asyncpg.Connection, thread_id: str) -> int:
@@ -89,7 +82,7 @@ async def test_a_server_that_turns_new_connections_away_answers_503_until_it_tak
     created = await thread(client, portals)
     url = f"/v1/threads/{created['id']}"
     async with database_connection_limit(database.owner, database.name, 0):
-        ended = await _end_the_services_sessions(database)
+        ended = await end_service_sessions(database.owner)
         assert ended >= 1  # the pool had connections: some requests meet one that has died
         for _ in range(6):  # the suite's pool holds at most 4
             await _assert_unavailable(await client.get(url, headers=patient(portals)))
@@ -107,7 +100,7 @@ async def test_a_write_to_a_server_that_refuses_writes_answers_503(client, porta
     created = await thread(client, portals)
     url = f"/v1/threads/{created['id']}/messages"
     async with database_read_only(database.owner, database.name):
-        await _end_the_services_sessions(database)  # its next connections are opened read-only
+        await end_service_sessions(database.owner)  # its next connections are opened read-only
         await _assert_unavailable(await client.post(url, json={"body": "refused"}, headers=patient(portals)))
     assert await as_owner(database.owner, lambda conn: _messages(conn, created["id"])) == 1
 
@@ -130,7 +123,7 @@ async def test_a_read_whose_only_write_is_its_audit_event_drops_a_read_only_conn
     created = await thread(client, portals)
     url = f"/v1/threads/{created['id']}"
     async with database_read_only(database.owner, database.name):
-        await _end_the_services_sessions(database)
+        await end_service_sessions(database.owner)
         for _ in range(5):  # more than the suite's pool holds: every connection it opens now is read-only
             await _assert_unavailable(await client.get(url, headers=patient(portals)))
 

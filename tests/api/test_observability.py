@@ -8,6 +8,7 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Dsns, Portals
+from tests.support import database_read_only, end_service_sessions
 
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -46,6 +47,26 @@ async def test_not_ready_when_the_database_has_a_migration_this_code_does_not_kn
         "database": "ok",
         "schema_version": "not-current",
     }
+
+
+async def test_not_ready_while_the_database_takes_no_writes_and_ready_once_it_does(client, database: Dsns) -> None:
+    """A server that refuses writes (25006: an old primary a failover demoted, a hot standby) still answers
+    reads, so a probe that only read would keep a replica in service whose every send is a 503. Its
+    connections opened meanwhile are replaced: the first probe after the server takes writes again is ready."""
+    async with database_read_only(database.owner, database.name):
+        await end_service_sessions(database.owner)  # the pool's next connections are opened read-only
+        response = await client.get("/readyz")
+        assert response.status == 503
+        body = await response.json()
+        assert {k: body[k] for k in ("status", "database", "schema_version")} == {
+            "status": "not-ready",
+            "database": "read-only",
+            "schema_version": "current",
+        }
+
+    response = await client.get("/readyz")
+    assert response.status == 200, await response.text()
+    assert (await response.json())["database"] == "ok"
 
 
 VALID_REQUEST_IDS = ["req-12345678", "A.b_c-0123456789", "x" * 64]
