@@ -139,7 +139,7 @@ class AuditStore:
             await self._insert(tx, row)
         except (asyncpg.PostgresError, OSError, asyncpg.exceptions.InterfaceError) as exc:
             log.error("audit.write_failed", error_type=type(exc).__name__)
-            if is_outage(exc):
+            if is_outage(exc, tx.conn):
                 raise
             raise AuditUnavailableError() from None
 

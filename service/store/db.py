@@ -74,7 +74,9 @@ _READ_ONLY = "SELECT pg_catalog.current_setting('transaction_read_only')::boolea
 #   still points at).
 # - `_UNREACHABLE` (an OSError too, or no host of the URL taking writes) while a connection is opened, or
 #   from a statement of our own (BEGIN, COMMIT, ROLLBACK, the pool's release): nothing of the caller's runs
-#   there, so it is the connection's.
+#   there, so it is the connection's. While a connection is opened or given back (`_CONNECTING`), an
+#   InterfaceError too: there it is the driver's word on the connection or the pool (an authentication it
+#   cannot do, the pool closing at shutdown), not on a statement.
 # - An OSError raised in the transaction's body, only when the connection closed with it. The caller's
 #   code raises OSErrors of its own (a key file it reads, a timeout of its own: TimeoutError is one); those
 #   are not the database's and propagate as they are, the transaction rolled back.
@@ -82,6 +84,16 @@ _READ_ONLY = "SELECT pg_catalog.current_setting('transaction_read_only')::boolea
 #   When the server ends an idle pooled connection, its FATAL error can reach asyncpg before the
 #   connection's end does, and the next statement fails with InternalClientError ("cannot switch to state
 #   ...") after which asyncpg closes the connection. One that leaves it open is not the server going away.
+# - An InterfaceError of a statement, only when the connection is closed. asyncpg has no type of its own for
+#   "the connection is closed": a statement on one the driver has closed fails with a plain InterfaceError
+#   ("connection is closed", or the pool's "released back to the pool" once the driver gave back one it saw
+#   end), and on a live connection the same class is a statement we got wrong (more or fewer arguments than
+#   it has parameters, a type with no codec for the format, two statements at once on one connection). That
+#   is a bug of ours, not the server going away: it propagates as itself (a logged 500; before a webhook
+#   delivery's request goes out, a failed attempt), and the connection, alive, goes back to the pool. So the
+#   connection is asked (`_closed`); the message is not read. (A value that does not fit its parameter is
+#   asyncpg's DataError, which is the PostgresError of class 22, not the InterfaceError subclass of that name
+#   in asyncpg.exceptions._base; a connection lost mid-statement is ConnectionDoesNotExistError, class 08.)
 # Not 57014 query_canceled (statement_timeout): that statement would time out again, and a webhook delivery
 # that keeps doing so must be dead-lettered, not retried forever.
 #
@@ -92,7 +104,6 @@ _READ_ONLY = "SELECT pg_catalog.current_setting('transaction_read_only')::boolea
 # a second failure is `UnavailableError`. No later statement goes twice, and never COMMIT.
 _UNAVAILABLE = (
     asyncpg.exceptions.PostgresConnectionError,  # class 08; also a statement whose session was ended
-    asyncpg.exceptions.InterfaceError,  # the connection is closed
     asyncpg.exceptions.AdminShutdownError,  # 57P01: fast shutdown, pg_terminate_backend, a failover manager
     asyncpg.exceptions.CrashShutdownError,  # 57P02: another backend crashed, the server restarts
     asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
@@ -105,26 +116,23 @@ _UNREACHABLE = (
     asyncpg.exceptions.TargetServerAttributeNotMatched,  # no host takes writes (target_session_attrs=read-write)
     *_UNAVAILABLE,
 )
+# Opening a connection or giving one back: no statement of anyone's.
+_CONNECTING = (asyncpg.exceptions.InterfaceError, *_UNREACHABLE)
+# From a statement, an outage only when the connection closed with it.
+_IF_CLOSED = (OSError, asyncpg.exceptions.InternalClientError, asyncpg.exceptions.InterfaceError)
 
 # A pooled connection's first statement of a use (BEGIN, or a health check's read) failing with one of these
 # says the connection is dead, not the server: its session was ended while it sat in the pool (a restart,
-# a failover, idle_session_timeout) or its socket broke. Nothing of the caller's has run on it, so that
-# statement goes once more on the connection the pool acquires next.
+# a failover, idle_session_timeout) or its socket broke; so does an InternalClientError or InterfaceError
+# after which the connection is closed. Nothing of the caller's has run on it, so that statement goes once
+# more on the connection the pool acquires next.
 _ENDED = (
     OSError,
     asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.IdleSessionTimeoutError,
 )
-
-
-def is_outage(exc: BaseException) -> bool:
-    """Whether `exc`, raised by a statement, is the database's outage (`_UNAVAILABLE`). A store that maps
-    a statement's failures to errors of its own lets these through, so that the transaction answers with
-    `UnavailableError` and drops a connection the outage leaves open (a read-only server's)."""
-    return isinstance(exc, _UNAVAILABLE)
 
 
 T = TypeVar("T")
@@ -153,7 +161,7 @@ def _ended(exc: BaseException, conn: Conn) -> bool:
     """Whether `exc`, raised by the first statement of a pooled connection's use, says it is dead."""
     if isinstance(exc, _ENDED):
         return True
-    return isinstance(exc, asyncpg.exceptions.InternalClientError) and _closed(conn)
+    return isinstance(exc, _IF_CLOSED) and _closed(conn)
 
 
 def _unavailable(exc: BaseException, conn: Conn, *, ours: bool = False) -> bool:
@@ -161,7 +169,14 @@ def _unavailable(exc: BaseException, conn: Conn, *, ours: bool = False) -> bool:
     `ours`: raised by a statement of our own, not by the caller's code."""
     if isinstance(exc, _UNREACHABLE if ours else _UNAVAILABLE):
         return True
-    return isinstance(exc, (OSError, asyncpg.exceptions.InternalClientError)) and _closed(conn)
+    return isinstance(exc, _IF_CLOSED) and _closed(conn)
+
+
+def is_outage(exc: BaseException, conn: Conn) -> bool:
+    """Whether `exc`, raised by a statement on `conn`, is the database's outage (the rules above). A store
+    that maps a statement's failures to errors of its own lets these through, so that the transaction
+    answers with `UnavailableError` and drops a connection the outage leaves open (a read-only server's)."""
+    return _unavailable(exc, conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +208,7 @@ class Database:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size, server_settings=server_settings, reset=_keep_session
             )
-        except _UNREACHABLE as exc:
+        except _CONNECTING as exc:
             raise ConfigurationError(f"cannot connect to the database ({type(exc).__name__})") from None
         except asyncpg.exceptions.InvalidAuthorizationSpecificationError:
             raise ConfigurationError("the database refused the login (check the role and password)") from None
@@ -225,7 +240,8 @@ class Database:
             try:
                 yield Tx(conn=conn, tenant_id=tenant_id)
             except BaseException as exc:
-                with contextlib.suppress(*_UNREACHABLE, asyncpg.PostgresError, asyncpg.exceptions.InternalClientError):
+                # The body's exception is the answer, whatever becomes of the ROLLBACK.
+                with contextlib.suppress(*_CONNECTING, asyncpg.PostgresError, asyncpg.exceptions.InternalClientError):
                     await conn.execute("ROLLBACK")
                 if _unavailable(exc, conn):
                     _drop(conn)
@@ -245,7 +261,7 @@ class Database:
         transaction (the sequencer's advisory lock). Closing it releases that state."""
         try:
             conn = await asyncpg.connect(self._dsn, server_settings=self._server_settings)
-        except _UNREACHABLE:
+        except _CONNECTING:
             raise UnavailableError("the database is not reachable") from None
         try:
             yield conn
@@ -310,13 +326,13 @@ class Database:
     async def _acquire(self) -> Pooled:
         try:
             return await self._pool.acquire()
-        except _UNREACHABLE:
+        except _CONNECTING:
             raise UnavailableError("the database is not reachable") from None
 
     async def _release(self, conn: Pooled) -> None:
         try:
             await self._pool.release(conn)
-        except _UNREACHABLE:
+        except _CONNECTING:
             raise UnavailableError("the database is not reachable") from None
 
 

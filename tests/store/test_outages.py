@@ -5,7 +5,8 @@ An outage is the server saying it cannot serve this connection now while a later
 unreachable, it ended the session (a restart, a failover, pg_terminate_backend), it is starting up, shutting
 down or in recovery, it has no connection slot free, or it takes no writes (a demoted primary, a standby). A
 statement that runs past its timeout is not: it would time out again, and a webhook delivery that keeps doing
-it must be dead-lettered, not retried forever. Nor is an OSError of the caller's own code. A pooled
+it must be dead-lettered, not retried forever. Nor is an OSError of the caller's own code, nor a statement
+the driver refuses on a live connection (a bug of ours). A pooled
 connection the server ended while it sat idle is an outage for no one: BEGIN goes again on a fresh one."""
 
 from __future__ import annotations
@@ -257,6 +258,45 @@ async def test_an_os_error_of_the_callers_own_in_a_transaction_is_not_an_outage(
         with pytest.raises(type(error)) as raised:
             await work()
         assert raised.value is error
+        async with db.transaction() as tx:
+            assert await TenantStore().by_slug(tx, "rolled-back") is None
+            assert await tx.conn.fetchval("SELECT pg_backend_pid()") == backends[0]
+    finally:
+        await db.close()
+
+
+# A statement our code gets wrong, on a live connection; asyncpg refuses it before it is sent. Too few
+# arguments is an InterfaceError, the class asyncpg also raises for a connection it has closed. A value that
+# does not fit its parameter is asyncpg.exceptions.DataError: the PostgresError of class 22, not the
+# InterfaceError subclass of that name in asyncpg.exceptions._base (which asyncpg 0.32 does not raise).
+MISUSES = {
+    "wrong-argument-type": (("SELECT $1::int", "not a number"), asyncpg.exceptions.DataError),
+    "wrong-argument-count": (("SELECT $1::int",), asyncpg.exceptions.InterfaceError),
+}
+
+
+@pytest.mark.parametrize("misuse", MISUSES)
+async def test_a_statement_the_driver_refuses_on_a_live_connection_is_not_an_outage(
+    database: Dsns, misuse: str
+) -> None:
+    """The driver's InterfaceError for our own mistake (a bug: a 500, its type logged) says nothing about the
+    database: it propagates as itself, the transaction is rolled back, and the connection, alive, serves the
+    next one. A health check's statement is not sent again on another connection either."""
+    statement, error = MISUSES[misuse]
+    db = await Database.connect(database.app, min_size=1, max_size=1)
+    backends = []
+
+    async def work() -> None:
+        async with db.transaction() as tx:
+            assert await TenantStore().create(tx, "rolled-back") is not None
+            backends.append(await tx.conn.fetchval("SELECT pg_backend_pid()"))
+            await tx.conn.fetchval(*statement)
+
+    try:
+        with pytest.raises(error):
+            await work()
+        with pytest.raises(error):
+            await db.fetch_value(*statement)
         async with db.transaction() as tx:
             assert await TenantStore().by_slug(tx, "rolled-back") is None
             assert await tx.conn.fetchval("SELECT pg_backend_pid()") == backends[0]
