@@ -14,6 +14,8 @@ Safety:
 - created with `O_CREAT | O_EXCL` and mode 0600, written to a temporary file that `os.replace` moves
   into place, so a reader sees the old file or the new one, never half of one;
 - a file that its group or other users can access is refused, with the path and the fix in the message;
+  so is one the OS will not open or read (a permission, a symlink loop, an I/O error), with the path and
+  the OS's reason, as a `KeyProviderError` like every other refusal;
 - changes (first creation, `add_version`, `retire_version`) hold an exclusive `flock` on `<file>.lock`
   and re-read the file under it, so a `bedside keys` command and a running service do not lose each
   other's updates; each call notices a file changed by another process and reloads it;
@@ -76,7 +78,8 @@ class LocalKeyFileProvider:
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         """Load the key file at `path`, or create it with one fresh KEK version if `create` allows.
 
-        Raises `KeyProviderError` if the file is missing (and `create` is false), unsafe or malformed.
+        Raises `KeyProviderError` if the file is missing (and `create` is false), unreadable, unsafe or
+        malformed.
         """
         self._path = Path(path)
         try:
@@ -211,6 +214,8 @@ class LocalKeyFileProvider:
                 f"KEK file {self._path} has disappeared; restore it from backup (no stored DEK can be "
                 "unwrapped without it)"
             ) from None
+        except OSError as exc:
+            raise _unreadable("read", self._path, exc) from None
         if signature != self._signature:
             self._reload()
         return self._state
@@ -245,25 +250,35 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _unreadable(doing: str, path: Path, exc: OSError) -> KeyProviderError:
+    """The error for a key file the OS will not let us open or read: the path and the OS's reason. Raised
+    `from None`, as every error of this module: the OSError says nothing more."""
+    return KeyProviderError(f"cannot {doing} KEK file {path}: {exc.strerror or type(exc).__name__}")
+
+
 def _read(path: Path) -> tuple[_State, _Signature]:
-    """Open, check the mode of, and parse the key file. FileNotFoundError passes through."""
+    """Open, check the mode of, and parse the key file. FileNotFoundError passes through; any other OSError
+    is a `KeyProviderError` naming the file and the reason."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise KeyProviderError(f"cannot open KEK file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        st = os.fstat(handle.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyProviderError(f"KEK file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyProviderError(
-                f"refusing to use KEK file {path}: its mode {stat.S_IMODE(st.st_mode):04o} lets group or "
-                f"other users access it; fix with `chmod 600 {path}` (and consider the key exposed if "
-                "others could read it)"
-            )
-        raw = handle.read()
+        raise _unreadable("open", path, exc) from None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise KeyProviderError(f"KEK file {path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise KeyProviderError(
+                    f"refusing to use KEK file {path}: its mode {stat.S_IMODE(st.st_mode):04o} lets group or "
+                    f"other users access it; fix with `chmod 600 {path}` (and consider the key exposed if "
+                    "others could read it)"
+                )
+            raw = handle.read()
+    except OSError as exc:  # an I/O error of the disk or the file system under it
+        raise _unreadable("read", path, exc) from None
     return _parse(raw, path), _signature(st)
 
 

@@ -105,6 +105,19 @@ async def end_service_sessions(owner_dsn: str) -> int:
     return ended
 
 
+@contextlib.contextmanager
+def unreadable(path: Path) -> Iterator[None]:
+    """`path` replaced by a symlink to itself (opening it fails with ELOOP, as root too), then restored."""
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    path.symlink_to(path.name)
+    try:
+        yield
+    finally:
+        path.unlink()
+        aside.rename(path)
+
+
 async def audit_events(owner_dsn: str, where: str, *args: object) -> list[asyncpg.Record]:
     """The audit events that match the SQL condition `where` (on `AUDIT_EVENTS`' columns, with `$n`
     arguments), oldest first, read on a connection of the owner role (no row-level security)."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import datetime
+from pathlib import Path
 
 import asyncpg
+from structlog.testing import capture_logs
 
+from crypto.errors import KeyProviderError
+from service.logs import summarize_exception
 from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Portals
-from tests.support import AUDIT_EVENTS, audit_events, canary
+from tests.support import AUDIT_EVENTS, audit_events, canary, unreadable
 
 
 async def test_a_patient_and_a_physician_converse(client, portals: Portals) -> None:
@@ -445,3 +449,24 @@ async def test_ids_that_are_not_uuids_are_404_audited_as_denied_without_the_call
     assert recorded == sorted(("Patient/1", "denied", kind, None, route) for _, _, kind, route in probes)
     assert all(json.loads(e["details"])["reason"] == "malformed-id" for e in events)
     assert leaked == 0
+
+
+async def test_a_thread_whose_key_the_unreadable_kek_file_cannot_wrap_is_a_500_naming_the_providers_error(
+    client, portals: Portals, kek_file: Path
+) -> None:
+    """The key file became unreadable under the running service (here a symlink loop; a permission or an
+    I/O error alike): a new patient's data key cannot be wrapped, so nothing is created. The answer is the
+    internal-error problem of any fault of ours, and the log names the key provider's error, not a bare
+    OSError; its message (the file and the reason) is what `bedside keys` and start-up show."""
+    await consent(client, portals)
+    with unreadable(kek_file), capture_logs(processors=[summarize_exception]) as logs:
+        response = await client.post(
+            "/v1/threads",
+            json={"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "s", "message": {"body": "b"}},
+            headers=patient(portals),
+        )
+    assert response.status == 500, await response.text()
+    problem = await response.json(content_type="application/problem+json")
+    assert (problem["status"], problem["code"]) == (500, "internal-error")
+    [event] = [e for e in logs if e["event"] == "http.unhandled"]
+    assert event["error_type"] == KeyProviderError.__qualname__

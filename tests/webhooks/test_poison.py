@@ -11,11 +11,10 @@ the test can cut stands between a dispatcher and PostgreSQL where it needs an ou
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from service.workers.http import HttpTransport, system_resolver
 from tests.api.messaging_helpers import consent, thread
 from tests.api.webhook_helpers import ADMIN, Receiver, admin_get, register, wait_for_delivery
 from tests.conftest import Dsns, Portals, Services
-from tests.support import DatabaseLink, as_owner, audit_events
+from tests.support import DatabaseLink, as_owner, audit_events, unreadable
 
 NO_WORKER = pytest.mark.parametrize("settings", [{"webhook_worker": False}], indirect=True)
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -167,19 +166,6 @@ async def drop_trigger(database: Dsns, name: str, table: str) -> None:
         database.owner,
         lambda conn: conn.execute(f"DROP TRIGGER {name} ON {table}; DROP FUNCTION {name}()"),
     )
-
-
-@contextlib.contextmanager
-def unreadable(path: Path) -> Iterator[None]:
-    """`path` replaced by a symlink to itself (opening it fails with ELOOP, as root too), then restored."""
-    aside = path.with_name(path.name + ".aside")
-    path.rename(aside)
-    path.symlink_to(path.name)
-    try:
-        yield
-    finally:
-        path.unlink()
-        aside.rename(path)
 
 
 async def outbox_row(database: Dsns, delivery_id: uuid.UUID) -> asyncpg.Record:
@@ -455,8 +441,9 @@ async def test_a_delivery_whose_key_file_cannot_be_read_is_an_internal_error_att
     make_dispatcher: MakeDispatcher,
 ) -> None:
     """Opening the endpoint's sealed URL needs the KEK file, which this dispatcher's keyring has not read
-    for it yet, and the file cannot be read: an OSError (ELOOP: a symlink to itself, which root cannot read
-    past either) raised inside the attempt's database transaction. That is our failure, not the
+    for it yet, and the file cannot be read (ELOOP: a symlink to itself, which root cannot read past
+    either): the provider's KeyProviderError, naming the file and the reason rather than a bare OSError,
+    raised inside the attempt's database transaction. That is our failure, not the
     database's: an `internal-error` attempt, retried on the schedule and released by this worker, rather
     than an outage that leaves the delivery leased for the reaper to hand out again, forever."""
     endpoint_id = await one_delivery(client, portals, receiver)
@@ -472,7 +459,7 @@ async def test_a_delivery_whose_key_file_cannot_be_read_is_an_internal_error_att
         (1, None, "internal-error")
     ]
     [event] = [dict(e) for e in logs if e["event"] == "webhook.attempt"]
-    assert summarize_exception(None, "error", event)["error_type"] == "OSError"
+    assert summarize_exception(None, "error", event)["error_type"] == "KeyProviderError"
     assert await endpoint_health(database, endpoint_id) == (None, None, None)
     assert receiver.received == []
 

@@ -184,6 +184,48 @@ def test_a_missing_file_is_not_recreated_behind_the_callers_back(
     assert not key_path.exists()
 
 
+def _in_a_loop(path: Path) -> str:
+    path.unlink()
+    path.symlink_to(path.name)  # resolves to itself
+    return "Too many levels of symbolic links"
+
+
+def _under_a_file(path: Path) -> str:
+    path.parent.rename(path.parent.with_name("elsewhere"))
+    path.parent.write_bytes(b"")  # the directory's name now names a regular file
+    return "Not a directory"
+
+
+def _failing_reads(path: Path) -> str:
+    path.unlink()
+    path.symlink_to("/proc/self/mem")  # a regular 0600 file that opens, whose first bytes do not read
+    return "Input/output error"
+
+
+# A key file the OS will not read, in ways that hold as root too (root reads a file of mode 000).
+UNREADABLE = {"symlink-loop": _in_a_loop, "path-through-a-file": _under_a_file, "read-fails": _failing_reads}
+
+
+@pytest.mark.parametrize("how", UNREADABLE)
+def test_a_file_the_os_will_not_read_is_refused_with_the_path_and_the_reason(
+    provider: LocalKeyFileProvider, key_path: Path, how: str
+) -> None:
+    """An OSError other than a missing file (here ELOOP, ENOTDIR, EIO; EACCES for a service that is not
+    root) is the provider's own error, naming the file and the OS's reason, for a provider already running
+    and for a new one: never a bare OSError, and never a key."""
+    keys = file_keys(key_path)
+    reason = UNREADABLE[how](key_path)
+    for attempt in (lambda: provider.wrap(DEK.secret, b"aad"), lambda: LocalKeyFileProvider(key_path, create=False)):
+        with pytest.raises(KeyProviderError) as info:
+            attempt()
+        message = str(info.value)
+        assert str(key_path) in message
+        assert reason in message
+        for key in keys:
+            assert key.hex() not in message
+            assert base64.b64encode(key).decode() not in message
+
+
 @pytest.mark.parametrize(
     "content",
     [
