@@ -608,6 +608,16 @@ def test_a_path_parameter_must_be_declared_to_be_documented(settings: Settings) 
         build_openapi((*ROUTES, undeclared), version="0", settings=settings)
 
 
+def _callers(portals: Portals) -> list[dict[str, str]]:
+    """One caller of each kind that some route admits: a patient, a compliance officer, an admin."""
+    acme = portals.acme
+    return [
+        acme.auth(role="patient", sub="Patient/1"),
+        acme.auth(role="compliance", sub="Practitioner/c1"),
+        acme.auth(role="admin", sub="Practitioner/admin1"),
+    ]
+
+
 async def test_a_path_parameter_typed_uuid_refuses_anything_else_as_a_malformed_id(
     quiet_client: Any, portals: Portals, database: Dsns
 ) -> None:
@@ -615,12 +625,7 @@ async def test_a_path_parameter_typed_uuid_refuses_anything_else_as_a_malformed_
     every kind of caller: one typed `format: uuid` is a 404 the handler audits as a malformed id (a public
     route has nobody to audit: only the 404); one typed plain `string` is never refused as one."""
     document = await _document(quiet_client)
-    acme = portals.acme
-    callers = [
-        acme.auth(role="patient", sub="Patient/1"),
-        acme.auth(role="compliance", sub="Practitioner/c1"),
-        acme.auth(role="admin", sub="Practitioner/admin1"),
-    ]
+    callers = _callers(portals)
     sent: dict[tuple[str, str], list[str]] = {}
     for name, (method, template, operation) in _operations(document).items():
         path_parameters = _parameters(document, operation, "path")
@@ -724,12 +729,7 @@ async def test_every_json_body_states_the_size_limit_the_api_enforces(
     limits = {"max_json_body_bytes": JSON_LIMIT, "inbound_max_body_bytes": REPLY_LIMIT, "webhook_worker": False}
     limited = await aiohttp_client(create_app(settings.model_copy(update=limits)))
     document = await _document(limited)
-    acme = portals.acme
-    callers = [
-        acme.auth(role="patient", sub="Patient/1"),
-        acme.auth(role="compliance", sub="Practitioner/c1"),
-        acme.auth(role="admin", sub="Practitioner/admin1"),
-    ]
+    callers = _callers(portals)
     stated: dict[str, int] = {}
 
     for name, (method, template, operation) in _operations(document).items():

@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 
 from service.errors import ConfigurationError, UnavailableError
-from service.store.db import Database
+from service.store.db import Database, Tx
 from service.store.tenants import TenantStore
 from tests.conftest import Dsns
 from tests.support import DatabaseLink, database_connection_limit, database_read_only
@@ -246,23 +246,31 @@ async def test_an_os_error_of_the_callers_own_in_a_transaction_is_not_an_outage(
     own) says nothing about the database: it propagates as itself, the transaction is rolled back, and the
     connection, alive, serves the next transaction."""
     db = await Database.connect(database.app, min_size=1, max_size=1)
-    backends = []
 
-    async def work() -> None:
-        async with db.transaction() as tx:
-            assert await TenantStore().create(tx, "rolled-back") is not None
-            backends.append(await tx.conn.fetchval("SELECT pg_backend_pid()"))
-            raise error
+    async def fail(tx: Tx) -> None:
+        raise error
 
     try:
         with pytest.raises(type(error)) as raised:
-            await work()
+            await _rolled_back_on_a_live_connection(db, fail)
         assert raised.value is error
+    finally:
+        await db.close()
+
+
+async def _rolled_back_on_a_live_connection(db: Database, fail: Callable[[Tx], Awaitable[object]]) -> None:
+    """Write in a transaction on `db` (one connection), then `fail` in it; whatever it raises propagates.
+    Then, as the caller's own check: the write was rolled back and the same backend serves the next one."""
+    backends = []
+    try:
+        async with db.transaction() as tx:
+            assert await TenantStore().create(tx, "rolled-back") is not None
+            backends.append(await tx.conn.fetchval("SELECT pg_backend_pid()"))
+            await fail(tx)
+    finally:
         async with db.transaction() as tx:
             assert await TenantStore().by_slug(tx, "rolled-back") is None
             assert await tx.conn.fetchval("SELECT pg_backend_pid()") == backends[0]
-    finally:
-        await db.close()
 
 
 # A statement our code gets wrong, on a live connection; asyncpg refuses it before it is sent. Too few
@@ -284,22 +292,17 @@ async def test_a_statement_the_driver_refuses_on_a_live_connection_is_not_an_out
     next one. A health check's statement is not sent again on another connection either."""
     statement, error = MISUSES[misuse]
     db = await Database.connect(database.app, min_size=1, max_size=1)
-    backends = []
 
-    async def work() -> None:
-        async with db.transaction() as tx:
-            assert await TenantStore().create(tx, "rolled-back") is not None
-            backends.append(await tx.conn.fetchval("SELECT pg_backend_pid()"))
-            await tx.conn.fetchval(*statement)
+    async def misuse_it(tx: Tx) -> None:
+        await tx.conn.fetchval(*statement)
 
     try:
         with pytest.raises(error):
-            await work()
+            await _rolled_back_on_a_live_connection(db, misuse_it)
+        backend = await db.fetch_value("SELECT pg_backend_pid()")
         with pytest.raises(error):
             await db.fetch_value(*statement)
-        async with db.transaction() as tx:
-            assert await TenantStore().by_slug(tx, "rolled-back") is None
-            assert await tx.conn.fetchval("SELECT pg_backend_pid()") == backends[0]
+        assert await db.fetch_value("SELECT pg_backend_pid()") == backend  # not dropped, not sent again
     finally:
         await db.close()
 
