@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -121,6 +121,11 @@ _TEAMS_ARRAY = (
 )
 
 
+# The listing's cursor when there is none: after it comes every thread (the driver sends datetime.max as
+# 'infinity'). Always a bound, never NULL, so that it bounds an index scan in a generic plan too.
+_BEFORE_EVERY_THREAD = (datetime.max.replace(tzinfo=UTC), UUID(int=2**128 - 1))
+
+
 def _thread(row: asyncpg.Record) -> ThreadRecord:
     return ThreadRecord(
         id=row["id"],
@@ -217,35 +222,71 @@ class MessagingStore:
     """
     # Unread, for a reader: the messages of others after the reader's receipt, recalled ones left out (a
     # tombstone has nothing to read). One definition for a thread's view and for the listing.
-    _UNREAD_COUNT = """
-        SELECT count(*) AS unread FROM messages m
-        WHERE m.thread_id = {thread} AND m.seq > {up_to} AND m.sender <> {reader} AND m.recalled_at IS NULL
-    """
+    _UNREAD_MESSAGES = (
+        "FROM messages m WHERE m.thread_id = {thread} AND m.seq > {up_to} AND m.sender <> {reader} "
+        "AND m.recalled_at IS NULL"
+    )
+    _UNREAD_COUNT = f"SELECT count(*) AS unread {_UNREAD_MESSAGES}"
     _UNREAD = _UNREAD_COUNT.format(
         thread="$2",
         up_to="coalesce((SELECT up_to FROM read_receipts WHERE tenant_id = $1 AND thread_id = $2 AND reader = $3), 0)",
         reader="$3",
     )
-    # The caller's threads: as the patient, or as a participant directly or through a care team; newest
-    # first, keyset-paginated on (created_at, id), which activity never changes, so no page skips or
-    # repeats a thread while messages arrive. Unread as above, per thread. With
-    # $11 only threads with unread messages, filtered here, before the LIMIT: a page is full whenever
-    # enough of them exist, and the cursor (the page's last thread) continues after the right one.
+    # The caller's threads: as the patient ($2), or as a participant, directly or through a care team
+    # ($4); newest first, keyset-paginated on (created_at, id), which activity never changes, so no page
+    # skips or repeats a thread while messages arrive. Unread as above, per thread. With $11 only threads
+    # with unread messages, filtered before the LIMIT: a page is full whenever enough of them exist, and
+    # the cursor (the page's last thread) continues after the right one.
+    #
+    # A page reads about a page of index entries per branch, whatever the tenant's size: each branch walks
+    # an index in the listing's order from the cursor and stops after $9 threads that pass the filters;
+    # the page is the first $9 of them all, and only those are read in full. The patient's threads come
+    # from threads_by_patient; a participant's from its entries in thread_participants, one walk each (a
+    # thread that comes twice, through the caller and a team, is listed once: UNION). Asked for one
+    # patient's threads ($5), a participant's come from that patient's instead, each checked for
+    # participation: a care team may be on most of the tenant's threads. Conditions on parameters alone
+    # are decided once per execution, and the cursor is never NULL (_BEFORE_EVERY_THREAD), so the generic
+    # plan of a cached statement walks the same index ranges as a custom one. Threads the filters (status,
+    # sensitive, unread) pass over are still read: threads of the caller's own.
+    _LISTING_FILTERS = """
+        ($6::text IS NULL OR t.status = $6) AND ($10::boolean IS NOT TRUE OR t.sensitive = false)
+        AND ($11::boolean IS NOT TRUE OR EXISTS (SELECT 1 {unread}))
+    """.format(
+        unread=_UNREAD_MESSAGES.format(
+            thread="t.id",
+            up_to="coalesce((SELECT r.up_to FROM read_receipts r WHERE r.thread_id = t.id AND r.reader = $3), 0)",
+            reader="$3",
+        )
+    )
+    _AFTER_CURSOR = "({created_at}, {id}) < ($7::timestamptz, $8::uuid)"
     _LIST = f"""
+        WITH page AS (
+            (SELECT t.created_at, t.id FROM threads t
+             WHERE t.tenant_id = $1 AND t.patient = $2 AND ($5::text IS NULL OR $5 = $2)
+               AND {_AFTER_CURSOR.format(created_at="t.created_at", id="t.id")} AND {_LISTING_FILTERS}
+             ORDER BY t.created_at DESC, t.id DESC LIMIT $9)
+            UNION
+            (SELECT via.created_at, via.id FROM unnest($4::text[]) AS a (participant) CROSS JOIN LATERAL (
+                SELECT p.thread_created_at AS created_at, p.thread_id AS id
+                FROM thread_participants p JOIN threads t ON t.tenant_id = $1 AND t.id = p.thread_id
+                WHERE $5::text IS NULL AND p.tenant_id = $1 AND p.participant = a.participant
+                  AND {_AFTER_CURSOR.format(created_at="p.thread_created_at", id="p.thread_id")}
+                  AND {_LISTING_FILTERS}
+                ORDER BY p.thread_created_at DESC, p.thread_id DESC LIMIT $9) via)
+            UNION
+            (SELECT t.created_at, t.id FROM threads t
+             WHERE cardinality($4::text[]) > 0 AND t.tenant_id = $1 AND t.patient = $5
+               AND ARRAY(SELECT p.participant FROM thread_participants p WHERE p.thread_id = t.id) && $4::text[]
+               AND {_AFTER_CURSOR.format(created_at="t.created_at", id="t.id")} AND {_LISTING_FILTERS}
+             ORDER BY t.created_at DESC, t.id DESC LIMIT $9)
+            ORDER BY created_at DESC, id DESC LIMIT $9
+        )
         SELECT {_THREAD_COLUMNS}, u.unread
-        FROM threads t
+        FROM page
+        JOIN threads t ON t.tenant_id = $1 AND t.id = page.id
         LEFT JOIN read_receipts r ON r.thread_id = t.id AND r.reader = $3
         CROSS JOIN LATERAL ({_UNREAD_COUNT.format(thread="t.id", up_to="coalesce(r.up_to, 0)", reader="$3")}) u
-        WHERE t.tenant_id = $1
-          AND (t.patient = $2 OR EXISTS (
-                SELECT 1 FROM thread_participants p WHERE p.thread_id = t.id AND p.participant = ANY($4::text[])))
-          AND ($5::text IS NULL OR t.patient = $5)
-          AND ($6::text IS NULL OR t.status = $6)
-          AND ($7::timestamptz IS NULL OR (t.created_at, t.id) < ($7, $8::uuid))
-          AND ($10::boolean IS NOT TRUE OR t.sensitive = false)
-          AND ($11::boolean IS NOT TRUE OR u.unread > 0)
-        ORDER BY t.created_at DESC, t.id DESC
-        LIMIT $9
+        ORDER BY page.created_at DESC, page.id DESC
     """  # noqa: S608
     _OPEN_BREAK_GLASS = """
         INSERT INTO break_glass (tenant_id, id, thread_id, physician, reason, expires_at)
@@ -569,8 +610,7 @@ class MessagingStore:
             list(as_participants),
             patient,
             status,
-            cursor[0] if cursor else None,
-            cursor[1] if cursor else None,
+            *(cursor or _BEFORE_EVERY_THREAD),
             limit,
             hide_sensitive,
             unread_only,
