@@ -57,6 +57,11 @@ class AuditEventOut(BaseModel):
     token_id: str | None = Field(
         default=None, description="The `jti` of the actor's token, as the signed entry records it (not a filter)"
     )
+    key_id: str | None = Field(
+        default=None,
+        description="The `kid` of the issuer key that verified the actor's token, as the signed entry records it "
+        "(not a filter)",
+    )
     patient: str | None
     resource_type: str | None
     resource_id: str | None

@@ -16,6 +16,8 @@ How it follows BALP 1.1.4 (`IHE.BasicAudit.Read`, `Query`, `Create`, `Update`, `
 - searches are action `E` (Execute), as BALP's Query profile and the FHIR action codes have them.
 - the token the user presented: its `jti` in the user agent's `policy`, as `urn:ietf:params:oauth:jti:<jti>`
   (percent-encoded where a URI needs it), as BALP's OAuth access-token patterns record it.
+- the issuer key that verified the token: its `kid` in an extension (`urn:bedside:signing-key`,
+  `valueString`) of the authorization-server agent, whose key it is. BALP has no element for it.
 
 BALP says nothing of a proxy. Bedside records the patient a proxy acts for with the HL7 extension
 `auditevent-OnBehalfOf` on the user agent and, since that patient is the subject of what the proxy does,
@@ -57,6 +59,7 @@ BEDSIDE_ACTION: Final = "urn:bedside:audit-action"
 BEDSIDE_ROLE: Final = "urn:bedside:role"
 BEDSIDE_RESOURCE_TYPE: Final = "urn:bedside:resource-type"
 BEDSIDE_ENTITY_TYPE: Final = "urn:bedside:audit-entity-type"
+BEDSIDE_SIGNING_KEY: Final = "urn:bedside:signing-key"  # extension: the kid of the key that verified the token
 
 OUTCOMES: Final = {"success": "0", "denied": "4", "failure": "8"}
 
@@ -159,6 +162,7 @@ class AuditEventFields:
     issuer: str | None = None
     act_for: str | None = None
     token_id: str | None = None
+    key_id: str | None = None
     patient: str | None = None
     resource_type: str | None = None
     resource_id: str | None = None
@@ -193,6 +197,7 @@ def _checks(event: AuditEventFields) -> list[tuple[str, bool]]:
         ("issuer", optional(event.issuer, FHIR_STRING)),
         ("act_for", optional(event.act_for, FHIR_STRING)),
         ("token_id", optional(event.token_id, FHIR_STRING)),
+        ("key_id", optional(event.key_id, FHIR_STRING)),
         ("patient", optional(event.patient, FHIR_STRING)),
         ("resource_type", optional(event.resource_type, FHIR_CODE)),
         ("resource_id", optional(event.resource_id, FHIR_STRING)),
@@ -281,13 +286,13 @@ def _agents(event: AuditEventFields, action: str, observer: str) -> list[dict[st
     if event.actor is not None:
         agents.append(_user_agent(event, event.actor, action))
     if event.issuer is not None:
-        agents.append(
-            {
-                "type": {"coding": [coding(SECURITY_ROLE_TYPE, "authserver", "Authorization Server")]},
-                "who": {"identifier": {"value": event.issuer}},
-                "requestor": False,
-            }
-        )
+        authserver: dict[str, Any] = {}
+        if event.key_id is not None:
+            authserver["extension"] = [{"url": BEDSIDE_SIGNING_KEY, "valueString": event.key_id}]
+        authserver["type"] = {"coding": [coding(SECURITY_ROLE_TYPE, "authserver", "Authorization Server")]}
+        authserver["who"] = {"identifier": {"value": event.issuer}}
+        authserver["requestor"] = False
+        agents.append(authserver)
     # DICOM and BALP name the side the data flows from "Source": the server for a read, else the client.
     source_role = coding(DICOM, "110153", "Source Role ID")
     destination_role = coding(DICOM, "110152", "Destination Role ID")

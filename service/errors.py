@@ -47,13 +47,22 @@ class AuthenticationError(DomainError):
     title = "Authentication required"
 
     def __init__(
-        self, reason: str, detail: str | None = None, *, tenant_id: UUID | None = None, issuer: str | None = None
+        self,
+        reason: str,
+        detail: str | None = None,
+        *,
+        tenant_id: UUID | None = None,
+        issuer: str | None = None,
+        key_id: str | None = None,
     ) -> None:
         super().__init__(detail or "The bearer token is missing or not acceptable")
         self.reason = reason
         # Known only once the token's tenant and issuer were found: then the denial is that tenant's event.
         self.tenant_id = tenant_id
         self.issuer = issuer
+        # Known only when a key of the issuer verified the token's signature (and something else was wrong:
+        # it expired, or its claims): the denial names that key, as a success would.
+        self.key_id = key_id
 
 
 class WebhookSignatureError(AuthenticationError):

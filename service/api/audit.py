@@ -26,7 +26,7 @@ from schemas.audit import (
 from schemas.fhir_audit import AuditEventFields, to_fhir_audit_event
 from service.api.bodies import parse_query
 from service.api.streaming import stream_body
-from service.domain.audit import optional_fields, token_id_of
+from service.domain.audit import key_id_of, optional_fields, token_id_of
 from service.domain.audit_verify import export_event, export_header
 from service.keys import AUDIT_QUERIES, PRINCIPAL, SETTINGS
 from service.store.audit import EventFilter, LeafRecord
@@ -57,6 +57,7 @@ def _event_out(leaf: LeafRecord) -> AuditEventOut:
         outcome=event.outcome,
         **optional_fields(event),
         token_id=token_id_of(event.entry),
+        key_id=key_id_of(event.entry),
         details=json.loads(event.details),
     )
 
@@ -144,5 +145,6 @@ def _fhir_fields(leaf: LeafRecord, tenant: str) -> AuditEventFields:
         outcome=event.outcome,
         **optional_fields(event),
         token_id=token_id_of(event.entry),
+        key_id=key_id_of(event.entry),
         details=json.loads(event.details),
     )

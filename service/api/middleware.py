@@ -126,6 +126,7 @@ def _auth_denied(error: AuthenticationError, route: str) -> AuditEvent:
         action=AuditAction.AUTH_DENIED,
         tenant_id=error.tenant_id,
         issuer=error.issuer,
+        key_id=error.key_id,
         resource_type="Route",
         resource_id=route,
     )

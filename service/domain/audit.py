@@ -119,6 +119,10 @@ class AuditEvent:
     # The `jti` of the token the actor presented: which credential did this, so the events of one leaked
     # or stolen token can be found. In the signed entry only (see `encode_entry`), not an outbox column.
     token_id: str | None = None
+    # The `kid` of the issuer key that verified the actor's token (of the endpoint secret, for a signed
+    # webhook reply): the events of a key that leaked, or that someone added under the portal's issuer
+    # name, can be told from the portal's own. In the signed entry only, as `token_id`.
+    key_id: str | None = None
 
     @classmethod
     def by(cls, principal: Principal, action: AuditAction, **fields: object) -> AuditEvent:
@@ -131,6 +135,7 @@ class AuditEvent:
             issuer=principal.issuer,
             act_for=principal.act_for,
             token_id=principal.token_id,
+            key_id=principal.key_id,
             **fields,  # type: ignore[arg-type]
         )
 
@@ -192,17 +197,18 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def encode_entry(row: OutboxRow, token_id: str | None = None) -> bytes:
+def encode_entry(row: OutboxRow, token_id: str | None = None, key_id: str | None = None) -> bytes:
     """The canonical bytes of one event: what its Merkle leaf hashes.
 
-    `token_id` (the actor's token's `jti`) joins the actor's fields, right after `act_for`, only when
-    there is one. An event without it encodes exactly as every event did before it existed, so leaves
-    written then keep their hashes and verify as they always did; the encoding is named fields, so a
-    reader finds it by name, and an entry without it simply has none."""
+    `token_id` (the actor's token's `jti`) and then `key_id` (the kid of the key that verified the
+    token) join the actor's fields, right after `act_for`, each only when there is one. An event without
+    them encodes exactly as every event did before they existed, so leaves written then keep their hashes
+    and verify as they always did; the encoding is named fields, so a reader finds them by name, and an
+    entry without them simply has none."""
     actor_fields: list[tuple[str, FieldValue]] = list(optional_fields(row).items())
-    if token_id is not None:
-        at = [name for name, _ in actor_fields].index("act_for") + 1
-        actor_fields.insert(at, ("token_id", token_id))
+    at = [name for name, _ in actor_fields].index("act_for") + 1
+    credential = [(name, value) for name, value in (("token_id", token_id), ("key_id", key_id)) if value is not None]
+    actor_fields[at:at] = credential
     fields: list[tuple[str, FieldValue]] = [
         ("format", ENTRY_FORMAT),
         ("event_id", str(row.event_id)),
@@ -224,13 +230,23 @@ def decode_entry(entry: bytes) -> dict[str, FieldValue]:
     return fields
 
 
-def token_id_of(entry: bytes) -> str | None:
-    """The actor's token id a canonical entry records (None: none, or not an entry)."""
+def _text_field(entry: bytes, name: str) -> str | None:
     try:
-        value = decode_entry(entry).get("token_id")
+        value = decode_entry(entry).get(name)
     except ValueError:  # crypto.merkle.EncodingError is one
         return None
     return value if isinstance(value, str) else None
+
+
+def token_id_of(entry: bytes) -> str | None:
+    """The actor's token id a canonical entry records (None: none, or not an entry)."""
+    return _text_field(entry, "token_id")
+
+
+def key_id_of(entry: bytes) -> str | None:
+    """The kid of the key that verified the actor's token, as a canonical entry records it (None: none,
+    or not an entry)."""
+    return _text_field(entry, "key_id")
 
 
 MAX_IDENTIFIER = 200
@@ -259,6 +275,7 @@ def _bounded(event: AuditEvent) -> AuditEvent:
         resource_id=_identifier(event.resource_id),
         purpose=_identifier(event.purpose),
         token_id=_identifier(event.token_id),
+        key_id=_identifier(event.key_id),
     )
 
 
@@ -296,7 +313,7 @@ class AuditRecorder:
             details=canonical_details(event.details),
             entry=b"",
         )
-        return replace(row, entry=encode_entry(row, event.token_id))
+        return replace(row, entry=encode_entry(row, event.token_id, event.key_id))
 
     async def record(self, tx: Tx, event: AuditEvent) -> UUID:
         """Record `event` in the caller's transaction: it commits with the work, or neither does."""

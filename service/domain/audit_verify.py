@@ -28,7 +28,14 @@ from uuid import UUID
 
 from crypto.checkpoint import CheckpointError, verify_checkpoint
 from crypto.merkle import EncodingError, TreeFrontier, leaf_hash, verify_inclusion
-from service.domain.audit import OPTIONAL_FIELDS, decode_entry, format_time, optional_fields, token_id_of
+from service.domain.audit import (
+    OPTIONAL_FIELDS,
+    decode_entry,
+    format_time,
+    key_id_of,
+    optional_fields,
+    token_id_of,
+)
 from service.store.audit import AuditStore, CheckpointRecord, LeafRecord, OutboxRow
 from service.store.db import Database
 
@@ -69,7 +76,8 @@ def _fields_match(event: OutboxRow, entry: bytes) -> bool:
     }
     if any(fields.get(name) != value for name, value in expected.items()):
         return False
-    if not isinstance(fields.get("token_id", ""), str):  # absent (no token, or an older entry) or text
+    # Absent (no token, no verifying key, or an older entry) or text.
+    if not all(isinstance(fields.get(name, ""), str) for name in ("token_id", "key_id")):
         return False
     stored = fields.get("details")
     return isinstance(stored, str) and json.loads(stored) == json.loads(event.details)
@@ -208,6 +216,7 @@ def export_event(leaf: LeafRecord, proof: Sequence[bytes] | None) -> dict[str, o
         "outcome": event.outcome,
         **optional_fields(event),
         "token_id": token_id_of(event.entry),
+        "key_id": key_id_of(event.entry),
         "details": json.loads(event.details),
     }
     if proof is not None:
@@ -269,9 +278,10 @@ def verify_export(lines: Iterable[str], *, vkey: str, origin: str) -> VerifyResu
                 row = _row_from_line(line, entry)
             except (ValueError, KeyError, TypeError):
                 raise _BadLogError(seq, f"leaf {seq}: its fields are malformed") from None
-            # The token id has no column of its own: the line's copy must be the signed one (an export
-            # from before it existed has none, and neither has its entry).
-            if not _fields_match(row, entry) or line.get("token_id") != token_id_of(entry):
+            # The token and key ids have no column of their own: the line's copies must be the signed ones
+            # (an export from before they existed has none, and neither has its entry).
+            signed = (token_id_of(entry), key_id_of(entry))
+            if not _fields_match(row, entry) or (line.get("token_id"), line.get("key_id")) != signed:
                 raise _BadLogError(seq, f"leaf {seq}: its fields differ from its signed entry")
             if "proof" in line:
                 try:

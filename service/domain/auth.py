@@ -3,6 +3,7 @@
 A token is checked against the keys its tenant (`tid`) registered for its issuer (`iss`). The algorithm
 comes from the registered key, never from the token, so `alg: none` and HS256-keyed-with-a-public-key
 cannot pass. Every failure is an `AuthenticationError` whose `reason` is a fixed code for the audit log.
+The principal names the key that verified the token (`key_id`), and so does every audit event it makes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from service.domain.issuers import IssuerService
 from service.domain.principal import SUBJECT_TYPE, Principal, Role, is_plain_text, is_reference
 from service.errors import AuthenticationError
 from service.settings import is_slug
+from service.store.issuers import IssuerKeyRecord
 
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
 MAX_TOKEN_LENGTH = 8192
@@ -96,18 +98,27 @@ class Authenticator:
         candidates = [k for k in trusted.keys if k.algorithm == algorithm and (kid is None or k.kid == kid)]
         if not candidates:
             raise AuthenticationError("unknown-key", tenant_id=trusted.tenant_id, issuer=issuer)
+        verified_by: str | None = None
         try:
-            claims = self._verify(token, issuer, candidates)
-            return self._principal(claims, trusted.tenant_id, tenant, issuer), float(claims["exp"])
+            claims, key = self._verify(token, issuer, candidates)
+            verified_by = key.kid
+            return self._principal(claims, trusted.tenant_id, tenant, issuer, key.kid), float(claims["exp"])
         except AuthenticationError as error:
-            # The signature's issuer is one this tenant trusts: the attempt is the tenant's to review.
-            raise AuthenticationError(error.reason, tenant_id=trusted.tenant_id, issuer=issuer) from None
+            # The signature's issuer is one this tenant trusts: the attempt is the tenant's to review, and
+            # where a key of it verified the signature, the denial names that key.
+            raise AuthenticationError(
+                error.reason, tenant_id=trusted.tenant_id, issuer=issuer, key_id=error.key_id or verified_by
+            ) from None
 
-    def _verify(self, token: str, issuer: str, candidates: list[Any]) -> dict[str, Any]:
+    def _verify(
+        self, token: str, issuer: str, candidates: list[IssuerKeyRecord]
+    ) -> tuple[dict[str, Any], IssuerKeyRecord]:
+        """The token's claims and the key that verified them. A failure after a key verified the signature
+        names that key (`key_id`)."""
         failure = "bad-signature"
         for key in candidates:
             try:
-                return jwt.decode(
+                claims = jwt.decode(
                     token,
                     key=self._prepare(key.algorithm, key.public_key_pem),
                     algorithms=[key.algorithm],
@@ -116,6 +127,7 @@ class Authenticator:
                     leeway=self._leeway,
                     options={"require": _REQUIRED, "verify_iat": True, "verify_nbf": True},
                 )
+                return claims, key
             except jwt.InvalidSignatureError:
                 continue
             except jwt.ExpiredSignatureError:
@@ -133,7 +145,7 @@ class Authenticator:
             except jwt.PyJWTError:
                 failure = "invalid-claims"
             # The signature checked out (PyJWT verifies it before claims): no other key will do better.
-            break
+            raise AuthenticationError(failure, key_id=key.kid)
         raise AuthenticationError(failure)
 
     def _prepare(self, algorithm: str, pem: str) -> Any:
@@ -147,7 +159,7 @@ class Authenticator:
             self._prepared[cache_key] = prepared
         return prepared
 
-    def _principal(self, claims: dict[str, Any], tenant_id: Any, tenant: str, issuer: str) -> Principal:
+    def _principal(self, claims: dict[str, Any], tenant_id: Any, tenant: str, issuer: str, kid: str) -> Principal:
         now = self._clock()
         issued, expires = claims["iat"], claims["exp"]
         if not isinstance(issued, int | float) or not isinstance(expires, int | float):
@@ -178,4 +190,5 @@ class Authenticator:
             issuer=issuer,
             act_for=act_for,
             token_id=token_id if isinstance(token_id, str) and len(token_id) <= 200 else None,
+            key_id=kid,
         )

@@ -143,6 +143,7 @@ class InboundReplies:
                 subject=sender,
                 role=Role.PHYSICIAN,
                 issuer=f"urn:bedside:webhook:{reply.endpoint_id}",
+                key_id=str(reply.key_id),  # the endpoint secret that verified the signature
             )
             message_id = uuid.uuid4()
             earlier = await self._store.claim_receipt(

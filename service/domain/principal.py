@@ -52,7 +52,8 @@ def is_plain_text(value: object, limit: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller within one tenant. `act_for` is the patient a proxy acts for."""
+    """An authenticated caller within one tenant. `act_for` is the patient a proxy acts for; `token_id`
+    the token's `jti`; `key_id` the kid of the issuer key that verified the token."""
 
     tenant_id: UUID
     tenant: str
@@ -61,3 +62,4 @@ class Principal:
     issuer: str
     act_for: str | None = None
     token_id: str | None = None
+    key_id: str | None = None

@@ -18,6 +18,7 @@ import pytest
 from crypto.checkpoint import verify_checkpoint
 from service.domain.audit import AuditAction, AuditEvent
 from tests.conftest import Portals, Services
+from tests.support import TestIssuer
 
 COMPLIANCE = {"role": "compliance", "sub": "Practitioner/c1"}
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
@@ -429,3 +430,55 @@ async def test_the_tokens_jti_is_recorded_with_its_actor_and_verifies(
         FhirAuditEvent.model_validate(resource)
         (user,) = [a for a in resource["agent"] if a["requestor"]]
         assert user["policy"] == [f"urn:ietf:params:oauth:jti:{jti}"]
+
+
+async def test_the_key_that_verified_the_token_is_recorded_with_its_actor_and_verifies(
+    client, portals: Portals, services: Services, tmp_path: Path
+) -> None:
+    from fhir.resources.R4B.auditevent import AuditEvent as FhirAuditEvent
+
+    # A second key under the portal's issuer name: its events must not look like the portal's own.
+    added = TestIssuer(tenant="acme", issuer=portals.acme.issuer, kid="added-key")
+    await services.issuers.add_key("acme", added.issuer, added.public_pem, kid=added.kid)
+    await _record(services, "acme", 2)  # the operator's: no token, no key
+    grant = {
+        "patient": "Patient/1",
+        "grantee": "Practitioner/7",
+        "scope": "messaging",
+        "evidence": {"method": "portal", "text_version": "v3"},
+    }
+    assert (await client.post("/v1/consents", json=grant, headers=portals.acme.auth())).status == 201
+    assert (await client.get("/v1/audit/events", headers=added.auth())).status == 404  # a refusal names it too
+    expired = added.token(iat=0, exp=1)  # the key verified the signature; the token was refused all the same
+    assert (await client.get("/v1/me", headers={"Authorization": f"Bearer {expired}"})).status == 401
+    await _integrated(client)
+
+    headers = portals.acme.auth(**COMPLIANCE)
+    events = await _all(client, headers)
+    assert {(e["action"], e["outcome"], e["key_id"]) for e in events} == {
+        ("tenant:create", "success", None),
+        ("issuer:add", "success", None),
+        ("key:status", "success", None),
+        ("consent:grant", "success", "portal-key-1"),
+        ("access:denied", "denied", "added-key"),
+        ("auth:denied", "denied", "added-key"),
+    }
+    assert [e["key_id"] for e in events if e["action"] == "key:status"] == [None, None]
+
+    lines = (await (await client.get("/v1/audit/export", headers=headers)).text()).splitlines()
+    exported = [json.loads(line) for line in lines[1:]]
+    assert {e["key_id"] for e in exported if e["actor"] == "Patient/1"} == {"portal-key-1", "added-key"}
+    ok = await _verify_export(lines, tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    victim = next(e for e in exported if e["key_id"] == "added-key")
+    victim["key_id"] = "portal-key-1"  # passing an added key's event off as the portal's
+    bad = await _verify_export([lines[0], *(json.dumps(e) for e in exported)], tmp_path)
+    assert bad.returncode == 1
+    assert f"FAILED at index {victim['seq']}" in bad.stdout
+
+    fhir = await client.get("/v1/audit/export", params={"format": "fhir", "action": "consent:grant"}, headers=headers)
+    (resource,) = [json.loads(line) for line in (await fhir.text()).splitlines()]
+    FhirAuditEvent.model_validate(resource)
+    (issuer,) = [a for a in resource["agent"] if a["who"] == {"identifier": {"value": portals.acme.issuer}}]
+    assert issuer["extension"] == [{"url": "urn:bedside:signing-key", "valueString": "portal-key-1"}]

@@ -101,6 +101,38 @@ async def test_a_log_of_entries_with_and_without_token_ids_verifies(audit: Log, 
     assert result.leaves == 11
 
 
+async def test_a_log_that_goes_on_to_entries_with_key_ids_verifies_and_a_changed_key_id_does_not(
+    audit: Log, services: Services, database: Dsns
+) -> None:
+    # Leaves of every earlier form (no token, a token id alone), then leaves naming the verifying key.
+    await _events(audit, services, 3)
+    tenant = await services.tenants.ensure("acme")
+    portal = "https://portal.acme.test"
+    for principal in (
+        Principal(tenant.id, "acme", "Patient/1", Role.PATIENT, portal, token_id="jti-1"),
+        Principal(tenant.id, "acme", "Patient/1", Role.PATIENT, portal, token_id="jti-2", key_id="portal-key-1"),
+        Principal(tenant.id, "acme", "Patient/1", Role.PATIENT, portal, key_id="portal-key-2"),
+    ):
+        for _ in range(3):
+            await audit.recorder.record_alone(AuditEvent.by(principal, AuditAction.CONSENT_READ))
+    assert await audit.integrate_all() == 3 + 9 + 1
+    result = await audit.verify()
+    assert result.ok, result.problem
+    assert result.leaves == 13
+
+    # The key id is in the entry only, so it cannot be changed without changing the leaf: an entry
+    # re-encoded with the portal's key instead of the one that verified the token fails at its index.
+    owner = await _owner(database)
+    try:
+        seq, entry = await owner.fetchrow("SELECT seq, entry FROM audit_leaves ORDER BY seq DESC LIMIT 1")
+        forged = bytes(entry).replace(b"portal-key-2", b"portal-key-1")
+        await owner.execute("UPDATE audit_leaves SET entry = $2 WHERE seq = $1", seq, forged)
+    finally:
+        await owner.close()
+    result = await audit.verify()
+    assert (result.ok, result.first_bad_index) == (False, seq)
+
+
 async def test_work_without_its_audit_event_does_not_happen(database: Dsns, services: Services) -> None:
     tenant = await services.tenants.create("acme")
     async with services.db.transaction(tenant.id) as tx:

@@ -15,6 +15,7 @@ from service.domain.audit import (
     canonical_details,
     decode_entry,
     encode_entry,
+    key_id_of,
     token_id_of,
 )
 from service.domain.principal import Principal, Role
@@ -76,6 +77,28 @@ def test_an_entry_without_a_token_id_keeps_the_encoding_of_every_earlier_leaf() 
     assert token_id_of(encode_entry(ROW)) is None
 
 
+def test_the_verifying_keys_id_follows_the_token_id_and_is_pinned_too() -> None:
+    entry = encode_entry(ROW, token_id="jti-1", key_id="portal-key-1")
+    # The 492 bytes of the token id's form, one more field counted, and u16 6 "key_id", tag 2, u32 12
+    # "portal-key-1" right after token_id.
+    assert len(entry) == 492 + 2 + 6 + 1 + 4 + 12
+    assert hashlib.sha256(entry).hexdigest() == "2dd559a144629e38c66c9f59e61ea17f0db41b37395d7ee4371187b2c7f5ad08"
+    fields = list(decode_entry(entry))
+    assert fields[fields.index("act_for") + 1 : fields.index("act_for") + 3] == ["token_id", "key_id"]
+    assert (token_id_of(entry), key_id_of(entry)) == ("jti-1", "portal-key-1")
+    # A token without a jti: the key id alone, right after act_for.
+    alone = encode_entry(ROW, key_id="portal-key-1")
+    assert hashlib.sha256(alone).hexdigest() == "3f393e464d04491c8afc96ed7e8e9e027723b58830aefa73b1c6310fa5e1717b"
+    assert list(decode_entry(alone))[list(decode_entry(alone)).index("act_for") + 1] == "key_id"
+    assert (token_id_of(alone), key_id_of(alone)) == (None, "portal-key-1")
+
+
+def test_an_entry_without_a_key_id_keeps_the_encoding_of_every_earlier_leaf() -> None:
+    assert encode_entry(ROW, token_id="jti-1", key_id=None) == encode_entry(ROW, token_id="jti-1")
+    assert encode_entry(ROW, key_id=None) == encode_entry(ROW)
+    assert key_id_of(encode_entry(ROW)) is None
+
+
 def test_an_event_made_for_a_request_carries_its_tokens_id() -> None:
     principal = Principal(
         tenant_id=ROW.tenant_id or UUID(int=0),
@@ -84,9 +107,12 @@ def test_an_event_made_for_a_request_carries_its_tokens_id() -> None:
         role=Role.PATIENT,
         issuer="https://portal.acme.test",
         token_id="jti-1",
+        key_id="portal-key-1",
     )
-    assert AuditEvent.by(principal, AuditAction.CONSENT_READ).token_id == "jti-1"
-    assert AuditEvent.by_operator(AuditAction.KEY_STATUS).token_id is None
+    event = AuditEvent.by(principal, AuditAction.CONSENT_READ)
+    assert (event.token_id, event.key_id) == ("jti-1", "portal-key-1")
+    operator = AuditEvent.by_operator(AuditAction.KEY_STATUS)
+    assert (operator.token_id, operator.key_id) == (None, None)
 
 
 def test_details_are_canonical_json() -> None:

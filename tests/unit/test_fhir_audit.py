@@ -225,6 +225,19 @@ def test_the_users_token_id_is_the_balp_jti_policy_a_valid_uri_whatever_it_holds
     assert "policy" not in _requestor(_fhir(PHYSICIAN_READ))
 
 
+def test_the_key_that_verified_the_token_is_an_extension_of_the_issuers_agent() -> None:
+    resource = _fhir(replace(PHYSICIAN_READ, key_id="portal-key-2"))
+
+    AuditEvent.model_validate(resource)
+    issuer = _agent_of_type(resource, "http://terminology.hl7.org/CodeSystem/extra-security-role-type", "authserver")
+    assert issuer["extension"] == [{"url": "urn:bedside:signing-key", "valueString": "portal-key-2"}]
+    assert issuer["who"] == {"identifier": {"value": PHYSICIAN_READ.issuer}}
+    unnamed = _fhir(PHYSICIAN_READ)
+    assert "extension" not in _agent_of_type(
+        unnamed, "http://terminology.hl7.org/CodeSystem/extra-security-role-type", "authserver"
+    )
+
+
 def test_key_shred_is_a_security_alert_that_deletes() -> None:
     resource = _fhir(KEY_SHRED)
 
@@ -355,6 +368,7 @@ def _events(draw: st.DrawFn) -> AuditEventFields:
         ),
         issuer=draw(_string_field),
         act_for=draw(st.one_of(st.none(), _reference)),
+        key_id=draw(_string_field),
         patient=draw(st.one_of(st.none(), _reference)),
         resource_type=draw(st.one_of(st.none(), st.sampled_from(["Communication", "Consent", "AuditLog", "Thread"]))),
         resource_id=draw(_string_field),

@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from standardwebhooks import Webhook
 
+from service.domain.audit import decode_entry
 from service.settings import Settings
 from tests.api.messaging_helpers import consent, patient, thread
 from tests.api.webhook_helpers import ADMIN, Receiver, register
@@ -28,9 +29,11 @@ from tests.conftest import Dsns, Portals
 
 REPLY = "Yes, take it with food."
 AUDIT_ROWS = """
-    SELECT action, outcome, actor, tenant_id, issuer, resource_id, details FROM audit_outbox WHERE request_id = $1
+    SELECT action, outcome, actor, tenant_id, issuer, resource_id, details, entry
+    FROM audit_outbox WHERE request_id = $1
     UNION ALL
-    SELECT action, outcome, actor, tenant_id, issuer, resource_id, details FROM audit_leaves WHERE request_id = $1
+    SELECT action, outcome, actor, tenant_id, issuer, resource_id, details, entry
+    FROM audit_leaves WHERE request_id = $1
 """
 
 
@@ -545,6 +548,9 @@ async def test_during_a_rotation_both_secrets_verify_and_the_audit_names_which(
             "webhook_id": webhook_id,
         }, send
         assert send["details"]["thread_id"] == c.thread_id
+        assert (
+            decode_entry(bytes(send["entry"])).get("key_id") == key_id
+        )  # the secret that verified it, as a token's key would be
 
 
 class TestTheOldSecretEndsWithTheOverlap:
