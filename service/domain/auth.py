@@ -48,9 +48,9 @@ class Authenticator:
         self._max_lifetime = max_lifetime_seconds
         self._clock = clock
         self._prepared: dict[tuple[str, str], Any] = {}
-        # Tokens already verified, by their SHA-256: reused until they expire, but never for longer than the
-        # issuer-key cache, so a withdrawn issuer key stops working within the same time either way.
-        # Failures are never cached.
+        # Tokens already verified, by their SHA-256: reused until they expire or for `verified_cache_seconds`,
+        # and each time only if the issuer-key cache still trusts the key that verified it, so a withdrawn
+        # key's tokens stop working when its keys do, never later. Failures are never cached.
         self._verified: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()
         self._verified_ttl = verified_cache_seconds
         self._verified_max = verified_cache_entries
@@ -66,15 +66,20 @@ class Authenticator:
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._verified.get(digest)
         if cached is not None:
-            if cached[0] > self._clock():
+            if cached[0] > self._clock() and await self._still_trusted(cached[1]):
                 return cached[1]
-            del self._verified[digest]
+            self._verified.pop(digest, None)  # another request may have dropped it meanwhile
         principal, expires = await self._verify_token(token)
         if self._verified_ttl > 0:
             self._verified[digest] = (min(expires, self._clock() + self._verified_ttl), principal)
             while len(self._verified) > self._verified_max:
                 self._verified.popitem(last=False)
         return principal
+
+    async def _still_trusted(self, principal: Principal) -> bool:
+        """Whether the key that verified a cached token is still among its issuer's active keys."""
+        trusted = await self._issuers.trusted_keys(principal.tenant, principal.issuer)
+        return trusted.tenant_id == principal.tenant_id and trusted.trusts(principal.key_id)
 
     async def _verify_token(self, token: str) -> tuple[Principal, float]:
         try:

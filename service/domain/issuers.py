@@ -34,6 +34,11 @@ class TrustedKeys:
     tenant_id: UUID | None
     keys: tuple[IssuerKeyRecord, ...]
 
+    def trusts(self, kid: str | None) -> bool:
+        """Whether the key `kid` is still one of the active keys (a kid names one key of an issuer for
+        good: the store never lets another key take a kid, revoked or not)."""
+        return any(key.kid == kid for key in self.keys)
+
 
 class IssuerService:
     def __init__(

@@ -1,15 +1,22 @@
-"""Verified tokens are reused until they expire, never past the issuer-key cache lifetime."""
+"""Verified tokens are reused until they expire, and only while the issuer-key cache still trusts the key
+that verified them: a revoked key's tokens end with its keys, never later."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-import asyncpg
 import pytest
 
+from service.domain.audit import AuditRecorder
 from service.domain.auth import Authenticator
+from service.domain.issuers import IssuerService
 from service.errors import AuthenticationError
-from tests.conftest import Portals, Services
+from service.store.audit import AuditStore
+from service.store.issuers import IssuerStore
+from service.store.tenants import TenantStore
+from tests.conftest import Dsns, Portals, Services
+from tests.support import as_owner
 
 
 class Clock:
@@ -20,40 +27,50 @@ class Clock:
         return self.now
 
 
-async def test_a_cached_token_stops_working_when_its_issuer_key_is_withdrawn_within_the_ttl(
-    services: Services, portals: Portals, database
+def _process(services: Services, clock: Clock, cache_seconds: float = 30) -> tuple[IssuerService, Authenticator]:
+    """The issuer service and authenticator of one server process, with both caches on and one clock."""
+    issuers = IssuerService(
+        services.db,
+        TenantStore(),
+        IssuerStore(),
+        AuditRecorder(AuditStore(), services.db),
+        cache_seconds=cache_seconds,
+        clock=clock,
+    )
+    return issuers, Authenticator(issuers, audience="bedside", verified_cache_seconds=cache_seconds, clock=clock)
+
+
+async def test_a_key_revoked_by_another_process_ends_its_cached_tokens_when_the_issuer_cache_expires(
+    services: Services, portals: Portals, database: Dsns
 ) -> None:
     clock = Clock()
-    auth = Authenticator(services.issuers, audience="bedside", verified_cache_seconds=30, clock=clock)
-    token = portals.acme.token(exp=int(clock.now) + 600)
-    principal = await auth.authenticate(f"Bearer {token}")
-    assert principal.subject == "Patient/1"
+    _, auth = _process(services, clock)
+    early = portals.acme.token(exp=int(clock.now) + 600)
+    assert (await auth.authenticate(f"Bearer {early}")).subject == "Patient/1"  # issuer keys cached until 30 s
+    clock.now += 29
+    late = portals.acme.token(sub="Patient/2", exp=int(clock.now) + 600)
+    await auth.authenticate(f"Bearer {late}")  # verified at 29 s: on its own, reusable until 59 s
 
-    owner = await asyncpg.connect(database.owner)
-    try:  # the operator withdraws the portal's key
-        await owner.execute("UPDATE issuer_keys SET revoked_at = now()")
-    finally:
-        await owner.close()
-    assert (await auth.authenticate(f"Bearer {token}")).subject == "Patient/1"  # within the 30 s
-    clock.now += 31
-    with pytest.raises(AuthenticationError):
-        await auth.authenticate(f"Bearer {token}")
+    # Another process revokes the portal's key: all this one can see of it is the database.
+    revoke = "UPDATE issuer_keys SET revoked_at = now() WHERE kid = 'portal-key-1' AND revoked_at IS NULL"
+    assert await as_owner(database.owner, lambda conn: conn.execute(revoke)) == "UPDATE 2"  # acme's and globex's
+    for token in (early, late):  # this process learns it when its issuer-key cache entry expires: the bound
+        assert (await auth.authenticate(f"Bearer {token}")).subject in ("Patient/1", "Patient/2")
+    clock.now += 2
+    for token in (late, early):  # 31 s: the late token's own 30 s have not run out, its key's have
+        with pytest.raises(AuthenticationError):
+            await auth.authenticate(f"Bearer {token}")
 
 
-async def test_a_cached_token_is_not_served_past_its_expiry(services: Services, portals: Portals, database) -> None:
-    clock = Clock()
-    auth = Authenticator(
-        services.issuers, audience="bedside", leeway_seconds=0, verified_cache_seconds=300, clock=clock
-    )
-    token = portals.acme.token(exp=int(clock.now) + 5)
+async def test_a_cached_token_is_not_served_past_its_expiry(services: Services, portals: Portals) -> None:
+    # Real time: the signature's `exp` is checked against the wall clock, so only a cache that ignored it
+    # could accept the token once that has passed.
+    auth = Authenticator(services.issuers, audience="bedside", leeway_seconds=0, verified_cache_seconds=300)
+    expires = int(time.time()) + 2
+    token = portals.acme.token(exp=expires)
     await auth.authenticate(f"Bearer {token}")
-    owner = await asyncpg.connect(database.owner)
-    try:  # so that only the cache could still accept it
-        await owner.execute("UPDATE issuer_keys SET revoked_at = now()")
-    finally:
-        await owner.close()
-    clock.now += 3
-    assert (await auth.authenticate(f"Bearer {token}")).subject == "Patient/1"  # cached, not yet expired
-    clock.now += 7
-    with pytest.raises(AuthenticationError):
+    assert (await auth.authenticate(f"Bearer {token}")).subject == "Patient/1"
+    await asyncio.sleep(expires - time.time() + 0.05)
+    with pytest.raises(AuthenticationError) as refused:
         await auth.authenticate(f"Bearer {token}")
+    assert refused.value.reason == "expired"
