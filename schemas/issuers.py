@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel, Field
 
 from schemas.common import StrictBody
@@ -23,3 +25,19 @@ class IssuerKeyOut(BaseModel):
 
 class IssuerKeyListOut(BaseModel):
     items: list[IssuerKeyOut]
+
+
+class IssuerKeyRevokeBody(StrictBody):
+    # In the body, not the path: issuers are URLs, whose slashes a path segment would have to escape.
+    issuer: str = Field(min_length=1, max_length=300, description="The tokens' `iss`")
+    kid: str = Field(min_length=1, max_length=200, description="The key to revoke")
+
+
+class IssuerKeyRevokedOut(BaseModel):
+    issuer: str
+    kid: str
+    algorithm: str
+    revoked_at: datetime = Field(description="When the key was revoked (by the first request, if it already was)")
+    active_keys: int = Field(
+        description="Keys of this issuer still trusted; 0: the issuer authenticates nobody until a key is added"
+    )

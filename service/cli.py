@@ -53,7 +53,7 @@ from service.embedded import (
 from service.embedded import (
     Connection as EmbeddedConnection,
 )
-from service.errors import ConfigurationError, DomainError, InvalidRequestError
+from service.errors import ConfigurationError, DomainError, InvalidRequestError, RevokedKeyError
 from service.logs import configure_logging, get_logger
 from service.settings import Settings, SettingsError, load_settings
 from service.store.audit import AuditStore
@@ -212,7 +212,9 @@ async def _trust_dev_issuer(settings: Settings, issuers: IssuerService, tenant: 
         with os.fdopen(fd, "wb") as handle:
             handle.write(pair.private_pem)
     pair = issuer_key_pair_from_private_pem(path.read_bytes())
-    await issuers.add_key(tenant, DEV_ISSUER, pair.public.pem.encode(), kid=pair.public.fingerprint)
+    # An operator who revoked it meant it: it stays revoked, and the server starts all the same.
+    with contextlib.suppress(RevokedKeyError):
+        await issuers.add_key(tenant, DEV_ISSUER, pair.public.pem.encode(), kid=pair.public.fingerprint)
 
 
 @contextlib.asynccontextmanager
@@ -625,6 +627,21 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
             for key in await issuers.list_keys(args.tenant):
                 print(f"{key.issuer}\t{key.kid}\t{key.algorithm}")
 
+    async def revoke(target: Target) -> None:
+        async with _services(target.app_dsn, settings) as (_, issuers):
+            done = await issuers.revoke_key(args.tenant, args.issuer, args.kid)
+        when = done.revoked_at.isoformat()
+        what = f"key kid={done.key.kid} of issuer {done.key.issuer} in tenant {args.tenant}"
+        print(f"revoked {what} at {when}" if done.newly_revoked else f"{what} was already revoked at {when}")
+        if done.active_keys == 0:
+            print("the issuer has no other key: it authenticates nobody until a key is added")
+        else:
+            print(f"{done.active_keys} other key(s) of the issuer still trusted")
+        print(
+            "running servers refuse its tokens within their BEDSIDE_ISSUER_CACHE_SECONDS "
+            f"(here {settings.issuer_cache_seconds:g} s)"
+        )
+
     if args.issuer_command == "add":
         try:
             pem = Path(args.public_key).read_bytes()
@@ -632,6 +649,9 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
             raise CliError(f"cannot read {args.public_key}: {exc.strerror}") from None
         with database_target(settings, "issuer") as target:
             _run(add(target, pem))
+    elif args.issuer_command == "revoke":
+        with database_target(settings, "issuer") as target:
+            _run(revoke(target))
     else:
         with database_target(settings, "issuer") as target:
             _run(listing(target))
@@ -881,6 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--kid", help="key id the tokens name in their header (default: key fingerprint)")
     listing = with_db(issuer_sub.add_parser("list", help="list a tenant's trusted issuer keys"))
     listing.add_argument("--tenant", required=True)
+    revoke = with_db(issuer_sub.add_parser("revoke", help="stop trusting an issuer's key (for good)"))
+    revoke.add_argument("--tenant", required=True)
+    revoke.add_argument("--issuer", required=True, help="the tokens' `iss`")
+    revoke.add_argument("--kid", required=True, help="the key's kid, as `issuer list` shows it")
     issuer.set_defaults(func=cmd_issuer)
 
     keys = sub.add_parser("keys", help="key-encryption keys: status, rotation, crypto-shredding")

@@ -61,7 +61,7 @@ class AuthenticationError(DomainError):
         self.tenant_id = tenant_id
         self.issuer = issuer
         # Known only when a key of the issuer verified the token's signature (and something else was wrong:
-        # it expired, or its claims): the denial names that key, as a success would.
+        # it expired, its claims, its key was revoked): the denial names that key, as a success would.
         self.key_id = key_id
 
 
@@ -87,6 +87,13 @@ class ConsentRequiredError(ForbiddenError):
 class ConflictError(DomainError):
     code = "conflict"
     title = "Conflict with the current state"
+
+
+class RevokedKeyError(ConflictError):
+    """An issuer key that was revoked: it is never trusted again, under any kid or issuer of the tenant."""
+
+    code = "key-revoked"
+    title = "This key was revoked"
 
 
 class AlreadyExistsError(ConflictError):

@@ -23,7 +23,7 @@ from schemas.audit import (
 )
 from schemas.consents import ConsentBody, ConsentHistoryOut, ConsentHistoryQuery, ConsentOut, ConsentQuery, RevokeBody
 from schemas.health import HealthOut, ReadyOut
-from schemas.issuers import IssuerKeyBody, IssuerKeyListOut, IssuerKeyOut
+from schemas.issuers import IssuerKeyBody, IssuerKeyListOut, IssuerKeyOut, IssuerKeyRevokeBody, IssuerKeyRevokedOut
 from schemas.keys import KeyStatusOut, RewrapOut, ShredBody, ShredOut
 from schemas.me import MeOut
 from schemas.messaging import (
@@ -208,6 +208,20 @@ ROUTES: tuple[Route, ...] = (
         "administration",
         gate=policy.can_manage_issuers,
         response=IssuerKeyListOut,
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/v1/admin/issuers/revoke",
+        issuers.revoke_issuer_key,
+        "revoke_issuer_key",
+        "Revoke a key of one of the tenant's token issuers: its tokens are refused at once by this process, "
+        "within BEDSIDE_ISSUER_CACHE_SECONDS by the others. Revoking a revoked key answers the same; the last "
+        "key of an issuer may be revoked (admin)",
+        "administration",
+        gate=policy.can_manage_issuers,
+        body=IssuerKeyRevokeBody,
+        response=IssuerKeyRevokedOut,
         errors=(404,),
     ),
     Route(

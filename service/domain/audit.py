@@ -37,6 +37,7 @@ class AuditAction(StrEnum):
     TENANT_CREATE = "tenant:create"
     ISSUER_ADD = "issuer:add"
     ISSUER_LIST = "issuer:list"
+    ISSUER_REVOKE = "issuer:revoke"
     KEY_STATUS = "key:status"
     KEY_ROTATE = "key:rotate"
     KEY_REWRAP = "key:rewrap"

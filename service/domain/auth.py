@@ -18,7 +18,7 @@ from typing import Any
 import jwt
 
 from crypto.issuer_keys import ALLOWED_ALGORITHMS
-from service.domain.issuers import IssuerService
+from service.domain.issuers import IssuerService, TrustedKeys
 from service.domain.principal import SUBJECT_TYPE, Principal, Role, is_plain_text, is_reference
 from service.errors import AuthenticationError
 from service.settings import is_slug
@@ -49,8 +49,9 @@ class Authenticator:
         self._clock = clock
         self._prepared: dict[tuple[str, str], Any] = {}
         # Tokens already verified, by their SHA-256: reused until they expire or for `verified_cache_seconds`,
-        # and each time only if the issuer-key cache still trusts the key that verified it, so a withdrawn
-        # key's tokens stop working when its keys do, never later. Failures are never cached.
+        # and each time only if the issuer-key cache still trusts the key that verified it, so a revoked key's
+        # tokens stop working when its keys do: at once in this process, within the issuer-key cache's
+        # lifetime in the others. Failures are never cached.
         self._verified: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()
         self._verified_ttl = verified_cache_seconds
         self._verified_max = verified_cache_entries
@@ -97,29 +98,31 @@ class Authenticator:
         if not is_slug(tenant) or not is_plain_text(issuer, 300):
             raise AuthenticationError("unknown-issuer")
         trusted = await self._issuers.trusted_keys(tenant, issuer)
-        if trusted.tenant_id is None or not trusted.keys:
+        if trusted.tenant_id is None or not (trusted.keys or trusted.revoked):
             raise AuthenticationError("unknown-issuer")
-        kid = header.get("kid")
-        candidates = [k for k in trusted.keys if k.algorithm == algorithm and (kid is None or k.kid == kid)]
-        if not candidates:
-            raise AuthenticationError("unknown-key", tenant_id=trusted.tenant_id, issuer=issuer)
         verified_by: str | None = None
         try:
-            claims, key = self._verify(token, issuer, candidates)
+            claims, key = self._verify(token, issuer, algorithm, header.get("kid"), trusted)
             verified_by = key.kid
             return self._principal(claims, trusted.tenant_id, tenant, issuer, key.kid), float(claims["exp"])
         except AuthenticationError as error:
-            # The signature's issuer is one this tenant trusts: the attempt is the tenant's to review, and
-            # where a key of it verified the signature, the denial names that key.
+            # The signature's issuer is one this tenant registered: the attempt is the tenant's to review,
+            # and where a key of it verified the signature, the denial names that key.
             raise AuthenticationError(
                 error.reason, tenant_id=trusted.tenant_id, issuer=issuer, key_id=error.key_id or verified_by
             ) from None
 
     def _verify(
-        self, token: str, issuer: str, candidates: list[IssuerKeyRecord]
+        self, token: str, issuer: str, algorithm: str, kid: object, trusted: TrustedKeys
     ) -> tuple[dict[str, Any], IssuerKeyRecord]:
-        """The token's claims and the key that verified them. A failure after a key verified the signature
-        names that key (`key_id`)."""
+        """The token's claims and the active key that verified them. A failure after a key verified the
+        signature names that key (`key_id`); so does "revoked-key", a token a revoked key signed."""
+        candidates = [k for k in trusted.keys if k.algorithm == algorithm and (kid is None or k.kid == kid)]
+        if not candidates:
+            revoked = [k for k in trusted.revoked if k.algorithm == algorithm and k.kid == kid]
+            if revoked and self._signed_by(token, revoked[0]):
+                raise AuthenticationError("revoked-key", key_id=revoked[0].kid)
+            raise AuthenticationError("unknown-key" if not revoked else "bad-signature")
         failure = "bad-signature"
         for key in candidates:
             try:
@@ -152,6 +155,14 @@ class Authenticator:
             # The signature checked out (PyJWT verifies it before claims): no other key will do better.
             raise AuthenticationError(failure, key_id=key.kid)
         raise AuthenticationError(failure)
+
+    def _signed_by(self, token: str, key: IssuerKeyRecord) -> bool:
+        """Whether `key` made the token's signature (its claims aside)."""
+        try:
+            jwt.PyJWS().decode(token, key=self._prepare(key.algorithm, key.public_key_pem), algorithms=[key.algorithm])
+        except jwt.PyJWTError:
+            return False
+        return True
 
     def _prepare(self, algorithm: str, pem: str) -> Any:
         """Parse each registered key once per process, not once per request."""

@@ -2,7 +2,8 @@
 
 Keys are looked up per (tenant, issuer) on every request, so they are cached for a short, configured
 time; a negative answer is cached too, so a flood of tokens from unknown issuers cannot reach the
-database for each one.
+database for each one. Adding or revoking a key clears the entry of its (tenant, issuer) in this process
+at once; other processes see the change when their entry expires, at most `cache_seconds` later.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 import jwt
@@ -19,7 +21,7 @@ from crypto.issuer_keys import IssuerKeyError, IssuerKeyPair, load_issuer_public
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.policy import can_manage_issuers
 from service.domain.principal import Principal, is_plain_text
-from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError
+from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError, RevokedKeyError
 from service.store.db import Database
 from service.store.issuers import IssuerKeyRecord, IssuerStore
 from service.store.tenants import TenantStore
@@ -29,15 +31,29 @@ DEV_ISSUER = "urn:bedside:dev-issuer"
 
 @dataclass(frozen=True, slots=True)
 class TrustedKeys:
-    """What the authenticator needs to check a token of (tenant, issuer): None tenant means unknown."""
+    """What the authenticator needs to check a token of (tenant, issuer): None tenant means unknown.
+    `keys` are the active keys; `revoked` the revoked ones, only so that a token one of them signed is
+    refused, and audited, as what it is."""
 
     tenant_id: UUID | None
     keys: tuple[IssuerKeyRecord, ...]
+    revoked: tuple[IssuerKeyRecord, ...] = ()
 
     def trusts(self, kid: str | None) -> bool:
         """Whether the key `kid` is still one of the active keys (a kid names one key of an issuer for
         good: the store never lets another key take a kid, revoked or not)."""
         return any(key.kid == kid for key in self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked issuer key, when, whether this call revoked it (False: it already was), and how many
+    keys of its issuer are still trusted (0: the issuer authenticates nobody now)."""
+
+    key: IssuerKeyRecord
+    revoked_at: datetime
+    newly_revoked: bool
+    active_keys: int
 
 
 class IssuerService:
@@ -60,17 +76,17 @@ class IssuerService:
         self._max = cache_entries
         self._clock = clock
         self._cache: OrderedDict[tuple[str, str], tuple[float, TrustedKeys]] = OrderedDict()
+        # Bumped whenever this process changes a key: a lookup that read the database before the change
+        # and finishes after it must not put what it read into the cache.
+        self._generation = 0
 
     async def add_key(
         self, tenant: str, issuer: str, public_key_pem: bytes, kid: str | None = None, *, by: Principal | None = None
     ) -> str:
         """Trust `issuer` in `tenant` with this public key; returns the key's kid (its fingerprint
-        unless given). Adding the same key again changes nothing; another key under a used kid is refused."""
-        problems = []
-        if not is_plain_text(issuer, 300):
-            problems.append(FieldProblem(("issuer",), "value", "1 to 300 printable characters"))
-        if kid is not None and not is_plain_text(kid, 200):
-            problems.append(FieldProblem(("kid",), "value", "1 to 200 printable characters"))
+        unless given). Adding the same key again changes nothing; another key under a used kid is refused,
+        and so is a key that was revoked (under any kid or issuer of the tenant: the attempt is audited)."""
+        problems = _name_problems(issuer, kid)
         try:
             key = load_issuer_public_key(public_key_pem)
         except IssuerKeyError as exc:
@@ -84,17 +100,20 @@ class IssuerService:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
         async with self._db.transaction(found.id) as tx:
             outcome = await self._issuers.add_key(tx, found.id, issuer, kid, key.algorithm, key.pem)
-            if outcome == "added":
+            if outcome in ("added", "revoked"):
                 fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": {"kid": kid[:200]}}
                 event = (
                     AuditEvent.by(by, AuditAction.ISSUER_ADD, **fields)
                     if by is not None
                     else AuditEvent.by_operator(AuditAction.ISSUER_ADD, tenant_id=found.id, **fields)
                 )
-                await self._audit.record(tx, event)
+                # Trusting a revoked key again is refused, and the attempt recorded (nothing else was written).
+                await self._audit.record(tx, event if outcome == "added" else event.denied("key-revoked"))
         if outcome == "conflict":
             raise ConflictError("this kid is already registered for another key of the issuer")
-        self._cache.pop((tenant, issuer), None)
+        if outcome == "revoked":
+            raise RevokedKeyError("this key (or this kid) was revoked and is never trusted again: register a new key")
+        self._forget(tenant, issuer)
         return kid
 
     async def add_key_as(
@@ -106,6 +125,62 @@ class IssuerService:
         kid = await self.add_key(principal.tenant, issuer, public_key_pem, kid, by=principal)
         key = load_issuer_public_key(public_key_pem)
         return IssuerKeyRecord(issuer=issuer, kid=kid, algorithm=key.algorithm, public_key_pem=key.pem)
+
+    async def revoke_key(self, tenant: str, issuer: str, kid: str) -> Revocation:
+        """The operator (`bedside issuer revoke`) withdraws the key `kid` of `issuer` in `tenant` (slug).
+        Revoking a revoked key changes nothing and answers the same; NotFoundError for no such key."""
+        _check_names(issuer, kid)
+        async with self._db.transaction() as tx:
+            found = await self._tenants.by_slug(tx, tenant)
+        if found is None:
+            raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
+        return await self._revoke(found.id, tenant, issuer, kid, None)
+
+    async def revoke_key_as(self, principal: Principal, issuer: str, kid: str) -> Revocation:
+        """An admin withdraws a key of an issuer of their own tenant. Anyone else: not found. An unknown
+        issuer or kid: not found, and the attempt is audited."""
+        if not can_manage_issuers(principal):
+            raise NotFoundError()
+        _check_names(issuer, kid)
+        return await self._revoke(principal.tenant_id, principal.tenant, issuer, kid, principal)
+
+    async def _revoke(self, tenant_id: UUID, tenant: str, issuer: str, kid: str, by: Principal | None) -> Revocation:
+        async with self._db.transaction(tenant_id) as tx:
+            revoked = await self._issuers.revoke_key(tx, tenant_id, issuer, kid)
+            if revoked is not None:
+                active = await self._issuers.count_active(tx, tenant_id, issuer)
+                fields = {
+                    "resource_type": "Issuer",
+                    "resource_id": issuer[:200],
+                    "details": {"kid": kid, "already_revoked": not revoked.newly_revoked, "active_keys": active},
+                }
+                event = (
+                    AuditEvent.by(by, AuditAction.ISSUER_REVOKE, **fields)
+                    if by is not None
+                    else AuditEvent.by_operator(AuditAction.ISSUER_REVOKE, tenant_id=tenant_id, **fields)
+                )
+                await self._audit.record(tx, event)
+        if revoked is None:
+            missing = NotFoundError("this issuer has no key of this kid in the tenant")
+            if by is None:
+                raise missing
+            raise missing.recording(
+                AuditEvent.by(
+                    by,
+                    AuditAction.ACCESS_DENIED,
+                    resource_type="Issuer",
+                    resource_id=issuer[:200],
+                    details={"attempt": "revoke", "kid": kid},
+                ).denied("not-found")
+            )
+        # This process stops trusting the key now (the authenticator's verified tokens of it included:
+        # it asks `trusted_keys` before reusing one); the others when their cache entry expires.
+        self._forget(tenant, issuer)
+        return Revocation(revoked.key, revoked.revoked_at, revoked.newly_revoked, active)
+
+    def _forget(self, tenant: str, issuer: str) -> None:
+        self._generation += 1
+        self._cache.pop((tenant, issuer), None)
 
     async def list_keys_as(self, principal: Principal) -> list[IssuerKeyRecord]:
         if not can_manage_issuers(principal):
@@ -122,15 +197,20 @@ class IssuerService:
         if cached is not None and cached[0] > now:
             self._cache.move_to_end((tenant, issuer))
             return cached[1]
+        generation = self._generation
         async with self._db.transaction() as tx:
             found = await self._tenants.by_slug(tx, tenant)
         if found is None:
             trusted = TrustedKeys(tenant_id=None, keys=())
         else:
             async with self._db.transaction(found.id) as tx:
-                keys = await self._issuers.active_keys(tx, found.id, issuer)
-            trusted = TrustedKeys(tenant_id=found.id, keys=tuple(keys))
-        if self._ttl > 0:
+                keys = await self._issuers.keys(tx, found.id, issuer)
+            trusted = TrustedKeys(
+                tenant_id=found.id,
+                keys=tuple(k for k in keys if k.revoked_at is None),
+                revoked=tuple(k for k in keys if k.revoked_at is not None),
+            )
+        if self._ttl > 0 and generation == self._generation:
             self._cache[(tenant, issuer)] = (now + self._ttl, trusted)
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
@@ -143,6 +223,21 @@ class IssuerService:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
         async with self._db.transaction(found.id) as tx:
             return await self._issuers.all_active_keys(tx, found.id)
+
+
+def _name_problems(issuer: str, kid: str | None) -> list[FieldProblem]:
+    problems = []
+    if not is_plain_text(issuer, 300):
+        problems.append(FieldProblem(("issuer",), "value", "1 to 300 printable characters"))
+    if kid is not None and not is_plain_text(kid, 200):
+        problems.append(FieldProblem(("kid",), "value", "1 to 200 printable characters"))
+    return problems
+
+
+def _check_names(issuer: str, kid: str) -> None:
+    problems = _name_problems(issuer, kid)
+    if problems:
+        raise InvalidRequestError(problems)
 
 
 def mint_token(

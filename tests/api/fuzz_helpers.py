@@ -280,7 +280,7 @@ class World:
     identities: dict[str, dict[str, str]]  # caller -> the role, sub (and act_for) of their tokens
     inbound_secret: str
     public_key_pem: str  # a key not yet trusted, so that adding it succeeds
-    issuer: str
+    issuer: str  # an issuer of the world's own, with a key of kid portal-key-1 (not the portal the callers use)
 
     @property
     def uuids(self) -> list[str]:

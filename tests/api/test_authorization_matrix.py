@@ -255,6 +255,13 @@ async def build_world(client: Any, portals: Portals, owner: asyncpg.Connection, 
             attach("xtenant", globex, "Patient/1"),
         ]
 
+    if "issuer_keys" in needs:
+        for scope, issuer in REVOCABLE_KEYS.items():
+            if scope != "xtenant":
+                pem = TestIssuer(tenant="acme", issuer=issuer).public_pem.decode()
+                key = {"issuer": issuer, "public_key_pem": pem, "kid": f"mx-{scope}"}
+                steps.append(call(client, "POST", "/v1/admin/issuers", admin, acme, json=key))
+
     if "teams" in needs:
         acme_team = {"team": "CareTeam/neuro", "members": ["Practitioner/20", "Practitioner/21"]}
         globex_team = {"team": "CareTeam/g-onc", "members": ["Practitioner/g7"]}
@@ -420,6 +427,20 @@ def only_acme_grants(w: World, role: str, scope: str, body: str) -> str | None:
     return None if listed == wanted else f"grants {sorted(listed)}, expected {sorted(wanted)}"
 
 
+# Whose key each scope's revocation names: own, a second key of acme's portal; other, the key of a second
+# issuer of acme; xtenant, globex's portal and its kid, which acme does not know.
+REVOCABLE_KEYS = {
+    "own": "https://portal.acme.test",
+    "other": "https://second-portal.acme.test",
+    "xtenant": "https://portal.globex.test",
+}
+
+
+def revocable_key(w: World, role: str, scope: str) -> Call:
+    kid = "portal-key-1" if scope == "xtenant" else f"mx-{scope}"
+    return Call(json={"issuer": REVOCABLE_KEYS[scope], "kid": kid})
+
+
 def issuer_key(w: World, role: str, scope: str) -> Call:
     issuer = {
         "own": "https://portal.acme.test",  # another key of the tenant's own portal
@@ -573,6 +594,14 @@ MATRIX: dict[str, Row] = {
         note="other: a second issuer of acme; xtenant: globex's issuer and kid, trusted by acme alone",
     ),
     "list_issuer_keys": Row(only(admin=(200, 200, 200)), check=only_acme_issuers, note="no scope in the request"),
+    "revoke_issuer_key": Row(
+        only(admin=(200, 200, 404)),
+        revocable_key,
+        needs=frozenset({"issuer_keys"}),
+        destructive=True,
+        post=globex_issuers_untouched,
+        note="own: a second key of acme's portal, other: a second issuer's key, xtenant: globex's (unknown in acme)",
+    ),
     "get_key_status": Row(only(admin=(200, 200, 200)), note="no scope in the request"),
     "rewrap_keys": Row(only(admin=(202, 202, 202)), note="no scope in the request"),
     "shred_patient_key": Row(

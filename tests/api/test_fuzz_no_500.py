@@ -183,6 +183,7 @@ FUZZ: dict[str, Fuzz] = {
     "get_me": Fuzz(callers=CALLERS, claims=True),  # and tokens the portal signed over claims of any value
     "add_issuer_key": Fuzz(callers=("admin",)),
     "list_issuer_keys": Fuzz(callers=("admin",)),
+    "revoke_issuer_key": Fuzz(callers=("admin",)),
     "get_key_status": Fuzz(callers=("admin",)),
     "rewrap_keys": Fuzz(callers=("admin",)),
     "shred_patient_key": Fuzz(callers=("admin",), seeds=_shreds),
@@ -336,7 +337,8 @@ def identities(n: int) -> dict[str, dict[str, str]]:
 async def build_world(served: Served) -> World:
     """A new patient's world, through the API: their consents (messaging with their physician and care team,
     a proxy), their thread with a message and an attachment, a webhook endpoint of the physician's with
-    deliveries, and a break-glass grant of an outsider's."""
+    deliveries, a break-glass grant of an outsider's, and an issuer of its own with a key (`portal-key-1`,
+    as the portal's), which the issuer routes name instead of the portal: a revocation stays in the world."""
     n = next(served.worlds)
     who = identities(n)
     patient, physician, staff = who["patient"]["sub"], who["physician"]["sub"], who["staff"]["sub"]
@@ -353,6 +355,15 @@ async def build_world(served: Served) -> World:
         evidence = {"method": "portal", "text_version": "consent-text-v3"}
         return {"patient": patient, "grantee": grantee, "scope": "messaging", "evidence": evidence, **extra}
 
+    issuer = f"https://portal-{n}.acme.test"
+    issuer_key = ed25519.Ed25519PrivateKey.generate().public_key()
+    pem = issuer_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    await call(
+        "POST",
+        "/v1/admin/issuers",
+        "admin",
+        json={"issuer": issuer, "public_key_pem": pem.decode(), "kid": "portal-key-1"},
+    )
     await call("POST", "/v1/admin/care-teams", "admin", json={"team": team, "members": [physician, staff]})
     hook = {"subscriber": physician, "url": WEBHOOK_URL, "event_types": ["message.created", "thread.created"]}
     until = (datetime.now(UTC) + timedelta(days=90)).isoformat()
@@ -402,7 +413,7 @@ async def build_world(served: Served) -> World:
         public_key_pem=key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ).decode(),
-        issuer=served.portal.issuer,
+        issuer=issuer,
     )
 
 

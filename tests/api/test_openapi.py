@@ -183,6 +183,11 @@ async def test_responses_match_what_the_document_says(client, portals: Portals) 
         ("POST", "/v1/admin/issuers", portals.acme.auth(), key_body),
         ("GET", "/v1/admin/issuers", admin, None),
         ("GET", "/v1/admin/issuers", portals.acme.auth(), None),
+        ("POST", "/v1/admin/issuers/revoke", admin, {"issuer": new_key.issuer, "kid": new_key.kid}),
+        ("POST", "/v1/admin/issuers/revoke", admin, {"issuer": new_key.issuer, "kid": "no-such-kid"}),
+        ("POST", "/v1/admin/issuers/revoke", admin, {"issuer": new_key.issuer}),
+        ("POST", "/v1/admin/issuers/revoke", portals.acme.auth(), {"issuer": new_key.issuer, "kid": new_key.kid}),
+        ("POST", "/v1/admin/issuers", admin, key_body),  # a revoked key: 409 key-revoked
     ]
     seen = set()
     for method, path, headers, body in exchanges:
@@ -192,6 +197,7 @@ async def test_responses_match_what_the_document_says(client, portals: Portals) 
 
     assert {("GET", "/v1/me", 401), ("POST", "/v1/admin/issuers", 201), ("POST", "/v1/admin/issuers", 409)} <= seen
     assert {("POST", "/v1/admin/issuers", 422), ("GET", "/v1/admin/issuers", 404)} <= seen
+    assert {status for _method, path, status in seen if path == "/v1/admin/issuers/revoke"} == {200, 404, 422}
 
 
 async def test_webhook_responses_match_what_the_document_says(client, portals: Portals) -> None:
@@ -393,6 +399,7 @@ async def _tour(client: Any, portals: Portals, document: dict[str, Any]) -> set[
     key = {"issuer": new_key.issuer, "public_key_pem": new_key.public_pem.decode(), "kid": new_key.kid}
     await call("add_issuer_key", admin, json=key)
     await call("list_issuer_keys", admin)
+    await call("revoke_issuer_key", admin, json={"issuer": new_key.issuer, "kid": new_key.kid})
     await call("get_key_status", admin)
     await call("rewrap_keys", admin)
     team = {"team": "CareTeam/cardio", "members": ["Practitioner/7"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,11 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.support import TestIssuer
+from service.cli import _trust_dev_issuer
+from service.domain.issuers import DEV_ISSUER
+from service.settings import Settings
+from tests.conftest import Services
+from tests.support import TestIssuer, audit_events
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
@@ -69,6 +74,56 @@ async def test_an_operator_registers_a_portal_whose_tokens_then_work(database, c
     assert response.status == 200
     assert (await response.json())["role"] == "staff"
     assert jwt.get_unverified_header(portal.token())["alg"] == "ES256"
+
+
+async def test_an_operator_revokes_a_portal_key_whose_tokens_then_fail(database, client, tmp_path: Path) -> None:
+    assert _run("tenant", "create", "acme", "--database-url", database.app).returncode == 0
+    portal = TestIssuer(tenant="acme", issuer="https://portal.acme.test")
+    rotated = TestIssuer(tenant="acme", issuer=portal.issuer, kid="portal-key-2")
+    for key in (portal, rotated):
+        key_file = tmp_path / f"{key.kid}.pem"
+        key_file.write_bytes(key.public_pem)
+        add = ("issuer", "add", "--tenant", "acme", "--issuer", key.issuer, "--public-key", str(key_file))
+        assert _run(*add, "--kid", key.kid, "--database-url", database.app).returncode == 0
+    assert (await client.get("/v1/me", headers=portal.auth())).status == 200
+
+    revoke = ("issuer", "revoke", "--tenant", "acme", "--issuer", portal.issuer, "--kid", portal.kid)
+    revoked = _run(*revoke, "--database-url", database.app)
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.startswith(f"revoked key kid=portal-key-1 of issuer {portal.issuer} in tenant acme at ")
+    assert "1 other key(s) of the issuer still trusted" in revoked.stdout
+    assert (await client.get("/v1/me", headers=portal.auth())).status == 401
+    assert (await client.get("/v1/me", headers=rotated.auth())).status == 200
+
+    again = _run(*revoke, "--database-url", database.app)
+    assert again.returncode == 0, again.stderr
+    assert "was already revoked at" in again.stdout
+    listed = _run("issuer", "list", "--tenant", "acme", "--database-url", database.app)
+    assert [line.split("\t")[1] for line in listed.stdout.splitlines()] == ["portal-key-2"]
+    unknown = _run(*revoke[:-1], "no-such-kid", "--database-url", database.app)
+    assert unknown.returncode == 1
+    assert unknown.stderr == "bedside: this issuer has no key of this kid in the tenant\n"
+
+    events = await audit_events(database.owner, "action = 'issuer:revoke'")
+    assert [(e["actor_role"], e["source"], json.loads(e["details"])["already_revoked"]) for e in events] == [
+        ("operator", "cli", False),
+        ("operator", "cli", True),
+    ]
+
+
+async def test_a_revoked_development_key_stays_revoked_when_serve_trusts_it_again(
+    services: Services, tmp_path: Path
+) -> None:
+    # Embedded `serve` trusts the development issuer in every tenant each time it starts: a key the operator
+    # revoked must stay revoked, and must not stop the server from starting.
+    settings = Settings(data_dir=tmp_path)
+    await services.tenants.create("demo")
+    await _trust_dev_issuer(settings, services.issuers, "demo")
+    (key,) = await services.issuers.list_keys("demo")
+    await services.issuers.revoke_key("demo", DEV_ISSUER, key.kid)
+
+    await _trust_dev_issuer(settings, services.issuers, "demo")
+    assert await services.issuers.list_keys("demo") == []
 
 
 def test_cli_errors_are_one_clear_line_not_a_traceback(database, tmp_path: Path) -> None:

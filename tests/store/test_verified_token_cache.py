@@ -58,8 +58,22 @@ async def test_a_key_revoked_by_another_process_ends_its_cached_tokens_when_the_
         assert (await auth.authenticate(f"Bearer {token}")).subject in ("Patient/1", "Patient/2")
     clock.now += 2
     for token in (late, early):  # 31 s: the late token's own 30 s have not run out, its key's have
-        with pytest.raises(AuthenticationError):
+        with pytest.raises(AuthenticationError) as refused:
             await auth.authenticate(f"Bearer {token}")
+        assert (refused.value.reason, refused.value.key_id) == ("revoked-key", "portal-key-1")
+
+
+async def test_a_key_revoked_in_this_process_ends_its_cached_tokens_at_once(
+    services: Services, portals: Portals
+) -> None:
+    clock = Clock()
+    issuers, auth = _process(services, clock, cache_seconds=300)
+    token = portals.acme.token(exp=int(clock.now) + 600)
+    await auth.authenticate(f"Bearer {token}")
+
+    await issuers.revoke_key("acme", portals.acme.issuer, "portal-key-1")
+    with pytest.raises(AuthenticationError):
+        await auth.authenticate(f"Bearer {token}")
 
 
 async def test_a_cached_token_is_not_served_past_its_expiry(services: Services, portals: Portals) -> None:
