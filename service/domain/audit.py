@@ -146,6 +146,16 @@ class AuditEvent:
         return cls(action=action, actor_role="operator", **fields)  # type: ignore[arg-type]
 
     @classmethod
+    def by_principal_or_operator(
+        cls, by: Principal | None, action: AuditAction, tenant_id: UUID, **fields: object
+    ) -> AuditEvent:
+        """The event of a change an admin made through the API (`by`), or the operator through the
+        command line (None), in `tenant_id`."""
+        if by is not None:
+            return cls.by(by, action, **fields)
+        return cls.by_operator(action, tenant_id=tenant_id, **fields)
+
+    @classmethod
     def by_system(cls, action: AuditAction, tenant_id: UUID, **fields: object) -> AuditEvent:
         """An event of Bedside's own background work (the webhook worker), within a tenant."""
         return cls(action=action, tenant_id=tenant_id, actor=SYSTEM_ACTOR, actor_role="system", **fields)  # type: ignore[arg-type]

@@ -439,9 +439,7 @@ class ConsentLedger:
         self, tx: Tx, tenant_id: UUID, action: AuditAction, team: str, member: str, by: Principal | None
     ) -> None:
         fields: dict[str, Any] = {"resource_type": "CareTeam", "resource_id": team, "details": {"member": member}}
-        event = (
-            AuditEvent.by(by, action, **fields) if by else AuditEvent.by_operator(action, tenant_id=tenant_id, **fields)
-        )
+        event = AuditEvent.by_principal_or_operator(by, action, tenant_id, **fields)
         await self._audit.record(tx, event)
 
     # -- internals -----------------------------------------------------------------------------------

@@ -102,11 +102,7 @@ class IssuerService:
             outcome = await self._issuers.add_key(tx, found.id, issuer, kid, key.algorithm, key.pem)
             if outcome in ("added", "revoked"):
                 fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": {"kid": kid[:200]}}
-                event = (
-                    AuditEvent.by(by, AuditAction.ISSUER_ADD, **fields)
-                    if by is not None
-                    else AuditEvent.by_operator(AuditAction.ISSUER_ADD, tenant_id=found.id, **fields)
-                )
+                event = AuditEvent.by_principal_or_operator(by, AuditAction.ISSUER_ADD, found.id, **fields)
                 # Trusting a revoked key again is refused, and the attempt recorded (nothing else was written).
                 await self._audit.record(tx, event if outcome == "added" else event.denied("key-revoked"))
         if outcome == "conflict":
@@ -154,11 +150,7 @@ class IssuerService:
                     "resource_id": issuer[:200],
                     "details": {"kid": kid, "already_revoked": not revoked.newly_revoked, "active_keys": active},
                 }
-                event = (
-                    AuditEvent.by(by, AuditAction.ISSUER_REVOKE, **fields)
-                    if by is not None
-                    else AuditEvent.by_operator(AuditAction.ISSUER_REVOKE, tenant_id=tenant_id, **fields)
-                )
+                event = AuditEvent.by_principal_or_operator(by, AuditAction.ISSUER_REVOKE, tenant_id, **fields)
                 await self._audit.record(tx, event)
         if revoked is None:
             missing = NotFoundError("this issuer has no key of this kid in the tenant")

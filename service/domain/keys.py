@@ -242,11 +242,7 @@ class KeyOperations:
                 existing = await self._keys.shredded_at(tx, tenant_id, patient)
             else:
                 fields = {"patient": patient, "resource_type": "DataKey", "resource_id": str(result[0])}
-                event = (
-                    AuditEvent.by(by, AuditAction.KEY_SHRED, **fields)
-                    if by is not None
-                    else AuditEvent.by_operator(AuditAction.KEY_SHRED, tenant_id=tenant_id, **fields)
-                )
+                event = AuditEvent.by_principal_or_operator(by, AuditAction.KEY_SHRED, tenant_id, **fields)
                 await self._audit.record(tx, event)
         if result is None:
             if existing is None:
