@@ -324,8 +324,8 @@ class MessagingService:
         self, tx: Tx, principal: Principal, thread_id: UUID
     ) -> tuple[int, tuple[ReceiptRecord, ...]]:
         """The caller's unread count and the thread's receipts, for an answer that shows one thread."""
-        receipts = await self._store.receipts(tx, principal.tenant_id, thread_id)
-        return await self._store.unread(tx, principal.tenant_id, thread_id, principal.subject), tuple(receipts)
+        unread, receipts = await self._store.reader_state(tx, principal.tenant_id, thread_id, principal.subject)
+        return unread, tuple(receipts)
 
     async def list_threads(
         self,

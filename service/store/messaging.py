@@ -212,9 +212,6 @@ class MessagingStore:
         SET up_to = GREATEST(read_receipts.up_to, EXCLUDED.up_to), read_at = now()
         RETURNING up_to, read_at
     """
-    _RECEIPTS = (
-        "SELECT reader, up_to, read_at FROM read_receipts WHERE tenant_id = $1 AND thread_id = $2 ORDER BY reader"
-    )
     _READ_BY_OTHERS = """
         SELECT EXISTS (
             SELECT 1 FROM read_receipts WHERE tenant_id = $1 AND thread_id = $2 AND reader <> $3 AND up_to >= $4
@@ -232,6 +229,13 @@ class MessagingStore:
         up_to="coalesce((SELECT up_to FROM read_receipts WHERE tenant_id = $1 AND thread_id = $2 AND reader = $3), 0)",
         reader="$3",
     )
+    # A reader's view of one thread: their unread count and every receipt, in one statement (a row per
+    # receipt, each with the count; one row of NULLs beside it when there is none).
+    _READER_STATE = f"""
+        SELECT u.unread, r.reader, r.up_to, r.read_at
+        FROM ({_UNREAD}) u LEFT JOIN read_receipts r ON r.tenant_id = $1 AND r.thread_id = $2
+        ORDER BY r.reader
+    """  # noqa: S608
     # The caller's threads: as the patient ($2), or as a participant, directly or through a care team
     # ($4); newest first, keyset-paginated on (created_at, id), which activity never changes, so no page
     # skips or repeats a thread while messages arrive. Unread as above, per thread. With $11 only threads
@@ -579,13 +583,13 @@ class MessagingStore:
         assert row is not None
         return ReceiptRecord(reader, row["up_to"], row["read_at"])
 
-    async def receipts(self, tx: Tx, tenant_id: UUID, thread_id: UUID) -> list[ReceiptRecord]:
-        rows = await tx.conn.fetch(self._RECEIPTS, tenant_id, thread_id)
-        return [ReceiptRecord(r["reader"], r["up_to"], r["read_at"]) for r in rows]
-
-    async def unread(self, tx: Tx, tenant_id: UUID, thread_id: UUID, reader: str) -> int:
-        count: int = await tx.conn.fetchval(self._UNREAD, tenant_id, thread_id, reader)
-        return count
+    async def reader_state(
+        self, tx: Tx, tenant_id: UUID, thread_id: UUID, reader: str
+    ) -> tuple[int, list[ReceiptRecord]]:
+        """`reader`'s unread count in the thread, and the thread's receipts (by reader)."""
+        rows = await tx.conn.fetch(self._READER_STATE, tenant_id, thread_id, reader)
+        receipts = [ReceiptRecord(r["reader"], r["up_to"], r["read_at"]) for r in rows if r["reader"] is not None]
+        return int(rows[0]["unread"]), receipts
 
     async def list_threads(
         self,

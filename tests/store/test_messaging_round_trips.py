@@ -116,5 +116,8 @@ async def test_a_send_and_a_read_are_four_round_trips_each(database: Dsns, kek_f
             assert len(await _counted(db, page)) == 4
             later = messaging.messages(who, thread_id, after=1, before=None, limit=2)
             assert len(await _counted(db, later)) == 4
+            # A thread's view reads the caller's unread count and the receipts in one statement.
+            view = await _counted(db, messaging.get_thread(who, thread_id))
+            assert sum("read_receipts" in s for s in view) == 1, view
     finally:
         await db.close()
