@@ -30,7 +30,7 @@ from service.domain.principal import Principal, Role, is_plain_text, is_referenc
 from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError, UnavailableError
 from service.store.consents import ConsentEventRecord, ConsentKey, ConsentStateRecord, ConsentStore
 from service.store.db import Database, Tx
-from service.store.idempotency import IdempotencyStore, StoredResponse
+from service.store.idempotency import IdempotencyClaim, IdempotencyStore, StoredResponse
 from service.store.webhooks import WebhookStore
 
 CONSENT_FORMAT = "bedside-consent/1"
@@ -313,7 +313,7 @@ class ConsentLedger:
             if idempotency_key is not None:
                 fingerprint = await self._fingerprints.of(tx, request.identity())
                 stored = await self._idempotency.claim(
-                    tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
+                    tx, principal.tenant_id, IdempotencyClaim(principal.subject, idempotency_key, fingerprint)
                 )
                 if stored is not None:
                     return await self._replay(tx, principal, stored, fingerprint)

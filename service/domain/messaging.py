@@ -232,14 +232,15 @@ class MessagingService:
             _check_body(first_message)
         members = frozenset(participants)
         thread_id = uuid.uuid4()
+        message_id = None if first_message is None else uuid.uuid4()
         async with self._db.transaction(principal.tenant_id) as tx:
             if idempotency_key is not None:
                 fingerprint = await self._fingerprints.of(
                     tx, ["thread", patient, sorted(members), subject, priority, sensitive, first_message]
                 )
-                stored = await self._idempotency.claim(
-                    tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
-                )
+                response = {"thread_id": str(thread_id), "message_id": None if message_id is None else str(message_id)}
+                claim = IdempotencyClaim(principal.subject, idempotency_key, fingerprint, (201, response))
+                stored = await self._idempotency.claim(tx, principal.tenant_id, claim)
                 if stored is not None:
                     return await self._replay_thread(tx, principal, stored, fingerprint)
             standing = await self.standing(tx, principal, patient, None)
@@ -293,15 +294,8 @@ class MessagingService:
             )
             message = None
             if first_message is not None:
-                message = await self._send_in(tx, principal, draft, first_message, (), None, decisions)
-            if idempotency_key is not None:
-                await self._idempotency.complete(
-                    tx,
-                    principal.tenant_id,
-                    principal.subject,
-                    idempotency_key,
-                    201,
-                    {"thread_id": str(thread_id), "message_id": str(message.record.id) if message else None},
+                message = await self._send_in(
+                    tx, principal, draft, first_message, (), None, decisions, message_id=message_id
                 )
             thread = await self._store.thread(tx, principal.tenant_id, thread_id)
         assert thread is not None
@@ -419,13 +413,18 @@ class MessagingService:
         idempotency_key: str | None = None,
     ) -> MessageView:
         _check_body(body)
+        message_id = uuid.uuid4()
         async with self._db.transaction(principal.tenant_id) as tx:
             claim, fingerprint = None, b""
             if idempotency_key is not None:
                 fingerprint = await self._fingerprints.of(
                     tx, ["message", thread_id, body, list(attachment_ids), in_reply_to]
                 )
-                claim = IdempotencyClaim(principal.subject, idempotency_key, fingerprint)
+                # The response is known now (the message's id), so it is kept with the claim: the key's
+                # row is written once, and commits with the message or not at all.
+                claim = IdempotencyClaim(
+                    principal.subject, idempotency_key, fingerprint, (201, {"message_id": str(message_id)})
+                )
             # One round trip reads everything the decisions below need, and claims the idempotency key.
             facts = await self._store.send_facts(
                 tx,
@@ -435,11 +434,9 @@ class MessagingService:
                 teams_of=_teams_needed(principal),
                 claim=claim,
             )
-            if idempotency_key is not None and not facts.claimed:
+            if claim is not None and not facts.claimed:
                 # The key is on record: the first request's (replayed), or expired (claimed anew here).
-                stored = await self._idempotency.on_record(
-                    tx, principal.tenant_id, principal.subject, idempotency_key, fingerprint
-                )
+                stored = await self._idempotency.on_record(tx, principal.tenant_id, claim)
                 if stored is not None:
                     return await self._replay_message(tx, principal, stored, fingerprint)
             thread, _ = await self._access_to(tx, principal, facts.thread, write=True, teams=facts.teams)
@@ -459,7 +456,7 @@ class MessagingService:
                 in_reply_to,
                 decisions,
                 key=facts.key,
-                idempotency_key=idempotency_key,
+                message_id=message_id,
             )
 
     async def send_within(
@@ -506,14 +503,12 @@ class MessagingService:
         decisions: list[Decision],
         *,
         key: DataKeyRecord | None = None,
-        idempotency_key: str | None = None,
         message_id: UUID | None = None,
         evidence: Mapping[str, str] | None = None,
     ) -> MessageView:
         """Seal and write one message. `key`: the patient's key row as this transaction read it for
-        writing (else it is read here); `idempotency_key`: the sender's key this transaction claimed, to
-        complete with this message in the same statement; `message_id`: the id to give it (made here if
-        not given); `evidence`: details added to its audit event."""
+        writing (else it is read here); `message_id`: the id to give it (made here if not given; given
+        when an idempotency key's response names it); `evidence`: details added to its audit event."""
         if (
             in_reply_to is not None
             and await self._store.message_in_thread(tx, principal.tenant_id, thread.id, in_reply_to) is None
@@ -545,7 +540,6 @@ class MessagingService:
             attachment_ids,
             [p for p in thread.participants if p != principal.subject],
             audit,
-            None if idempotency_key is None else (idempotency_key, {"message_id": str(message_id)}),
         )
         if written is None:
             raise ConflictError("the thread is closed")

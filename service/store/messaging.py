@@ -16,7 +16,7 @@ from service.store.audit import OutboxRow
 from service.store.consents import ConsentStateRecord, current_many_sql, states_by_grantee
 from service.store.data_keys import DataKeyRecord, key_record, key_sql
 from service.store.db import Tx
-from service.store.idempotency import IdempotencyClaim, claim_sql
+from service.store.idempotency import IdempotencyClaim, claim_sql, outcome_args
 from service.store.webhooks import WebhookStore
 
 
@@ -348,7 +348,7 @@ class MessagingStore:
     # anonymous records of scalar types only, which the driver always decodes.
     _SEND_FACTS = f"""
         WITH claim AS (
-            {claim_sql(tenant="$1", principal="$5", key="$6", request_hash="$7")}
+            {claim_sql(tenant="$1", principal="$5", key="$6", request_hash="$7", status="$8", response="$9")}
         ), thread AS (
             SELECT {_THREAD_COLUMNS} FROM threads t WHERE t.tenant_id = $1 AND t.id = $2
         ), key AS (
@@ -378,7 +378,8 @@ class MessagingStore:
         claim: IdempotencyClaim | None,
     ) -> SendFacts:
         """The thread, `teams_of`'s care teams (if given), the consent states of the participants for
-        `scope`, the patient's key (locked for writing) and the idempotency claim, in one round trip."""
+        `scope`, the patient's key (locked for writing) and the idempotency claim (kept with its outcome,
+        when it has one), in one round trip."""
         row = await tx.conn.fetchrow(
             self._SEND_FACTS,
             tenant_id,
@@ -388,6 +389,7 @@ class MessagingStore:
             claim.principal if claim else None,
             claim.key if claim else None,
             claim.request_hash if claim else None,
+            *outcome_args(claim.outcome if claim else None),
         )
         assert row is not None  # the base row
         thread = None if row["id"] is None else _thread(row)
@@ -483,9 +485,6 @@ class MessagingStore:
                                       details, entry)
             SELECT $10, $11, $1, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24::jsonb, $25
             FROM message
-        ), done AS (
-            UPDATE idempotency_keys SET status = 201, response = $27::jsonb
-            WHERE tenant_id = $1 AND principal = $4 AND key = $26 AND EXISTS (SELECT 1 FROM message)
         )
         SELECT seq, created_at FROM message
     """
@@ -503,11 +502,8 @@ class MessagingStore:
         attachment_ids: Sequence[UUID],
         notify: Sequence[str],
         audit: OutboxRow,
-        completes: tuple[str, dict[str, Any]] | None = None,
     ) -> tuple[int, datetime] | None:
-        """Write a message and everything that goes with it; None when the thread is closed (nothing written).
-        `completes`: the sender's idempotency key this transaction claimed, and the response to keep for it
-        (status 201), stored in the same statement."""
+        """Write a message and everything that goes with it; None when the thread is closed (nothing written)."""
         try:
             row = await tx.conn.fetchrow(
                 self._SEND,
@@ -536,8 +532,6 @@ class MessagingStore:
                 audit.source,
                 audit.details,
                 audit.entry,
-                completes[0] if completes else None,
-                json.dumps(completes[1]) if completes else None,
             )
         except asyncpg.exceptions.InsufficientPrivilegeError:
             raise AuditUnavailableError() from None  # the audit insert is refused: nothing was written

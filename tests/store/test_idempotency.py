@@ -12,7 +12,7 @@ import pytest
 from asyncpg.connection import LoggedQuery
 
 from service.store.db import Database
-from service.store.idempotency import IdempotencyStore, StoredResponse
+from service.store.idempotency import IdempotencyClaim, IdempotencyStore, StoredResponse
 from service.workers.maintenance import IdempotencyPurger
 from tests.conftest import Dsns, Portals
 from tests.support import as_owner, blocked_by
@@ -48,26 +48,101 @@ async def test_a_new_key_is_claimed_in_one_statement_and_a_stored_one_replays(
 
     async with db.transaction(acme) as tx:
         with tx.conn.query_logger(note):
-            assert await store.claim(tx, acme, "Patient/1", "k-1", b"first") is None
+            assert await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-1", b"first")) is None
         await store.complete(tx, acme, "Patient/1", "k-1", 201, {"id": "x"})
     async with db.transaction(acme) as tx:
-        stored = await store.claim(tx, acme, "Patient/1", "k-1", b"second")
+        stored = await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-1", b"second"))
     assert len(sent) == 1, sent
     assert "DELETE" not in sent[0]
     assert stored is not None
     assert (stored.request_hash, stored.response) == (b"first", {"id": "x"})
 
 
+async def test_a_claim_with_its_outcome_keeps_the_response_in_its_one_insert(
+    database: Dsns, portals: Portals, db: Database
+) -> None:
+    """A request whose response is known before its work (a send: the message's id) claims the key with
+    it: one INSERT, no completing UPDATE, and a retry after the commit replays that response."""
+    acme, _ = await _tenants(database.owner)
+    store, sent = IdempotencyStore(), []
+
+    def note(query: LoggedQuery) -> None:
+        sent.append(query.query)
+
+    async with db.transaction(acme) as tx:
+        with tx.conn.query_logger(note):
+            assert (
+                await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-2", b"first", (201, {"id": "m"}))) is None
+            )
+    async with db.transaction(acme) as tx:
+        stored = await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-2", b"second", (201, {"id": "n"})))
+    status = await as_owner(
+        database.owner, lambda conn: conn.fetchval("SELECT status FROM idempotency_keys WHERE key = 'k-2'")
+    )
+    assert len(sent) == 1, sent
+    assert "UPDATE" not in sent[0], sent
+    assert stored == StoredResponse(request_hash=b"first", response={"id": "m"})
+    assert status == 201
+
+
+async def test_a_claim_with_its_outcome_rolled_back_leaves_no_trace(
+    database: Dsns, portals: Portals, db: Database
+) -> None:
+    """The response is kept with the claim before the work is done, so the claim must go with the work:
+    a request that fails rolls both back, and its retry does the work instead of replaying a response
+    that names nothing."""
+    acme, _ = await _tenants(database.owner)
+    store = IdempotencyStore()
+
+    async def fails() -> None:
+        async with db.transaction(acme) as tx:
+            assert await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-3", b"h", (201, {"id": "m"}))) is None
+            raise RuntimeError("the work failed")
+
+    with pytest.raises(RuntimeError):
+        await fails()
+    async with db.transaction(acme) as tx:
+        assert await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-3", b"h", (201, {"id": "n"}))) is None
+
+
+async def test_a_concurrent_claim_waits_for_the_outcome_and_replays_it(
+    database: Dsns, portals: Portals, db: Database
+) -> None:
+    """A second request with the key waits on the first one's claim until it commits, then replays the
+    response that first claim carried: it never sees the key without its response."""
+    acme, _ = await _tenants(database.owner)
+    store = IdempotencyStore()
+    async with db.transaction(acme) as first:
+        claim = IdempotencyClaim("Patient/1", "race-2", b"first", (201, {"id": "m"}))
+        assert await store.claim(first, acme, claim) is None
+        second = asyncio.create_task(_claim_in_own_transaction(db, store, acme, "race-2"))
+        try:
+            await _wait_until_blocked_by(database.owner, first.conn.get_server_pid())
+        except BaseException:
+            second.cancel()
+            raise
+        assert not second.done()
+    stored = await asyncio.wait_for(second, 10)
+    assert stored == StoredResponse(request_hash=b"first", response={"id": "m"})
+
+
+async def _claim_in_own_transaction(
+    db: Database, store: IdempotencyStore, tenant: uuid.UUID, key: str
+) -> StoredResponse | None:
+    async with db.transaction(tenant) as tx:
+        return await store.claim(tx, tenant, IdempotencyClaim("Patient/1", key, b"second", (201, {"id": "n"})))
+
+
 async def test_an_expired_key_is_claimed_anew(database: Dsns, portals: Portals, db: Database) -> None:
     acme, _ = await _tenants(database.owner)
     store = IdempotencyStore()
     async with db.transaction(acme) as tx:
-        assert await store.claim(tx, acme, "Patient/1", "old", b"first") is None
+        assert await store.claim(tx, acme, IdempotencyClaim("Patient/1", "old", b"first")) is None
     await _expire(database.owner, ["old"])
     async with db.transaction(acme) as tx:
-        assert await store.claim(tx, acme, "Patient/1", "old", b"second") is None
+        assert await store.claim(tx, acme, IdempotencyClaim("Patient/1", "old", b"second")) is None
     async with db.transaction(acme) as tx:
-        stored = await store.claim(tx, acme, "Patient/1", "old", b"third")
+        stored = await store.claim(tx, acme, IdempotencyClaim("Patient/1", "old", b"third"))
     assert stored is not None
     assert stored.request_hash == b"second"
 
@@ -80,9 +155,9 @@ async def test_a_key_found_taken_and_then_purged_is_claimed_anew(
     acme, _ = await _tenants(database.owner)
     store = IdempotencyStore()
     async with db.transaction(acme) as tx:
-        assert await store.on_record(tx, acme, "Patient/1", "purged", b"mine") is None
+        assert await store.on_record(tx, acme, IdempotencyClaim("Patient/1", "purged", b"mine")) is None
     async with db.transaction(acme) as tx:
-        stored = await store.claim(tx, acme, "Patient/1", "purged", b"later")
+        stored = await store.claim(tx, acme, IdempotencyClaim("Patient/1", "purged", b"later"))
     assert stored is not None
     assert stored.request_hash == b"mine"
 
@@ -95,7 +170,7 @@ async def test_a_key_claimed_concurrently_between_the_statements_replays_the_fir
     acme, _ = await _tenants(database.owner)
     store = IdempotencyStore()
     async with db.transaction(acme) as first:
-        assert await store.claim(first, acme, "Patient/1", "race", b"first") is None
+        assert await store.claim(first, acme, IdempotencyClaim("Patient/1", "race", b"first")) is None
         second = asyncio.create_task(_on_record_in_own_transaction(db, store, acme, "race"))
         try:
             await _wait_until_blocked_by(database.owner, first.conn.get_server_pid())
@@ -112,7 +187,7 @@ async def _on_record_in_own_transaction(
     db: Database, store: IdempotencyStore, tenant: uuid.UUID, key: str
 ) -> StoredResponse | None:
     async with db.transaction(tenant) as tx:
-        return await store.on_record(tx, tenant, "Patient/1", key, b"second")
+        return await store.on_record(tx, tenant, IdempotencyClaim("Patient/1", key, b"second"))
 
 
 async def _wait_until_blocked_by(owner_dsn: str, blocker: int) -> None:
@@ -129,7 +204,7 @@ async def test_the_purge_deletes_expired_keys_of_every_tenant_and_nothing_else(
     for tenant, prefix in ((acme, "a"), (globex, "g")):
         async with db.transaction(tenant) as tx:
             for i in range(5):
-                assert await store.claim(tx, tenant, "Patient/1", f"{prefix}{i}", b"h") is None
+                assert await store.claim(tx, tenant, IdempotencyClaim("Patient/1", f"{prefix}{i}", b"h")) is None
     await _expire(database.owner, ["a0", "a1", "a2", "g0", "g1"])
     purged = await IdempotencyPurger(db, store, interval=60, batch=2).purge()
     again = await IdempotencyPurger(db, store, interval=60, batch=2).purge()

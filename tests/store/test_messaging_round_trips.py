@@ -102,9 +102,11 @@ async def test_a_send_and_a_read_are_four_round_trips_each(database: Dsns, kek_f
 
             # BEGIN with the tenant; the thread, the caller's teams, consents and key; the write; COMMIT.
             assert len(await _counted(db, messaging.send(who, thread_id, "hello"))) == 4
-            # The idempotency key is claimed with the reads and completed with the write.
-            keyed = messaging.send(who, thread_id, "once", idempotency_key=f"k-{who.subject}")
-            assert len(await _counted(db, keyed)) == 4
+            # The idempotency key is claimed with the reads, its response (the message's id) with it: the
+            # key's row is written once, never updated.
+            keyed = await _counted(db, messaging.send(who, thread_id, "once", idempotency_key=f"k-{who.subject}"))
+            assert len(keyed) == 4
+            assert not any("UPDATE idempotency_keys" in s for s in keyed), keyed
             # A replay: BEGIN; the claim finds the key taken; what the first request stored; the message,
             # its thread (access) and the patient's key; its read event; COMMIT. The key is claimed once.
             replay = messaging.send(who, thread_id, "once", idempotency_key=f"k-{who.subject}")
