@@ -78,7 +78,8 @@ def create_app(settings: Settings, *, shared_metrics_dir: Path | None = None) ->
         raise ConfigurationError("create_app needs a database URL")
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=settings.max_json_body_bytes)
     app[SETTINGS] = settings
-    app[METRICS] = HttpMetrics(shared_dir=shared_metrics_dir)
+    token = settings.metrics_token
+    app[METRICS] = HttpMetrics(shared_dir=shared_metrics_dir, token=None if token is None else token.get_secret_value())
     app[PUBLIC_ROUTES] = add_routes(app, ROUTES)
     app[ROUTE_GATES] = route_gates(ROUTES)
     app[OPENAPI] = build_openapi(ROUTES, version=__version__, settings=settings)

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     jwt_max_lifetime_seconds: int = Field(default=3600, ge=60, le=3600)
     issuer_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
 
+    # A bearer token `GET /metrics` then requires (compared in constant time). Unset, /metrics is open: for
+    # a deployment whose scrapers reach it only on a private network.
+    metrics_token: SecretStr | None = None
+
     max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     shutdown_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
 
@@ -115,6 +119,13 @@ class Settings(BaseSettings):
             return None
         if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not 32 <= len(value.get_secret_value()) <= 256:
+            raise ValueError("the metrics token must be 32 to 256 characters")  # a guessable one protects nothing
         return value
 
     @field_validator("webhook_retry_schedule_seconds")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from schemas.health import HealthOut, ReadyOut
+from service.errors import AuthenticationError
 from service.keys import HEALTH, METRICS, OPENAPI
 
 
@@ -26,6 +27,8 @@ async def get_readiness(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
+    if not metrics.allows(request.headers.get("Authorization")):
+        raise AuthenticationError("metrics-token", "The metrics token is missing or wrong")
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
@@ -29,7 +30,8 @@ class HttpMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, *, shared_dir: Path | None = None) -> None:
+    def __init__(self, *, shared_dir: Path | None = None, token: str | None = None) -> None:
+        self._token = None if token is None else token.encode()
         own: CollectorRegistry | None = None
         if shared_dir is None:
             own = self._exposed = CollectorRegistry(auto_describe=True)
@@ -61,6 +63,14 @@ class HttpMetrics:
         method = method if method in KNOWN_METHODS else "OTHER"
         self._requests.labels(route, method, str(status)).inc()
         self._latency.labels(route, method).observe(seconds)
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether a scrape with this `Authorization` header may read the metrics: always without a token
+        configured; else only with `Bearer <token>` (compared in constant time)."""
+        if self._token is None:
+            return True
+        scheme, _, credentials = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), self._token)
 
     def render(self) -> bytes:
         return generate_latest(self._exposed)

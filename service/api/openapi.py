@@ -168,8 +168,9 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
         if route.body is not None:
             statuses.update({400, 413, 415, 422})
         for status in sorted(statuses):
-            # RFC 6750's challenge answers a bearer token, not a refused webhook signature.
-            challenge = (WWW_AUTHENTICATE,) if status == 401 and not route.public else ()
+            # RFC 6750's challenge answers a bearer token (a portal's, or the metrics token), not a refused
+            # webhook signature.
+            challenge = (WWW_AUTHENTICATE,) if status == 401 and not route.signed else ()
             retry = (RETRY_AFTER,) if status == 503 else ()
             too_large = f"Body too large: more than {limit} bytes" if status == 413 and limit is not None else None
             operation["responses"][str(status)] = _problem_response(

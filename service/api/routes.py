@@ -102,6 +102,8 @@ class Route:
     summary: str
     tag: str
     public: bool = False
+    # The credential is a webhook signature over the request, not a bearer token: its 401 has no challenge.
+    signed: bool = False
     body: type[BaseModel] | None = None
     # The JSON body's size limit, from the settings: the one the handler enforces (`read_json`'s, unless it
     # reads the body itself).
@@ -170,9 +172,11 @@ ROUTES: tuple[Route, ...] = (
         "/metrics",
         health.get_metrics,
         "get_metrics",
-        "Prometheus metrics (by route template and status)",
+        "Prometheus metrics (by route template and status); with BEDSIDE_METRICS_TOKEN set, only with that "
+        "bearer token (not a portal's token)",
         "operations",
         public=True,
+        errors=(401,),
         media_type="text/plain",
     ),
     Route("GET", "/openapi.json", health.get_openapi, "get_openapi", "This document", "operations", public=True),
@@ -740,6 +744,7 @@ ROUTES: tuple[Route, ...] = (
         "webhook-id and body come again; 409 for the same webhook-id with another body",
         "webhooks",
         public=True,
+        signed=True,
         headers=WEBHOOK_HEADERS,
         body=InboundReplyBody,
         max_body_bytes=webhooks.max_reply_bytes,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import asyncpg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr, ValidationError
 
+from service.settings import Settings
 from tests.conftest import Dsns, Portals
-from tests.support import database_read_only, end_service_sessions
+from tests.support import audit_events, database_read_only, end_service_sessions
 
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -142,3 +146,39 @@ async def test_readiness_reports_the_audit_backlog_without_failing_on_it(aiohttp
     assert response.status == 200  # a stuck sequencer must not take every replica out of service
     assert body["audit_backlog"] >= 3
     assert body["audit_backlog_age_seconds"] >= 0
+
+
+METRICS_TOKEN = "m" * 16 + "-metrics-token-0123456789"
+
+
+async def test_metrics_need_the_configured_token_and_refusals_are_audited(
+    aiohttp_client, settings, database: Dsns, portals: Portals
+) -> None:
+    """With BEDSIDE_METRICS_TOKEN set, a scrape without it, with another token or with a portal's valid
+    token is a 401 with a bearer challenge, recorded as `auth:denied`; with it, the metrics."""
+    from service.app import create_app
+
+    client = await aiohttp_client(create_app(settings.model_copy(update={"metrics_token": SecretStr(METRICS_TOKEN)})))
+    refused = [
+        {},
+        {"Authorization": f"Bearer {METRICS_TOKEN[:-1]}"},
+        {"Authorization": f"Basic {METRICS_TOKEN}"},
+        portals.acme.auth(),
+    ]
+    for headers in refused:
+        response = await client.get("/metrics", headers=headers)
+        assert response.status == 401, headers
+        assert response.headers["WWW-Authenticate"].startswith('Bearer realm="bedside"')
+        assert (await response.json())["code"] == "unauthenticated"
+        assert "bedside_http_requests" not in await response.text()
+
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert response.status == 200
+    assert "bedside_http_requests_total" in await response.text()
+    denials = await audit_events(database.owner, "action = 'auth:denied' AND resource_id = '/metrics'")
+    assert [json.loads(event["details"])["reason"] for event in denials] == ["metrics-token"] * len(refused)
+
+
+def test_a_short_metrics_token_is_refused_at_start_up() -> None:
+    with pytest.raises(ValidationError, match="32 to 256"):
+        Settings(metrics_token=SecretStr("short-token"))
