@@ -90,7 +90,10 @@ class LocalKeyFileProvider:
                     f"KEK file {self._path} does not exist; restore it from backup, or create a new one "
                     "only if no data was ever encrypted with it"
                 ) from None
-            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _unreadable("create the directory of", self._path, exc) from None
             with _locked(self._path):
                 try:
                     self._state, self._signature = _read(self._path)  # another process won the race
@@ -242,17 +245,23 @@ def _signature(st: os.stat_result) -> _Signature:
 def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on `<path>.lock` (serializes writers across processes)."""
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _unreadable("lock", path, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise _unreadable("lock", path, exc) from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
 
 
 def _unreadable(doing: str, path: Path, exc: OSError) -> KeyProviderError:
-    """The error for a key file the OS will not let us open or read: the path and the OS's reason. Raised
-    `from None`, as every error of this module: the OSError says nothing more."""
+    """The error for a key file the OS will not let us open, read, lock or write: the path and the OS's
+    reason. Raised `from None`, as every error of this module: the OSError says nothing more."""
     return KeyProviderError(f"cannot {doing} KEK file {path}: {exc.strerror or type(exc).__name__}")
 
 
@@ -344,7 +353,16 @@ def _serialize(state: _State) -> bytes:
 
 
 def _write(path: Path, state: _State) -> _Signature:
-    """Write a new 0600 temporary file next to `path`, fsync it, and atomically replace `path` with it."""
+    """Write a new 0600 temporary file next to `path`, fsync it, and atomically replace `path` with it.
+    An OSError (a full or read-only file system) is a `KeyProviderError`; the file is then either the old
+    one or the new one, never a mix, and the caller's state is left as it was (a later read reloads it)."""
+    try:
+        return _replace(path, state)
+    except OSError as exc:
+        raise _unreadable("write", path, exc) from None
+
+
+def _replace(path: Path, state: _State) -> _Signature:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

@@ -4,9 +4,12 @@ wraps bound to their AAD, and no key bytes in any text."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import resource
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -265,3 +268,64 @@ def test_the_provider_never_shows_key_bytes(provider: LocalKeyFileProvider, key_
 def test_only_32_byte_dek_secrets_are_wrapped(provider: LocalKeyFileProvider) -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         provider.wrap(bytes(16), b"aad")
+
+
+def _lock_is_a_directory(path: Path) -> str:
+    path.with_name(path.name + ".lock").unlink(missing_ok=True)
+    path.with_name(path.name + ".lock").mkdir()
+    return "Is a directory"
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past `limit` bytes fail with EFBIG, as on a full disk (Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_rotation_the_os_will_not_lock_or_write_is_refused_and_the_keys_stay_usable(
+    provider: LocalKeyFileProvider, key_path: Path
+) -> None:
+    """A rotation or a retirement that cannot take the lock or write the file (a full disk, a read-only
+    file system) is the provider's own error naming the file and the reason, never a bare OSError; the file
+    and the provider are as they were, and wraps made before still unwrap."""
+    wrapped = provider.wrap(DEK.secret, aad_for("Patient/1"))
+    before = key_path.read_bytes()
+    with _file_size_limit(64), pytest.raises(KeyProviderError) as info:
+        provider.add_version()
+    assert str(key_path) in str(info.value)
+    assert "File too large" in str(info.value)
+    assert key_path.read_bytes() == before
+    assert [p.name for p in key_path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+    reason = _lock_is_a_directory(key_path)
+    for attempt in (provider.add_version, lambda: provider.retire_version(1)):
+        with pytest.raises(KeyProviderError) as info:
+            attempt()
+        assert str(key_path) in str(info.value)
+        assert reason in str(info.value)
+    assert key_path.read_bytes() == before
+    assert provider.primary_version == 1
+    assert provider.unwrap(wrapped, aad_for("Patient/1")) == DEK.secret
+
+
+def test_a_key_file_that_cannot_be_created_is_refused_with_the_path_and_the_reason(tmp_path: Path) -> None:
+    """Creating the file where its directory cannot be made (a dangling link: an unmounted volume) or
+    written (a full disk) is the provider's own error, and leaves no file behind."""
+    (tmp_path / "volume").symlink_to(tmp_path / "unmounted")
+    dangling = tmp_path / "volume" / "keys" / "kek.json"
+    with pytest.raises(KeyProviderError) as info:
+        LocalKeyFileProvider(dangling)
+    assert str(dangling) in str(info.value)
+    assert "File exists" in str(info.value)
+
+    full = tmp_path / "keys" / "kek.json"
+    with _file_size_limit(64), pytest.raises(KeyProviderError) as info:
+        LocalKeyFileProvider(full)
+    assert str(full) in str(info.value)
+    assert "File too large" in str(info.value)
+    assert not full.exists()
