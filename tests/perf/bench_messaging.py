@@ -9,7 +9,7 @@ temporary data directory, creates 1,000 patients each with a messaging consent a
 with wrk and a Lua script from this machine's loopback:
 
 - sends of 1 KiB messages to random threads at concurrency 1, 16 and 64 (auth, policy, consent, a new
-  `Idempotency-Key` claimed and completed, seal, sequence, message, webhook outbox, audit: everything a
+  `Idempotency-Key` claimed with its response, seal, sequence, message, webhook outbox, audit: everything a
   real send does; `--no-idempotency-keys` leaves the key out, for comparison);
 - reads of the latest 50 messages of a random one of 100 threads at concurrency 64 (each topped up to
   50 messages first, so every read returns a full page);

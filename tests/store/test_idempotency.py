@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
 from asyncpg.connection import LoggedQuery
 
-from service.store.db import Database
+from service.store.db import Database, Tx
 from service.store.idempotency import IdempotencyClaim, IdempotencyStore, StoredResponse
 from service.workers.maintenance import IdempotencyPurger
 from tests.conftest import Dsns, Portals
@@ -37,51 +37,35 @@ async def _expire(owner_dsn: str, keys: list[str]) -> None:
     await as_owner(owner_dsn, lambda conn: conn.execute(statement, keys))
 
 
+@pytest.mark.parametrize("with_outcome", [False, True], ids=["completed-after", "outcome-with-the-claim"])
 async def test_a_new_key_is_claimed_in_one_statement_and_a_stored_one_replays(
-    database: Dsns, portals: Portals, db: Database
+    database: Dsns, portals: Portals, db: Database, with_outcome: bool
 ) -> None:
+    """A new key costs one INSERT, which neither deletes nor updates. A request whose response is known
+    before its work (a send: the message's id) claims the key with it, and is not completed afterwards;
+    one whose response comes from its work completes the key. A retry after the commit replays it."""
     acme, _ = await _tenants(database.owner)
     store, sent = IdempotencyStore(), []
 
     def note(query: LoggedQuery) -> None:
         sent.append(query.query)
 
+    outcome = (201, {"id": "x"})
     async with db.transaction(acme) as tx:
         with tx.conn.query_logger(note):
-            assert await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-1", b"first")) is None
-        await store.complete(tx, acme, "Patient/1", "k-1", 201, {"id": "x"})
+            claim = IdempotencyClaim("Patient/1", "k-1", b"first", outcome if with_outcome else None)
+            assert await store.claim(tx, acme, claim) is None
+        if not with_outcome:
+            await store.complete(tx, acme, "Patient/1", "k-1", *outcome)
     async with db.transaction(acme) as tx:
-        stored = await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-1", b"second"))
-    assert len(sent) == 1, sent
-    assert "DELETE" not in sent[0]
-    assert stored is not None
-    assert (stored.request_hash, stored.response) == (b"first", {"id": "x"})
-
-
-async def test_a_claim_with_its_outcome_keeps_the_response_in_its_one_insert(
-    database: Dsns, portals: Portals, db: Database
-) -> None:
-    """A request whose response is known before its work (a send: the message's id) claims the key with
-    it: one INSERT, no completing UPDATE, and a retry after the commit replays that response."""
-    acme, _ = await _tenants(database.owner)
-    store, sent = IdempotencyStore(), []
-
-    def note(query: LoggedQuery) -> None:
-        sent.append(query.query)
-
-    async with db.transaction(acme) as tx:
-        with tx.conn.query_logger(note):
-            assert (
-                await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-2", b"first", (201, {"id": "m"}))) is None
-            )
-    async with db.transaction(acme) as tx:
-        stored = await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-2", b"second", (201, {"id": "n"})))
+        stored = await store.claim(tx, acme, IdempotencyClaim("Patient/1", "k-1", b"second", (201, {"id": "y"})))
     status = await as_owner(
-        database.owner, lambda conn: conn.fetchval("SELECT status FROM idempotency_keys WHERE key = 'k-2'")
+        database.owner, lambda conn: conn.fetchval("SELECT status FROM idempotency_keys WHERE key = 'k-1'")
     )
     assert len(sent) == 1, sent
+    assert "DELETE" not in sent[0], sent
     assert "UPDATE" not in sent[0], sent
-    assert stored == StoredResponse(request_hash=b"first", response={"id": "m"})
+    assert stored == StoredResponse(request_hash=b"first", response={"id": "x"})
     assert status == 201
 
 
@@ -115,22 +99,34 @@ async def test_a_concurrent_claim_waits_for_the_outcome_and_replays_it(
     async with db.transaction(acme) as first:
         claim = IdempotencyClaim("Patient/1", "race-2", b"first", (201, {"id": "m"}))
         assert await store.claim(first, acme, claim) is None
-        second = asyncio.create_task(_claim_in_own_transaction(db, store, acme, "race-2"))
-        try:
-            await _wait_until_blocked_by(database.owner, first.conn.get_server_pid())
-        except BaseException:
-            second.cancel()
-            raise
-        assert not second.done()
+        again = IdempotencyClaim("Patient/1", "race-2", b"second", (201, {"id": "n"}))
+        second = await _blocked_behind(database.owner, first, _in_own_transaction(db, acme, store.claim, again))
     stored = await asyncio.wait_for(second, 10)
     assert stored == StoredResponse(request_hash=b"first", response={"id": "m"})
 
 
-async def _claim_in_own_transaction(
-    db: Database, store: IdempotencyStore, tenant: uuid.UUID, key: str
+async def _in_own_transaction(
+    db: Database,
+    tenant: uuid.UUID,
+    work: Callable[[Tx, uuid.UUID, IdempotencyClaim], Awaitable[StoredResponse | None]],
+    claim: IdempotencyClaim,
 ) -> StoredResponse | None:
     async with db.transaction(tenant) as tx:
-        return await store.claim(tx, tenant, IdempotencyClaim("Patient/1", key, b"second", (201, {"id": "n"})))
+        return await work(tx, tenant, claim)
+
+
+async def _blocked_behind(
+    owner_dsn: str, first: Tx, work: Awaitable[StoredResponse | None]
+) -> asyncio.Task[StoredResponse | None]:
+    """`work` started, once it waits for `first`'s transaction (on its claim's unique index entry)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await as_owner(owner_dsn, lambda conn: blocked_by(conn, first.conn.get_server_pid()))
+    except BaseException:
+        task.cancel()
+        raise
+    assert not task.done()
+    return task
 
 
 async def test_an_expired_key_is_claimed_anew(database: Dsns, portals: Portals, db: Database) -> None:
@@ -171,29 +167,11 @@ async def test_a_key_claimed_concurrently_between_the_statements_replays_the_fir
     store = IdempotencyStore()
     async with db.transaction(acme) as first:
         assert await store.claim(first, acme, IdempotencyClaim("Patient/1", "race", b"first")) is None
-        second = asyncio.create_task(_on_record_in_own_transaction(db, store, acme, "race"))
-        try:
-            await _wait_until_blocked_by(database.owner, first.conn.get_server_pid())
-        except BaseException:
-            second.cancel()
-            raise
-        assert not second.done()
+        again = IdempotencyClaim("Patient/1", "race", b"second")
+        second = await _blocked_behind(database.owner, first, _in_own_transaction(db, acme, store.on_record, again))
         await store.complete(first, acme, "Patient/1", "race", 201, {"id": "x"})
     stored = await asyncio.wait_for(second, 10)
     assert stored == StoredResponse(request_hash=b"first", response={"id": "x"})
-
-
-async def _on_record_in_own_transaction(
-    db: Database, store: IdempotencyStore, tenant: uuid.UUID, key: str
-) -> StoredResponse | None:
-    async with db.transaction(tenant) as tx:
-        return await store.on_record(tx, tenant, IdempotencyClaim("Patient/1", key, b"second"))
-
-
-async def _wait_until_blocked_by(owner_dsn: str, blocker: int) -> None:
-    """Until a backend waits for the one with pid `blocker` (the second claim, on the first one's
-    unique index entry)."""
-    await as_owner(owner_dsn, lambda conn: blocked_by(conn, blocker))
 
 
 async def test_the_purge_deletes_expired_keys_of_every_tenant_and_nothing_else(
