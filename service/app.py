@@ -161,7 +161,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             break_glass_duration=timedelta(minutes=settings.break_glass_minutes),
         )
         app[ATTACHMENTS] = AttachmentService(
-            db, attachment_store, messaging, keyring, recorder, max_bytes=settings.max_attachment_bytes
+            db,
+            attachment_store,
+            messaging,
+            keyring,
+            recorder,
+            max_bytes=settings.max_attachment_bytes,
+            max_uploads_per_principal=settings.max_uploads_per_principal,
         )
         webhook_store = WebhookStore()
         guard = UrlGuard(

@@ -138,6 +138,13 @@ class PayloadTooLargeError(DomainError):
     title = "The request body is too large"
 
 
+class TooManyUploadsError(DomainError):
+    """The caller already has as many uploads in progress as one caller may have: one must end first."""
+
+    code = "too-many-uploads"
+    title = "Too many uploads in progress"
+
+
 class UnavailableError(DomainError):
     """A dependency (the database) cannot be reached; fail closed rather than guess."""
 

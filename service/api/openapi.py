@@ -29,6 +29,7 @@ _STATUS_TEXT = {
     413: "Body too large",
     415: "Unsupported media type",
     422: "Validation failed",
+    429: "Too many requests of this caller in progress: try again after Retry-After seconds",
     503: "Unavailable for now (the database or the audit log): try again after Retry-After seconds",
 }
 # Every operation: the request id, read by the outermost middleware and sent back in every answer.
@@ -171,7 +172,7 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
             # RFC 6750's challenge answers a bearer token (a portal's, or the metrics token), not a refused
             # webhook signature.
             challenge = (WWW_AUTHENTICATE,) if status == 401 and not route.signed else ()
-            retry = (RETRY_AFTER,) if status == 503 else ()
+            retry = (RETRY_AFTER,) if status in (429, 503) else ()
             too_large = f"Body too large: more than {limit} bytes" if status == 413 and limit is not None else None
             operation["responses"][str(status)] = _problem_response(
                 status, problem, *challenge, *retry, description=too_large

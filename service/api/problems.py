@@ -22,6 +22,7 @@ from service.errors import (
     PayloadTooLargeError,
     RecalledError,
     ShreddedError,
+    TooManyUploadsError,
     UnavailableError,
     UnsupportedMediaTypeError,
     WebhookSignatureError,
@@ -43,8 +44,13 @@ STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (UnsupportedMediaTypeError, 415),
     (MalformedRequestError, 400),
     (InvalidRequestError, 422),
+    (TooManyUploadsError, 429),
     (UnavailableError, 503),
 )
+# Refusals worth trying again shortly, with `Retry-After` saying when: an outage, and a caller's uploads
+# at their limit (one of them will end).
+RETRY_LATER: tuple[type[DomainError], ...] = (UnavailableError, TooManyUploadsError)
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +120,8 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         if error.reason != "missing":
             challenge += ', error="invalid_token"'
         headers[WWW_AUTHENTICATE.name] = challenge
-    if isinstance(error, UnavailableError):
-        headers[RETRY_AFTER.name] = "5"
+    if isinstance(error, RETRY_LATER):
+        headers[RETRY_AFTER.name] = str(RETRY_AFTER_SECONDS)
     if isinstance(error, InvalidRequestError):
         errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
     shredded_at = error.shredded_at if isinstance(error, ShreddedError) else None

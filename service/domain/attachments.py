@@ -7,7 +7,8 @@ the file's size; the declared type is checked against the content as it streams;
 marked complete and the audit event written last. A body that is too large, of the wrong type,
 interrupted or failing in any other way rolls the whole transaction back: nothing of it is stored.
 Holding one transaction (and one pooled connection) for the length of an upload is the price of that
-guarantee; a limit on concurrent uploads keeps slow uploads from taking the whole pool.
+guarantee, so uploads are bounded in number (`UploadSlots`), per process and per caller, before any
+database work: slow uploads cannot take the whole pool, and one caller cannot take every upload slot.
 
 Download verifies before it sends. A first pass, in the transaction that decides access and records the
 audit event, opens every chunk in order (`StreamOpener`: index, final flag, object and context bound in
@@ -23,7 +24,8 @@ from __future__ import annotations
 
 import codecs
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -46,6 +48,7 @@ from service.errors import (
     NotFoundError,
     PayloadTooLargeError,
     RecalledError,
+    TooManyUploadsError,
     UnavailableError,
     UnsupportedMediaTypeError,
 )
@@ -60,6 +63,8 @@ CONTENT_TYPES = ("application/pdf", "image/png", "image/jpeg", "text/plain")
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 MAX_FILE_NAME_CHARS = 255
 MAX_REFERENCES = 20
+DEFAULT_MAX_UPLOADS = 8
+DEFAULT_UPLOADS_PER_PRINCIPAL = 2
 # Chunks read per query when verifying or streaming: 8 x 64 KiB of ciphertext held at a time.
 READ_PAGE = 8
 
@@ -183,6 +188,44 @@ def _consent_details(decisions: Sequence[Decision]) -> dict[str, Any]:
     }
 
 
+class UploadSlots:
+    """Uploads in progress in this process, in all and per caller (tenant, subject). Each holds a pooled
+    connection until its body has arrived, so neither one caller nor everyone together may take the pool.
+    Taking a slot never awaits: the check and the count cannot be interleaved with another request's."""
+
+    def __init__(self, total: int, per_principal: int) -> None:
+        if total < 1 or per_principal < 1:
+            raise ValueError("upload limits must be positive")
+        self._total = total
+        self._per_principal = per_principal
+        self._running = 0
+        # Only callers with an upload in progress: an entry goes when its count reaches zero.
+        self._by_principal: dict[tuple[UUID, str], int] = {}
+
+    @contextmanager
+    def taken(self, principal: Principal) -> Iterator[None]:
+        """A slot for `principal` while the block runs. TooManyUploadsError when the caller has
+        `per_principal` uploads in progress (their own doing: 429); UnavailableError when the process has
+        `total` (everyone's: 503). The caller's limit is asked first, so one caller at theirs learns so."""
+        key = (principal.tenant_id, principal.subject)
+        mine = self._by_principal.get(key, 0)
+        if mine >= self._per_principal:
+            raise TooManyUploadsError("This caller has too many uploads in progress; retry when one has ended")
+        if self._running >= self._total:
+            raise UnavailableError("Too many uploads are in progress; retry shortly")
+        self._running += 1
+        self._by_principal[key] = mine + 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            left = self._by_principal[key] - 1
+            if left:
+                self._by_principal[key] = left
+            else:
+                del self._by_principal[key]
+
+
 class AttachmentReferences:
     """The one check messages need of attachments. Separate from AttachmentService so that
     MessagingService can use it without a construction cycle (AttachmentService needs MessagingService)."""
@@ -227,9 +270,10 @@ class AttachmentService:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_SIZE,
-        max_concurrent_uploads: int = 8,
+        max_concurrent_uploads: int = DEFAULT_MAX_UPLOADS,
+        max_uploads_per_principal: int = DEFAULT_UPLOADS_PER_PRINCIPAL,
     ) -> None:
-        if max_bytes < 1 or not 1 <= chunk_bytes <= MAX_CHUNK_SIZE or max_concurrent_uploads < 1:
+        if max_bytes < 1 or not 1 <= chunk_bytes <= MAX_CHUNK_SIZE:
             raise ValueError("attachment limits must be positive (chunks at most crypto.stream.MAX_CHUNK_SIZE)")
         self._db = db
         self._store = store
@@ -238,8 +282,7 @@ class AttachmentService:
         self._audit = audit
         self.max_bytes = max_bytes
         self.chunk_bytes = chunk_bytes
-        self._max_uploads = max_concurrent_uploads
-        self._uploads = 0
+        self._slots = UploadSlots(max_concurrent_uploads, max_uploads_per_principal)
 
     async def upload(
         self,
@@ -258,19 +301,15 @@ class AttachmentService:
         InvalidRequestError for a bad file name or an empty file; PayloadTooLargeError past `max_bytes`,
         declared or read; NotFoundError (audited) without write access to the thread; ConsentRequiredError
         (audited); ConflictError for a closed thread; ShreddedError if the patient was shredded;
-        UnavailableError when `max_concurrent_uploads` are already running in this process.
+        TooManyUploadsError when the caller has `max_uploads_per_principal` uploads in progress in this
+        process, UnavailableError when the process has `max_concurrent_uploads` (both before any database work).
         """
         check_content_type(content_type, charset)
         check_file_name(file_name)
         if declared_size is not None and declared_size > self.max_bytes:
             raise PayloadTooLargeError(f"The limit for an attachment is {self.max_bytes} bytes")
-        if self._uploads >= self._max_uploads:
-            raise UnavailableError("Too many uploads are in progress; retry shortly")
-        self._uploads += 1
-        try:
+        with self._slots.taken(principal):
             return await self._upload(principal, thread_id, file_name, content_type, body)
-        finally:
-            self._uploads -= 1
 
     async def _upload(
         self, principal: Principal, thread_id: UUID, file_name: str, content_type: str, body: AsyncIterable[bytes]

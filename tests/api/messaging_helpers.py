@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import asyncpg
+import pytest
 
 from tests.conftest import Portals
 
@@ -65,3 +69,30 @@ async def upload(
         sent["Content-Type"] = content_type
     sent = {**sent, "Bedside-File-Name": quote(file_name, safe="")}
     return await client.post(ATTACHMENTS_URL, params={"thread_id": thread_id}, data=data, headers=sent)
+
+
+_UPLOADS_IN_FLIGHT = """
+    SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+    WHERE c.relname = 'attachments' AND l.mode = 'RowExclusiveLock' AND l.pid <> pg_backend_pid()
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+async def uploads_in_flight(owner_dsn: str, count: int) -> None:
+    """Wait until `count` uploads hold their transaction open (their attachment row written, the body awaited)."""
+    watcher = await asyncpg.connect(owner_dsn)
+    try:
+        for _ in range(250):
+            if await watcher.fetchval(_UPLOADS_IN_FLIGHT) == count:
+                return
+            await asyncio.sleep(0.02)
+    finally:
+        await watcher.close()
+    pytest.fail(f"{count} uploads never held their transaction")
+
+
+async def held(release: asyncio.Event) -> AsyncIterator[bytes]:
+    """A portal that sends the start of a PDF, then nothing until `release` is set, then the rest."""
+    yield b"%PDF-"
+    await release.wait()
+    yield bytes(100)

@@ -20,14 +20,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from crypto.errors import DecryptionError
+from service.app import create_app
 from service.domain.attachments import AttachmentReferences
 from service.domain.principal import Principal, Role
 from service.embedded import find_pg_bindir
 from service.errors import InvalidRequestError
 from service.keys import ATTACHMENTS
+from service.settings import Settings
 from service.store.attachments import AttachmentStore
 from tests.api.messaging_helpers import ATTACHMENTS_URL as URL
-from tests.api.messaging_helpers import upload
+from tests.api.messaging_helpers import held, upload, uploads_in_flight
 from tests.conftest import Dsns, Portals, Services
 from tests.support import as_owner, audit_events, canary
 
@@ -308,6 +310,42 @@ async def test_bad_uploads_are_refused_before_anything_is_stored(client, portals
     assert closed.status == 200
     assert (await upload(client, me, thread_id, b"%PDF-")).status == 409
     assert await stored(database) == (0, 0)
+
+
+# -- slow uploads hold a connection each: bounded per caller --------------------------------------------------
+
+
+async def limited_client(settings: Settings, aiohttp_client: Any, **limits: Any) -> Any:
+    """The real application with the upload limits given, over HTTP on loopback."""
+    return await aiohttp_client(create_app(settings.model_copy(update={"webhook_worker": False, **limits})))
+
+
+async def test_a_callers_third_upload_at_once_is_429_while_another_callers_upload_goes_through(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    client = await limited_client(settings, aiohttp_client, max_uploads_per_principal=2)
+    thread_id = await open_thread(client, portals)
+    release = asyncio.Event()
+    slow = [asyncio.create_task(upload(client, patient(portals), thread_id, held(release))) for _ in range(2)]
+    try:
+        await uploads_in_flight(database.owner, 2)
+
+        third = await upload(client, patient(portals), thread_id, pdf(1000))
+        problem = await third.json(content_type=None)
+        # The same subject in the same tenant is the same caller; a physician of the thread is another one.
+        other = await upload(client, physician(portals), thread_id, pdf(1000))
+    finally:
+        release.set()
+        done = await asyncio.gather(*slow)
+
+    assert third.status == 429
+    assert third.content_type == "application/problem+json"
+    assert third.headers["Retry-After"] == "5"
+    assert (problem["code"], problem["type"]) == ("too-many-uploads", "urn:bedside:problem:too-many-uploads")
+    assert other.status == 201, await other.text()
+    assert [r.status for r in done] == [201, 201]
+    await uploaded(client, portals, thread_id, pdf(1000))  # with both ended, the caller may upload again
+    assert await stored(database) == (4, 4)
 
 
 # -- who may --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from service.app import create_app
 from service.domain.attachments import CONTENT_TYPES
 from service.keys import PUBLIC_ROUTES
 from service.settings import Settings
-from tests.api.messaging_helpers import PORTAL, consent, patient, thread
+from tests.api.messaging_helpers import PORTAL, consent, held, patient, thread, upload, uploads_in_flight
 from tests.conftest import Dsns, Portals
 from tests.support import TestIssuer, as_owner, audit_events, database_connection_limit
 
@@ -700,6 +700,29 @@ async def test_the_upload_body_is_the_file_in_exactly_the_stored_types_up_to_the
         assert (await upload(media, FILES[media])).status == 201, media
         assert (await upload(media, FILES[media] + b".")).status == 413, media
     assert (await upload("image/gif", b"GIF89a")).status == 415
+
+
+async def test_an_upload_too_many_is_answered_as_the_document_says(
+    settings: Settings, portals: Portals, database: Dsns, aiohttp_client: Any
+) -> None:
+    limits = {"max_uploads_per_principal": 1, "webhook_worker": False}
+    limited = await aiohttp_client(create_app(settings.model_copy(update=limits)))
+    document = await _document(limited)
+    responses = document["paths"]["/v1/attachments"]["post"]["responses"]
+    await consent(limited, portals)
+    made = await thread(limited, portals)
+    release = asyncio.Event()
+    first = asyncio.create_task(upload(limited, patient(portals), made["id"], held(release)))
+    try:
+        await uploads_in_flight(database.owner, 1)
+        second = await upload(limited, patient(portals), made["id"], b"%PDF-")
+    finally:
+        release.set()
+        assert (await first).status == 201
+
+    assert second.status == 429
+    assert "Retry-After" in responses["429"]["headers"]
+    await _conforms(document, "POST", "/v1/attachments", second)
 
 
 async def test_the_stored_types_are_one_list_in_the_domain_the_schema_and_the_document(client) -> None:

@@ -159,3 +159,17 @@ def test_a_webhook_reap_interval_of_zero_or_past_an_hour_is_refused(
 
     with pytest.raises(SettingsError, match="BEDSIDE_WEBHOOK_REAP_INTERVAL_SECONDS"):
         load_settings()
+
+
+def test_uploads_at_once_per_caller_default_to_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().max_uploads_per_principal == 2
+
+    monkeypatch.setenv("BEDSIDE_MAX_UPLOADS_PER_PRINCIPAL", "1")
+    assert load_settings().max_uploads_per_principal == 1
+
+
+def test_no_uploads_at_once_per_caller_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEDSIDE_MAX_UPLOADS_PER_PRINCIPAL", "0")
+
+    with pytest.raises(SettingsError, match="BEDSIDE_MAX_UPLOADS_PER_PRINCIPAL"):
+        load_settings()
