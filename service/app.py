@@ -168,6 +168,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             recorder,
             max_bytes=settings.max_attachment_bytes,
             max_uploads_per_principal=settings.max_uploads_per_principal,
+            upload_deadline_seconds=settings.upload_deadline_seconds,
+            upload_idle_seconds=settings.upload_idle_seconds,
         )
         webhook_store = WebhookStore()
         guard = UrlGuard(

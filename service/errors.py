@@ -145,6 +145,19 @@ class TooManyUploadsError(DomainError):
     title = "Too many uploads in progress"
 
 
+class UploadTimeoutError(DomainError):
+    """The upload's body did not arrive in time: past its deadline, or nothing of it came for too long.
+    `reason` (`deadline`, `idle`) is a fixed code and `received` a count of bytes, kept for the log."""
+
+    code = "upload-timeout"
+    title = "The upload took too long"
+
+    def __init__(self, reason: str, detail: str, *, received: int = 0) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.received = received
+
+
 class UnavailableError(DomainError):
     """A dependency (the database) cannot be reached; fail closed rather than guess."""
 

@@ -25,6 +25,7 @@ from service.errors import (
     TooManyUploadsError,
     UnavailableError,
     UnsupportedMediaTypeError,
+    UploadTimeoutError,
     WebhookSignatureError,
 )
 
@@ -44,6 +45,7 @@ STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (UnsupportedMediaTypeError, 415),
     (MalformedRequestError, 400),
     (InvalidRequestError, 422),
+    (UploadTimeoutError, 408),
     (TooManyUploadsError, 429),
     (UnavailableError, 503),
 )
@@ -126,7 +128,7 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
     shredded_at = error.shredded_at if isinstance(error, ShreddedError) else None
     recalled_at = error.recalled_at if isinstance(error, RecalledError) else None
-    return problem_response(
+    response = problem_response(
         status=status,
         code=error.code,
         title=error.title,
@@ -137,6 +139,12 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         shredded_at=shredded_at,
         recalled_at=recalled_at,
     )
+    if isinstance(error, UploadTimeoutError):
+        # RFC 9110 15.5.9: a 408 means the server has given up on this connection, so it says `close`.
+        # The rest of the body, if it still comes, is read and dropped for a while (aiohttp's lingering
+        # close), so the client sees this answer rather than a reset.
+        response.force_close()
+    return response
 
 
 def http_problem(exc: web.HTTPException, request_id: str) -> web.Response:

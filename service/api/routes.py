@@ -498,7 +498,7 @@ ROUTES: tuple[Route, ...] = (
         "messaging",
         response=AttachmentOut,
         status=201,
-        errors=(400, 403, 404, 409, 410, 413, 415, 422, 429, 503),
+        errors=(400, 403, 404, 408, 409, 410, 413, 415, 422, 429, 503),
         query=AttachmentUploadQuery,
         headers=(FILE_NAME,),
         raw_body=RawBody(

@@ -7,8 +7,10 @@ the file's size; the declared type is checked against the content as it streams;
 marked complete and the audit event written last. A body that is too large, of the wrong type,
 interrupted or failing in any other way rolls the whole transaction back: nothing of it is stored.
 Holding one transaction (and one pooled connection) for the length of an upload is the price of that
-guarantee, so uploads are bounded in number (`UploadSlots`), per process and per caller, before any
-database work: slow uploads cannot take the whole pool, and one caller cannot take every upload slot.
+guarantee, so slow uploads are bounded (`UploadSlots`, `_in_time`): in number per process and per caller,
+checked before any database work, and in time, a deadline for the whole body and a limit on silence
+between its pieces. Only the waits for the client's bytes are timed: a statement is never cancelled
+mid-way, and a late upload rolls back through the same path as any other failing one.
 
 Download verifies before it sends. A first pass, in the transaction that decides access and records the
 audit event, opens every chunk in order (`StreamOpener`: index, final flag, object and context bound in
@@ -22,9 +24,10 @@ never deliver a complete-looking file.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +54,7 @@ from service.errors import (
     TooManyUploadsError,
     UnavailableError,
     UnsupportedMediaTypeError,
+    UploadTimeoutError,
 )
 from service.store.attachments import AttachmentRecord, AttachmentStore
 from service.store.db import Database, Tx
@@ -65,6 +69,8 @@ MAX_FILE_NAME_CHARS = 255
 MAX_REFERENCES = 20
 DEFAULT_MAX_UPLOADS = 8
 DEFAULT_UPLOADS_PER_PRINCIPAL = 2
+DEFAULT_UPLOAD_DEADLINE_SECONDS = 300.0
+DEFAULT_UPLOAD_IDLE_SECONDS = 30.0
 # Chunks read per query when verifying or streaming: 8 x 64 KiB of ciphertext held at a time.
 READ_PAGE = 8
 
@@ -226,6 +232,39 @@ class UploadSlots:
                 del self._by_principal[key]
 
 
+_LATE = "The upload did not finish within the time allowed"
+_SILENT = "The upload sent nothing for too long"
+
+
+async def _in_time(body: AsyncIterable[bytes], deadline: float, idle: float) -> AsyncIterator[bytes]:
+    """`body` as long as all of it comes before `deadline` (the event loop's clock) and no wait for its
+    next piece lasts `idle` seconds; UploadTimeoutError (`deadline` or `idle`) otherwise. The deadline is
+    asked again before each piece, so time the caller spends between pieces (on the database) counts too,
+    even when the next piece is already buffered and its read would not wait at all."""
+    loop = asyncio.get_running_loop()
+    pieces = aiter(body)
+    received = 0
+    while True:
+        now = loop.time()
+        if now >= deadline:
+            raise UploadTimeoutError("deadline", _LATE, received=received)
+        until = min(deadline, now + idle)
+        scope = asyncio.timeout_at(until)
+        try:
+            async with scope:
+                piece = await anext(pieces)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            if not scope.expired():  # not ours: the body's own
+                raise
+            if until >= deadline:
+                raise UploadTimeoutError("deadline", _LATE, received=received) from None
+            raise UploadTimeoutError("idle", _SILENT, received=received) from None
+        received += len(piece)
+        yield piece  # outside the scope: the consumer's own work (a chunk's insert) is never cancelled
+
+
 class AttachmentReferences:
     """The one check messages need of attachments. Separate from AttachmentService so that
     MessagingService can use it without a construction cycle (AttachmentService needs MessagingService)."""
@@ -272,9 +311,13 @@ class AttachmentService:
         chunk_bytes: int = DEFAULT_CHUNK_SIZE,
         max_concurrent_uploads: int = DEFAULT_MAX_UPLOADS,
         max_uploads_per_principal: int = DEFAULT_UPLOADS_PER_PRINCIPAL,
+        upload_deadline_seconds: float = DEFAULT_UPLOAD_DEADLINE_SECONDS,
+        upload_idle_seconds: float = DEFAULT_UPLOAD_IDLE_SECONDS,
     ) -> None:
         if max_bytes < 1 or not 1 <= chunk_bytes <= MAX_CHUNK_SIZE:
             raise ValueError("attachment limits must be positive (chunks at most crypto.stream.MAX_CHUNK_SIZE)")
+        if upload_deadline_seconds <= 0 or upload_idle_seconds <= 0:
+            raise ValueError("upload time limits must be positive")
         self._db = db
         self._store = store
         self._messaging = messaging
@@ -283,6 +326,8 @@ class AttachmentService:
         self.max_bytes = max_bytes
         self.chunk_bytes = chunk_bytes
         self._slots = UploadSlots(max_concurrent_uploads, max_uploads_per_principal)
+        self._deadline = upload_deadline_seconds
+        self._idle = upload_idle_seconds
 
     async def upload(
         self,
@@ -302,14 +347,26 @@ class AttachmentService:
         declared or read; NotFoundError (audited) without write access to the thread; ConsentRequiredError
         (audited); ConflictError for a closed thread; ShreddedError if the patient was shredded;
         TooManyUploadsError when the caller has `max_uploads_per_principal` uploads in progress in this
-        process, UnavailableError when the process has `max_concurrent_uploads` (both before any database work).
+        process, UnavailableError when the process has `max_concurrent_uploads` (both before any database work);
+        UploadTimeoutError (logged, nothing stored) when the body has not all arrived within
+        `upload_deadline_seconds` of the start, or nothing of it came for `upload_idle_seconds`.
         """
         check_content_type(content_type, charset)
         check_file_name(file_name)
         if declared_size is not None and declared_size > self.max_bytes:
             raise PayloadTooLargeError(f"The limit for an attachment is {self.max_bytes} bytes")
         with self._slots.taken(principal):
-            return await self._upload(principal, thread_id, file_name, content_type, body)
+            deadline = asyncio.get_running_loop().time() + self._deadline
+            timed = _in_time(body, deadline, self._idle)
+            try:
+                return await self._upload(principal, thread_id, file_name, content_type, timed)
+            except UploadTimeoutError as error:
+                # Its transaction has rolled back: nothing is stored. Not audited, as no failed upload is
+                # (an upload's event is written with the stored file); logged with ids and counts only.
+                log.warning(
+                    "attachment.upload_timed_out", thread_id=str(thread_id), size=error.received, reason=error.reason
+                )
+                raise
 
     async def _upload(
         self, principal: Principal, thread_id: UUID, file_name: str, content_type: str, body: AsyncIterable[bytes]

@@ -96,3 +96,11 @@ async def held(release: asyncio.Event) -> AsyncIterator[bytes]:
     yield b"%PDF-"
     await release.wait()
     yield bytes(100)
+
+
+async def trickle(pieces: int, every: float) -> AsyncIterator[bytes]:
+    """A slow portal: the start of a PDF, then a few bytes every `every` seconds, `pieces` times."""
+    yield b"%PDF-"
+    for _ in range(pieces):
+        await asyncio.sleep(every)
+        yield b"1234567890"

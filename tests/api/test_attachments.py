@@ -29,7 +29,7 @@ from service.keys import ATTACHMENTS
 from service.settings import Settings
 from service.store.attachments import AttachmentStore
 from tests.api.messaging_helpers import ATTACHMENTS_URL as URL
-from tests.api.messaging_helpers import held, upload, uploads_in_flight
+from tests.api.messaging_helpers import held, trickle, upload, uploads_in_flight
 from tests.conftest import Dsns, Portals, Services
 from tests.support import as_owner, audit_events, canary
 
@@ -312,7 +312,7 @@ async def test_bad_uploads_are_refused_before_anything_is_stored(client, portals
     assert await stored(database) == (0, 0)
 
 
-# -- slow uploads hold a connection each: bounded per caller --------------------------------------------------
+# -- slow uploads hold a connection each: bounded per caller and in time --------------------------------------
 
 
 async def limited_client(settings: Settings, aiohttp_client: Any, **limits: Any) -> Any:
@@ -346,6 +346,53 @@ async def test_a_callers_third_upload_at_once_is_429_while_another_callers_uploa
     assert [r.status for r in done] == [201, 201]
     await uploaded(client, portals, thread_id, pdf(1000))  # with both ended, the caller may upload again
     assert await stored(database) == (4, 4)
+
+
+async def test_an_upload_past_its_deadline_is_408_stores_nothing_and_frees_its_slot(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    # One upload per caller: the next one succeeds only if the late one gave its slot back.
+    client = await limited_client(settings, aiohttp_client, max_uploads_per_principal=1, upload_deadline_seconds=1)
+    thread_id = await open_thread(client, portals)
+
+    with capture_logs() as logs:
+        late = await upload(client, patient(portals), thread_id, trickle(pieces=40, every=0.1))  # 4 s in all
+        problem = await late.json(content_type=None)
+
+    assert late.status == 408
+    assert late.content_type == "application/problem+json"
+    assert late.headers["Connection"] == "close"
+    assert (problem["code"], problem["detail"]) == (
+        "upload-timeout",
+        "The upload did not finish within the time allowed",
+    )
+    timed_out = [e for e in logs if e["event"] == "attachment.upload_timed_out"]
+    assert [(e["thread_id"], e["reason"], set(e) - {"size"}) for e in timed_out] == [
+        (thread_id, "deadline", {"event", "log_level", "thread_id", "reason"})
+    ]
+    assert 5 <= timed_out[0]["size"] < 5 + 40 * 10
+    assert await stored(database) == (0, 0)
+    await uploads_in_flight(database.owner, 0)  # its transaction is over: no connection is left holding it
+    await uploaded(client, portals, thread_id, pdf(1000))
+    assert await stored(database) == (1, 1)
+
+
+async def test_an_upload_that_sends_nothing_for_too_long_is_408_and_stores_nothing(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    client = await limited_client(settings, aiohttp_client, upload_deadline_seconds=60, upload_idle_seconds=0.5)
+    thread_id = await open_thread(client, portals)
+
+    silent = await upload(client, patient(portals), thread_id, trickle(pieces=2, every=2))
+    problem = await silent.json(content_type=None)
+
+    assert silent.status == 408
+    assert silent.content_type == "application/problem+json"
+    assert (problem["code"], problem["detail"]) == ("upload-timeout", "The upload sent nothing for too long")
+    assert await stored(database) == (0, 0)
+    # Pieces closer together than the limit may take longer than it in all.
+    await uploaded(client, portals, thread_id, trickle(pieces=4, every=0.2))
+    assert await stored(database) == (1, 1)
 
 
 # -- who may --------------------------------------------------------------------------------------------

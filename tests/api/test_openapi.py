@@ -30,7 +30,7 @@ from service.app import create_app
 from service.domain.attachments import CONTENT_TYPES
 from service.keys import PUBLIC_ROUTES
 from service.settings import Settings
-from tests.api.messaging_helpers import PORTAL, consent, held, patient, thread, upload, uploads_in_flight
+from tests.api.messaging_helpers import PORTAL, consent, held, patient, thread, trickle, upload, uploads_in_flight
 from tests.conftest import Dsns, Portals
 from tests.support import TestIssuer, as_owner, audit_events, database_connection_limit
 
@@ -702,10 +702,10 @@ async def test_the_upload_body_is_the_file_in_exactly_the_stored_types_up_to_the
     assert (await upload("image/gif", b"GIF89a")).status == 415
 
 
-async def test_an_upload_too_many_is_answered_as_the_document_says(
+async def test_an_upload_too_many_or_too_slow_is_answered_as_the_document_says(
     settings: Settings, portals: Portals, database: Dsns, aiohttp_client: Any
 ) -> None:
-    limits = {"max_uploads_per_principal": 1, "webhook_worker": False}
+    limits = {"max_uploads_per_principal": 1, "upload_deadline_seconds": 1, "webhook_worker": False}
     limited = await aiohttp_client(create_app(settings.model_copy(update=limits)))
     document = await _document(limited)
     responses = document["paths"]["/v1/attachments"]["post"]["responses"]
@@ -719,10 +719,12 @@ async def test_an_upload_too_many_is_answered_as_the_document_says(
     finally:
         release.set()
         assert (await first).status == 201
+    late = await upload(limited, patient(portals), made["id"], trickle(pieces=30, every=0.1))
 
-    assert second.status == 429
+    assert (second.status, late.status) == (429, 408)
     assert "Retry-After" in responses["429"]["headers"]
     await _conforms(document, "POST", "/v1/attachments", second)
+    await _conforms(document, "POST", "/v1/attachments", late)
 
 
 async def test_the_stored_types_are_one_list_in_the_domain_the_schema_and_the_document(client) -> None:

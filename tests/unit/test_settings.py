@@ -173,3 +173,35 @@ def test_no_uploads_at_once_per_caller_is_refused(monkeypatch: pytest.MonkeyPatc
 
     with pytest.raises(SettingsError, match="BEDSIDE_MAX_UPLOADS_PER_PRINCIPAL"):
         load_settings()
+
+
+def test_an_upload_may_take_five_minutes_and_be_silent_for_thirty_seconds_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """300 s: a file of the default largest size (25 MiB) at a modest 100 KB/s takes 262 s."""
+    defaults = load_settings()
+    assert (defaults.upload_deadline_seconds, defaults.upload_idle_seconds) == (300.0, 30.0)
+    assert defaults.max_attachment_bytes / 100_000 < defaults.upload_deadline_seconds
+
+    monkeypatch.setenv("BEDSIDE_UPLOAD_DEADLINE_SECONDS", "0.5")
+    monkeypatch.setenv("BEDSIDE_UPLOAD_IDLE_SECONDS", "0.25")
+    configured = load_settings()
+    assert (configured.upload_deadline_seconds, configured.upload_idle_seconds) == (0.5, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BEDSIDE_UPLOAD_DEADLINE_SECONDS", "0"),
+        ("BEDSIDE_UPLOAD_DEADLINE_SECONDS", "86401"),
+        ("BEDSIDE_UPLOAD_IDLE_SECONDS", "0"),
+        ("BEDSIDE_UPLOAD_IDLE_SECONDS", "3601"),
+    ],
+)
+def test_upload_time_limits_of_zero_or_past_their_bound_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(SettingsError, match=variable):
+        load_settings()
