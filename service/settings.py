@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)
     webhook_retry_after_max_seconds: float = Field(default=86_400, ge=0, le=7 * 86_400)
     webhook_timeout_seconds: float = Field(default=15.0, gt=0, le=60)
-    webhook_lease_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # 1 s to 1 hour: the range the database's claim function (migration 0011) accepts.
+    webhook_lease_seconds: float = Field(default=60.0, ge=1, le=3600)
     webhook_reap_interval_seconds: float = Field(default=10.0, gt=0, le=3600)
     webhook_poll_interval_seconds: float = Field(default=0.25, gt=0, le=60)
     webhook_concurrency: int = Field(default=32, ge=1, le=1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -66,3 +67,33 @@ async def test_a_delivery_whose_lease_passed_to_another_worker_is_not_sent(
         assert len(receiver.received) == 1
     finally:
         await transport.close()
+
+
+CLAIM = "SELECT tenant_id, id FROM bedside_webhook_claim($1, $2, 10)"
+LEASES = "SELECT lease_owner, lease_until - now() AS left FROM webhook_outbox WHERE lease_owner IS NOT NULL"
+
+
+@pytest.mark.parametrize("lease", [100 * 365 * 86_400.0, 3600.5, 0.0, -60.0, float("nan"), float("inf"), None])
+async def test_the_claim_function_refuses_a_lease_outside_one_second_to_one_hour(
+    client, portals: Portals, receiver: Receiver, database: Dsns, lease: float | None
+) -> None:
+    """The claim crosses tenants as its owner (SECURITY DEFINER): the application role, which may call it,
+    must not lease every due delivery for a century (or forever) with one call."""
+    await register(client, portals, receiver.url, event_types=["message.created"])
+    await consent(client, portals)
+    await thread(client, portals)
+    app, owner = await asyncpg.connect(database.app), await asyncpg.connect(database.owner)
+    try:
+        with pytest.raises(asyncpg.exceptions.InvalidParameterValueError):
+            await app.fetch(CLAIM, uuid.uuid4(), lease)
+        assert await owner.fetch(LEASES) == []
+
+        # The longest lease allowed still leases, for no longer than an hour.
+        worker = uuid.uuid4()
+        assert len(await app.fetch(CLAIM, worker, 3600.0)) == 1
+        [(leased_by, left)] = await owner.fetch(LEASES)
+        assert leased_by == worker
+        assert left <= timedelta(hours=1)
+    finally:
+        await app.close()
+        await owner.close()

@@ -1,0 +1,34 @@
+-- Hygiene of what the application role may do at the database, whatever the service's code says.
+--
+-- 1. `bedside_webhook_claim` (0007) is SECURITY DEFINER and crosses tenants: it took any lease length,
+--    so one call could lease every due delivery of every tenant for a century. A lease is now 1 second to
+--    1 hour (what BEDSIDE_WEBHOOK_LEASE_SECONDS allows); anything else (0, negative, NaN, infinite, NULL)
+--    is refused and leases nothing. Same signature, same grants; plpgsql only to refuse before it leases.
+
+CREATE OR REPLACE FUNCTION bedside_webhook_claim(p_owner uuid, p_lease_seconds double precision, p_limit integer)
+    RETURNS TABLE (tenant_id uuid, id uuid)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+    AS $$
+#variable_conflict use_column
+BEGIN
+    IF p_lease_seconds IS NULL OR NOT (p_lease_seconds BETWEEN 1 AND 3600) THEN
+        RAISE EXCEPTION 'a webhook lease is 1 to 3600 seconds' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+        WITH due AS (
+            SELECT o.id FROM webhook_outbox o
+            WHERE o.status = 'pending' AND o.lease_owner IS NULL AND o.next_attempt_at <= now()
+            ORDER BY o.next_attempt_at
+            LIMIT p_limit
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE webhook_outbox o
+        SET lease_owner = p_owner, lease_until = now() + make_interval(secs => p_lease_seconds)
+        FROM due WHERE o.id = due.id
+        RETURNING o.tenant_id, o.id;
+END
+$$;
+
+REVOKE ALL ON FUNCTION bedside_webhook_claim(uuid, double precision, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION bedside_webhook_claim(uuid, double precision, integer) TO bedside_app;
+
