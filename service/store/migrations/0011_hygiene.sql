@@ -32,3 +32,19 @@ $$;
 REVOKE ALL ON FUNCTION bedside_webhook_claim(uuid, double precision, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION bedside_webhook_claim(uuid, double precision, integer) TO bedside_app;
 
+-- 2. A revoked issuer key stays revoked. The application role may UPDATE `issuer_keys.revoked_at` (that
+--    is how it revokes), which also let it clear the stamp and trust the key again, or move it. Once set,
+--    `revoked_at` never changes: a revocation made by mistake is undone with a new key pair. For every
+--    role, replicas included, like the other records that must not be rewritten.
+CREATE FUNCTION bedside_issuer_key_revocation_is_final() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.revoked_at IS NOT NULL AND NEW.revoked_at IS DISTINCT FROM OLD.revoked_at THEN
+        RAISE EXCEPTION 'issuer key % is revoked for good', OLD.id USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER issuer_keys_revocation_is_final BEFORE UPDATE ON issuer_keys
+    FOR EACH ROW EXECUTE FUNCTION bedside_issuer_key_revocation_is_final();
+ALTER TABLE issuer_keys ENABLE ALWAYS TRIGGER issuer_keys_revocation_is_final;

@@ -1,0 +1,50 @@
+"""Issuer keys at the database: what the application role can do to a revocation, whatever the code says."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from tests.conftest import Dsns, Portals, Services
+
+ISSUER = "https://portal.acme.test"
+
+
+async def _as_app_in_acme(conn: asyncpg.Connection, statement: str) -> str:
+    """Run `statement` as the application role in acme, in a transaction of its own."""
+    async with conn.transaction():
+        tenant: UUID = await conn.fetchval("SELECT id FROM tenants WHERE slug = 'acme'")
+        await conn.execute("SELECT set_config('bedside.tenant_id', $1, true)", str(tenant))
+        status: str = await conn.execute(statement)
+    return status
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "UPDATE issuer_keys SET revoked_at = NULL WHERE kid = 'portal-key-1'",
+        "UPDATE issuer_keys SET revoked_at = revoked_at - interval '1 day' WHERE kid = 'portal-key-1'",
+        "UPDATE issuer_keys SET revoked_at = now() + interval '1 year' WHERE kid = 'portal-key-1'",
+    ],
+    ids=["cleared", "backdated", "moved-ahead"],
+)
+async def test_the_app_role_revokes_a_key_but_cannot_undo_or_move_the_revocation(
+    portals: Portals, services: Services, database: Dsns, change: str
+) -> None:
+    conn = await asyncpg.connect(database.app)
+    try:
+        revoke = "UPDATE issuer_keys SET revoked_at = now() WHERE kid = 'portal-key-1' AND revoked_at IS NULL"
+        assert await _as_app_in_acme(conn, revoke) == "UPDATE 1"
+        with pytest.raises(asyncpg.exceptions.CheckViolationError):
+            await _as_app_in_acme(conn, change)
+    finally:
+        await conn.close()
+
+    trusted = await services.issuers.trusted_keys("acme", ISSUER)
+    assert [k.kid for k in trusted.keys] == []
+    assert [k.kid for k in trusted.revoked] == ["portal-key-1"]
+    # And the service's own revocation answers as before: the key already was revoked, at that time.
+    again = await services.issuers.revoke_key("acme", ISSUER, "portal-key-1")
+    assert (again.newly_revoked, again.revoked_at) == (False, trusted.revoked[0].revoked_at)
