@@ -21,6 +21,9 @@ class IssuerKeyOut(BaseModel):
     issuer: str
     kid: str
     algorithm: str
+    revoked_at: datetime | None = Field(
+        default=None, description="When the key was revoked (its tokens are refused since); null: trusted"
+    )
 
 
 class IssuerKeyListOut(BaseModel):

@@ -625,7 +625,8 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
     async def listing(target: Target) -> None:
         async with _services(target.app_dsn, settings) as (_, issuers):
             for key in await issuers.list_keys(args.tenant):
-                print(f"{key.issuer}\t{key.kid}\t{key.algorithm}")
+                state = "active" if key.revoked_at is None else f"revoked {key.revoked_at.isoformat()}"
+                print(f"{key.issuer}\t{key.kid}\t{key.algorithm}\t{state}")
 
     async def revoke(target: Target) -> None:
         async with _services(target.app_dsn, settings) as (_, issuers):
@@ -899,7 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--issuer", required=True, help="the tokens' `iss`")
     add.add_argument("--public-key", required=True, help="PEM file: Ed25519, P-256 or RSA >= 2048")
     add.add_argument("--kid", help="key id the tokens name in their header (default: key fingerprint)")
-    listing = with_db(issuer_sub.add_parser("list", help="list a tenant's trusted issuer keys"))
+    listing = with_db(issuer_sub.add_parser("list", help="list a tenant's issuer keys, revoked ones with when"))
     listing.add_argument("--tenant", required=True)
     revoke = with_db(issuer_sub.add_parser("revoke", help="stop trusting an issuer's key (for good)"))
     revoke.add_argument("--tenant", required=True)

@@ -19,8 +19,10 @@ async def add_issuer_key(request: web.Request) -> web.Response:
 
 async def list_issuer_keys(request: web.Request) -> web.Response:
     keys = await request.app[ISSUERS].list_keys_as(request[PRINCIPAL])
-    out = IssuerKeyListOut(items=[IssuerKeyOut(issuer=k.issuer, kid=k.kid, algorithm=k.algorithm) for k in keys])
-    return web.json_response(out.model_dump())
+    out = IssuerKeyListOut(
+        items=[IssuerKeyOut(issuer=k.issuer, kid=k.kid, algorithm=k.algorithm, revoked_at=k.revoked_at) for k in keys]
+    )
+    return web.json_response(out.model_dump(mode="json"))
 
 
 async def revoke_issuer_key(request: web.Request) -> web.Response:

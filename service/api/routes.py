@@ -208,7 +208,7 @@ ROUTES: tuple[Route, ...] = (
         "/v1/admin/issuers",
         issuers.list_issuer_keys,
         "list_issuer_keys",
-        "The tenant's trusted token issuers and their keys (admin)",
+        "The tenant's token issuers and their keys, revoked ones with `revoked_at` (admin)",
         "administration",
         gate=policy.can_manage_issuers,
         response=IssuerKeyListOut,

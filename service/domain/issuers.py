@@ -175,10 +175,12 @@ class IssuerService:
         self._cache.pop((tenant, issuer), None)
 
     async def list_keys_as(self, principal: Principal) -> list[IssuerKeyRecord]:
+        """An admin lists their tenant's issuer keys, revoked ones included (`revoked_at` set). Anyone
+        else: not found."""
         if not can_manage_issuers(principal):
             raise NotFoundError()
         async with self._db.transaction(principal.tenant_id) as tx:
-            keys = await self._issuers.all_active_keys(tx, principal.tenant_id)
+            keys = await self._issuers.all_keys(tx, principal.tenant_id)
             await self._audit.record(tx, AuditEvent.by(principal, AuditAction.ISSUER_LIST, resource_type="Issuer"))
         return keys
 
@@ -209,12 +211,13 @@ class IssuerService:
         return trusted
 
     async def list_keys(self, tenant: str) -> list[IssuerKeyRecord]:
+        """The operator (`bedside issuer list`) lists a tenant's (slug) issuer keys, revoked ones included."""
         async with self._db.transaction() as tx:
             found = await self._tenants.by_slug(tx, tenant)
         if found is None:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
         async with self._db.transaction(found.id) as tx:
-            return await self._issuers.all_active_keys(tx, found.id)
+            return await self._issuers.all_keys(tx, found.id)
 
 
 def _name_problems(issuer: str, kid: str | None) -> list[FieldProblem]:

@@ -75,10 +75,11 @@ class IssuerStore:
         SELECT count(*) FROM issuers i JOIN issuer_keys k ON k.tenant_id = i.tenant_id AND k.issuer_id = i.id
         WHERE i.tenant_id = $1 AND i.issuer = $2 AND k.revoked_at IS NULL
     """
+    # Revoked keys too, with when: an operator sees what was revoked, not only what is left.
     _ALL_KEYS = """
-        SELECT i.issuer, k.kid, k.algorithm, k.public_key_pem
+        SELECT i.issuer, k.kid, k.algorithm, k.public_key_pem, k.revoked_at
         FROM issuers i JOIN issuer_keys k ON k.tenant_id = i.tenant_id AND k.issuer_id = i.id
-        WHERE i.tenant_id = $1 AND k.revoked_at IS NULL
+        WHERE i.tenant_id = $1
         ORDER BY i.issuer, k.created_at
     """
 
@@ -112,7 +113,8 @@ class IssuerStore:
     async def count_active(self, tx: Tx, tenant_id: UUID, issuer: str) -> int:
         return int(await tx.conn.fetchval(self._COUNT_ACTIVE, tenant_id, issuer))
 
-    async def all_active_keys(self, tx: Tx, tenant_id: UUID) -> list[IssuerKeyRecord]:
+    async def all_keys(self, tx: Tx, tenant_id: UUID) -> list[IssuerKeyRecord]:
+        """Every key of every issuer of the tenant, revoked ones included (with their `revoked_at`)."""
         return [_record(r) for r in await tx.conn.fetch(self._ALL_KEYS, tenant_id)]
 
 

@@ -263,7 +263,12 @@ async def test_admin_registers_a_key_whose_tokens_then_authenticate(client, port
     response = await client.post(ISSUERS, json=_key_body(rotated), headers=_admin(portals))
 
     assert response.status == 201, await response.text()
-    assert await response.json() == {"issuer": rotated.issuer, "kid": "portal-key-2", "algorithm": "EdDSA"}
+    assert await response.json() == {
+        "issuer": rotated.issuer,
+        "kid": "portal-key-2",
+        "algorithm": "EdDSA",
+        "revoked_at": None,
+    }
     me = await client.get("/v1/me", headers=rotated.auth(role="physician", sub="Practitioner/5"))
     assert me.status == 200, await me.text()
     assert (await me.json())["subject"] == "Practitioner/5"

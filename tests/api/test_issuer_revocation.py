@@ -99,6 +99,21 @@ async def test_revoking_a_revoked_key_changes_nothing_and_answers_the_same(
     assert [_details(e)["already_revoked"] for e in events] == [False, True]
 
 
+async def test_the_admin_listing_shows_revoked_keys_with_when_they_were_revoked(
+    client, portals: Portals, rotated: TestIssuer
+) -> None:
+    admin = rotated.auth(**ADMIN)
+    revoked = await (await _revoke(client, admin)).json()
+
+    response = await client.get("/v1/admin/issuers", headers=admin)
+
+    assert response.status == 200
+    assert [(k["kid"], k["revoked_at"]) for k in (await response.json())["items"]] == [
+        ("portal-key-1", revoked["revoked_at"]),
+        ("portal-key-2", None),
+    ]
+
+
 async def test_the_last_key_of_an_issuer_may_be_revoked_and_it_then_authenticates_nobody(
     client, portals: Portals
 ) -> None:

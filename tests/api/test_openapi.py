@@ -187,6 +187,7 @@ async def test_responses_match_what_the_document_says(client, portals: Portals) 
         ("POST", "/v1/admin/issuers/revoke", admin, {"issuer": new_key.issuer, "kid": "no-such-kid"}),
         ("POST", "/v1/admin/issuers/revoke", admin, {"issuer": new_key.issuer}),
         ("POST", "/v1/admin/issuers/revoke", portals.acme.auth(), {"issuer": new_key.issuer, "kid": new_key.kid}),
+        ("GET", "/v1/admin/issuers", admin, None),  # with the revoked key and its revoked_at
         ("POST", "/v1/admin/issuers", admin, key_body),  # a revoked key: 409 key-revoked
     ]
     seen = set()

@@ -92,14 +92,20 @@ async def test_an_operator_revokes_a_portal_key_whose_tokens_then_fail(database,
     assert revoked.returncode == 0, revoked.stderr
     assert revoked.stdout.startswith(f"revoked key kid=portal-key-1 of issuer {portal.issuer} in tenant acme at ")
     assert "1 other key(s) of the issuer still trusted" in revoked.stdout
+    revoked_at = revoked.stdout.splitlines()[0].rsplit(" at ", 1)[1]
     assert (await client.get("/v1/me", headers=portal.auth())).status == 401
     assert (await client.get("/v1/me", headers=rotated.auth())).status == 200
 
     again = _run(*revoke, "--database-url", database.app)
     assert again.returncode == 0, again.stderr
     assert "was already revoked at" in again.stdout
+    # The list shows what was revoked, and when, beside what is still trusted.
     listed = _run("issuer", "list", "--tenant", "acme", "--database-url", database.app)
-    assert [line.split("\t")[1] for line in listed.stdout.splitlines()] == ["portal-key-2"]
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        f"{portal.issuer}\tportal-key-1\tEdDSA\trevoked {revoked_at}",
+        f"{portal.issuer}\tportal-key-2\tEdDSA\tactive",
+    ]
     unknown = _run(*revoke[:-1], "no-such-kid", "--database-url", database.app)
     assert unknown.returncode == 1
     assert unknown.stderr == "bedside: this issuer has no key of this kid in the tenant\n"
@@ -120,10 +126,10 @@ async def test_a_revoked_development_key_stays_revoked_when_serve_trusts_it_agai
     await services.tenants.create("demo")
     await _trust_dev_issuer(settings, services.issuers, "demo")
     (key,) = await services.issuers.list_keys("demo")
-    await services.issuers.revoke_key("demo", DEV_ISSUER, key.kid)
+    revoked = await services.issuers.revoke_key("demo", DEV_ISSUER, key.kid)
 
     await _trust_dev_issuer(settings, services.issuers, "demo")
-    assert await services.issuers.list_keys("demo") == []
+    assert [(k.kid, k.revoked_at) for k in await services.issuers.list_keys("demo")] == [(key.kid, revoked.revoked_at)]
 
 
 def test_cli_errors_are_one_clear_line_not_a_traceback(database, tmp_path: Path) -> None:
