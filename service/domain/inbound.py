@@ -6,7 +6,8 @@ the endpoint's inbound secret is the credential. In order:
 1. `verify`: find the endpoint's tenant, open its inbound secrets (two during a rotation) and verify
    the signature on the raw bytes, before anything parses them; the timestamp must be within the
    tolerance (five minutes) either way. A failure is audited and answers 401 (400 for headers that are
-   malformed rather than wrong), and says nothing about whether the endpoint exists.
+   malformed rather than wrong), and says nothing about whether the endpoint exists. A disabled
+   endpoint refuses even a reply its secret signed, with the answer an unknown endpoint gives.
 2. `accept`: the sender must be the endpoint's practitioner, or a current member of its care team; then
    the reply is a message like any other (`MessagingService.send_within`: policy, consent, sealing, the
    outbox rows that notify the other side, the audit event, which names the endpoint, the secret that
@@ -46,6 +47,8 @@ from service.store.webhooks import WebhookStore
 
 # Header problems that are malformed requests (400) rather than failed authentication (401).
 _MALFORMED = frozenset({Reason.MISSING_HEADER, Reason.BAD_ID, Reason.BAD_TIMESTAMP})
+# The one detail of every 401 here: it never says whether the endpoint exists, or is disabled.
+_SIGNATURE_REFUSED = "The webhook signature is missing, wrong or stale"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,16 @@ class InboundReplies:
             index = verify(headers, body, secrets, now=now, tolerance=self._tolerance)
         except WebhookVerificationError as exc:
             raise _refused(exc.reason, tenant_id, endpoint_id, f"webhook-{exc.reason.value}") from None
+        if endpoint.disabled_at is not None:
+            # A disabled endpoint (by an admin, or for 410 Gone or failing) takes no replies either. The caller
+            # hears what an unknown endpoint answers; the audit says why, and which secret signed the reply.
+            raise WebhookSignatureError(
+                "endpoint-disabled",
+                _SIGNATURE_REFUSED,
+                tenant_id=tenant_id,
+                issuer=f"urn:bedside:webhook:{endpoint_id}",
+                key_id=str(keys[index].id),
+            )
         msg_id = next(v for k, v in headers.items() if k.lower() == "webhook-id")
         return VerifiedReply(tenant_id, endpoint_id, endpoint.subscriber, keys[index].id, msg_id, body_fingerprint)
 
@@ -203,6 +216,4 @@ def _refused(reason: Reason, tenant_id: UUID | None, endpoint_id: UUID, code: st
             resource_id=str(endpoint_id),
         ).denied(code)
         return MalformedRequestError(f"The webhook headers are malformed ({reason.value})").recording(event)
-    return WebhookSignatureError(
-        code, "The webhook signature is missing, wrong or stale", tenant_id=tenant_id, issuer=issuer
-    )
+    return WebhookSignatureError(code, _SIGNATURE_REFUSED, tenant_id=tenant_id, issuer=issuer)

@@ -250,6 +250,39 @@ async def test_a_deleted_endpoints_secret_no_longer_works(client, portals: Porta
     assert len(await messages(client, portals, c.thread_id)) == 1
 
 
+async def test_a_disabled_endpoint_refuses_signed_replies_as_an_unknown_endpoint_would(
+    client, portals: Portals, receiver: Receiver, database: Dsns
+) -> None:
+    c = await converse(client, portals, receiver.url)
+    admin = portals.acme.auth(**ADMIN)
+    disabled = await client.post(f"/v1/admin/webhook-endpoints/{c.endpoint_id}/disable", headers=admin)
+    assert disabled.status == 200, await disabled.text()
+    body, rid = reply_body(c), request_id()
+    headers = signed(c.inbound_secret, body)
+
+    status, out = await post_reply(client, c.endpoint_id, body, {**headers, "X-Request-Id": rid})
+    unknown = await post_reply(client, str(uuid.uuid4()), body, headers)
+
+    assert (status, unknown[0]) == (401, 401), out
+    assert {k: v for k, v in out.items() if k != "request_id"} == {
+        k: v for k, v in unknown[1].items() if k != "request_id"
+    }
+    assert [m["id"] for m in await messages(client, portals, c.thread_id)] == [c.first_message]
+    # Audited as the endpoint's tenant's refusal, saying why, and which of its secrets signed the reply.
+    [denied] = [e for e in await audit_events(database, rid) if e["action"] == "auth:denied"]
+    assert (denied["outcome"], denied["details"]["reason"]) == ("denied", "endpoint-disabled")
+    assert (denied["tenant_id"], denied["issuer"]) == (await acme_id(database), f"urn:bedside:webhook:{c.endpoint_id}")
+    assert decode_entry(bytes(denied["entry"])).get("key_id") == (await inbound_keys(database, c.endpoint_id))[0]
+
+    # Enabled again, it takes the same reply (the refusal wrote no receipt: the webhook-id is still free).
+    enabled = await client.post(f"/v1/admin/webhook-endpoints/{c.endpoint_id}/enable", headers=admin)
+    assert enabled.status == 200, await enabled.text()
+    status, out = await post_reply(
+        client, c.endpoint_id, body, signed(c.inbound_secret, body, msg_id=headers["webhook-id"])
+    )
+    assert status == 201, out
+
+
 def without(name: str) -> Any:
     return lambda h: {k: v for k, v in h.items() if k != name}
 
