@@ -233,6 +233,8 @@ class UploadSlots:
 
 
 _LATE = "The upload did not finish within the time allowed"
+# How long past its deadline an upload's transaction may still sit idle: the deadline ends it first.
+_IDLE_MARGIN_SECONDS = 10.0
 _SILENT = "The upload sent nothing for too long"
 
 
@@ -359,7 +361,7 @@ class AttachmentService:
             deadline = asyncio.get_running_loop().time() + self._deadline
             timed = _in_time(body, deadline, self._idle)
             try:
-                return await self._upload(principal, thread_id, file_name, content_type, timed)
+                return await self._upload(principal, thread_id, file_name, content_type, timed, deadline)
             except UploadTimeoutError as error:
                 # Its transaction has rolled back: nothing is stored. Not audited, as no failed upload is
                 # (an upload's event is written with the stored file); logged with ids and counts only.
@@ -369,11 +371,20 @@ class AttachmentService:
                 raise
 
     async def _upload(
-        self, principal: Principal, thread_id: UUID, file_name: str, content_type: str, body: AsyncIterable[bytes]
+        self,
+        principal: Principal,
+        thread_id: UUID,
+        file_name: str,
+        content_type: str,
+        body: AsyncIterable[bytes],
+        deadline: float,
     ) -> AttachmentView:
         tenant_id = principal.tenant_id
         attachment_id = uuid.uuid4()
         async with self._db.transaction(tenant_id) as tx:
+            # Between chunks the transaction waits for the client: the upload's deadline (and its limit on
+            # silence) end a slow one with a 408, not the database's idle limit with a 503.
+            await self._store.idle_for(tx, deadline - asyncio.get_running_loop().time() + _IDLE_MARGIN_SECONDS)
             thread, _ = await self._messaging.access(tx, principal, thread_id, write=True)
             if thread.status != "open":
                 raise ConflictError("the thread is closed")

@@ -55,6 +55,10 @@ class AttachmentStore:
         INSERT INTO attachments (tenant_id, id, thread_id, uploaded_by, content_type, file_name)
         VALUES ($1, $2, $3, $4, $5, $6)
     """
+    # The pool's connections end a transaction left idle for twice the statement timeout (see Database). An
+    # upload's is idle between chunks by design, as long as the client takes to send the next 64 KiB: for
+    # this transaction only, it may be idle until the upload's own deadline has passed.
+    _IDLE_UNTIL = "SELECT set_config('idle_in_transaction_session_timeout', $1, true)"
     _INSERT_CHUNK = "INSERT INTO attachment_chunks (tenant_id, attachment_id, idx, data) VALUES ($1, $2, $3, $4)"
     _COMPLETE = f"""
         UPDATE attachments SET size = $3, chunks = $4, complete = true
@@ -85,6 +89,10 @@ class AttachmentStore:
         FROM attachments a
         WHERE a.tenant_id = $1 AND a.thread_id = $2 AND a.complete AND a.id = ANY($3::uuid[])
     """
+
+    async def idle_for(self, tx: Tx, seconds: float) -> None:
+        """Let this transaction sit idle between statements for up to `seconds` (until it ends)."""
+        await tx.conn.execute(self._IDLE_UNTIL, str(max(1, round(seconds * 1000))))
 
     async def create(
         self,

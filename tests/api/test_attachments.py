@@ -395,6 +395,23 @@ async def test_an_upload_that_sends_nothing_for_too_long_is_408_and_stores_nothi
     assert await stored(database) == (1, 1)
 
 
+async def test_a_slow_steady_upload_within_its_limits_is_not_cut_off_by_the_databases_idle_limit(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    """The pool's connections end a transaction idle for twice the statement timeout (here 1 s). An
+    upload's transaction is idle while the client sends its next chunk's worth: a steady upload slower
+    than that, within its own deadline and limit on silence, is stored, not a 503 (the old answer)."""
+    client = await limited_client(
+        settings, aiohttp_client, db_statement_timeout_ms=500, upload_deadline_seconds=30, upload_idle_seconds=5
+    )
+    thread_id = await open_thread(client, portals)
+
+    response = await upload(client, patient(portals), thread_id, trickle(pieces=8, every=0.25))  # 2 s in all
+
+    assert response.status == 201, await response.text()
+    assert await stored(database) == (1, 1)
+
+
 # -- who may --------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import uuid
 
 from asyncpg.connection import LoggedQuery
 
+from service.store.attachments import AttachmentStore
 from service.store.db import Database
 from tests.conftest import Dsns
 
@@ -50,3 +51,19 @@ async def test_a_transaction_left_open_is_rolled_back_before_the_next_request(da
         await db.close()
     assert tenant in (None, "")
     assert leftover is None
+
+
+async def test_an_uploads_longer_idle_limit_ends_with_its_transaction(database: Dsns) -> None:
+    """An upload lets its own transaction sit idle longer than the pool's limit; the connection's next
+    transaction, a request of anyone's, has the pool's limit again."""
+    db = await Database.connect(database.app, min_size=1, max_size=1, statement_timeout_ms=500)
+    show = "SELECT current_setting('idle_in_transaction_session_timeout')"
+    try:
+        async with db.transaction() as tx:
+            await AttachmentStore().idle_for(tx, 300.5)
+            during = await tx.conn.fetchval(show)
+        async with db.transaction() as tx:
+            after = await tx.conn.fetchval(show)
+    finally:
+        await db.close()
+    assert (during, after) == ("300500ms", "1s")
