@@ -23,6 +23,7 @@ from service.domain.attachments import AttachmentReferences, AttachmentService
 from service.domain.audit import AuditRecorder
 from service.domain.audit_log import AuditLog, AuditQueries
 from service.domain.auth import Authenticator
+from service.domain.auth_failures import AuthFailures, FailureBudget, FailureLimiter
 from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
 from service.domain.idempotency import RequestFingerprints
@@ -37,6 +38,7 @@ from service.keys import (
     ATTACHMENTS,
     AUDIT,
     AUDIT_QUERIES,
+    AUTH_FAILURES,
     AUTHENTICATOR,
     CONSENTS,
     HEALTH,
@@ -64,7 +66,7 @@ from service.store.migrate import SchemaStore
 from service.store.tenants import TenantStore
 from service.store.webhooks import WebhookStore
 from service.workers.http import HttpTransport, system_resolver
-from service.workers.maintenance import IdempotencyPurger
+from service.workers.maintenance import DenialSummaries, IdempotencyPurger
 from service.workers.sequencer import Sequencer
 from service.workers.webhooks import WebhookWorker
 
@@ -135,6 +137,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
             verified_cache_seconds=settings.issuer_cache_seconds,
         )
+        budget = FailureBudget(
+            burst=settings.auth_failure_burst,
+            per_minute=settings.auth_failure_per_minute,
+            max_sources=settings.auth_failure_max_sources,
+        )
+        app[AUTH_FAILURES] = auth_failures = AuthFailures(recorder, FailureLimiter(budget))
+        denial_summaries = DenialSummaries(auth_failures, interval=settings.auth_failure_summary_seconds)
         app[HEALTH] = HealthService(db, schema, audit_store)
         fingerprints = RequestFingerprints(keyring)
         consents = ConsentLedger(
@@ -196,7 +205,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             tolerance_seconds=settings.inbound_tolerance_seconds,
         )
         transport = HttpTransport(timeout_seconds=settings.webhook_timeout_seconds)
-        workers = []
+        workers = [asyncio.create_task(denial_summaries.run(), name="denial-summaries")]
         if settings.webhook_worker:
             dispatcher = WebhookDispatcher(
                 db, webhook_store, keyring, consents, recorder, transport, guard, policy=delivery_policy
@@ -221,6 +230,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            # Every request has ended: the failures counted since the last summary are written now.
+            await denial_summaries.final()
             await transport.close()
             await key_operations.close()
             kek.close()

@@ -72,6 +72,18 @@ class WebhookSignatureError(AuthenticationError):
     title = "Webhook signature not acceptable"
 
 
+class AuthenticationThrottledError(DomainError):
+    """This source failed authentication more often than its budget allows: the failure is counted for an
+    audit summary rather than audited on its own (429). Not an `AuthenticationError`: it is no new denial."""
+
+    code = "authentication-throttled"
+    title = "Too many failed authentications"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many requests from this address failed authentication; retry after Retry-After seconds")
+        self.retry_after = retry_after
+
+
 class ForbiddenError(DomainError):
     code = "forbidden"
     title = "Not allowed"

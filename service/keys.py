@@ -12,6 +12,7 @@ from service.domain.attachments import AttachmentService
 from service.domain.audit import AuditRecorder
 from service.domain.audit_log import AuditQueries
 from service.domain.auth import Authenticator
+from service.domain.auth_failures import AuthFailures
 from service.domain.consents import ConsentLedger
 from service.domain.health import HealthService
 from service.domain.inbound import InboundReplies
@@ -28,6 +29,7 @@ PUBLIC_ROUTES = web.AppKey[frozenset[str]]("public_routes")
 OPENAPI = web.AppKey[dict[str, Any]]("openapi")
 ROUTE_GATES = web.AppKey[dict[str, Callable[[Principal], bool]]]("route_gates")
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 HEALTH = web.AppKey("health", HealthService)
 ISSUERS = web.AppKey("issuers", IssuerService)
 KEY_OPERATIONS = web.AppKey("key_operations", KeyOperations)

@@ -37,6 +37,15 @@ class Settings(BaseSettings):
     # a deployment whose scrapers reach it only on a private network.
     metrics_token: SecretStr | None = None
 
+    # Failed authentications, per source address and process: each is audited until `auth_failure_burst`
+    # are spent (the budget comes back at `auth_failure_per_minute`); past it a source's failures are
+    # answered 429 and counted, and the counts are audited as one summary per source every
+    # `auth_failure_summary_seconds` (and on stop). At most `auth_failure_max_sources` sources are tracked.
+    auth_failure_burst: int = Field(default=20, ge=1, le=100_000)
+    auth_failure_per_minute: float = Field(default=20.0, gt=0, le=100_000)
+    auth_failure_max_sources: int = Field(default=10_000, ge=1, le=1_000_000)
+    auth_failure_summary_seconds: float = Field(default=60.0, gt=0, le=3600)
+
     max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     shutdown_timeout_seconds: float = Field(default=30.0, ge=0, le=600)
 

@@ -19,8 +19,23 @@ from service.api.headers import X_REQUEST_ID
 from service.api.metrics import KNOWN_METHODS, UNMATCHED_ROUTE
 from service.api.problems import domain_problem, http_problem, internal_problem
 from service.domain.audit import REQUEST_META, AuditAction, AuditEvent, RequestMeta
-from service.errors import AuthenticationError, DomainError, NotFoundError, UnavailableError
-from service.keys import AUDIT, AUTHENTICATOR, METRICS, PRINCIPAL, PUBLIC_ROUTES, REQUEST_ID, ROUTE_GATES
+from service.errors import (
+    AuthenticationError,
+    AuthenticationThrottledError,
+    DomainError,
+    NotFoundError,
+    UnavailableError,
+)
+from service.keys import (
+    AUDIT,
+    AUTH_FAILURES,
+    AUTHENTICATOR,
+    METRICS,
+    PRINCIPAL,
+    PUBLIC_ROUTES,
+    REQUEST_ID,
+    ROUTE_GATES,
+)
 
 log = structlog.get_logger("bedside.http")
 
@@ -79,18 +94,17 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     try:
         return await handler(request)
     except DomainError as error:
-        if isinstance(error.audit, AuditEvent):
-            try:  # the refused work's transaction has ended: record its refusal now
-                await request.app[AUDIT].record_alone(error.audit)
-            except UnavailableError as unavailable:
-                return domain_problem(unavailable, request_id)
+        refusals = [error.audit] if isinstance(error.audit, AuditEvent) else []
         if isinstance(error, AuthenticationError):
             log.info("auth.denied", reason=error.reason)
-            try:
-                await request.app[AUDIT].record_alone(_auth_denied(error, route_template(request)))
-            except UnavailableError as unavailable:
-                # A denial that cannot be recorded is answered as an outage, not quietly.
-                return domain_problem(unavailable, request_id)
+            refusals.append(_auth_denied(error, route_template(request)))
+        for refusal in refusals:
+            try:  # the refused work's transaction has ended: record its refusal now
+                await _record_refusal(request, refusal)
+            except (UnavailableError, AuthenticationThrottledError) as instead:
+                # A denial that cannot be recorded is answered as an outage, not quietly; one past its
+                # source's budget is a 429, counted for a summary.
+                return domain_problem(instead, request_id)
         return domain_problem(error, request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -119,6 +133,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         await request.app[AUDIT].record_alone(denied)
         raise NotFoundError()
     return await handler(request)
+
+
+async def _record_refusal(request: web.Request, event: AuditEvent) -> None:
+    """Audit a refusal. A failed authentication (a bearer token's, or a signed webhook's) goes through the
+    per-source limiter: anyone can cause one, and each would be a leaf of the log for ever."""
+    if event.action is AuditAction.AUTH_DENIED:
+        await request.app[AUTH_FAILURES].deny(event, request.remote)
+    else:
+        await request.app[AUDIT].record_alone(event)
 
 
 def _auth_denied(error: AuthenticationError, route: str) -> AuditEvent:

@@ -30,7 +30,10 @@ _STATUS_TEXT = {
     413: "Body too large",
     415: "Unsupported media type",
     422: "Validation failed",
-    429: "Too many requests of this caller in progress: try again after Retry-After seconds",
+    429: (
+        "Too many requests: this caller's uploads in progress, or failed authentications from this address; "
+        "try again after Retry-After seconds"
+    ),
     503: "Unavailable for now (the database or the audit log): try again after Retry-After seconds",
 }
 # Every operation: the request id, read by the outermost middleware and sent back in every answer.
@@ -169,6 +172,8 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
             statuses.update({401, 503})
         if route.body is not None:
             statuses.update({400, 413, 415, 422})
+        if 401 in statuses:
+            statuses.add(429)  # a source whose authentications keep failing is limited
         for status in sorted(statuses):
             # RFC 6750's challenge answers a bearer token (a portal's, or the metrics token), not a refused
             # webhook signature.

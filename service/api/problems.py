@@ -13,6 +13,7 @@ from service.api.headers import RETRY_AFTER, WWW_AUTHENTICATE
 from service.errors import (
     AlreadyExistsError,
     AuthenticationError,
+    AuthenticationThrottledError,
     ConflictError,
     DomainError,
     ForbiddenError,
@@ -47,6 +48,7 @@ STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (InvalidRequestError, 422),
     (UploadTimeoutError, 408),
     (TooManyUploadsError, 429),
+    (AuthenticationThrottledError, 429),
     (UnavailableError, 503),
 )
 # Refusals worth trying again shortly, with `Retry-After` saying when: an outage, and a caller's uploads
@@ -124,6 +126,8 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         headers[WWW_AUTHENTICATE.name] = challenge
     if isinstance(error, RETRY_LATER):
         headers[RETRY_AFTER.name] = str(RETRY_AFTER_SECONDS)
+    if isinstance(error, AuthenticationThrottledError):
+        headers[RETRY_AFTER.name] = str(error.retry_after)
     if isinstance(error, InvalidRequestError):
         errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
     shredded_at = error.shredded_at if isinstance(error, ShreddedError) else None

@@ -302,9 +302,9 @@ class AuditRecorder:
         """The outbox row `record` would insert, for a store that writes it within a larger statement."""
         return self._row(event)
 
-    def _row(self, event: AuditEvent) -> OutboxRow:
+    def _row(self, event: AuditEvent, meta: RequestMeta | None = None) -> OutboxRow:
         event = _bounded(event)
-        meta = REQUEST_META.get()
+        meta = meta or REQUEST_META.get()
         row = OutboxRow(
             event_id=uuid.uuid4(),
             occurred_at=self._clock(),
@@ -326,13 +326,14 @@ class AuditRecorder:
         )
         return replace(row, entry=encode_entry(row, event.token_id, event.key_id))
 
-    async def record(self, tx: Tx, event: AuditEvent) -> UUID:
-        """Record `event` in the caller's transaction: it commits with the work, or neither does."""
-        row = self._row(event)
+    async def record(self, tx: Tx, event: AuditEvent, *, meta: RequestMeta | None = None) -> UUID:
+        """Record `event` in the caller's transaction: it commits with the work, or neither does. `meta`:
+        where it came from, when that is not the current request's (`REQUEST_META`)."""
+        row = self._row(event, meta)
         await self._store.append(tx, row)
         return row.event_id
 
-    async def record_alone(self, event: AuditEvent) -> UUID:
+    async def record_alone(self, event: AuditEvent, *, meta: RequestMeta | None = None) -> UUID:
         """Record `event` in its own transaction (a denial: the work it refused did not happen)."""
         async with self._db.transaction(event.tenant_id) as tx:
-            return await self.record(tx, event)
+            return await self.record(tx, event, meta=meta)

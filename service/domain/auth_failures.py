@@ -1,0 +1,246 @@
+"""Failed authentications, limited per source: each is audited until the source has spent its budget;
+past it, failures are answered 429, counted, and audited as one summary per source and tenant.
+
+Every request that fails authentication (a bad bearer token, a bad webhook signature) is an `auth:denied`
+event, and audit leaves are never deleted: without a limit, anyone who can reach the service could grow
+the log at will. So each source address (as this process sees it) has a token bucket: `burst`
+failures, refilled at `per_minute`. A failure within the budget is audited exactly as before. One past
+it is not audited on its own; it is added to the source's tally (per tenant the failure named, with its
+reason code and time), and `take` hands the tallies over to be written as summary events: periodically,
+and when the service stops. A summary that cannot be written goes back into the table for the next try,
+so no failure leaves without being counted. Successful authentications never touch the table.
+
+Memory is bounded: at most `max_sources` sources are tracked (plus a shared overflow bucket), each with
+at most `_TENANTS_PER_SOURCE` tallies of at most `_REASONS_PER_TALLY` reason codes. When the table is
+full, a new source takes the place of the least recently failing one if that one owes nothing (its budget
+is whole again and it has no tally); otherwise it shares the overflow bucket with every other source
+that found the table full. That is the strict side: many addresses (a botnet, an IPv6 prefix) cannot
+each get a fresh budget beyond the table's size, their failures are still counted (in the overflow's
+summary, without their addresses), and a successful request from any of them is never limited.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from uuid import UUID
+
+from service.domain.audit import AuditAction, AuditEvent, AuditRecorder, RequestMeta, format_time
+from service.errors import AuthenticationThrottledError
+
+# A source's failures are tallied per tenant they named; beyond this many tenants, under no tenant.
+_TENANTS_PER_SOURCE = 8
+# Reason codes are the domain's fixed strings; a tally keeps this many, then "other".
+_REASONS_PER_TALLY = 16
+SUMMARY_REASON = "rate-limited"
+
+
+@dataclass(frozen=True, slots=True)
+class FailureBudget:
+    """How many failed authentications a source may have audited one by one, and how fast that comes back."""
+
+    burst: int = 20
+    per_minute: float = 20.0
+    max_sources: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressedDenials:
+    """Failures of one source, in one tenant, answered 429 and not audited one by one."""
+
+    source: str | None  # None: the source was unknown, or one of the overflow's
+    tenant_id: UUID | None
+    count: int
+    first_at: datetime
+    last_at: datetime
+    reasons: frozenset[str]
+    overflow: bool = False  # sources that found the table full: their addresses were not kept
+
+    def event(self) -> AuditEvent:
+        """The summary's `auth:denied` event: how many, which reasons, the first and last of them."""
+        details: dict[str, str | int | bool | list[str]] = {
+            "suppressed": self.count,
+            "first_at": format_time(self.first_at),
+            "last_at": format_time(self.last_at),
+            "reasons": sorted(self.reasons),
+        }
+        if self.overflow:
+            details["overflow"] = True
+        return AuditEvent(action=AuditAction.AUTH_DENIED, tenant_id=self.tenant_id, details=details).denied(
+            SUMMARY_REASON
+        )
+
+
+@dataclass(slots=True)
+class _Tally:
+    count: int
+    first_at: datetime
+    last_at: datetime
+    reasons: set[str] = field(default_factory=set)
+
+    def add(self, count: int, first_at: datetime, last_at: datetime, reasons: Iterable[str]) -> None:
+        self.count += count
+        self.first_at = min(self.first_at, first_at)
+        self.last_at = max(self.last_at, last_at)
+        for reason in reasons:
+            if reason not in self.reasons:
+                self.reasons.add(reason if len(self.reasons) < _REASONS_PER_TALLY - 1 else "other")
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float  # monotonic seconds of the last refill
+    tallies: dict[UUID | None, _Tally] = field(default_factory=dict)
+
+
+class FailureLimiter:
+    """The table of sources: their budgets and what they owe the audit log. In memory, per process;
+    every method is synchronous, so no two requests interleave inside one."""
+
+    def __init__(
+        self,
+        budget: FailureBudget,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._burst = float(budget.burst)
+        self._rate = budget.per_minute / 60.0
+        self._max_sources = budget.max_sources
+        self._monotonic = monotonic
+        self._clock = clock
+        # Least recently failing first. The key is the source address ("" when there is none).
+        self._sources: OrderedDict[str, _Bucket] = OrderedDict()
+        self._overflow = _Bucket(self._burst, monotonic())
+
+    def admit(self, source: str | None, tenant_id: UUID | None, reason: str) -> float | None:
+        """None: audit this failure as usual (it spent one of the source's budget). Otherwise the seconds
+        until the source has budget again: the failure is counted for a summary instead."""
+        now = self._monotonic()
+        bucket = self._bucket(source or "", now)
+        self._refill(bucket, now)
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return None
+        moment = self._clock()
+        self._tally(bucket, tenant_id).add(1, moment, moment, (reason,))
+        return (1 - bucket.tokens) / self._rate
+
+    def take(self) -> list[SuppressedDenials]:
+        """Every tally, to be written as summaries (they leave the table), and the sources that owe
+        nothing any more are forgotten."""
+        now = self._monotonic()
+        taken = [*self._take(None, self._overflow, overflow=True)]
+        for source, bucket in list(self._sources.items()):
+            taken += self._take(source or None, bucket, overflow=False)
+            self._refill(bucket, now)
+            if bucket.tokens >= self._burst:
+                del self._sources[source]
+        return taken
+
+    def restore(self, summaries: Iterable[SuppressedDenials]) -> None:
+        """Summaries that could not be written, back into the table (for the next `take`)."""
+        now = self._monotonic()
+        for summary in summaries:
+            bucket = self._overflow if summary.overflow else self._bucket(summary.source or "", now)
+            tally = self._tally(bucket, summary.tenant_id, summary.first_at)
+            tally.add(summary.count, summary.first_at, summary.last_at, summary.reasons)
+
+    def pending(self) -> int:
+        """How many failures the tallies count, not yet handed over."""
+        buckets = [self._overflow, *self._sources.values()]
+        return sum(tally.count for bucket in buckets for tally in bucket.tallies.values())
+
+    def __len__(self) -> int:
+        """How many sources the table tracks (the overflow bucket aside)."""
+        return len(self._sources)
+
+    def _bucket(self, source: str, now: float) -> _Bucket:
+        bucket = self._sources.get(source)
+        if bucket is not None:
+            self._sources.move_to_end(source)
+            return bucket
+        if len(self._sources) >= self._max_sources:
+            oldest_source, oldest = next(iter(self._sources.items()))
+            self._refill(oldest, now)
+            if oldest.tallies or oldest.tokens < self._burst:
+                return self._overflow  # it still owes the log, or is still limited: not forgotten
+            del self._sources[oldest_source]
+        bucket = self._sources[source] = _Bucket(self._burst, now)
+        return bucket
+
+    def _refill(self, bucket: _Bucket, now: float) -> None:
+        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.at) * self._rate)
+        bucket.at = now
+
+    def _tally(self, bucket: _Bucket, tenant_id: UUID | None, at: datetime | None = None) -> _Tally:
+        if tenant_id not in bucket.tallies and len(bucket.tallies) >= _TENANTS_PER_SOURCE:
+            tenant_id = None
+        tally = bucket.tallies.get(tenant_id)
+        if tally is None:
+            moment = at or self._clock()
+            tally = bucket.tallies[tenant_id] = _Tally(0, moment, moment)
+        return tally
+
+    @staticmethod
+    def _take(source: str | None, bucket: _Bucket, *, overflow: bool) -> list[SuppressedDenials]:
+        taken = [
+            SuppressedDenials(
+                source=None if overflow else source,
+                tenant_id=tenant_id,
+                count=tally.count,
+                first_at=tally.first_at,
+                last_at=tally.last_at,
+                reasons=frozenset(tally.reasons),
+                overflow=overflow,
+            )
+            for tenant_id, tally in bucket.tallies.items()
+        ]
+        bucket.tallies.clear()
+        return taken
+
+
+class AuthFailures:
+    """Records `auth:denied` events through the limiter, and writes the summaries of what it held back."""
+
+    def __init__(self, recorder: AuditRecorder, limiter: FailureLimiter) -> None:
+        self._recorder = recorder
+        self._limiter = limiter
+
+    async def deny(self, event: AuditEvent, source: str | None) -> None:
+        """Record the `auth:denied` `event` of a request from `source`, or, when the source is past its
+        budget, count it for a summary and raise AuthenticationThrottledError (429)."""
+        reason = event.details.get("reason")
+        wait = self._limiter.admit(source, event.tenant_id, reason if isinstance(reason, str) else "unknown")
+        if wait is not None:
+            raise AuthenticationThrottledError(retry_after=max(1, math.ceil(wait)))
+        await self._recorder.record_alone(event)
+
+    async def flush(self) -> int:
+        """Write a summary event for every tally; return how many failures they counted. Whatever is not
+        written (the database is away, or this is cancelled) goes back into the table, and the error is
+        raised: better a count written twice (a commit whose answer was lost) than one never written."""
+        pending = self._limiter.take()
+        written = 0
+        try:
+            while pending:
+                summary = pending[0]
+                # Its own request id (no request made it), and the source it counts.
+                meta = RequestMeta(request_id=uuid.uuid4().hex, source=summary.source)
+                await self._recorder.record_alone(summary.event(), meta=meta)
+                pending.pop(0)
+                written += summary.count
+        finally:
+            if pending:
+                self._limiter.restore(pending)
+        return written
+
+    def pending(self) -> int:
+        """Failures counted and not yet written."""
+        return self._limiter.pending()

@@ -1,0 +1,192 @@
+"""A flood of failed authentications cannot flood the audit log: each source has a budget of audited
+denials, the rest are answered 429 and counted in one summary event, and no denial goes uncounted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from crypto.checkpoint import Ed25519CheckpointSigner
+from service.app import create_app
+from service.domain.audit_log import AuditLog
+from service.domain.audit_verify import verify_database
+from service.settings import Settings
+from service.store.audit import AuditStore
+from service.store.db import Database
+from tests.conftest import Dsns, Portals, service_settings
+from tests.support import audit_events
+
+BUDGET = 5
+FLOOD = 30
+BAD_TOKEN = {"Authorization": "Bearer garbage"}
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[[web.Application], Awaitable[Client]]
+
+
+@pytest.fixture
+def limited(database: Dsns, kek_file: Path, signing_key_file: Path) -> Settings:
+    """A budget of five denials per source that does not come back within a test, and summaries written
+    only when the service stops."""
+    return service_settings(
+        database.app,
+        kek_file,
+        signing_key_file,
+        auth_failure_burst=BUDGET,
+        auth_failure_per_minute=0.001,
+        auth_failure_summary_seconds=3600,
+    )
+
+
+async def _denials(database: Dsns) -> list[dict[str, Any]]:
+    rows = await audit_events(database.owner, "action = 'auth:denied'")
+    return [{**dict(r), "details": json.loads(r["details"])} for r in rows]
+
+
+def _summaries(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["details"]["reason"] == "rate-limited"]
+
+
+def _one_by_one(events: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["details"]["reason"] != "rate-limited" and e["source"] == source]
+
+
+@pytest.fixture
+async def from_another_address() -> AsyncIterator[aiohttp.ClientSession]:
+    """HTTP from 127.0.0.2: another source as the server sees it (all of 127/8 is loopback)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as session:
+        yield session
+
+
+async def _verify(database: Dsns, settings: Settings, signing_key_file: Path) -> None:
+    """Integrate what the service left in the outbox, then verify the whole log as the owner."""
+    signer = Ed25519CheckpointSigner.load(signing_key_file)
+    owner = await Database.connect(database.owner, min_size=1, max_size=2)
+    try:
+        audit_log = AuditLog(AuditStore(), signer, origin=settings.audit_origin)
+        async with owner.session() as conn:
+            while await audit_log.integrate(conn):
+                pass
+        result = await verify_database(
+            owner, AuditStore(), vkey=signer.verifier_key().to_vkey(), origin=settings.audit_origin
+        )
+    finally:
+        await owner.close()
+    assert result.ok, result.problem
+
+
+async def test_a_flood_of_bad_tokens_audits_the_budget_and_one_summary_counting_the_rest(
+    aiohttp_client: MakeClient,
+    limited: Settings,
+    portals: Portals,
+    database: Dsns,
+    signing_key_file: Path,
+    from_another_address: aiohttp.ClientSession,
+) -> None:
+    client = await aiohttp_client(create_app(limited))
+
+    answers = [await client.get("/v1/me", headers=BAD_TOKEN) for _ in range(FLOOD)]
+
+    assert [a.status for a in answers] == [401] * BUDGET + [429] * (FLOOD - BUDGET)
+    throttled = answers[-1]
+    assert throttled.content_type == "application/problem+json"
+    assert int(throttled.headers["Retry-After"]) >= 1
+    problem = await throttled.json()
+    assert problem["code"] == "authentication-throttled"
+    assert problem["request_id"] == throttled.headers["X-Request-Id"]
+    assert "garbage" not in json.dumps(problem)
+    # Another source has its own budget; a good token from the flooding source is not limited at all.
+    other = await from_another_address.get(client.make_url("/v1/me"), headers=BAD_TOKEN)
+    assert other.status == 401
+    good = await client.get("/v1/me", headers=portals.acme.auth(role="patient", sub="Patient/1"))
+    assert good.status == 200
+    before_stop = await _denials(database)
+    assert len(_one_by_one(before_stop, "127.0.0.1")) == BUDGET
+    assert _summaries(before_stop) == []  # counted in memory until the summary is due
+
+    await client.close()  # the service stops: what it counted is written on the way out
+
+    events = await _denials(database)
+    assert len(_one_by_one(events, "127.0.0.1")) == BUDGET
+    assert len(_one_by_one(events, "127.0.0.2")) == 1
+    [summary] = _summaries(events)
+    assert summary["source"] == "127.0.0.1"
+    assert summary["outcome"] == "denied"
+    assert summary["tenant_id"] is None  # "garbage" named no tenant
+    details = summary["details"]
+    assert details["suppressed"] == FLOOD - BUDGET
+    assert details["reasons"] == ["malformed"]
+    assert details["first_at"] <= details["last_at"]
+    assert summary["request_id"] not in {a.headers["X-Request-Id"] for a in answers}
+    await _verify(database, limited, signing_key_file)
+
+
+async def test_summaries_are_written_periodically_and_count_each_denial_once(
+    aiohttp_client: MakeClient,
+    database: Dsns,
+    kek_file: Path,
+    signing_key_file: Path,
+) -> None:
+    settings = service_settings(
+        database.app,
+        kek_file,
+        signing_key_file,
+        auth_failure_burst=BUDGET,
+        auth_failure_per_minute=0.001,
+        auth_failure_summary_seconds=0.3,
+    )
+    client = await aiohttp_client(create_app(settings))
+
+    async def flood(n: int) -> None:
+        assert {(await client.get("/v1/me", headers=BAD_TOKEN)).status for _ in range(n)} <= {401, 429}
+
+    async def summarized(count: int) -> list[int]:
+        for _ in range(100):
+            counts = [s["details"]["suppressed"] for s in _summaries(await _denials(database))]
+            if len(counts) == count:
+                return counts
+            await asyncio.sleep(0.1)
+        raise AssertionError("no summary was written while the service ran")
+
+    await flood(BUDGET + 7)
+    assert await summarized(1) == [7]
+    await flood(4)  # the source is still past its budget: four more, in a summary of their own
+    assert sorted(await summarized(2)) == [4, 7]
+    await client.close()
+
+    events = await _denials(database)
+    assert len(_one_by_one(events, "127.0.0.1")) == BUDGET
+    assert sorted(s["details"]["suppressed"] for s in _summaries(events)) == [4, 7]  # nothing twice on stop
+    await _verify(database, settings, signing_key_file)
+
+
+async def test_bad_webhook_signatures_spend_the_same_budget(
+    aiohttp_client: MakeClient, limited: Settings, database: Dsns
+) -> None:
+    client = await aiohttp_client(create_app(limited))
+    for _ in range(BUDGET):
+        assert (await client.get("/v1/me", headers=BAD_TOKEN)).status == 401
+    signed_badly = {
+        "webhook-id": f"msg_{uuid.uuid4().hex}",
+        "webhook-timestamp": str(int(time.time())),
+        "webhook-signature": "v1,AAAA",
+        "Content-Type": "application/json",
+    }
+
+    reply = await client.post(f"/v1/inbound/{uuid.uuid4()}/replies", data=b"{}", headers=signed_badly)
+
+    assert reply.status == 429
+    assert (await reply.json())["code"] == "authentication-throttled"
+    await client.close()
+    [summary] = _summaries(await _denials(database))
+    assert summary["details"]["suppressed"] == 1
+    assert summary["details"]["reasons"] == ["unknown-endpoint"]
