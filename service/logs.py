@@ -24,6 +24,7 @@ ALLOWED_KEYS = frozenset(
         "timestamp",
         "logger",
         "request_id",
+        "client_request_id",
         "method",
         "route",
         "status",

@@ -79,8 +79,9 @@ def only(request: web.Request, headers: Iterable[Header]) -> CIMultiDict[str]:
 
 X_REQUEST_ID = Header(
     "X-Request-Id",
-    "The request's id, in every answer, the logs and the audit log: the client's own when it has this form "
-    "(another value is ignored, not refused), otherwise one the service makes",
+    "The client's own id for the request, kept for correlation when it has this form (another value is "
+    "ignored, not refused): in the logs and the audit events as client_request_id. The answer's X-Request-Id "
+    "is always the id the service made (32 hex digits), as in problem bodies, the logs and the audit log",
     pattern=r"^[A-Za-z0-9._\-]{8,64}$",
 )
 IDEMPOTENCY_KEY = Header(

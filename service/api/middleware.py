@@ -53,12 +53,17 @@ def route_template(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    # An incoming X-Request-Id is kept only if it is plainly an identifier: it goes into logs.
+    # The request id is always the service's own: unique, so the logs' and the audit log's events of one
+    # request are that request's alone. A client's X-Request-Id cannot choose it (it could share another
+    # caller's); it is kept beside it, for the client's correlation, only if it is plainly an identifier.
     incoming = request.headers.get(X_REQUEST_ID.name, "")
-    request_id = incoming if X_REQUEST_ID.matches(incoming) else uuid.uuid4().hex
+    client_request_id = incoming if X_REQUEST_ID.matches(incoming) else None
+    request_id = uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    REQUEST_META.set(RequestMeta(request_id=request_id, source=request.remote))
+    if client_request_id is not None:
+        structlog.contextvars.bind_contextvars(client_request_id=client_request_id)
+    REQUEST_META.set(RequestMeta(request_id=request_id, source=request.remote, client_request_id=client_request_id))
     started = time.perf_counter()
     status = 500
     try:
@@ -85,7 +90,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             tenant=principal.tenant if principal else None,
             role=principal.role.value if principal else None,
         )
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
 
 
 @web.middleware

@@ -93,10 +93,13 @@ DetailValue = str | int | bool | None | Sequence[str]
 
 @dataclass(frozen=True, slots=True)
 class RequestMeta:
-    """Where the request came from: bound per request by the middleware, per run by the CLI."""
+    """Where the request came from: bound per request by the middleware, per run by the CLI.
+    `request_id` is always one the service made; `client_request_id` is the caller's own X-Request-Id
+    (an identifier of a fixed form), recorded beside it as the detail of that name, never instead."""
 
     request_id: str
     source: str | None
+    client_request_id: str | None = None
 
 
 # Request-scoped (each aiohttp request runs in its own task, each with its own context).
@@ -290,6 +293,14 @@ def _bounded(event: AuditEvent) -> AuditEvent:
     )
 
 
+def _with_client_request_id(details: Mapping[str, DetailValue], meta: RequestMeta | None) -> Mapping[str, DetailValue]:
+    """The event's details, plus the caller's own request id when it sent one. A detail, not a field of
+    its own: details are hashed into the entry already, so older entries encode and verify unchanged."""
+    if meta is None or meta.client_request_id is None:
+        return details
+    return {**details, "client_request_id": meta.client_request_id}
+
+
 class AuditRecorder:
     def __init__(
         self, store: AuditStore, db: Database, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
@@ -321,7 +332,7 @@ class AuditRecorder:
             purpose=event.purpose,
             request_id=meta.request_id if meta else None,
             source=meta.source if meta else None,
-            details=canonical_details(event.details),
+            details=canonical_details(_with_client_request_id(event.details, meta)),
             entry=b"",
         )
         return replace(row, entry=encode_entry(row, event.token_id, event.key_id))

@@ -919,14 +919,15 @@ async def run_cell(client: Any, portals: Portals, world: World, route: Route, ro
             cell.problems.append(f"the response holds {label}")
 
 
-AUDIT_ROWS = f"SELECT * FROM {AUDIT_EVENTS} WHERE request_id = ANY($1)"  # noqa: S608
+# Each cell sends its own X-Request-Id: the events keep it as the `client_request_id` detail.
+AUDIT_ROWS = f"SELECT * FROM {AUDIT_EVENTS} WHERE details->>'client_request_id' = ANY($1)"  # noqa: S608
 
 
 async def check_audit(owner: asyncpg.Connection, world: World, cells: list[Cell]) -> None:
     """Every denial left an `access:denied` event by the caller in acme; every allowed call none."""
     events: dict[str, list[asyncpg.Record]] = {}
     for event in await owner.fetch(AUDIT_ROWS, [c.request_id for c in cells]):
-        events.setdefault(event["request_id"], []).append(event)
+        events.setdefault(json.loads(event["details"])["client_request_id"], []).append(event)
     for cell in cells:
         actor = IDENTITIES[cell.role]["sub"]
         mine = events.get(cell.request_id, [])

@@ -9,7 +9,9 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr, ValidationError
+from structlog.testing import capture_logs
 
+from service.logs import redacting_processors
 from service.settings import Settings
 from tests.conftest import Dsns, Portals
 from tests.support import audit_events, database_read_only, end_service_sessions
@@ -77,10 +79,47 @@ VALID_REQUEST_IDS = ["req-12345678", "A.b_c-0123456789", "x" * 64]
 INVALID_REQUEST_IDS = ["req 12345678", "short", "x" * 65, "req-1234;5678", "req-1234\t5678", "ümlaut-12345678", ""]
 
 
-async def test_valid_incoming_request_id_is_echoed(client) -> None:
+async def test_a_clients_request_id_never_becomes_the_request_id(client) -> None:
     for incoming in VALID_REQUEST_IDS:
         response = await client.get("/healthz", headers={"X-Request-Id": incoming})
-        assert response.headers["X-Request-Id"] == incoming
+        assert GENERATED_ID.fullmatch(response.headers["X-Request-Id"]), incoming
+
+
+async def test_the_log_carries_the_services_request_id_and_the_clients_beside_it(client) -> None:
+    with capture_logs(processors=redacting_processors()) as logs:
+        response = await client.get("/v1/me", headers={"X-Request-Id": "req-12345678"})
+        unlabelled = await client.get("/v1/me")
+        odd = await client.get("/v1/me", headers={"X-Request-Id": "req 12345678"})
+
+    lines = [e for e in logs if e["event"] == "http.request"]
+    assert [(e["request_id"], e.get("client_request_id")) for e in lines] == [
+        (response.headers["X-Request-Id"], "req-12345678"),
+        (unlabelled.headers["X-Request-Id"], None),
+        (odd.headers["X-Request-Id"], None),
+    ]
+
+
+async def test_an_audit_event_has_the_services_request_id_and_the_clients_as_a_detail(
+    client, portals: Portals, database: Dsns
+) -> None:
+    """A caller cannot make its audit events share a request id with another caller's: the id is the
+    service's, and the caller's own is a detail beside it."""
+    patient = portals.acme.auth(role="patient", sub="Patient/1")
+    other = portals.acme.auth(role="patient", sub="Patient/2")
+    mine = await client.get("/v1/threads", headers={**patient, "X-Request-Id": "req-12345678"})
+    theirs = await client.get("/v1/threads", headers={**other, "X-Request-Id": "req-12345678"})
+    refused = await client.get("/v1/me", headers={"Authorization": "Bearer x", "X-Request-Id": "req-12345678"})
+    assert (mine.status, theirs.status, refused.status) == (200, 200, 401)
+
+    events = await audit_events(database.owner, "details->>'client_request_id' = $1", "req-12345678")
+
+    assert [e["action"] for e in events] == ["thread:list", "thread:list", "auth:denied"]
+    assert [e["request_id"] for e in events] == [r.headers["X-Request-Id"] for r in (mine, theirs, refused)]
+    assert len({e["request_id"] for e in events}) == 3
+    assert all(json.loads(e["details"])["client_request_id"] == "req-12345678" for e in events)
+    unlabelled = await client.get("/v1/threads", headers=patient)
+    [event] = await audit_events(database.owner, "request_id = $1", unlabelled.headers["X-Request-Id"])
+    assert "client_request_id" not in json.loads(event["details"])
 
 
 async def test_invalid_incoming_request_id_is_replaced_by_a_generated_one(client) -> None:
@@ -99,8 +138,8 @@ async def test_each_request_without_an_id_gets_its_own(client) -> None:
 async def test_problem_responses_carry_the_request_id_too(client) -> None:
     response = await client.get("/v1/me", headers={"X-Request-Id": "req-12345678"})
     assert response.status == 401
-    assert response.headers["X-Request-Id"] == "req-12345678"
-    assert (await response.json())["request_id"] == "req-12345678"
+    assert GENERATED_ID.fullmatch(response.headers["X-Request-Id"])
+    assert (await response.json())["request_id"] == response.headers["X-Request-Id"]
 
 
 async def _requests_counter(client) -> dict[tuple[str, str, str], float]:

@@ -649,9 +649,9 @@ async def test_a_path_parameter_typed_uuid_refuses_anything_else_as_a_malformed_
                 sent.setdefault((name, parameter), []).append(request_id)
 
     refused = {
-        event["request_id"]
+        details.get("client_request_id")
         for event in await audit_events(database.owner, "action = 'access:denied'")
-        if json.loads(event["details"]).get("reason") == "malformed-id"
+        if (details := json.loads(event["details"])).get("reason") == "malformed-id"
     }
     public = {
         name for name, (_method, _path, operation) in _operations(document).items() if "security" not in operation

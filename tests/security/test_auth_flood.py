@@ -28,7 +28,7 @@ from tests.support import audit_events
 
 BUDGET = 5
 FLOOD = 30
-BAD_TOKEN = {"Authorization": "Bearer garbage"}
+BAD_TOKEN = {"Authorization": "Bearer garbage", "X-Request-Id": "flood-12345678"}
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
 
@@ -116,7 +116,11 @@ async def test_a_flood_of_bad_tokens_audits_the_budget_and_one_summary_counting_
     await client.close()  # the service stops: what it counted is written on the way out
 
     events = await _denials(database)
-    assert len(_one_by_one(events, "127.0.0.1")) == BUDGET
+    audited = _one_by_one(events, "127.0.0.1")
+    assert len(audited) == BUDGET
+    # Each has the service's own request id, and the flood's own id as a detail beside it.
+    assert [e["request_id"] for e in audited] == [a.headers["X-Request-Id"] for a in answers[:BUDGET]]
+    assert {e["details"]["client_request_id"] for e in audited} == {"flood-12345678"}
     assert len(_one_by_one(events, "127.0.0.2")) == 1
     [summary] = _summaries(events)
     assert summary["source"] == "127.0.0.1"

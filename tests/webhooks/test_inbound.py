@@ -28,12 +28,13 @@ from tests.api.webhook_helpers import ADMIN, Receiver, register
 from tests.conftest import Dsns, Portals
 
 REPLY = "Yes, take it with food."
+# The events of the request that sent X-Request-Id $1 (kept as the `client_request_id` detail).
 AUDIT_ROWS = """
     SELECT action, outcome, actor, tenant_id, issuer, resource_id, details, entry
-    FROM audit_outbox WHERE request_id = $1
+    FROM audit_outbox WHERE details->>'client_request_id' = $1
     UNION ALL
     SELECT action, outcome, actor, tenant_id, issuer, resource_id, details, entry
-    FROM audit_leaves WHERE request_id = $1
+    FROM audit_leaves WHERE details->>'client_request_id' = $1
 """
 
 
