@@ -145,7 +145,8 @@ class FailureLimiter:
         return taken
 
     def restore(self, summaries: Iterable[SuppressedDenials]) -> None:
-        """Summaries that could not be written, back into the table (for the next `take`)."""
+        """Summaries that could not be written, back into the table (for the next `take`). One whose
+        source has left a table that is full now is kept in the overflow's count: counted, without its address."""
         now = self._monotonic()
         for summary in summaries:
             bucket = self._overflow if summary.overflow else self._bucket(summary.source or "", now)
