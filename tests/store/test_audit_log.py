@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from crypto.checkpoint import Ed25519CheckpointSigner, format_checkpoint, sign_note
-from crypto.merkle import leaf_hash
+from crypto.merkle import TreeFrontier, leaf_hash
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
 from service.domain.audit_log import AuditLog
 from service.domain.audit_verify import VerifyResult, verify_database
@@ -272,7 +272,6 @@ async def test_a_truncated_and_regrown_log_is_found(audit: Log, services: Servic
         await owner.execute("DELETE FROM audit_checkpoints WHERE size > 32")
         frontier = await owner.fetchval("SELECT frontier FROM audit_tree_state")
         del frontier
-        from crypto.merkle import TreeFrontier
 
         hashes = [
             bytes(r["hash"])
@@ -360,16 +359,19 @@ async def test_leaf_hashes_are_checked_by_the_database_too(database: Dsns, audit
     try:
         claimed = await conn.fetch("SELECT id, entry FROM bedside_audit_claim(10)")
         assert claimed
-        wrong = [leaf_hash(b"not the entry")] * len(claimed)
+        # A tree that is whole and consistent (every node the append completes, hashed from its children,
+        # and its root and frontier), only over the wrong leaf hashes.
+        frontier, nodes = TreeFrontier.empty().extend_with_nodes([leaf_hash(b"not the entry")] * len(claimed))
         with pytest.raises(asyncpg.exceptions.RaiseError, match="leaf hashes"):
             await conn.fetchval(
-                "SELECT bedside_audit_append(0, $1, $2, $3, $4, $5, $6, 'note')",
+                "SELECT bedside_audit_append(0, $1, $2, $3, $4, $5, $6, $7)",
                 [r["id"] for r in claimed],
-                [0] * len(claimed),
-                list(range(len(claimed))),
-                wrong,
-                b"\x01" + bytes(8),
-                bytes(32),
+                [n.level for n in nodes],
+                [n.idx for n in nodes],
+                [n.hash for n in nodes],
+                frontier.to_bytes(),
+                frontier.root(),
+                format_checkpoint(ORIGIN, frontier.size, frontier.root()),
             )
     finally:
         await conn.close()
