@@ -199,13 +199,6 @@ async def test_a_missing_node_is_refused(setup: Setup, level: int, idx: int) -> 
     assert await setup.append(honest) == 16
 
 
-async def test_a_node_given_twice_is_refused(setup: Setup) -> None:
-    honest = await _eight_to_sixteen(setup)
-    twice = dataclasses.replace(honest, nodes=[*_without(honest, 1, 4).nodes, (1, 5, FORGED)])
-    await setup.refused(twice, "completes 16 nodes, 16 given [(]15 distinct[)]")
-    assert await setup.append(honest) == 16
-
-
 @pytest.mark.parametrize(("level", "idx"), [(1, 4), (2, 3), (3, 1)])
 async def test_an_interior_node_that_is_not_the_hash_of_its_children_is_refused(
     setup: Setup, level: int, idx: int
