@@ -141,6 +141,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             burst=settings.auth_failure_burst,
             per_minute=settings.auth_failure_per_minute,
             max_sources=settings.auth_failure_max_sources,
+            global_burst=settings.auth_failure_global_burst,
+            global_per_minute=settings.auth_failure_global_per_minute,
         )
         app[AUTH_FAILURES] = auth_failures = AuthFailures(recorder, FailureLimiter(budget))
         denial_summaries = DenialSummaries(auth_failures, interval=settings.auth_failure_summary_seconds)

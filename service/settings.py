@@ -37,12 +37,16 @@ class Settings(BaseSettings):
     # a deployment whose scrapers reach it only on a private network.
     metrics_token: SecretStr | None = None
 
-    # Failed authentications, per source address and process: each is audited until `auth_failure_burst`
-    # are spent (the budget comes back at `auth_failure_per_minute`); past it a source's failures are
-    # answered 429 and counted, and the counts are audited as one summary per source every
-    # `auth_failure_summary_seconds` (and on stop). At most `auth_failure_max_sources` sources are tracked.
+    # Failed authentications, per source (an IPv4 address, an IPv6 /64) and process: each is audited until
+    # `auth_failure_burst` are spent (the budget comes back at `auth_failure_per_minute`), and while the
+    # process's own budget over all sources lasts (`auth_failure_global_burst`, back at
+    # `auth_failure_global_per_minute`); past either, failures are answered 429 and counted, and the counts
+    # are audited as one summary per source every `auth_failure_summary_seconds` (and on stop). At most
+    # `auth_failure_max_sources` sources are tracked.
     auth_failure_burst: int = Field(default=20, ge=1, le=100_000)
     auth_failure_per_minute: float = Field(default=20.0, gt=0, le=100_000)
+    auth_failure_global_burst: int = Field(default=200, ge=1, le=1_000_000)
+    auth_failure_global_per_minute: float = Field(default=600.0, gt=0, le=1_000_000)
     auth_failure_max_sources: int = Field(default=10_000, ge=1, le=1_000_000)
     auth_failure_summary_seconds: float = Field(default=60.0, gt=0, le=3600)
 
