@@ -48,3 +48,27 @@ async def test_the_app_role_revokes_a_key_but_cannot_undo_or_move_the_revocation
     # And the service's own revocation answers as before: the key already was revoked, at that time.
     again = await services.issuers.revoke_key("acme", ISSUER, "portal-key-1")
     assert (again.newly_revoked, again.revoked_at) == (False, trusted.revoked[0].revoked_at)
+
+
+async def test_the_app_role_cannot_trust_a_revoked_public_key_again_under_a_new_kid(
+    portals: Portals, services: Services, database: Dsns
+) -> None:
+    """The service refuses to register a revoked key again (409 key-revoked); the database does too, for
+    whoever holds the application's login: the same public key under another kid or issuer is refused,
+    unless it goes in revoked."""
+    await services.issuers.revoke_key("acme", ISSUER, "portal-key-1")
+    again = (
+        "INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem, revoked_at) "
+        "SELECT tenant_id, issuer_id, '{kid}', algorithm, public_key_pem, {revoked} FROM issuer_keys "
+        "WHERE kid = 'portal-key-1'"
+    )
+    conn = await asyncpg.connect(database.app)
+    try:
+        with pytest.raises(asyncpg.exceptions.CheckViolationError, match="never trusted again"):
+            await _as_app_in_acme(conn, again.format(kid="portal-key-1b", revoked="NULL"))
+        assert await _as_app_in_acme(conn, again.format(kid="portal-key-1c", revoked="now()")) == "INSERT 0 1"
+    finally:
+        await conn.close()
+
+    trusted = await services.issuers.trusted_keys("acme", ISSUER)
+    assert [k.kid for k in trusted.keys] == []
