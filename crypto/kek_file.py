@@ -354,8 +354,10 @@ def _serialize(state: _State) -> bytes:
 
 def _write(path: Path, state: _State) -> _Signature:
     """Write a new 0600 temporary file next to `path`, fsync it, and atomically replace `path` with it.
-    An OSError (a full or read-only file system) is a `KeyProviderError`; the file is then either the old
-    one or the new one, never a mix, and the caller's state is left as it was (a later read reloads it)."""
+    An OSError (a full or read-only file system) is a `KeyProviderError`, and the file is either the old
+    one or the new one, never a mix: the old one when the error came before the rename; the new one when
+    only making the rename durable (or the stat after it) failed. The caller's state is left as it was,
+    and a later read reloads whichever file is there."""
     try:
         return _replace(path, state)
     except OSError as exc:

@@ -27,8 +27,10 @@ async def get_readiness(request: web.Request) -> web.Response:
 
 async def get_metrics(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
-    if not metrics.allows(request.headers.get("Authorization")):
-        raise AuthenticationError("metrics-token", "The metrics token is missing or wrong")
+    authorization = request.headers.get("Authorization")
+    if not metrics.allows(authorization):
+        reason = "missing" if authorization is None else "metrics-token"
+        raise AuthenticationError(reason, "The metrics token is missing or wrong")
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
 

@@ -384,7 +384,10 @@ class AttachmentService:
         async with self._db.transaction(tenant_id) as tx:
             # Between chunks the transaction waits for the client: the upload's deadline (and its limit on
             # silence) end a slow one with a 408, not the database's idle limit with a 503.
-            await self._store.idle_for(tx, deadline - asyncio.get_running_loop().time() + _IDLE_MARGIN_SECONDS)
+            # (A deadline already passed, after a long wait for a connection: the margin, and the next wait
+            # for the body is the 408.)
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            await self._store.idle_for(tx, left + _IDLE_MARGIN_SECONDS)
             thread, _ = await self._messaging.access(tx, principal, thread_id, write=True)
             if thread.status != "open":
                 raise ConflictError("the thread is closed")

@@ -123,7 +123,7 @@ class InboundReplies:
                 "endpoint-disabled",
                 _SIGNATURE_REFUSED,
                 tenant_id=tenant_id,
-                issuer=f"urn:bedside:webhook:{endpoint_id}",
+                issuer=endpoint_issuer(endpoint_id),
                 key_id=str(keys[index].id),
             )
         msg_id = next(v for k, v in headers.items() if k.lower() == "webhook-id")
@@ -155,7 +155,7 @@ class InboundReplies:
                 tenant=tenant.slug,
                 subject=sender,
                 role=Role.PHYSICIAN,
-                issuer=f"urn:bedside:webhook:{reply.endpoint_id}",
+                issuer=endpoint_issuer(reply.endpoint_id),
                 key_id=str(reply.key_id),  # the endpoint secret that verified the signature
             )
             message_id = uuid.uuid4()
@@ -203,10 +203,15 @@ class InboundReplies:
         return AcceptedReply(thread_id, view.record.id, view.record.seq, replayed=False)
 
 
+def endpoint_issuer(endpoint_id: UUID) -> str:
+    """The `issuer` of an inbound reply's audit events: the endpoint whose secret is its credential."""
+    return f"urn:bedside:webhook:{endpoint_id}"
+
+
 def _refused(reason: Reason, tenant_id: UUID | None, endpoint_id: UUID, code: str) -> DomainError:
     """The error for a request that did not verify. Both kinds are audited as `auth:denied`: a 401 by
     the middleware (as every failed authentication), a malformed request through the event it carries."""
-    issuer = f"urn:bedside:webhook:{endpoint_id}"
+    issuer = endpoint_issuer(endpoint_id)
     if reason in _MALFORMED:
         event = AuditEvent(
             action=AuditAction.AUTH_DENIED,

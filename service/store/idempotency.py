@@ -53,9 +53,14 @@ def claim_sql(*, tenant: str, principal: str, key: str, request_hash: str, statu
     """
 
 
-def outcome_args(outcome: Outcome | None) -> tuple[int | None, str | None]:
-    """An outcome as the `status` and `response` parameters of `claim_sql`."""
-    return (None, None) if outcome is None else (outcome[0], json.dumps(outcome[1]))
+def claim_args(claim: IdempotencyClaim | None) -> tuple[str | None, str | None, bytes | None, int | None, str | None]:
+    """A claim as the `principal`, `key`, `request_hash`, `status` and `response` parameters of
+    `claim_sql`, in that order (all NULL without a claim: nothing is claimed)."""
+    if claim is None:
+        return (None, None, None, None, None)
+    outcome = claim.outcome
+    status, response = (None, None) if outcome is None else (outcome[0], json.dumps(outcome[1]))
+    return (claim.principal, claim.key, claim.request_hash, status, response)
 
 
 def _stored(row: asyncpg.Record) -> StoredResponse:
@@ -82,7 +87,7 @@ class IdempotencyStore:
         """None when this request owns the key now (kept with `claim.outcome`, if given: else the request
         completes it); else what the first request stored. One round trip for a new key; a key on record
         costs a read, and an expired one is deleted and claimed anew."""
-        if await tx.conn.fetchval(self._CLAIM, tenant_id, *self._args(claim)):
+        if await tx.conn.fetchval(self._CLAIM, tenant_id, *claim_args(claim)):
             return None
         return await self.on_record(tx, tenant_id, claim)
 
@@ -96,16 +101,12 @@ class IdempotencyStore:
             return _stored(row)
         if row is not None:
             await tx.conn.execute(self._EXPIRED, tenant_id, principal, key)
-        if await tx.conn.fetchval(self._CLAIM, tenant_id, *self._args(claim)):
+        if await tx.conn.fetchval(self._CLAIM, tenant_id, *claim_args(claim)):
             return None
         # Claimed by a concurrent request between these statements: the claim waited for it to commit,
         # so what it stored is there to replay (unless it has gone again: then "in use", and a retry).
         row = await tx.conn.fetchrow(self._EXISTING, tenant_id, principal, key)
         return _stored(row) if row is not None else StoredResponse(request_hash=b"", response=None)
-
-    @staticmethod
-    def _args(claim: IdempotencyClaim) -> tuple[object, ...]:
-        return (claim.principal, claim.key, claim.request_hash, *outcome_args(claim.outcome))
 
     async def complete(
         self, tx: Tx, tenant_id: UUID, principal: str, key: str, status: int, response: dict[str, Any]

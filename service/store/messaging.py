@@ -16,7 +16,7 @@ from service.store.audit import OutboxRow
 from service.store.consents import ConsentStateRecord, current_many_sql, states_by_grantee
 from service.store.data_keys import DataKeyRecord, key_record, key_sql
 from service.store.db import Tx
-from service.store.idempotency import IdempotencyClaim, claim_sql, outcome_args
+from service.store.idempotency import IdempotencyClaim, claim_args, claim_sql
 from service.store.webhooks import WebhookStore
 
 
@@ -386,10 +386,7 @@ class MessagingStore:
             thread_id,
             scope,
             teams_of,
-            claim.principal if claim else None,
-            claim.key if claim else None,
-            claim.request_hash if claim else None,
-            *outcome_args(claim.outcome if claim else None),
+            *claim_args(claim),
         )
         assert row is not None  # the base row
         thread = None if row["id"] is None else _thread(row)

@@ -207,7 +207,8 @@ async def test_metrics_need_the_configured_token_and_refusals_are_audited(
     for headers in refused:
         response = await client.get("/metrics", headers=headers)
         assert response.status == 401, headers
-        assert response.headers["WWW-Authenticate"].startswith('Bearer realm="bedside"')
+        challenge = 'Bearer realm="bedside"' + (', error="invalid_token"' if headers else "")
+        assert response.headers["WWW-Authenticate"] == challenge
         assert (await response.json())["code"] == "unauthenticated"
         assert "bedside_http_requests" not in await response.text()
 
@@ -215,7 +216,8 @@ async def test_metrics_need_the_configured_token_and_refusals_are_audited(
     assert response.status == 200
     assert "bedside_http_requests_total" in await response.text()
     denials = await audit_events(database.owner, "action = 'auth:denied' AND resource_id = '/metrics'")
-    assert [json.loads(event["details"])["reason"] for event in denials] == ["metrics-token"] * len(refused)
+    # No credentials at all is "missing" (and its challenge names no error, as RFC 6750 says).
+    assert [json.loads(event["details"])["reason"] for event in denials] == ["missing"] + ["metrics-token"] * 3
 
 
 def test_a_short_metrics_token_is_refused_at_start_up() -> None:

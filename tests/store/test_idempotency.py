@@ -64,7 +64,6 @@ async def test_a_new_key_is_claimed_in_one_statement_and_a_stored_one_replays(
     )
     assert len(sent) == 1, sent
     assert "DELETE" not in sent[0], sent
-    assert "UPDATE" not in sent[0], sent
     assert stored == StoredResponse(request_hash=b"first", response={"id": "x"})
     assert status == 201
 
