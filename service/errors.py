@@ -18,6 +18,9 @@ class DomainError(Exception):
 
     code = "domain-error"
     title = "The request could not be completed"
+    # Seconds after which the same request may well succeed (a refusal that passes: an outage, a limit);
+    # None for one that will not change by waiting.
+    retry_after: int | None = None
 
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or self.title)
@@ -81,7 +84,7 @@ class AuthenticationThrottledError(DomainError):
 
     def __init__(self, retry_after: int) -> None:
         super().__init__("Too many requests from this address failed authentication; retry after Retry-After seconds")
-        self.retry_after = retry_after
+        self.retry_after = retry_after  # when the source's budget (and the process's) has room again
 
 
 class ForbiddenError(DomainError):
@@ -155,6 +158,7 @@ class TooManyUploadsError(DomainError):
 
     code = "too-many-uploads"
     title = "Too many uploads in progress"
+    retry_after = 5
 
 
 class UploadTimeoutError(DomainError):
@@ -175,6 +179,7 @@ class UnavailableError(DomainError):
 
     code = "unavailable"
     title = "Temporarily unavailable"
+    retry_after = 5
 
 
 class AuditUnavailableError(UnavailableError):

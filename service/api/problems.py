@@ -51,10 +51,6 @@ STATUS_BY_ERROR: tuple[tuple[type[DomainError], int], ...] = (
     (AuthenticationThrottledError, 429),
     (UnavailableError, 503),
 )
-# Refusals worth trying again shortly, with `Retry-After` saying when: an outage, and a caller's uploads
-# at their limit (one of them will end).
-RETRY_LATER: tuple[type[DomainError], ...] = (UnavailableError, TooManyUploadsError)
-RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +120,7 @@ def domain_problem(error: DomainError, request_id: str) -> web.Response:
         if error.reason != "missing":
             challenge += ', error="invalid_token"'
         headers[WWW_AUTHENTICATE.name] = challenge
-    if isinstance(error, RETRY_LATER):
-        headers[RETRY_AFTER.name] = str(RETRY_AFTER_SECONDS)
-    if isinstance(error, AuthenticationThrottledError):
+    if error.retry_after is not None:  # a refusal that passes: an outage, a caller's limit
         headers[RETRY_AFTER.name] = str(error.retry_after)
     if isinstance(error, InvalidRequestError):
         errors = [FieldProblemOut(loc=list(p.loc), type=p.type, msg=p.msg) for p in error.problems]
