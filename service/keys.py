@@ -44,3 +44,6 @@ INBOUND = web.AppKey("inbound", InboundReplies)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
+# The address the request counts as coming from (`domain/client_address.py`): the audit events' source,
+# the key of the failed-authentication limiter. None when aiohttp knows no peer.
+CLIENT_ADDRESS = web.RequestKey[str | None]("client_address")

@@ -6,10 +6,10 @@ import ipaddress
 import re
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 
@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: int = Field(default=60, ge=0, le=60)
     jwt_max_lifetime_seconds: int = Field(default=3600, ge=60, le=3600)
     issuer_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
+
+    # The networks of the proxies (load balancers) in front of the service, comma-separated: a request from
+    # one of them counts as coming from the client that X-Forwarded-For names (`domain/client_address.py`).
+    # Empty: the TCP peer is the client, and X-Forwarded-For is ignored.
+    trusted_proxies: Annotated[tuple[IPv4Network | IPv6Network, ...], NoDecode] = ()
 
     # A bearer token `GET /metrics` then requires (compared in constant time). Unset, /metrics is open: for
     # a deployment whose scrapers reach it only on a private network.
@@ -164,6 +169,27 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError("each entry is a network in CIDR notation, such as 10.20.0.0/16") from None
         return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_networks(cls, value: object) -> object:
+        entries = value.split(",") if isinstance(value, str) else value
+        if not isinstance(entries, list | tuple):
+            return value  # not a list of networks: pydantic says so
+        networks = []
+        for entry in entries:
+            text = entry.strip() if isinstance(entry, str) else entry
+            if text == "":
+                continue
+            try:
+                networks.append(ipaddress.ip_network(text))
+            except (TypeError, ValueError):
+                # A network is no secret: the entry is named, so that the operator finds it in a long list.
+                raise ValueError(
+                    f"{text!r} is not an IP address or a network in CIDR notation (such as 10.0.0.0/8 or "
+                    "2001:db8::/32, with no host bits set)"
+                ) from None
+        return tuple(networks)
 
     @property
     def webhook_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:

@@ -84,6 +84,11 @@ X_REQUEST_ID = Header(
     "is always the id the service made (32 hex digits), as in problem bodies, the logs and the audit log",
     pattern=r"^[A-Za-z0-9._\-]{8,64}$",
 )
+X_FORWARDED_FOR = Header(
+    "X-Forwarded-For",
+    "Written by the proxies in front of the service, not by API clients: read only from a peer in "
+    "BEDSIDE_TRUSTED_PROXIES, for the client's address (service/domain/client_address.py)",
+)
 IDEMPOTENCY_KEY = Header(
     "Idempotency-Key",
     "Makes a retry safe: the same key with the same body answers with the first response (with "

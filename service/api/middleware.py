@@ -1,6 +1,7 @@
 """Middleware, outermost first (the order `create_app` installs them):
 
-1. `observe`: request id, one access log line, metrics. Sees the final status of every response.
+1. `observe`: request id, the client's address, one access log line, metrics. Sees the final status of every
+   response.
 2. `problems`: turns every exception into problem+json; nothing escapes as a bare 500 page.
 3. `authenticate`: every route not marked public needs a valid bearer token.
 """
@@ -15,10 +16,11 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service.api.headers import X_REQUEST_ID
+from service.api.headers import X_FORWARDED_FOR, X_REQUEST_ID
 from service.api.metrics import KNOWN_METHODS, UNMATCHED_ROUTE
 from service.api.problems import domain_problem, http_problem, internal_problem
 from service.domain.audit import REQUEST_META, AuditAction, AuditEvent, RequestMeta
+from service.domain.client_address import client_address
 from service.errors import (
     AuthenticationError,
     AuthenticationThrottledError,
@@ -30,11 +32,13 @@ from service.keys import (
     AUDIT,
     AUTH_FAILURES,
     AUTHENTICATOR,
+    CLIENT_ADDRESS,
     METRICS,
     PRINCIPAL,
     PUBLIC_ROUTES,
     REQUEST_ID,
     ROUTE_GATES,
+    SETTINGS,
 )
 
 log = structlog.get_logger("bedside.http")
@@ -63,7 +67,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     structlog.contextvars.bind_contextvars(request_id=request_id)
     if client_request_id is not None:
         structlog.contextvars.bind_contextvars(client_request_id=client_request_id)
-    REQUEST_META.set(RequestMeta(request_id=request_id, source=request.remote, client_request_id=client_request_id))
+    # Who the request is from, found once: the audit events' source and the limiter's key. Without trusted
+    # proxies it is the peer, and X-Forwarded-For is not even looked up.
+    trusted = request.app[SETTINGS].trusted_proxies
+    peer = request.remote
+    source = client_address(peer, request.headers.getall(X_FORWARDED_FOR.name, ()), trusted) if trusted else peer
+    request[CLIENT_ADDRESS] = source
+    REQUEST_META.set(RequestMeta(request_id=request_id, source=source, client_request_id=client_request_id))
     started = time.perf_counter()
     status = 500
     try:
@@ -144,7 +154,7 @@ async def _record_refusal(request: web.Request, event: AuditEvent) -> None:
     """Audit a refusal. A failed authentication (a bearer token's, or a signed webhook's) goes through the
     per-source limiter: anyone can cause one, and each would be a leaf of the log for ever."""
     if event.action is AuditAction.AUTH_DENIED:
-        await request.app[AUTH_FAILURES].deny(event, request.remote)
+        await request.app[AUTH_FAILURES].deny(event, request[CLIENT_ADDRESS])
     else:
         await request.app[AUDIT].record_alone(event)
 

@@ -3,7 +3,7 @@ past it, failures are answered 429, counted, and audited as one summary per sour
 
 Every request that fails authentication (a bad bearer token, a bad webhook signature) is an `auth:denied`
 event, and audit leaves are never deleted: without a limit, anyone who can reach the service could grow
-the log at will. So each source address (as this process sees it) has a token bucket: `burst`
+the log at will. So each source address (the client's, `client_address.py`) has a token bucket: `burst`
 failures, refilled at `per_minute`. A failure within the budget is audited exactly as before. One past
 it is not audited on its own; it is added to the source's tally (per tenant the failure named, with its
 reason code and time), and `take` hands the tallies over to be written as summary events: periodically,

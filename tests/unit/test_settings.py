@@ -205,3 +205,28 @@ def test_upload_time_limits_of_zero_or_past_their_bound_are_refused(
 
     with pytest.raises(SettingsError, match=variable):
         load_settings()
+
+
+def test_trusted_proxies_are_none_by_default_and_read_as_a_comma_separated_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().trusted_proxies == ()
+
+    monkeypatch.setenv("BEDSIDE_TRUSTED_PROXIES", " 10.0.0.0/8, 192.0.2.10,2001:db8::/32 ")
+
+    assert [str(n) for n in load_settings().trusted_proxies] == ["10.0.0.0/8", "192.0.2.10/32", "2001:db8::/32"]
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "proxy.internal", "10.0.0.1/8", "2001:db8::/129", "10.0.0.0-24"])
+def test_a_trusted_proxy_that_is_no_network_stops_the_start_naming_the_entry(
+    monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    monkeypatch.setenv("BEDSIDE_TRUSTED_PROXIES", f"10.0.0.0/8,{entry}")
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+
+    message = str(raised.value)
+    assert "BEDSIDE_TRUSTED_PROXIES" in message
+    assert repr(entry) in message
+    assert "CIDR" in message
