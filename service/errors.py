@@ -85,6 +85,14 @@ class AuthenticationThrottledError(DomainError):
     def __init__(self, retry_after: int) -> None:
         super().__init__("Too many requests from this address failed authentication; retry after Retry-After seconds")
         self.retry_after = retry_after  # when the source's budget (and the process's) has room again
+        # The refusal this answers instead of (its 401, or a signed reply's 400): its challenge goes with it.
+        self.refused: DomainError | None = None
+
+    def instead_of(self, refused: DomainError) -> Self:
+        """This error, answering for `refused`: a caller whose bearer token was refused still learns that
+        another token might be accepted (the 401's challenge, RFC 9110 section 11.6.1)."""
+        self.refused = refused
+        return self
 
 
 class ForbiddenError(DomainError):

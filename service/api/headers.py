@@ -135,7 +135,10 @@ IDEMPOTENT_REPLAYED = Header(
 )
 RETRY_AFTER = Header("Retry-After", "Seconds to wait before trying again", kind="integer")
 WWW_AUTHENTICATE = Header(
-    "WWW-Authenticate", 'The bearer challenge (RFC 6750): error="invalid_token" when a token was sent but refused'
+    "WWW-Authenticate",
+    'The bearer challenge (RFC 6750): error="invalid_token" when a token was sent but refused. Also on the 429 '
+    "that answers instead of that 401 once the address is limited (RFC 9110 section 11.6.1); not on the 429 of "
+    "too many uploads",
 )
 NO_STORE = Header("Cache-Control", "Not to be stored by any cache", value="no-store")
 CONTENT_DISPOSITION = Header(

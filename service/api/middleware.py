@@ -116,10 +116,13 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         for refusal in refusals:
             try:  # the refused work's transaction has ended: record its refusal now
                 await _record_refusal(request, refusal)
-            except (UnavailableError, AuthenticationThrottledError) as instead:
-                # A denial that cannot be recorded is answered as an outage, not quietly; one past its
-                # source's budget is a 429, counted for a summary.
-                return domain_problem(instead, request_id)
+            except UnavailableError as outage:
+                # A denial that cannot be recorded is answered as an outage, not quietly.
+                return domain_problem(outage, request_id)
+            except AuthenticationThrottledError as throttled:
+                # One past its source's budget is a 429, counted for a summary; a refused bearer token's
+                # challenge goes with it.
+                return domain_problem(throttled.instead_of(error), request_id)
         return domain_problem(error, request_id)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -176,8 +176,8 @@ def build_openapi(routes: tuple[Route, ...], *, version: str, settings: Settings
             statuses.add(429)  # a source whose authentications keep failing is limited
         for status in sorted(statuses):
             # RFC 6750's challenge answers a bearer token (a portal's, or the metrics token), not a refused
-            # webhook signature.
-            challenge = (WWW_AUTHENTICATE,) if status == 401 and not route.signed else ()
+            # webhook signature: with its 401, and with the 429 that answers instead once its source is limited.
+            challenge = (WWW_AUTHENTICATE,) if status in (401, 429) and not route.signed else ()
             retry = (RETRY_AFTER,) if status in (429, 503) else ()
             too_large = f"Body too large: more than {limit} bytes" if status == 413 and limit is not None else None
             operation["responses"][str(status)] = _problem_response(

@@ -110,15 +110,24 @@ def problem_response(
     )
 
 
+def bearer_challenge(error: DomainError | None) -> str | None:
+    """The WWW-Authenticate challenge of a refused bearer token (a portal's, or the metrics token), sent with
+    its 401 and with the 429 that answers instead once its source is throttled; None for anything else, a
+    refused webhook signature included (no bearer token is involved)."""
+    if not isinstance(error, AuthenticationError) or isinstance(error, WebhookSignatureError):
+        return None
+    # RFC 6750: a missing token gets the bare challenge, a bad one says invalid_token.
+    if error.reason == "missing":
+        return 'Bearer realm="bedside"'
+    return 'Bearer realm="bedside", error="invalid_token"'
+
+
 def domain_problem(error: DomainError, request_id: str) -> web.Response:
     status = status_for(error)
     headers = {}
     errors = None
-    if isinstance(error, AuthenticationError) and not isinstance(error, WebhookSignatureError):
-        # RFC 6750: a missing token gets the bare challenge, a bad one says invalid_token.
-        challenge = 'Bearer realm="bedside"'
-        if error.reason != "missing":
-            challenge += ', error="invalid_token"'
+    challenge = bearer_challenge(error.refused if isinstance(error, AuthenticationThrottledError) else error)
+    if challenge is not None:
         headers[WWW_AUTHENTICATE.name] = challenge
     if error.retry_after is not None:  # a refusal that passes: an outage, a caller's limit
         headers[RETRY_AFTER.name] = str(error.retry_after)

@@ -194,7 +194,33 @@ async def test_bad_webhook_signatures_spend_the_same_budget(
 
     assert reply.status == 429
     assert (await reply.json())["code"] == "authentication-throttled"
+    assert int(reply.headers["Retry-After"]) >= 1
+    assert "WWW-Authenticate" not in reply.headers  # no bearer token was refused: nothing to challenge
     await client.close()
     [summary] = _summaries(await _denials(database))
     assert summary["details"]["suppressed"] == 1
     assert summary["details"]["reasons"] == ["unknown-endpoint"]
+
+
+async def test_a_throttled_bearer_token_hears_the_challenge_its_401_would_have_carried(
+    aiohttp_client: MakeClient, limited: Settings
+) -> None:
+    client = await aiohttp_client(create_app(limited))
+    refused = [await client.get("/v1/me", headers=BAD_TOKEN) for _ in range(BUDGET)]
+    invalid_token = 'Bearer realm="bedside", error="invalid_token"'
+    assert {(r.status, r.headers["WWW-Authenticate"]) for r in refused} == {(401, invalid_token)}
+
+    throttled = await client.get("/v1/me", headers=BAD_TOKEN)
+    without_token = await client.get("/v1/me")
+
+    # A portal that renews its token on invalid_token learns that the token is the trouble; one that sent
+    # none hears the bare challenge, as its 401 would have said (RFC 6750).
+    assert (throttled.status, throttled.headers["WWW-Authenticate"]) == (429, invalid_token)
+    assert (without_token.status, without_token.headers["WWW-Authenticate"]) == (429, 'Bearer realm="bedside"')
+    assert int(throttled.headers["Retry-After"]) >= 1
+    assert (await throttled.json())["code"] == "authentication-throttled"
+    document = await (await client.get("/openapi.json")).json()
+    responses = document["paths"]["/v1/me"]["get"]["responses"]
+    assert {"WWW-Authenticate", "Retry-After"} <= set(responses["429"]["headers"])
+    signed = document["paths"]["/v1/inbound/{endpoint_id}/replies"]["post"]["responses"]
+    assert "WWW-Authenticate" not in signed["429"]["headers"]
