@@ -119,13 +119,7 @@ class InboundReplies:
         if endpoint.disabled_at is not None:
             # A disabled endpoint (by an admin, or for 410 Gone or failing) takes no replies either. The caller
             # hears what an unknown endpoint answers; the audit says why, and which secret signed the reply.
-            raise WebhookSignatureError(
-                "endpoint-disabled",
-                _SIGNATURE_REFUSED,
-                tenant_id=tenant_id,
-                issuer=endpoint_issuer(endpoint_id),
-                key_id=str(keys[index].id),
-            )
+            raise _disabled(tenant_id, endpoint_id, keys[index].id)
         msg_id = next(v for k, v in headers.items() if k.lower() == "webhook-id")
         return VerifiedReply(tenant_id, endpoint_id, endpoint.subscriber, keys[index].id, msg_id, body_fingerprint)
 
@@ -158,6 +152,10 @@ class InboundReplies:
                 issuer=endpoint_issuer(reply.endpoint_id),
                 key_id=str(reply.key_id),  # the endpoint secret that verified the signature
             )
+            # Checked again where the reply is written, and held: a disable that committed after `verify`
+            # refuses the reply, and one still running waits for it.
+            if not await self._store.accepting(tx, reply.tenant_id, reply.endpoint_id, reply.key_id):
+                raise _disabled(reply.tenant_id, reply.endpoint_id, reply.key_id)
             message_id = uuid.uuid4()
             earlier = await self._store.claim_receipt(
                 tx,
@@ -206,6 +204,18 @@ class InboundReplies:
 def endpoint_issuer(endpoint_id: UUID) -> str:
     """The `issuer` of an inbound reply's audit events: the endpoint whose secret is its credential."""
     return f"urn:bedside:webhook:{endpoint_id}"
+
+
+def _disabled(tenant_id: UUID, endpoint_id: UUID, key_id: UUID) -> WebhookSignatureError:
+    """The refusal of a reply to an endpoint that is disabled (or, by the time the reply is written,
+    deleted, or the secret that signed it expired): answered as an unknown endpoint is."""
+    return WebhookSignatureError(
+        "endpoint-disabled",
+        _SIGNATURE_REFUSED,
+        tenant_id=tenant_id,
+        issuer=endpoint_issuer(endpoint_id),
+        key_id=str(key_id),
+    )
 
 
 def _refused(reason: Reason, tenant_id: UUID | None, endpoint_id: UUID, code: str) -> DomainError:

@@ -593,6 +593,16 @@ class WebhookStore:
     # -- inbound -----------------------------------------------------------------------------------
 
     _ENDPOINT_TENANT = "SELECT bedside_webhook_endpoint_tenant($1)"
+    # The endpoint still takes replies signed with this secret: enabled, not deleted, the secret valid.
+    # FOR SHARE: a disable (or a delete) waits for the reply holding it, and a reply waits for a disable
+    # in progress, so no reply commits after a disable that committed first.
+    _ACCEPTING = """
+        SELECT 1 FROM webhook_endpoints e JOIN webhook_endpoint_keys k ON k.endpoint_id = e.id
+        WHERE e.tenant_id = $1 AND e.id = $2 AND e.active AND e.disabled_at IS NULL
+          AND k.tenant_id = $1 AND k.id = $3 AND k.purpose = 'inbound'
+          AND (k.expires_at IS NULL OR k.expires_at > now())
+        FOR SHARE OF e
+    """
     _CLAIM_RECEIPT = """
         INSERT INTO inbound_receipts (tenant_id, endpoint_id, webhook_id, body_hash, key_id, thread_id, message_id)
         VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -607,6 +617,11 @@ class WebhookStore:
     async def endpoint_tenant(self, tx: Tx, endpoint_id: UUID) -> UUID | None:
         value: UUID | None = await tx.conn.fetchval(self._ENDPOINT_TENANT, endpoint_id)
         return value
+
+    async def accepting(self, tx: Tx, tenant_id: UUID, endpoint_id: UUID, key_id: UUID) -> bool:
+        """Whether the endpoint still takes replies signed with secret `key_id`; holds the endpoint's row
+        against a disable or delete until the transaction ends."""
+        return await tx.conn.fetchval(self._ACCEPTING, tenant_id, endpoint_id, key_id) is not None
 
     async def claim_receipt(
         self,

@@ -26,6 +26,7 @@ from service.settings import Settings
 from tests.api.messaging_helpers import consent, patient, thread
 from tests.api.webhook_helpers import ADMIN, Receiver, register
 from tests.conftest import Dsns, Portals
+from tests.support import blocked_by
 
 REPLY = "Yes, take it with food."
 # The events of the request that sent X-Request-Id $1 (kept as the `client_request_id` detail).
@@ -282,6 +283,38 @@ async def test_a_disabled_endpoint_refuses_signed_replies_as_an_unknown_endpoint
         client, c.endpoint_id, body, signed(c.inbound_secret, body, msg_id=headers["webhook-id"])
     )
     assert status == 201, out
+
+
+async def test_a_reply_meeting_a_disable_in_progress_waits_for_it_and_is_refused(
+    client, portals: Portals, receiver: Receiver, database: Dsns
+) -> None:
+    # The reply's signature is checked while the endpoint is enabled; an operator's disable, running
+    # meanwhile, commits before the reply is written. The reply must not land after the disable.
+    c = await converse(client, portals, receiver.url)
+    body, rid = reply_body(c), request_id()
+    owner = await asyncpg.connect(database.owner)
+    try:
+        disabling = owner.transaction()
+        await disabling.start()
+        await owner.execute(
+            "UPDATE webhook_endpoints SET disabled_at = now(), disabled_reason = 'admin' WHERE id = $1",
+            uuid.UUID(c.endpoint_id),
+        )
+        reply = asyncio.ensure_future(
+            post_reply(client, c.endpoint_id, body, {**signed(c.inbound_secret, body), "X-Request-Id": rid})
+        )
+        waiting = asyncio.ensure_future(blocked_by(owner, await owner.fetchval("SELECT pg_backend_pid()")))
+        await asyncio.wait([reply, waiting], return_when=asyncio.FIRST_COMPLETED)  # a reply that does not wait is done
+        waiting.cancel()
+        await disabling.commit()
+        status, out = await reply
+    finally:
+        await owner.close()
+
+    assert status == 401, out
+    assert [m["id"] for m in await messages(client, portals, c.thread_id)] == [c.first_message]
+    [denied] = [e for e in await audit_events(database, rid) if e["action"] == "auth:denied"]
+    assert denied["details"]["reason"] == "endpoint-disabled"
 
 
 def without(name: str) -> Any:
