@@ -97,3 +97,24 @@ async def test_the_claim_function_refuses_a_lease_outside_one_second_to_one_hour
     finally:
         await app.close()
         await owner.close()
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1001, 2**31 - 1, None])
+async def test_the_claim_function_refuses_to_lease_more_than_a_thousand_deliveries_or_no_limit(
+    client, portals: Portals, receiver: Receiver, database: Dsns, limit: int | None
+) -> None:
+    """One call of the cross-tenant claim must not lease every due delivery of every tenant (`LIMIT NULL`
+    is no limit at all)."""
+    await register(client, portals, receiver.url, event_types=["message.created"])
+    await consent(client, portals)
+    await thread(client, portals)
+    claim = "SELECT tenant_id, id FROM bedside_webhook_claim($1, 60, $2)"
+    app, owner = await asyncpg.connect(database.app), await asyncpg.connect(database.owner)
+    try:
+        with pytest.raises(asyncpg.exceptions.InvalidParameterValueError):
+            await app.fetch(claim, uuid.uuid4(), limit)
+        assert await owner.fetch(LEASES) == []
+        assert len(await app.fetch(claim, uuid.uuid4(), 1000)) == 1
+    finally:
+        await app.close()
+        await owner.close()
