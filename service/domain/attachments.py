@@ -7,10 +7,11 @@ the file's size; the declared type is checked against the content as it streams;
 marked complete and the audit event written last. A body that is too large, of the wrong type,
 interrupted or failing in any other way rolls the whole transaction back: nothing of it is stored.
 Holding one transaction (and one pooled connection) for the length of an upload is the price of that
-guarantee, so slow uploads are bounded (`UploadSlots`, `_in_time`): in number per process and per caller,
-checked before any database work, and in time, a deadline for the whole body and a limit on silence
-between its pieces. Only the waits for the client's bytes are timed: a statement is never cancelled
-mid-way, and a late upload rolls back through the same path as any other failing one.
+guarantee, so it is held only while data flows (`UploadSlots`, `_in_time`). An upload first waits, with no
+connection, for its first chunk's worth of bytes (or its whole body, if smaller), bounded per caller; only
+then does it take a process-wide slot and a connection. In time, a deadline bounds the whole body and a
+limit the silence between its pieces. Only the waits for the client's bytes are timed: a statement is
+never cancelled mid-way, and a late upload rolls back through the same path as any other failing one.
 
 Download verifies before it sends. A first pass, in the transaction that decides access and records the
 audit event, opens every chunk in order (`StreamOpener`: index, final flag, object and context bound in
@@ -195,9 +196,10 @@ def _consent_details(decisions: Sequence[Decision]) -> dict[str, Any]:
 
 
 class UploadSlots:
-    """Uploads in progress in this process, in all and per caller (tenant, subject). Each holds a pooled
-    connection until its body has arrived, so neither one caller nor everyone together may take the pool.
-    Taking a slot never awaits: the check and the count cannot be interleaved with another request's."""
+    """Uploads in progress in this process: per caller (tenant, subject), from the start of the body, and
+    in all, from when an upload takes its pooled connection. The caller's count bounds what one caller may
+    hold (sockets, a chunk's worth of memory each); the process's count protects the pool. Taking a slot
+    never awaits: the check and the count cannot be interleaved with another request's."""
 
     def __init__(self, total: int, per_principal: int) -> None:
         if total < 1 or per_principal < 1:
@@ -209,27 +211,34 @@ class UploadSlots:
         self._by_principal: dict[tuple[UUID, str], int] = {}
 
     @contextmanager
-    def taken(self, principal: Principal) -> Iterator[None]:
-        """A slot for `principal` while the block runs. TooManyUploadsError when the caller has
-        `per_principal` uploads in progress (their own doing: 429); UnavailableError when the process has
-        `total` (everyone's: 503). The caller's limit is asked first, so one caller at theirs learns so."""
+    def caller(self, principal: Principal) -> Iterator[None]:
+        """One of `principal`'s slots while the block runs; TooManyUploadsError (their own doing: 429)
+        when they have `per_principal` uploads in progress, whether waiting for data or writing it."""
         key = (principal.tenant_id, principal.subject)
         mine = self._by_principal.get(key, 0)
         if mine >= self._per_principal:
             raise TooManyUploadsError("This caller has too many uploads in progress; retry when one has ended")
-        if self._running >= self._total:
-            raise UnavailableError("Too many uploads are in progress; retry shortly")
-        self._running += 1
         self._by_principal[key] = mine + 1
         try:
             yield
         finally:
-            self._running -= 1
             left = self._by_principal[key] - 1
             if left:
                 self._by_principal[key] = left
             else:
                 del self._by_principal[key]
+
+    @contextmanager
+    def connection(self) -> Iterator[None]:
+        """One of the process's slots while the block runs (an upload holding a pooled connection);
+        UnavailableError (everyone's doing: 503) when `total` are taken."""
+        if self._running >= self._total:
+            raise UnavailableError("Too many uploads are in progress; retry shortly")
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
 
 
 _LATE = "The upload did not finish within the time allowed"
@@ -265,6 +274,28 @@ async def _in_time(body: AsyncIterable[bytes], deadline: float, idle: float) -> 
             raise UploadTimeoutError("idle", _SILENT, received=received) from None
         received += len(piece)
         yield piece  # outside the scope: the consumer's own work (a chunk's insert) is never cancelled
+
+
+async def _first_chunk(body: AsyncIterator[bytes], chunk_bytes: int) -> list[bytes]:
+    """The pieces of `body` that make its first `chunk_bytes` (the last of them may go beyond), or all of
+    it if it is shorter; the rest stays in `body`."""
+    pieces: list[bytes] = []
+    size = 0
+    while size < chunk_bytes:
+        piece = await anext(body, None)
+        if piece is None:
+            break
+        pieces.append(piece)
+        size += len(piece)
+    return pieces
+
+
+async def _after(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`first`, emptied as it goes (so its pieces are not held past their turn), then `rest`."""
+    while first:
+        yield first.pop(0)
+    async for piece in rest:
+        yield piece
 
 
 class AttachmentReferences:
@@ -349,7 +380,8 @@ class AttachmentService:
         declared or read; NotFoundError (audited) without write access to the thread; ConsentRequiredError
         (audited); ConflictError for a closed thread; ShreddedError if the patient was shredded;
         TooManyUploadsError when the caller has `max_uploads_per_principal` uploads in progress in this
-        process, UnavailableError when the process has `max_concurrent_uploads` (both before any database work);
+        process (before any database work; waiting for data counts); UnavailableError when the process has
+        `max_concurrent_uploads` holding a connection (asked once the first chunk's worth has arrived);
         UploadTimeoutError (logged, nothing stored) when the body has not all arrived within
         `upload_deadline_seconds` of the start, or nothing of it came for `upload_idle_seconds`.
         """
@@ -357,14 +389,21 @@ class AttachmentService:
         check_file_name(file_name)
         if declared_size is not None and declared_size > self.max_bytes:
             raise PayloadTooLargeError(f"The limit for an attachment is {self.max_bytes} bytes")
-        with self._slots.taken(principal):
+        with self._slots.caller(principal):
             deadline = asyncio.get_running_loop().time() + self._deadline
             timed = _in_time(body, deadline, self._idle)
             try:
-                return await self._upload(principal, thread_id, file_name, content_type, timed, deadline)
+                # No connection, and no slot of the process's, until there is a chunk to write: a caller
+                # who sends slowly (or not at all) holds nothing but their own slot meanwhile.
+                first = await _first_chunk(timed, self.chunk_bytes)
+                with self._slots.connection():
+                    return await self._upload(
+                        principal, thread_id, file_name, content_type, _after(first, timed), deadline
+                    )
             except UploadTimeoutError as error:
-                # Its transaction has rolled back: nothing is stored. Not audited, as no failed upload is
-                # (an upload's event is written with the stored file); logged with ids and counts only.
+                # Its transaction, if it had begun, has rolled back: nothing is stored. Not audited, as no
+                # failed upload is (an upload's event is written with the stored file); logged with ids and
+                # counts only.
                 log.warning(
                     "attachment.upload_timed_out", thread_id=str(thread_id), size=error.received, reason=error.reason
                 )

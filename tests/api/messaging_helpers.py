@@ -91,9 +91,13 @@ async def uploads_in_flight(owner_dsn: str, count: int) -> None:
     pytest.fail(f"{count} uploads never held their transaction")
 
 
+FIRST_CHUNK = 64 * 1024  # what an upload waits for before it takes a connection
+
+
 async def held(release: asyncio.Event) -> AsyncIterator[bytes]:
-    """A portal that sends the start of a PDF, then nothing until `release` is set, then the rest."""
-    yield b"%PDF-"
+    """A portal that sends a first chunk's worth of a PDF (so the upload takes its connection), then
+    nothing until `release` is set, then the rest: 2 chunks in all."""
+    yield b"%PDF-" + bytes(FIRST_CHUNK)
     await release.wait()
     yield bytes(100)
 

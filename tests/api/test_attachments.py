@@ -29,7 +29,7 @@ from service.keys import ATTACHMENTS
 from service.settings import Settings
 from service.store.attachments import AttachmentStore
 from tests.api.messaging_helpers import ATTACHMENTS_URL as URL
-from tests.api.messaging_helpers import held, trickle, upload, uploads_in_flight
+from tests.api.messaging_helpers import consent, held, thread, trickle, upload, uploads_in_flight
 from tests.conftest import Dsns, Portals, Services
 from tests.support import as_owner, audit_events, canary
 
@@ -345,7 +345,7 @@ async def test_a_callers_third_upload_at_once_is_429_while_another_callers_uploa
     assert other.status == 201, await other.text()
     assert [r.status for r in done] == [201, 201]
     await uploaded(client, portals, thread_id, pdf(1000))  # with both ended, the caller may upload again
-    assert await stored(database) == (4, 4)
+    assert await stored(database) == (4, 6)  # the held ones are a chunk and a bit: 2 chunks each
 
 
 async def _timed_out(response: Any, detail: str) -> None:
@@ -409,6 +409,72 @@ async def test_a_slow_steady_upload_within_its_limits_is_not_cut_off_by_the_data
 
     assert response.status == 201, await response.text()
     assert await stored(database) == (1, 1)
+
+
+async def dribble(
+    release: asyncio.Event, first: bytes = b"%PDF-", *, sending: asyncio.Event | None = None
+) -> AsyncIterator[bytes]:
+    """A portal that sends `first`, then a byte every 0.1 s until `release` is set; `sending` is set once
+    it has been at it for half a second (by then the service has long had its request)."""
+    yield first
+    dots = 0
+    while not release.is_set():
+        await asyncio.sleep(0.1)
+        yield b"."
+        dots += 1
+        if sending is not None and dots == 5:
+            sending.set()
+
+
+async def at_their_limit(client: Any, headers: dict[str, str], thread_id: str) -> None:
+    """Wait until the caller has as many uploads in progress as they may: their next one is a 429. (Until
+    then, the probe is refused with 415, its content not being a PDF: nothing is stored.)"""
+    for _ in range(250):
+        probe = await upload(client, headers, thread_id, b"no PDF")
+        if probe.status == 429:
+            return
+        assert probe.status == 415, await probe.text()
+        await asyncio.sleep(0.02)
+    pytest.fail("the caller's uploads never took their slots")
+
+
+async def test_uploads_waiting_for_their_first_chunk_take_no_connection_and_no_process_slot(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    """The review's finding: four callers dribbling two uploads each took all 8 of a process's upload slots
+    and 8 pooled connections, so everyone else's upload was a 503. An upload now takes neither before its
+    first 64 KiB (or its whole body) has arrived: meanwhile it holds only its caller's slot (their third
+    upload is a 429), no transaction, and another caller's upload is stored."""
+    # A pool larger than the 8 slots, so that on the old code the slots, not the pool, refuse the upload.
+    client = await limited_client(settings, aiohttp_client, db_pool_max=12)
+    doctors = ["Practitioner/7", "Practitioner/8", "Practitioner/9"]
+    for doctor in doctors:
+        await consent(client, portals, doctor)
+    shared = (await thread(client, portals, participants=doctors, message=None))["id"]
+    await consent(client, portals, "Practitioner/7", n=2)
+    own = (await thread(client, portals, n=2, message=None))["id"]
+    dribblers = [patient(portals), *(physician(portals, n) for n in (7, 8, 9))]
+    release = asyncio.Event()
+    sending = [asyncio.Event() for _ in range(2 * len(dribblers))]
+    slow = [
+        asyncio.create_task(upload(client, caller, shared, dribble(release, sending=sending[i])))
+        for i, caller in enumerate(caller for caller in dribblers for _ in range(2))
+    ]
+    try:
+        async with asyncio.timeout(30):  # a failure, not a hang, if a dribbler was answered early
+            for event in sending:
+                await event.wait()
+            for caller in dribblers:
+                await at_their_limit(client, caller, shared)
+        honest = await upload(client, patient(portals, 2), own, pdf(1000))
+        assert honest.status == 201, await honest.text()
+        await uploads_in_flight(database.owner, 0)  # and none of the 8 holds a transaction
+    finally:
+        release.set()
+        done = await asyncio.gather(*slow)
+
+    assert [r.status for r in done] == [201] * 8  # once their bodies came, they were stored as ever
+    assert await stored(database) == (9, 9)
 
 
 # -- who may --------------------------------------------------------------------------------------------
