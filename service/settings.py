@@ -97,9 +97,11 @@ class Settings(BaseSettings):
 
     # Attachments: the largest file accepted (streamed and sealed in chunks, never held whole in memory).
     max_attachment_bytes: int = Field(default=25 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
-    # An upload holds a database connection (and its transaction) until its body has arrived, so slow ones
-    # are bounded: uploads in progress per caller (tenant and subject) in this process; the time its body
-    # may take in all (300 s: 25 MiB at 100 KB/s takes 262 s); the longest it may send nothing at all.
+    # An upload holds a database connection (and its transaction) from its first 64 KiB until its body has
+    # arrived, so slow ones are bounded: uploads in progress per caller (tenant and subject) in this process,
+    # waiting for their first 64 KiB included; the time its body may take in all (300 s: 25 MiB at 100 KB/s
+    # takes 262 s); how slow it may be: before its first 64 KiB, the longest it may send nothing; after, the
+    # longest the service waits, in all, for each further 64 KiB (a floor of about 2.2 kB/s).
     max_uploads_per_principal: int = Field(default=2, ge=1, le=100)
     upload_deadline_seconds: float = Field(default=300.0, gt=0, le=86_400)
     upload_idle_seconds: float = Field(default=30.0, gt=0, le=3600)

@@ -24,7 +24,7 @@ _STATUS_TEXT = {
     401: "Missing or invalid bearer token",
     403: "Not allowed",
     404: "Not found, or not the caller's to see",
-    408: "The body did not arrive in time (a deadline for all of it, a limit on silence); the connection is closed",
+    408: "The body came too slowly (a deadline for all of it, a limit on waiting for each 64 KiB); connection closed",
     410: "The content was crypto-shredded or recalled (shredded_at or recalled_at says when)",
     409: "Conflict",
     413: "Body too large",

@@ -9,9 +9,10 @@ interrupted or failing in any other way rolls the whole transaction back: nothin
 Holding one transaction (and one pooled connection) for the length of an upload is the price of that
 guarantee, so it is held only while data flows (`UploadSlots`, `_in_time`). An upload first waits, with no
 connection, for its first chunk's worth of bytes (or its whole body, if smaller), bounded per caller; only
-then does it take a process-wide slot and a connection. In time, a deadline bounds the whole body and a
-limit the silence between its pieces. Only the waits for the client's bytes are timed: a statement is
-never cancelled mid-way, and a late upload rolls back through the same path as any other failing one.
+then does it take a process-wide slot and a connection, and from then on each further chunk must come
+within the limit on silence, so the transaction sits idle for at most about two such waits. A deadline
+bounds the whole body. Only the waits for the client's bytes are timed: a statement is never cancelled
+mid-way, and a late upload rolls back through the same path as any other failing one.
 
 Download verifies before it sends. A first pass, in the transaction that decides access and records the
 audit event, opens every chunk in order (`StreamOpener`: index, final flag, object and context bound in
@@ -242,24 +243,29 @@ class UploadSlots:
 
 
 _LATE = "The upload did not finish within the time allowed"
-# How long past its deadline an upload's transaction may still sit idle: the deadline ends it first.
+# How long past our own limits an upload's transaction may still sit idle: they end it first.
 _IDLE_MARGIN_SECONDS = 10.0
-_SILENT = "The upload sent nothing for too long"
+_SLOW = "The upload sent too little for too long"
 
 
-async def _in_time(body: AsyncIterable[bytes], deadline: float, idle: float) -> AsyncIterator[bytes]:
-    """`body` as long as all of it comes before `deadline` (the event loop's clock) and no wait for its
-    next piece lasts `idle` seconds; UploadTimeoutError (`deadline` or `idle`) otherwise. The deadline is
-    asked again before each piece, so time the caller spends between pieces (on the database) counts too,
-    even when the next piece is already buffered and its read would not wait at all."""
+async def _in_time(body: AsyncIterable[bytes], deadline: float, idle: float, chunk_bytes: int) -> AsyncIterator[bytes]:
+    """`body` as long as all of it comes before `deadline` (the event loop's clock) and it is never too
+    slow; UploadTimeoutError (`deadline` or `idle`) otherwise. Too slow: until its first `chunk_bytes` have
+    come (the upload holds no connection yet), a wait for its next piece lasting `idle`; from then on (a
+    connection held, its transaction idle between chunks), the waits for each further `chunk_bytes`
+    adding up to `idle`, so a dribble of a few bytes at a time does not count as sending.
+    Only the waits count towards `idle`: the consumer's own work between pieces (the database, the pool)
+    is not the client's doing. The deadline counts everything, and is asked again before each piece, even
+    when the next piece is already buffered and its read would not wait at all."""
     loop = asyncio.get_running_loop()
     pieces = aiter(body)
     received = 0
+    left = idle  # of the waits the current chunk may still take
     while True:
         now = loop.time()
         if now >= deadline:
             raise UploadTimeoutError("deadline", _LATE, received=received)
-        until = min(deadline, now + idle)
+        until = min(deadline, now + left)
         scope = asyncio.timeout_at(until)
         try:
             async with scope:
@@ -271,8 +277,12 @@ async def _in_time(body: AsyncIterable[bytes], deadline: float, idle: float) -> 
                 raise
             if until >= deadline:
                 raise UploadTimeoutError("deadline", _LATE, received=received) from None
-            raise UploadTimeoutError("idle", _SILENT, received=received) from None
-        received += len(piece)
+            raise UploadTimeoutError("idle", _SLOW, received=received) from None
+        before, received = received, received + len(piece)
+        if received < chunk_bytes or received // chunk_bytes > before // chunk_bytes:
+            left = idle  # still before the first chunk (each wait on its own), or a chunk complete
+        else:
+            left -= loop.time() - now
         yield piece  # outside the scope: the consumer's own work (a chunk's insert) is never cancelled
 
 
@@ -383,7 +393,8 @@ class AttachmentService:
         process (before any database work; waiting for data counts); UnavailableError when the process has
         `max_concurrent_uploads` holding a connection (asked once the first chunk's worth has arrived);
         UploadTimeoutError (logged, nothing stored) when the body has not all arrived within
-        `upload_deadline_seconds` of the start, or nothing of it came for `upload_idle_seconds`.
+        `upload_deadline_seconds` of the start, or came too slowly: before its first chunk is in, nothing
+        for `upload_idle_seconds`; after, less than a chunk in `upload_idle_seconds` of waiting.
         """
         check_content_type(content_type, charset)
         check_file_name(file_name)
@@ -391,7 +402,7 @@ class AttachmentService:
             raise PayloadTooLargeError(f"The limit for an attachment is {self.max_bytes} bytes")
         with self._slots.caller(principal):
             deadline = asyncio.get_running_loop().time() + self._deadline
-            timed = _in_time(body, deadline, self._idle)
+            timed = _in_time(body, deadline, self._idle, self.chunk_bytes)
             try:
                 # No connection, and no slot of the process's, until there is a chunk to write: a caller
                 # who sends slowly (or not at all) holds nothing but their own slot meanwhile.
@@ -421,12 +432,14 @@ class AttachmentService:
         tenant_id = principal.tenant_id
         attachment_id = uuid.uuid4()
         async with self._db.transaction(tenant_id) as tx:
-            # Between chunks the transaction waits for the client: the upload's deadline (and its limit on
-            # silence) end a slow one with a 408, not the database's idle limit with a 503.
-            # (A deadline already passed, after a long wait for a connection: the margin, and the next wait
-            # for the body is the 408.)
+            # Between chunks the transaction waits for the client, and `_in_time` ends that wait first (a
+            # 408, not the database's idle limit with a 503 and a lost connection). A chunk is inserted when
+            # the first byte after it arrives, so the transaction may sit idle for the waits of up to two
+            # chunks: twice the limit on silence, never past the deadline, and a margin. (A deadline
+            # already passed, after a long wait for a connection: the margin, and the next wait for the body
+            # is the 408.)
             left = max(0.0, deadline - asyncio.get_running_loop().time())
-            await self._store.idle_for(tx, left + _IDLE_MARGIN_SECONDS)
+            await self._store.idle_for(tx, min(left, 2 * self._idle) + _IDLE_MARGIN_SECONDS)
             thread, _ = await self._messaging.access(tx, principal, thread_id, write=True)
             if thread.status != "open":
                 raise ConflictError("the thread is closed")

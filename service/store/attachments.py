@@ -57,7 +57,8 @@ class AttachmentStore:
     """
     # The pool's connections end a transaction left idle for twice the statement timeout (see Database). An
     # upload's is idle between chunks by design, as long as the client takes to send the next 64 KiB: for
-    # this transaction only, it may be idle until the upload's own deadline has passed.
+    # this transaction only, it may be idle as long as the upload's own limits allow (the domain says how
+    # long), so that they, not this, end a slow one.
     _IDLE_UNTIL = "SELECT set_config('idle_in_transaction_session_timeout', $1, true)"
     _INSERT_CHUNK = "INSERT INTO attachment_chunks (tenant_id, attachment_id, idx, data) VALUES ($1, $2, $3, $4)"
     _COMPLETE = f"""

@@ -348,6 +348,9 @@ async def test_a_callers_third_upload_at_once_is_429_while_another_callers_uploa
     assert await stored(database) == (4, 6)  # the held ones are a chunk and a bit: 2 chunks each
 
 
+SLOW = "The upload sent too little for too long"
+
+
 async def _timed_out(response: Any, detail: str) -> None:
     """A 408 upload-timeout problem with this detail, on a connection the service then closes."""
     problem = await response.json(content_type=None)
@@ -387,7 +390,7 @@ async def test_an_upload_that_sends_nothing_for_too_long_is_408_and_stores_nothi
 
     silent = await upload(client, patient(portals), thread_id, trickle(pieces=2, every=2))
 
-    await _timed_out(silent, "The upload sent nothing for too long")
+    await _timed_out(silent, SLOW)
     assert await stored(database) == (0, 0)
     # Pieces closer together than the limit may take longer than it in all.
     await uploaded(client, portals, thread_id, trickle(pieces=4, every=0.2))
@@ -405,10 +408,15 @@ async def test_a_slow_steady_upload_within_its_limits_is_not_cut_off_by_the_data
     )
     thread_id = await open_thread(client, portals)
 
-    response = await upload(client, patient(portals), thread_id, trickle(pieces=8, every=0.25))  # 2 s in all
+    async def a_chunk_then_a_trickle() -> AsyncIterator[bytes]:
+        yield pdf(CHUNK)  # the upload takes its connection: its transaction waits for the rest from here
+        async for piece in trickle(pieces=8, every=0.25):  # 2 s in all
+            yield piece
+
+    response = await upload(client, patient(portals), thread_id, a_chunk_then_a_trickle())
 
     assert response.status == 201, await response.text()
-    assert await stored(database) == (1, 1)
+    assert await stored(database) == (1, 2)
 
 
 async def dribble(
@@ -475,6 +483,77 @@ async def test_uploads_waiting_for_their_first_chunk_take_no_connection_and_no_p
 
     assert [r.status for r in done] == [201] * 8  # once their bodies came, they were stored as ever
     assert await stored(database) == (9, 9)
+
+
+async def test_an_upload_that_dribbles_after_its_first_chunk_is_408_within_the_idle_limit(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    """Once an upload holds a connection, the service waits at most the idle limit, in all, for each further
+    64 KiB. A byte every 0.1 s, far closer together than that limit, is not sending: it is cut about 1 s
+    after the first chunk (the old code took all 10 s of it and stored it), nothing stored, and its slot
+    and connection free."""
+    client = await limited_client(
+        settings, aiohttp_client, max_uploads_per_principal=1, upload_deadline_seconds=60, upload_idle_seconds=1
+    )
+    thread_id = await open_thread(client, portals)
+    loop = asyncio.get_running_loop()
+    first_sent = 0.0
+
+    async def dribbling_portal() -> AsyncIterator[bytes]:
+        nonlocal first_sent
+        yield pdf(CHUNK)
+        first_sent = loop.time()
+        for _ in range(100):  # 10 s
+            await asyncio.sleep(0.1)
+            yield b"."
+
+    with capture_logs() as logs:
+        cut = await upload(client, patient(portals), thread_id, dribbling_portal())
+        elapsed = loop.time() - first_sent
+        await _timed_out(cut, SLOW)
+
+    assert 0.9 <= elapsed < 4.0, elapsed  # about the idle limit (1 s), not the 10 s of the dribble
+    timed_out = [e for e in logs if e["event"] == "attachment.upload_timed_out"]
+    assert [(e["thread_id"], e["reason"], set(e) - {"size"}) for e in timed_out] == [
+        (thread_id, "idle", {"event", "log_level", "thread_id", "reason"})
+    ]
+    assert CHUNK <= timed_out[0]["size"] < CHUNK + 40
+    assert await stored(database) == (0, 0)
+    await uploads_in_flight(database.owner, 0)
+    await uploaded(client, portals, thread_id, pdf(1000))  # the caller's one slot is free again
+    assert await stored(database) == (1, 1)
+
+
+async def test_a_steady_slow_upload_is_stored_while_a_dribble_beside_it_is_cut(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    """The same limits tell the two apart: 16 KiB every 0.1 s (64 KiB in 0.4 s, 2.4 s in all, more than
+    twice the idle limit) is stored whole; a byte every 0.1 s after the first chunk is a 408."""
+    client = await limited_client(settings, aiohttp_client, upload_deadline_seconds=60, upload_idle_seconds=1)
+    thread_id = await open_thread(client, portals)
+    size = 6 * CHUNK
+
+    async def steady() -> AsyncIterator[bytes]:
+        for piece in pdf_pieces(size, piece=16 * KIB):
+            yield piece
+            await asyncio.sleep(0.1)
+
+    release = asyncio.Event()
+    stop = asyncio.get_running_loop().call_later(10, release.set)  # the old code let the dribble go on
+    try:
+        slow, dribbled = await asyncio.gather(
+            upload(client, patient(portals), thread_id, steady()),
+            upload(client, physician(portals), thread_id, dribble(release, first=pdf(CHUNK))),
+        )
+    finally:
+        stop.cancel()
+        release.set()
+
+    assert slow.status == 201, await slow.text()
+    await _timed_out(dribbled, SLOW)
+    assert await stored(database) == (1, 6)
+    download = await client.get(f"{URL}/{(await slow.json())['id']}", headers=patient(portals))
+    assert await download.read() == b"".join(pdf_pieces(size, piece=16 * KIB))
 
 
 # -- who may --------------------------------------------------------------------------------------------
