@@ -78,6 +78,7 @@ _VERBS: Final[dict[str, tuple[str, str | None]]] = {
     "grant": ("C", None),
     "update": ("U", "update"),
     "revoke": ("U", None),
+    "roles": ("U", None),  # issuer:roles, the roles an issuer may authenticate
     "rotate": ("U", None),
     "rewrap": ("U", None),
     "retire": ("U", None),

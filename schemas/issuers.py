@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from schemas.common import StrictBody
+
+RoleName = Literal["patient", "proxy", "physician", "staff", "compliance", "admin"]
 
 
 class IssuerKeyBody(StrictBody):
@@ -23,6 +26,10 @@ class IssuerKeyOut(BaseModel):
     algorithm: str
     revoked_at: datetime | None = Field(
         default=None, description="When the key was revoked (its tokens are refused since); null: trusted"
+    )
+    roles: list[RoleName] = Field(description="The roles the issuer's tokens may claim (any other is refused)")
+    registered_by: Literal["operator", "admin"] = Field(
+        description="Who registered the issuer: the operator (`bedside issuer add`) or a tenant admin (this API)"
     )
 
 

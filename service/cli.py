@@ -40,7 +40,7 @@ from service.domain.audit_verify import VerifyResult, verify_database, verify_ex
 from service.domain.issuers import DEV_ISSUER, IssuerService, mint_token
 from service.domain.keyring import KekClient, PatientKeyring
 from service.domain.keys import KeyOperations, KeyStatus
-from service.domain.principal import SUBJECT_TYPE, Role, is_reference
+from service.domain.principal import SUBJECT_TYPE, Role, is_reference, parse_roles
 from service.domain.tenants import TenantService
 from service.embedded import (
     APP_LOGIN_ROLE,
@@ -619,14 +619,26 @@ def cmd_tenant(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
     async def add(target: Target, pem: bytes) -> None:
         async with _services(target.app_dsn, settings) as (_, issuers):
-            kid = await issuers.add_key(args.tenant, args.issuer, pem, kid=args.kid)
-            print(f"trusted issuer {args.issuer} in tenant {args.tenant} with key kid={kid}")
+            key = await issuers.add_key(args.tenant, args.issuer, pem, kid=args.kid, roles=args.roles)
+        print(f"trusted issuer {args.issuer} in tenant {args.tenant} with key kid={key.kid}")
+        print(f"its tokens may claim the roles {','.join(key.roles)}")
+        if key.registered_by == "admin":
+            print("note: a tenant admin registered this issuer: `bedside issuer list` shows its other keys")
 
     async def listing(target: Target) -> None:
         async with _services(target.app_dsn, settings) as (_, issuers):
             for key in await issuers.list_keys(args.tenant):
                 state = "active" if key.revoked_at is None else f"revoked {key.revoked_at.isoformat()}"
-                print(f"{key.issuer}\t{key.kid}\t{key.algorithm}\t{state}")
+                print(f"{key.issuer}\t{key.kid}\t{key.algorithm}\t{state}\t{','.join(key.roles)}\t{key.registered_by}")
+
+    async def roles(target: Target) -> None:
+        async with _services(target.app_dsn, settings) as (_, issuers):
+            change = await issuers.set_roles(args.tenant, args.issuer, args.roles)
+        print(f"issuer {change.issuer} in tenant {args.tenant}: roles {','.join(change.old)} -> {','.join(change.new)}")
+        print(
+            "running servers apply them within their BEDSIDE_ISSUER_CACHE_SECONDS "
+            f"(here {settings.issuer_cache_seconds:g} s)"
+        )
 
     async def revoke(target: Target) -> None:
         async with _services(target.app_dsn, settings) as (_, issuers):
@@ -653,6 +665,9 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
     elif args.issuer_command == "revoke":
         with database_target(settings, "issuer") as target:
             _run(revoke(target))
+    elif args.issuer_command == "roles":
+        with database_target(settings, "issuer") as target:
+            _run(roles(target))
     else:
         with database_target(settings, "issuer") as target:
             _run(listing(target))
@@ -856,6 +871,21 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
 # -- parsing ------------------------------------------------------------------------------------------
 
 
+def _role_list(text: str) -> frozenset[Role]:
+    """`--roles`: role names separated by commas, at least one."""
+    try:
+        roles = parse_roles(text)
+    except ValueError:
+        unknown = sorted({name.strip() for name in text.split(",")} - {role.value for role in Role})
+        raise argparse.ArgumentTypeError(
+            f"unknown role {', '.join(repr(name) for name in unknown)}: "
+            f"the roles are {', '.join(role.value for role in Role)}"
+        ) from None
+    if not roles:
+        raise argparse.ArgumentTypeError("at least one role (to stop an issuer, revoke its keys)")
+    return roles
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bedside",
@@ -900,12 +930,26 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--issuer", required=True, help="the tokens' `iss`")
     add.add_argument("--public-key", required=True, help="PEM file: Ed25519, P-256 or RSA >= 2048")
     add.add_argument("--kid", help="key id the tokens name in their header (default: key fingerprint)")
-    listing = with_db(issuer_sub.add_parser("list", help="list a tenant's issuer keys, revoked ones with when"))
+    add.add_argument(
+        "--roles",
+        type=_role_list,
+        help="a new issuer: the roles its tokens may claim, e.g. patient,proxy (default: all six); an existing "
+        "issuer keeps its own (change them with `issuer roles`)",
+    )
+    listing = with_db(
+        issuer_sub.add_parser(
+            "list", help="list a tenant's issuer keys (revoked ones with when), their issuers' roles and registrant"
+        )
+    )
     listing.add_argument("--tenant", required=True)
     revoke = with_db(issuer_sub.add_parser("revoke", help="stop trusting an issuer's key (for good)"))
     revoke.add_argument("--tenant", required=True)
     revoke.add_argument("--issuer", required=True, help="the tokens' `iss`")
     revoke.add_argument("--kid", required=True, help="the key's kid, as `issuer list` shows it")
+    roles = with_db(issuer_sub.add_parser("roles", help="set the roles an existing issuer's tokens may claim"))
+    roles.add_argument("--tenant", required=True)
+    roles.add_argument("--issuer", required=True, help="the tokens' `iss`")
+    roles.add_argument("--roles", required=True, type=_role_list, help="e.g. physician,staff (at least one)")
     issuer.set_defaults(func=cmd_issuer)
 
     keys = sub.add_parser("keys", help="key-encryption keys: status, rotation, crypto-shredding")

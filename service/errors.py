@@ -107,6 +107,14 @@ class ConsentRequiredError(ForbiddenError):
     title = "The patient's consent is required"
 
 
+class IssuerRolesNotAllowedError(ForbiddenError):
+    """Roles an issuer may not be given this way: for an issuer that exists, `bedside issuer roles` changes
+    them."""
+
+    code = "issuer-roles-not-allowed"
+    title = "These roles may not be given to this issuer"
+
+
 class ConflictError(DomainError):
     code = "conflict"
     title = "Conflict with the current state"

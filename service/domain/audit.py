@@ -38,6 +38,7 @@ class AuditAction(StrEnum):
     ISSUER_ADD = "issuer:add"
     ISSUER_LIST = "issuer:list"
     ISSUER_REVOKE = "issuer:revoke"
+    ISSUER_ROLES = "issuer:roles"
     KEY_STATUS = "key:status"
     KEY_ROTATE = "key:rotate"
     KEY_REWRAP = "key:rewrap"

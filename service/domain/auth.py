@@ -1,9 +1,9 @@
 """Bearer-token authentication: per-tenant issuers, asymmetric algorithms only, strict claims.
 
 A token is checked against the keys its tenant (`tid`) registered for its issuer (`iss`) (see
-`domain/tokens.py`). The algorithm comes from the registered key, never from the token, so `alg: none` and
-HS256-keyed-with-a-public-key cannot pass. Every failure is an `AuthenticationError` whose `reason` is a
-fixed code for the audit log.
+`domain/tokens.py`), and its role against the roles that issuer may authenticate. The algorithm comes from
+the registered key, never from the token, so `alg: none` and HS256-keyed-with-a-public-key cannot pass.
+Every failure is an `AuthenticationError` whose `reason` is a fixed code for the audit log.
 The principal names the key that verified the token (`key_id`), and so does every audit event it makes.
 """
 
@@ -75,9 +75,14 @@ class Authenticator:
         return principal
 
     async def _still_trusted(self, principal: Principal) -> bool:
-        """Whether the key that verified a cached token is still among its issuer's active keys."""
+        """Whether the key that verified a cached token is still among its issuer's active keys, and its
+        role still one the issuer may authenticate."""
         trusted = await self._issuers.trusted_keys(principal.tenant, principal.issuer)
-        return trusted.tenant_id == principal.tenant_id and trusted.trusts(principal.key_id)
+        return (
+            trusted.tenant_id == principal.tenant_id
+            and trusted.trusts(principal.key_id)
+            and principal.role in trusted.roles
+        )
 
     async def _verify_token(self, token: str) -> tuple[Principal, float]:
         try:
@@ -127,6 +132,8 @@ class Authenticator:
         if not isinstance(role, str) or role not in _ROLES:
             raise AuthenticationError("unknown-role")
         role = Role(role)
+        if role not in trusted.roles:
+            raise AuthenticationError("role-not-allowed")
         subject = claims["sub"]
         if not is_reference(subject, SUBJECT_TYPE[role]):
             raise AuthenticationError("invalid-subject")

@@ -1,9 +1,11 @@
-"""The JWT issuers each tenant trusts (its EHR portal), their keys, and the development issuer.
+"""The JWT issuers each tenant trusts (its EHR portal), the roles each may authenticate, their keys, and
+the development issuer.
 
-Keys are looked up per (tenant, issuer) on every request, so they are cached for a short, configured
-time; a negative answer is cached too, so a flood of tokens from unknown issuers cannot reach the
-database for each one. Adding or revoking a key clears the entry of its (tenant, issuer) in this process
-at once; other processes see the change when their entry expires, at most `cache_seconds` later.
+Keys and roles are looked up per (tenant, issuer) on every request, so they are cached for a short,
+configured time; a negative answer is cached too, so a flood of tokens from unknown issuers cannot reach
+the database for each one. Adding or revoking a key, or changing an issuer's roles, clears the entry of its
+(tenant, issuer) in this process at once; other processes see the change when their entry expires, at most
+`cache_seconds` later.
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from uuid import UUID
 
 import jwt
 
-from crypto.issuer_keys import IssuerKeyError, IssuerKeyPair, load_issuer_public_key
-from service.domain.audit import AuditAction, AuditEvent, AuditRecorder
+from crypto.issuer_keys import IssuerKeyError, IssuerKeyPair, IssuerPublicKey, load_issuer_public_key
+from service.domain.audit import AuditAction, AuditEvent, AuditRecorder, DetailValue
 from service.domain.policy import can_manage_issuers
-from service.domain.principal import Principal, is_plain_text
-from service.errors import ConflictError, FieldProblem, InvalidRequestError, NotFoundError, RevokedKeyError
-from service.store.db import Database
-from service.store.issuers import IssuerKeyRecord, IssuerStore
+from service.domain.principal import ALL_ROLES, Principal, Role, is_plain_text, role_names
+from service.errors import (
+    ConflictError,
+    DomainError,
+    FieldProblem,
+    InvalidRequestError,
+    IssuerRolesNotAllowedError,
+    NotFoundError,
+    RevokedKeyError,
+)
+from service.store.db import Database, Tx
+from service.store.issuers import IssuerKeyRecord, IssuerRecord, IssuerStore
 from service.store.tenants import TenantStore
 
 DEV_ISSUER = "urn:bedside:dev-issuer"
@@ -33,11 +43,12 @@ DEV_ISSUER = "urn:bedside:dev-issuer"
 class TrustedKeys:
     """What the authenticator needs to check a token of (tenant, issuer): None tenant means unknown.
     `keys` are the active keys; `revoked` the revoked ones, only so that a token one of them signed is
-    refused, and audited, as what it is."""
+    refused, and audited, as what it is; `roles` the roles the issuer's tokens may claim."""
 
     tenant_id: UUID | None
     keys: tuple[IssuerKeyRecord, ...]
     revoked: tuple[IssuerKeyRecord, ...] = ()
+    roles: frozenset[Role] = ALL_ROLES
 
     def trusts(self, kid: str | None) -> bool:
         """Whether the key `kid` is still one of the active keys (a kid names one key of an issuer for
@@ -54,6 +65,15 @@ class Revocation:
     revoked_at: datetime
     newly_revoked: bool
     active_keys: int
+
+
+@dataclass(frozen=True, slots=True)
+class RolesChange:
+    """An issuer's roles before and after `bedside issuer roles`."""
+
+    issuer: str
+    old: tuple[str, ...]
+    new: tuple[str, ...]
 
 
 class IssuerService:
@@ -81,46 +101,127 @@ class IssuerService:
         self._generation = 0
 
     async def add_key(
-        self, tenant: str, issuer: str, public_key_pem: bytes, kid: str | None = None, *, by: Principal | None = None
-    ) -> str:
-        """Trust `issuer` in `tenant` with this public key; returns the key's kid (its fingerprint
-        unless given). Adding the same key again changes nothing; another key under a used kid is refused,
-        and so is a key that was revoked (under any kid or issuer of the tenant: the attempt is audited)."""
-        problems = _name_problems(issuer, kid)
-        try:
-            key = load_issuer_public_key(public_key_pem)
-        except IssuerKeyError as exc:
-            problems.append(FieldProblem(("public_key_pem",), "key", str(exc)))
-        if problems:
-            raise InvalidRequestError(problems)
-        kid = kid or key.fingerprint
+        self,
+        tenant: str,
+        issuer: str,
+        public_key_pem: bytes,
+        kid: str | None = None,
+        *,
+        roles: frozenset[Role] | None = None,
+    ) -> IssuerKeyRecord:
+        """The operator (`bedside issuer add`) trusts `issuer` in `tenant` (slug) with this public key; the
+        key is returned with its kid (its fingerprint unless given). A new issuer gets `roles` (default: all);
+        an existing one keeps its own, and other `roles` for it are refused (`set_roles` changes them).
+        Adding the same key again changes nothing; another key under a used kid is refused, and so is a key
+        that was revoked (under any kid or issuer of the tenant: the attempt is audited)."""
+        if roles is not None and not roles:
+            raise InvalidRequestError([FieldProblem(("roles",), "value", "at least one role")])
+        key, kid = _checked_key(issuer, public_key_pem, kid)
         async with self._db.transaction() as tx:
             found = await self._tenants.by_slug(tx, tenant)
         if found is None:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
-        async with self._db.transaction(found.id) as tx:
-            outcome = await self._issuers.add_key(tx, found.id, issuer, kid, key.algorithm, key.pem)
-            if outcome in ("added", "revoked"):
-                fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": {"kid": kid[:200]}}
-                event = AuditEvent.by_principal_or_operator(by, AuditAction.ISSUER_ADD, found.id, **fields)
-                # Trusting a revoked key again is refused, and the attempt recorded (nothing else was written).
-                await self._audit.record(tx, event if outcome == "added" else event.denied("key-revoked"))
-        if outcome == "conflict":
-            raise ConflictError("this kid is already registered for another key of the issuer")
-        if outcome == "revoked":
-            raise RevokedKeyError("this key (or this kid) was revoked and is never trusted again: register a new key")
-        self._forget(tenant, issuer)
-        return kid
+        return await self._add(found.id, tenant, issuer, key, kid, roles, by=None)
 
     async def add_key_as(
-        self, principal: Principal, issuer: str, public_key_pem: bytes, kid: str | None = None
+        self,
+        principal: Principal,
+        issuer: str,
+        public_key_pem: bytes,
+        kid: str | None = None,
     ) -> IssuerKeyRecord:
-        """An admin trusts another issuer key in their own tenant. Anyone else: not found."""
+        """An admin trusts another issuer key in their own tenant (a new issuer gets every role). Anyone
+        else: not found."""
         if not can_manage_issuers(principal):
             raise NotFoundError()
-        kid = await self.add_key(principal.tenant, issuer, public_key_pem, kid, by=principal)
-        key = load_issuer_public_key(public_key_pem)
-        return IssuerKeyRecord(issuer=issuer, kid=kid, algorithm=key.algorithm, public_key_pem=key.pem)
+        key, kid = _checked_key(issuer, public_key_pem, kid)
+        return await self._add(principal.tenant_id, principal.tenant, issuer, key, kid, None, by=principal)
+
+    async def _add(
+        self,
+        tenant_id: UUID,
+        tenant: str,
+        issuer: str,
+        key: IssuerPublicKey,
+        kid: str,
+        roles: frozenset[Role] | None,
+        *,
+        by: Principal | None,
+    ) -> IssuerKeyRecord:
+        fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": {"kid": kid[:200]}}
+        attempt = AuditEvent.by_principal_or_operator(by, AuditAction.ISSUER_ADD, tenant_id, **fields)
+        try:
+            async with self._db.transaction(tenant_id) as tx:
+                if await self._issuers.is_revoked(tx, tenant_id, key.pem):
+                    raise _revoked().recording(attempt.denied("key-revoked"))
+                found = await self._issuers.issuer(tx, tenant_id, issuer, lock_keys=True)
+                created = False
+                if found is None:
+                    found, created = await self._create(tx, tenant_id, issuer, roles, by)
+                event = attempt
+                if created:
+                    event = _with(attempt, new_issuer=True, roles=list(found.roles), registered_by=found.registered_by)
+                elif roles is not None and role_names(roles) != found.roles:
+                    refused = _with(attempt.denied("roles-of-existing-issuer"), roles=list(role_names(roles)))
+                    raise _roles_of_existing().recording(refused)
+                outcome = await self._issuers.add_key(tx, tenant_id, found.id, kid, key.algorithm, key.pem)
+                if outcome == "conflict":
+                    raise ConflictError("this kid is already registered for another key of the issuer")
+                if outcome == "revoked":
+                    raise _revoked().recording(attempt.denied("key-revoked"))
+                if outcome == "added":
+                    await self._audit.record(tx, event)
+        except DomainError as error:
+            # An API caller's refusal is recorded by the API's error handling once the transaction has
+            # ended (nothing of the attempt is written); the operator's is recorded here, after it too.
+            if by is None and isinstance(error.audit, AuditEvent):
+                await self._audit.record_alone(error.audit)
+            raise
+        self._forget(tenant, issuer)
+        return _record(found, kid, key)
+
+    async def _create(
+        self, tx: Tx, tenant_id: UUID, issuer: str, roles: frozenset[Role] | None, by: Principal | None
+    ) -> tuple[IssuerRecord, bool]:
+        """Register a new issuer with the roles asked (default all six). Returns the issuer, and False when a
+        registration that committed meanwhile made it first (then nothing changed: it is an existing issuer
+        after all)."""
+        names = role_names(ALL_ROLES if roles is None else roles)
+        created = await self._issuers.create_issuer(tx, tenant_id, issuer, names, "operator" if by is None else "admin")
+        found = await self._issuers.issuer(tx, tenant_id, issuer, lock_keys=True)
+        if found is None:  # created now, or by a registration that committed meanwhile: never seen
+            raise ConflictError("the issuer changed while it was being registered: try again")
+        return found, created is not None
+
+    async def set_roles(self, tenant: str, issuer: str, roles: frozenset[Role]) -> RolesChange:
+        """The operator (`bedside issuer roles`) sets the roles an existing issuer's tokens may claim. Takes
+        effect at once in this process, within the issuer-key cache's lifetime in the others. NotFoundError
+        for an issuer the tenant does not have (nothing recorded: nothing was done)."""
+        if not roles:
+            raise InvalidRequestError([FieldProblem(("roles",), "value", "at least one role")])
+        if not is_plain_text(issuer, 300):
+            raise InvalidRequestError([FieldProblem(("issuer",), "value", "1 to 300 printable characters")])
+        async with self._db.transaction() as tx:
+            found = await self._tenants.by_slug(tx, tenant)
+        if found is None:
+            raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
+        names = role_names(roles)
+        async with self._db.transaction(found.id) as tx:
+            old = await self._issuers.set_roles(tx, found.id, issuer, names)
+            if old is not None:
+                details = {"old_roles": list(old), "new_roles": list(names)}
+                event = AuditEvent.by_operator(
+                    AuditAction.ISSUER_ROLES,
+                    tenant_id=found.id,
+                    resource_type="Issuer",
+                    resource_id=issuer[:200],
+                    details=details,
+                )
+                await self._audit.record(tx, event)
+        if old is None:
+            raise NotFoundError("this tenant has no such issuer")
+        self._forget(tenant, issuer)
+        return RolesChange(issuer, old, names)
 
     async def revoke_key(self, tenant: str, issuer: str, kid: str) -> Revocation:
         """The operator (`bedside issuer revoke`) withdraws the key `kid` of `issuer` in `tenant` (slug).
@@ -171,6 +272,7 @@ class IssuerService:
         return Revocation(revoked.key, revoked.revoked_at, revoked.newly_revoked, active)
 
     def _forget(self, tenant: str, issuer: str) -> None:
+        """This process stops using what it cached of the issuer (its keys, its roles)."""
         self._generation += 1
         self._cache.pop((tenant, issuer), None)
 
@@ -185,7 +287,8 @@ class IssuerService:
         return keys
 
     async def trusted_keys(self, tenant: str, issuer: str) -> TrustedKeys:
-        """The active keys of `issuer` in `tenant` (slug), from the cache when fresh."""
+        """The active keys of `issuer` in `tenant` (slug) and the roles its tokens may claim, from the cache
+        when fresh."""
         now = self._clock()
         cached = self._cache.get((tenant, issuer))
         if cached is not None and cached[0] > now:
@@ -198,11 +301,13 @@ class IssuerService:
             trusted = TrustedKeys(tenant_id=None, keys=())
         else:
             async with self._db.transaction(found.id) as tx:
-                keys = await self._issuers.keys(tx, found.id, issuer)
+                known = await self._issuers.issuer(tx, found.id, issuer)
+            keys = () if known is None else known.keys
             trusted = TrustedKeys(
                 tenant_id=found.id,
                 keys=tuple(k for k in keys if k.revoked_at is None),
                 revoked=tuple(k for k in keys if k.revoked_at is not None),
+                roles=ALL_ROLES if known is None else frozenset(Role(name) for name in known.roles),
             )
         if self._ttl > 0 and generation == self._generation:
             self._cache[(tenant, issuer)] = (now + self._ttl, trusted)
@@ -218,6 +323,43 @@ class IssuerService:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
         async with self._db.transaction(found.id) as tx:
             return await self._issuers.all_keys(tx, found.id)
+
+
+def _checked_key(issuer: str, public_key_pem: bytes, kid: str | None) -> tuple[IssuerPublicKey, str]:
+    """The key in canonical form and its kid (its fingerprint unless given), or InvalidRequestError."""
+    problems = _name_problems(issuer, kid)
+    try:
+        key = load_issuer_public_key(public_key_pem)
+    except IssuerKeyError as exc:
+        problems.append(FieldProblem(("public_key_pem",), "key", str(exc)))
+    if problems:
+        raise InvalidRequestError(problems)
+    return key, kid or key.fingerprint
+
+
+def _record(found: IssuerRecord, kid: str, key: IssuerPublicKey) -> IssuerKeyRecord:
+    return IssuerKeyRecord(
+        issuer=found.issuer,
+        kid=kid,
+        algorithm=key.algorithm,
+        public_key_pem=key.pem,
+        roles=found.roles,
+        registered_by=found.registered_by,
+    )
+
+
+def _with(event: AuditEvent, **details: DetailValue) -> AuditEvent:
+    return replace(event, details={**event.details, **details})
+
+
+def _revoked() -> RevokedKeyError:
+    return RevokedKeyError("this key (or this kid) was revoked and is never trusted again: register a new key")
+
+
+def _roles_of_existing() -> IssuerRolesNotAllowedError:
+    return IssuerRolesNotAllowedError(
+        "the issuer exists with other roles: change an existing issuer's roles with `bedside issuer roles`"
+    )
 
 
 def _name_problems(issuer: str, kid: str | None) -> list[FieldProblem]:

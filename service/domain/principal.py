@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from uuid import UUID
@@ -19,6 +20,29 @@ class Role(StrEnum):
     COMPLIANCE = "compliance"
     ADMIN = "admin"
 
+
+ALL_ROLES: frozenset[Role] = frozenset(Role)
+
+
+def parse_roles(text: str) -> frozenset[Role]:
+    """Role names separated by commas (`patient,proxy`; spaces around a name are ignored), as a set. A
+    blank text is the empty set. Raises ValueError for any other name or an empty item; the message names
+    the roles there are, never the text (it may come from a setting)."""
+    if not text.strip():
+        return frozenset()
+    names = [name.strip() for name in text.split(",")]
+    if not all(name in _ROLE_NAMES for name in names):
+        raise ValueError(f"roles are role names separated by commas, each one of {', '.join(_ROLE_NAMES)}")
+    return frozenset(Role(name) for name in names)
+
+
+def role_names(roles: Iterable[Role | str]) -> tuple[str, ...]:
+    """Role names in their canonical order (patient first, admin last), each once."""
+    wanted = {str(role) for role in roles}
+    return tuple(name for name in _ROLE_NAMES if name in wanted)
+
+
+_ROLE_NAMES = tuple(role.value for role in Role)
 
 # The resource type a subject must have for each role; None allows any FHIR reference.
 SUBJECT_TYPE: dict[Role, str | None] = {

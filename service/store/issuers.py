@@ -1,4 +1,5 @@
-"""JWT issuers a tenant trusts, and their public keys. Tenant-owned (row-level security)."""
+"""JWT issuers a tenant trusts, the roles each may authenticate, and their public keys. Tenant-owned
+(row-level security)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,27 @@ from service.store.db import Tx
 
 @dataclass(frozen=True, slots=True)
 class IssuerKeyRecord:
+    """One key of an issuer, with its issuer's roles and who registered the issuer ("operator", "admin")."""
+
     issuer: str
     kid: str
     algorithm: str
     public_key_pem: str
+    roles: tuple[str, ...]
+    registered_by: str
     revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerRecord:
+    """An issuer of a tenant: the roles its tokens may claim, who registered it, and every key of it
+    (revoked ones included, with their `revoked_at`), oldest first."""
+
+    id: UUID
+    issuer: str
+    roles: tuple[str, ...]
+    registered_by: str
+    keys: tuple[IssuerKeyRecord, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,17 +45,12 @@ class RevokedKeyRecord:
 
 
 class IssuerStore:
-    # The application role may not UPDATE issuers, so no DO UPDATE: insert, or find the existing row.
-    _UPSERT_ISSUER = """
-        WITH inserted AS (
-            INSERT INTO issuers (tenant_id, issuer) VALUES ($1, $2)
-            ON CONFLICT (tenant_id, issuer) DO NOTHING
-            RETURNING id
-        )
-        SELECT id FROM inserted
-        UNION ALL
-        SELECT id FROM issuers WHERE tenant_id = $1 AND issuer = $2
-        LIMIT 1
+    # No DO UPDATE (who registered an issuer never changes): None when the issuer exists already, which a
+    # concurrent registration may have just committed.
+    _CREATE_ISSUER = """
+        INSERT INTO issuers (tenant_id, issuer, roles, registered_by) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (tenant_id, issuer) DO NOTHING
+        RETURNING id
     """
     _INSERT_KEY = """
         INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem)
@@ -56,16 +68,27 @@ class IssuerStore:
             SELECT 1 FROM issuer_keys WHERE tenant_id = $1 AND public_key_pem = $2 AND revoked_at IS NOT NULL
         )
     """
-    # Active and revoked keys alike: the authenticator names a token of a revoked key as such.
-    _KEYS = """
-        SELECT i.issuer, k.kid, k.algorithm, k.public_key_pem, k.revoked_at
-        FROM issuers i JOIN issuer_keys k ON k.tenant_id = i.tenant_id AND k.issuer_id = i.id
+    # The issuer and its keys in one round trip (what the authenticator asks on a cache miss). Active and
+    # revoked keys alike: the authenticator names a token of a revoked key as such. An issuer without keys
+    # is one row of NULL key columns.
+    _ISSUER_WITH_KEYS = """
+        SELECT i.id, i.issuer, i.roles, i.registered_by, k.kid, k.algorithm, k.public_key_pem, k.revoked_at
+        FROM issuers i LEFT JOIN issuer_keys k ON k.tenant_id = i.tenant_id AND k.issuer_id = i.id
         WHERE i.tenant_id = $1 AND i.issuer = $2
         ORDER BY k.created_at
     """
+    _ISSUER = "SELECT id, issuer, roles, registered_by FROM issuers WHERE tenant_id = $1 AND issuer = $2"
+    # Locked against revocation until the transaction ends: a key that endorses another is not revoked
+    # half-way (a revocation that came first is seen here; one that comes later waits for the addition).
+    _KEYS_LOCKED = """
+        SELECT kid, algorithm, public_key_pem, revoked_at FROM issuer_keys
+        WHERE tenant_id = $1 AND issuer_id = $2
+        ORDER BY created_at
+        FOR SHARE
+    """
     # Locked, so that of two concurrent revocations the second waits and then finds the key revoked.
     _KEY_FOR_UPDATE = """
-        SELECT k.id, i.issuer, k.kid, k.algorithm, k.public_key_pem, k.revoked_at
+        SELECT k.id, i.issuer, i.roles, i.registered_by, k.kid, k.algorithm, k.public_key_pem, k.revoked_at
         FROM issuers i JOIN issuer_keys k ON k.tenant_id = i.tenant_id AND k.issuer_id = i.id
         WHERE i.tenant_id = $1 AND i.issuer = $2 AND k.kid = $3
         FOR UPDATE OF k
@@ -77,29 +100,58 @@ class IssuerStore:
     """
     # Revoked keys too, with when: an operator sees what was revoked, not only what is left.
     _ALL_KEYS = """
-        SELECT i.issuer, k.kid, k.algorithm, k.public_key_pem, k.revoked_at
+        SELECT i.issuer, i.roles, i.registered_by, k.kid, k.algorithm, k.public_key_pem, k.revoked_at
         FROM issuers i JOIN issuer_keys k ON k.tenant_id = i.tenant_id AND k.issuer_id = i.id
         WHERE i.tenant_id = $1
         ORDER BY i.issuer, k.created_at
     """
+    # The roles before the change, from the locked row (an UPDATE's RETURNING sees only the new ones).
+    _SET_ROLES = """
+        WITH old AS (SELECT id, roles FROM issuers WHERE tenant_id = $1 AND issuer = $2 FOR UPDATE)
+        UPDATE issuers i SET roles = $3 FROM old WHERE i.tenant_id = $1 AND i.id = old.id
+        RETURNING old.roles
+    """
 
-    async def add_key(self, tx: Tx, tenant_id: UUID, issuer: str, kid: str, algorithm: str, public_key_pem: str) -> str:
-        """Register `issuer` (if new) and its key. Returns "added", "unchanged" (same kid, same key),
-        "conflict" (the kid is taken by another key) or "revoked" (this key, or this kid, was revoked)."""
-        if await tx.conn.fetchval(self._REVOKED_PEM, tenant_id, public_key_pem):
-            return "revoked"
-        issuer_id = await tx.conn.fetchval(self._UPSERT_ISSUER, tenant_id, issuer)
-        # A savepoint, so that the trigger's refusal below leaves the transaction usable (the refusal is
-        # audited in it). Two more round trips, on an admin's rare call.
-        await tx.conn.execute("SAVEPOINT issuer_key")
+    async def issuer(self, tx: Tx, tenant_id: UUID, issuer: str, *, lock_keys: bool = False) -> IssuerRecord | None:
+        """The issuer of that name and all its keys; None if the tenant has no such issuer. `lock_keys`:
+        its keys stay as read (none is revoked) until the transaction ends."""
+        if lock_keys:
+            row = await tx.conn.fetchrow(self._ISSUER, tenant_id, issuer)
+            if row is None:
+                return None
+            keys = await tx.conn.fetch(self._KEYS_LOCKED, tenant_id, row["id"])
+            return _issuer(row, [_key(k, row) for k in keys])
+        rows = await tx.conn.fetch(self._ISSUER_WITH_KEYS, tenant_id, issuer)
+        if not rows:
+            return None
+        return _issuer(rows[0], [_key(r, r) for r in rows if r["kid"] is not None])
+
+    async def is_revoked(self, tx: Tx, tenant_id: UUID, public_key_pem: str) -> bool:
+        """Whether this public key was revoked anywhere in the tenant (under any issuer or kid)."""
+        return bool(await tx.conn.fetchval(self._REVOKED_PEM, tenant_id, public_key_pem))
+
+    async def create_issuer(
+        self, tx: Tx, tenant_id: UUID, issuer: str, roles: tuple[str, ...], registered_by: str
+    ) -> UUID | None:
+        """Register a new issuer; None if it exists already (and then nothing changed)."""
+        created: UUID | None = await tx.conn.fetchval(
+            self._CREATE_ISSUER, tenant_id, issuer, list(roles), registered_by
+        )
+        return created
+
+    async def add_key(
+        self, tx: Tx, tenant_id: UUID, issuer_id: UUID, kid: str, algorithm: str, public_key_pem: str
+    ) -> str:
+        """Add a key to the issuer. Returns "added", "unchanged" (same kid, same key), "conflict" (the kid is
+        taken by another key) or "revoked" (this key was revoked in the tenant, or this kid in the issuer).
+        Anything but "added" and "unchanged" must roll the transaction back: after "revoked" it may be
+        aborted (migration 0013's trigger refused the row)."""
         try:
             inserted = await tx.conn.fetchval(self._INSERT_KEY, tenant_id, issuer_id, kid, algorithm, public_key_pem)
         except asyncpg.exceptions.CheckViolationError as exc:
-            await tx.conn.execute("ROLLBACK TO SAVEPOINT issuer_key")
             if exc.constraint_name is not None:
                 raise  # a column's own CHECK: the domain validates before, so a bug of ours
-            return "revoked"  # migration 0013's trigger: this key was revoked since the check above
-        await tx.conn.execute("RELEASE SAVEPOINT issuer_key")
+            return "revoked"  # migration 0013's trigger: this key was revoked since the domain checked
         if inserted:
             return "added"
         existing = await tx.conn.fetchrow(self._KEY_BY_KID, tenant_id, issuer_id, kid)
@@ -107,9 +159,10 @@ class IssuerStore:
             return "revoked"
         return "unchanged" if existing is not None and existing["public_key_pem"] == public_key_pem else "conflict"
 
-    async def keys(self, tx: Tx, tenant_id: UUID, issuer: str) -> list[IssuerKeyRecord]:
-        """Every key of `issuer`, revoked ones included (with their `revoked_at`), oldest first."""
-        return [_record(r) for r in await tx.conn.fetch(self._KEYS, tenant_id, issuer)]
+    async def set_roles(self, tx: Tx, tenant_id: UUID, issuer: str, roles: tuple[str, ...]) -> tuple[str, ...] | None:
+        """Set the roles of an existing issuer; its roles before, or None if the tenant has no such issuer."""
+        old = await tx.conn.fetchval(self._SET_ROLES, tenant_id, issuer, list(roles))
+        return None if old is None else tuple(old)
 
     async def revoke_key(self, tx: Tx, tenant_id: UUID, issuer: str, kid: str) -> RevokedKeyRecord | None:
         """Revoke the key `kid` of `issuer` (a revoked one stays as it is); None if the issuer has no such key."""
@@ -117,17 +170,36 @@ class IssuerStore:
         if row is None:
             return None
         if row["revoked_at"] is not None:
-            return RevokedKeyRecord(_record(row), row["revoked_at"], newly_revoked=False)
+            return RevokedKeyRecord(_key(row, row), row["revoked_at"], newly_revoked=False)
         revoked_at = await tx.conn.fetchval(self._REVOKE, tenant_id, row["id"])
-        return RevokedKeyRecord(replace(_record(row), revoked_at=revoked_at), revoked_at, newly_revoked=True)
+        return RevokedKeyRecord(replace(_key(row, row), revoked_at=revoked_at), revoked_at, newly_revoked=True)
 
     async def count_active(self, tx: Tx, tenant_id: UUID, issuer: str) -> int:
         return int(await tx.conn.fetchval(self._COUNT_ACTIVE, tenant_id, issuer))
 
     async def all_keys(self, tx: Tx, tenant_id: UUID) -> list[IssuerKeyRecord]:
         """Every key of every issuer of the tenant, revoked ones included (with their `revoked_at`)."""
-        return [_record(r) for r in await tx.conn.fetch(self._ALL_KEYS, tenant_id)]
+        return [_key(r, r) for r in await tx.conn.fetch(self._ALL_KEYS, tenant_id)]
 
 
-def _record(row: asyncpg.Record) -> IssuerKeyRecord:
-    return IssuerKeyRecord(row["issuer"], row["kid"], row["algorithm"], row["public_key_pem"], row.get("revoked_at"))
+def _key(row: asyncpg.Record, issuer: asyncpg.Record) -> IssuerKeyRecord:
+    """A key from `row`, with the issuer's name, roles and registrant from `issuer` (often the same row)."""
+    return IssuerKeyRecord(
+        issuer=issuer["issuer"],
+        kid=row["kid"],
+        algorithm=row["algorithm"],
+        public_key_pem=row["public_key_pem"],
+        roles=tuple(issuer["roles"]),
+        registered_by=issuer["registered_by"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _issuer(row: asyncpg.Record, keys: list[IssuerKeyRecord]) -> IssuerRecord:
+    return IssuerRecord(
+        id=row["id"],
+        issuer=row["issuer"],
+        roles=tuple(row["roles"]),
+        registered_by=row["registered_by"],
+        keys=tuple(keys),
+    )

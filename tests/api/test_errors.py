@@ -268,6 +268,8 @@ async def test_admin_registers_a_key_whose_tokens_then_authenticate(client, port
         "kid": "portal-key-2",
         "algorithm": "EdDSA",
         "revoked_at": None,
+        "roles": ["patient", "proxy", "physician", "staff", "compliance", "admin"],
+        "registered_by": "operator",
     }
     me = await client.get("/v1/me", headers=rotated.auth(role="physician", sub="Practitioner/5"))
     assert me.status == 200, await me.text()

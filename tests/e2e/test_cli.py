@@ -68,7 +68,9 @@ async def test_an_operator_registers_a_portal_whose_tokens_then_work(database, c
         database.app,
     )
     assert added.returncode == 0, added.stderr
-    portal.kid = added.stdout.strip().rsplit("kid=", 1)[1]
+    trusted, roles = added.stdout.splitlines()
+    portal.kid = trusted.rsplit("kid=", 1)[1]
+    assert roles == "its tokens may claim the roles patient,proxy,physician,staff,compliance,admin"
 
     response = await client.get("/v1/me", headers=portal.auth(role="staff", sub="Practitioner/3"))
     assert response.status == 200
@@ -102,9 +104,10 @@ async def test_an_operator_revokes_a_portal_key_whose_tokens_then_fail(database,
     # The list shows what was revoked, and when, beside what is still trusted.
     listed = _run("issuer", "list", "--tenant", "acme", "--database-url", database.app)
     assert listed.returncode == 0, listed.stderr
+    every = "patient,proxy,physician,staff,compliance,admin"
     assert listed.stdout.splitlines() == [
-        f"{portal.issuer}\tportal-key-1\tEdDSA\trevoked {revoked_at}",
-        f"{portal.issuer}\tportal-key-2\tEdDSA\tactive",
+        f"{portal.issuer}\tportal-key-1\tEdDSA\trevoked {revoked_at}\t{every}\toperator",
+        f"{portal.issuer}\tportal-key-2\tEdDSA\tactive\t{every}\toperator",
     ]
     unknown = _run(*revoke[:-1], "no-such-kid", "--database-url", database.app)
     assert unknown.returncode == 1
@@ -115,6 +118,76 @@ async def test_an_operator_revokes_a_portal_key_whose_tokens_then_fail(database,
         ("operator", "cli", False),
         ("operator", "cli", True),
     ]
+
+
+async def test_an_operator_sets_an_issuers_roles_which_take_effect_and_are_audited(
+    database, client, tmp_path: Path
+) -> None:
+    assert _run("tenant", "create", "acme", "--database-url", database.app).returncode == 0
+    portal = TestIssuer(tenant="acme", issuer="https://portal.acme.test")
+    key_file = tmp_path / "portal.pem"
+    key_file.write_bytes(portal.public_pem)
+    add = ("issuer", "add", "--tenant", "acme", "--issuer", portal.issuer, "--public-key", str(key_file))
+    db = ("--database-url", database.app)
+    physician = {"role": "physician", "sub": "Practitioner/7"}
+
+    added = _run(*add, "--kid", portal.kid, "--roles", "proxy, patient", *db)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.splitlines()[1] == "its tokens may claim the roles patient,proxy"
+    assert (await client.get("/v1/me", headers=portal.auth())).status == 200
+    assert (await client.get("/v1/me", headers=portal.auth(**physician))).status == 401
+
+    # The same key again with other roles: `issuer add` never changes an existing issuer's roles.
+    other = _run(*add, "--kid", portal.kid, "--roles", "physician", *db)
+    assert other.returncode == 1
+    assert "bedside issuer roles" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert _run(*add, "--kid", portal.kid, "--roles", "patient,proxy", *db).returncode == 0  # the same: fine
+
+    roles = ("issuer", "roles", "--tenant", "acme", "--issuer", portal.issuer)
+    changed = _run(*roles, "--roles", "physician,staff", *db)
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.splitlines()[0] == (
+        f"issuer {portal.issuer} in tenant acme: roles patient,proxy -> physician,staff"
+    )
+    assert (await client.get("/v1/me", headers=portal.auth(**physician))).status == 200
+    assert (await client.get("/v1/me", headers=portal.auth())).status == 401
+    listed = _run("issuer", "list", "--tenant", "acme", *db)
+    assert listed.stdout.splitlines() == [f"{portal.issuer}\tportal-key-1\tEdDSA\tactive\tphysician,staff\toperator"]
+
+    unknown_issuer = _run(
+        "issuer", "roles", "--tenant", "acme", "--issuer", "https://nope.test", "--roles", "staff", *db
+    )
+    assert unknown_issuer.returncode == 1
+    assert unknown_issuer.stderr == "bedside: this tenant has no such issuer\n"
+    unknown_role = _run(*roles, "--roles", "physician,doctor", *db)
+    assert unknown_role.returncode == 2
+    assert "unknown role 'doctor'" in unknown_role.stderr
+    assert "patient, proxy, physician, staff, compliance, admin" in unknown_role.stderr
+    assert _run(*roles, "--roles", "", *db).returncode == 2
+
+    events = await audit_events(database.owner, "action = 'issuer:roles'")
+    assert [
+        (e["actor_role"], e["source"], e["outcome"], e["resource_id"], json.loads(e["details"])) for e in events
+    ] == [
+        (
+            "operator",
+            "cli",
+            "success",
+            portal.issuer,
+            {"old_roles": ["patient", "proxy"], "new_roles": ["physician", "staff"]},
+        )
+    ]
+    created, refused = await audit_events(database.owner, "action = 'issuer:add'")
+    assert (created["outcome"], json.loads(created["details"])) == (
+        "success",
+        {"kid": "portal-key-1", "new_issuer": True, "roles": ["patient", "proxy"], "registered_by": "operator"},
+    )
+    assert (refused["actor_role"], refused["outcome"], json.loads(refused["details"])) == (
+        "operator",
+        "denied",
+        {"kid": "portal-key-1", "reason": "roles-of-existing-issuer", "roles": ["physician"]},
+    )
 
 
 async def test_a_revoked_development_key_stays_revoked_when_serve_trusts_it_again(

@@ -7,6 +7,7 @@ from uuid import UUID
 import asyncpg
 import pytest
 
+from service.domain.principal import Role
 from tests.conftest import Dsns, Portals, Services
 
 ISSUER = "https://portal.acme.test"
@@ -72,3 +73,22 @@ async def test_the_app_role_cannot_trust_a_revoked_public_key_again_under_a_new_
 
     trusted = await services.issuers.trusted_keys("acme", ISSUER)
     assert [k.kid for k in trusted.keys] == []
+
+
+async def test_the_app_role_may_change_an_issuers_roles_to_known_ones_but_never_who_registered_it(
+    portals: Portals, services: Services, database: Dsns
+) -> None:
+    conn = await asyncpg.connect(database.app)
+    try:
+        assert await _as_app_in_acme(conn, "UPDATE issuers SET roles = '{patient,proxy}'") == "UPDATE 1"
+        with pytest.raises(asyncpg.exceptions.CheckViolationError):
+            await _as_app_in_acme(conn, "UPDATE issuers SET roles = '{patient,superuser}'")
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            await _as_app_in_acme(conn, "UPDATE issuers SET registered_by = 'operator'")
+        with pytest.raises(asyncpg.exceptions.InsufficientPrivilegeError):
+            await _as_app_in_acme(conn, "UPDATE issuers SET issuer = 'https://elsewhere.test'")
+    finally:
+        await conn.close()
+
+    trusted = await services.issuers.trusted_keys("acme", ISSUER)
+    assert trusted.roles == {Role.PATIENT, Role.PROXY}

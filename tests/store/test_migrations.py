@@ -105,6 +105,42 @@ async def test_0009_scrubs_the_unkeyed_fingerprints_stored_before_it(empty_datab
         await conn.close()
 
 
+async def test_0015_keeps_every_existing_issuer_at_all_six_roles(empty_database) -> None:
+    known = load_migrations()
+    conn = await _connect(empty_database.owner)
+    try:
+        await migrate(conn, known[:14])
+        tenant = await conn.fetchval("INSERT INTO tenants (slug) VALUES ('acme') RETURNING id")
+        for issuer in ("https://portal.acme.test", "https://added-by-an-admin.acme.test"):
+            await conn.execute("INSERT INTO issuers (tenant_id, issuer) VALUES ($1, $2)", tenant, issuer)
+
+        assert [m.name for m in await migrate(conn, known[:15])] == ["issuer_roles"]
+
+        rows = await conn.fetch("SELECT roles, registered_by FROM issuers")
+        every = ["patient", "proxy", "physician", "staff", "compliance", "admin"]
+        assert [(r["roles"], r["registered_by"]) for r in rows] == [(every, "operator"), (every, "operator")]
+        # From now on whoever inserts an issuer says its roles and who registered it: no default says it for them.
+        with pytest.raises(asyncpg.NotNullViolationError):
+            await conn.execute(
+                "INSERT INTO issuers (tenant_id, issuer, registered_by) VALUES ($1, 'x', 'admin')", tenant
+            )
+        with pytest.raises(asyncpg.NotNullViolationError):
+            await conn.execute("INSERT INTO issuers (tenant_id, issuer, roles) VALUES ($1, 'x', '{patient}')", tenant)
+        insert = "INSERT INTO issuers (tenant_id, issuer, roles, registered_by) VALUES ($1, 'x', $2, $3)"
+        for roles, registered_by in (
+            (["doctor"], "admin"),
+            ([], "admin"),
+            (["patient", None], "admin"),
+            ([["patient"], ["proxy"]], "admin"),
+            (["patient"], "someone"),
+        ):
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute(insert, tenant, roles, registered_by)
+        await conn.execute(insert, tenant, ["patient", "proxy"], "admin")
+    finally:
+        await conn.close()
+
+
 async def test_concurrent_runners_apply_each_migration_once(empty_database) -> None:
     first, second = await _connect(empty_database.owner), await _connect(empty_database.owner)
     try:
