@@ -11,6 +11,9 @@ from schemas.common import StrictBody
 
 RoleName = Literal["patient", "proxy", "physician", "staff", "compliance", "admin"]
 
+# A compact JWS: three base64url segments (the signature's may not be empty: `alg: none` has no place here).
+_COMPACT_JWS = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"
+
 
 class IssuerKeyBody(StrictBody):
     issuer: str = Field(min_length=1, max_length=300, description="The tokens' `iss`")
@@ -18,6 +21,23 @@ class IssuerKeyBody(StrictBody):
         min_length=1, max_length=16384, description="PEM public key: Ed25519, P-256 or RSA >= 2048 bits"
     )
     kid: str | None = Field(default=None, min_length=1, max_length=200, description="Default: key fingerprint")
+    roles: list[RoleName] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=6,
+        description="A new issuer only: the roles its tokens may claim, within those the operator lets tenant "
+        "admins give (BEDSIDE_ADMIN_ISSUER_ROLES, the default). Refused (403) for an existing issuer",
+    )
+    endorsement: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8192,
+        pattern=_COMPACT_JWS,
+        description="Required for an existing issuer: a JWS signed by one of its active keys (header `kid`), "
+        "claims `iss` (the issuer), `tid` (the tenant), `aud` (the service's audience), "
+        "`purpose: issuer-key-endorsement`, `key` (the new key's SHA-256 fingerprint, its default kid), `iat` "
+        "and `exp` at most 10 minutes apart",
+    )
 
 
 class IssuerKeyOut(BaseModel):

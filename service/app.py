@@ -128,7 +128,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         tenant_store, issuer_store, idempotency_store = TenantStore(), IssuerStore(), IdempotencyStore()
         key_operations = KeyOperations(db, tenant_store, DataKeyStore(), kek, keyring, recorder)
         app[KEY_OPERATIONS] = key_operations
-        issuers = IssuerService(db, tenant_store, issuer_store, recorder, cache_seconds=settings.issuer_cache_seconds)
+        issuers = IssuerService(
+            db,
+            tenant_store,
+            issuer_store,
+            recorder,
+            cache_seconds=settings.issuer_cache_seconds,
+            audience=settings.audience,
+            leeway_seconds=settings.jwt_leeway_seconds,
+            admin_roles=settings.admin_issuer_roles,
+        )
         app[ISSUERS] = issuers
         app[AUTHENTICATOR] = Authenticator(
             issuers,

@@ -108,11 +108,34 @@ class ConsentRequiredError(ForbiddenError):
 
 
 class IssuerRolesNotAllowedError(ForbiddenError):
-    """Roles an issuer may not be given this way: for an issuer that exists, `bedside issuer roles` changes
-    them."""
+    """Roles an issuer may not be given this way: beyond what the operator lets a tenant admin register
+    (`BEDSIDE_ADMIN_ISSUER_ROLES`), or for an issuer that exists (its roles are the operator's to change)."""
 
     code = "issuer-roles-not-allowed"
     title = "These roles may not be given to this issuer"
+
+
+class EndorsementRequiredError(ForbiddenError):
+    """A key for an existing issuer, sent without an endorsement by one of its active keys (or to an issuer
+    that has no active key left, which only the operator may give a key again)."""
+
+    code = "endorsement-required"
+    title = "An endorsement by an active key of the issuer is required"
+
+
+class EndorsementInvalidError(ForbiddenError):
+    """An endorsement that does not prove an active key of the issuer vouches for this key, now.
+    `reason` is a fixed code for the audit log, never told the caller."""
+
+    code = "endorsement-invalid"
+    title = "The endorsement is not acceptable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "The endorsement must be a JWS signed by an active key of the issuer (header kid), with claims iss, "
+            "tid, aud, purpose, key, iat and exp as documented, and a lifetime of at most 10 minutes"
+        )
+        self.reason = reason
 
 
 class ConflictError(DomainError):

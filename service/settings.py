@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.domain.principal import ALL_ROLES, Role, parse_roles
+
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 
 
@@ -32,6 +34,9 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: int = Field(default=60, ge=0, le=60)
     jwt_max_lifetime_seconds: int = Field(default=3600, ge=60, le=3600)
     issuer_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # The roles a tenant admin may give an issuer they register through the API (comma-separated role names;
+    # empty: admins register no new issuers). Issuers the operator registers are not bound by it.
+    admin_issuer_roles: Annotated[frozenset[Role], NoDecode] = ALL_ROLES
 
     # The networks of the proxies (load balancers) in front of the service, comma-separated: a request from
     # one of them counts as coming from the client that X-Forwarded-For names (`domain/client_address.py`).
@@ -147,6 +152,11 @@ class Settings(BaseSettings):
         if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @field_validator("admin_issuer_roles", mode="before")
+    @classmethod
+    def _role_list(cls, value: object) -> object:
+        return parse_roles(value) if isinstance(value, str) else value
 
     @field_validator("metrics_token")
     @classmethod

@@ -4,7 +4,9 @@ sees it, and the server processes under a `bedside serve`."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import os
 import signal
 import time
@@ -204,6 +206,36 @@ class TestIssuer:
 
     def auth(self, **kwargs: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(**kwargs)}"}
+
+    @property
+    def fingerprint(self) -> str:
+        """The public key's SHA-256 fingerprint as a portal computes it: base64url, no padding, of the DER
+        SubjectPublicKeyInfo (also the default kid)."""
+        der = self.private_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+    def endorse(self, new_key: TestIssuer, *, headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+        """An endorsement of `new_key` signed with this key, as the portal signs one before it asks a tenant
+        admin to register its next key: these claims and headers changed (None removes one)."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "tid": self.tenant,
+            "aud": AUDIENCE,
+            "purpose": "issuer-key-endorsement",
+            "key": new_key.fingerprint,
+            "iat": now,
+            "exp": now + 300,
+        }
+        claims.update(overrides)
+        return jwt.encode(
+            {k: v for k, v in claims.items() if v is not None},
+            self.private_key,
+            algorithm=self.algorithm,
+            headers={k: v for k, v in {"kid": self.kid, **(headers or {})}.items() if v is not None},
+        )
 
 
 class DatabaseLink:

@@ -13,13 +13,21 @@ from schemas.issuers import (
     IssuerKeyRevokedOut,
 )
 from service.api.bodies import read_json
+from service.domain.principal import Role
 from service.keys import ISSUERS, PRINCIPAL
 from service.store.issuers import IssuerKeyRecord
 
 
 async def add_issuer_key(request: web.Request) -> web.Response:
     body = await read_json(request, IssuerKeyBody)
-    key = await request.app[ISSUERS].add_key_as(request[PRINCIPAL], body.issuer, body.public_key_pem.encode(), body.kid)
+    key = await request.app[ISSUERS].add_key_as(
+        request[PRINCIPAL],
+        body.issuer,
+        body.public_key_pem.encode(),
+        body.kid,
+        roles=None if body.roles is None else frozenset(Role(name) for name in body.roles),
+        endorsement=body.endorsement,
+    )
     return web.json_response(_out(key).model_dump(mode="json"), status=201)
 
 

@@ -195,20 +195,24 @@ ROUTES: tuple[Route, ...] = (
         "/v1/admin/issuers",
         issuers.add_issuer_key,
         "add_issuer_key",
-        "Trust another public key of the tenant's token issuer (admin)",
+        "Trust a public key of a token issuer of the tenant (admin): a key for an existing issuer needs an "
+        "endorsement signed by one of its active keys (403 endorsement-required, endorsement-invalid) and "
+        "leaves its roles as they are; a new issuer is registered with roles within BEDSIDE_ADMIN_ISSUER_ROLES "
+        "(403 issuer-roles-not-allowed)",
         "administration",
         gate=policy.can_manage_issuers,
         body=IssuerKeyBody,
         response=IssuerKeyOut,
         status=201,
-        errors=(404, 409),
+        errors=(403, 404, 409),
     ),
     Route(
         "GET",
         "/v1/admin/issuers",
         issuers.list_issuer_keys,
         "list_issuer_keys",
-        "The tenant's token issuers and their keys, revoked ones with `revoked_at` (admin)",
+        "The tenant's token issuers and their keys, revoked ones with `revoked_at`, each with its issuer's "
+        "roles and who registered the issuer (admin)",
         "administration",
         gate=policy.can_manage_issuers,
         response=IssuerKeyListOut,

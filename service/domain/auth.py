@@ -120,6 +120,9 @@ class Authenticator:
             ) from None
 
     def _principal(self, claims: dict[str, Any], trusted: TrustedKeys, tenant: str, issuer: str, kid: str) -> Principal:
+        if "purpose" in claims:
+            # A token made for something else (a key endorsement) is never a login, whatever else it holds.
+            raise AuthenticationError("unexpected-purpose")
         now = self._clock()
         issued, expires = claims["iat"], claims["exp"]
         if not isinstance(issued, int | float) or not isinstance(expires, int | float):

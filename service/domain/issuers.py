@@ -6,6 +6,11 @@ configured time; a negative answer is cached too, so a flood of tokens from unkn
 the database for each one. Adding or revoking a key, or changing an issuer's roles, clears the entry of its
 (tenant, issuer) in this process at once; other processes see the change when their entry expires, at most
 `cache_seconds` later.
+
+The operator registers issuers and keys as they like. A tenant admin adds a key to an existing issuer only
+with an endorsement, a JWS one of the issuer's active keys signed over the new key's fingerprint (the portal
+rotating its own key), and registers new issuers only with the roles the operator lets admins give: an
+admin cannot sign tokens under the portal's name, nor give themselves roles the operator kept back.
 """
 
 from __future__ import annotations
@@ -23,20 +28,33 @@ from crypto.issuer_keys import IssuerKeyError, IssuerKeyPair, IssuerPublicKey, l
 from service.domain.audit import AuditAction, AuditEvent, AuditRecorder, DetailValue
 from service.domain.policy import can_manage_issuers
 from service.domain.principal import ALL_ROLES, Principal, Role, is_plain_text, role_names
+from service.domain.tokens import SignatureChecker, TokenRefusedError, unverified_parts
 from service.errors import (
     ConflictError,
     DomainError,
+    EndorsementInvalidError,
+    EndorsementRequiredError,
     FieldProblem,
     InvalidRequestError,
     IssuerRolesNotAllowedError,
     NotFoundError,
     RevokedKeyError,
 )
+from service.logs import get_logger
 from service.store.db import Database, Tx
 from service.store.issuers import IssuerKeyRecord, IssuerRecord, IssuerStore
 from service.store.tenants import TenantStore
 
 DEV_ISSUER = "urn:bedside:dev-issuer"
+
+# An endorsement: a JWS an active key of the issuer signs over the fingerprint of the key to add. Its
+# `purpose` keeps it apart from a login token both ways (the authenticator refuses a token with a `purpose`;
+# a login token has none, nor a `key`), and it is short-lived: it vouches for one key, now.
+ENDORSEMENT_PURPOSE = "issuer-key-endorsement"
+ENDORSEMENT_MAX_LIFETIME_SECONDS = 600
+_ENDORSEMENT_CLAIMS = ("iss", "aud", "exp", "iat", "tid", "purpose", "key")
+
+log = get_logger("bedside.issuers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +105,9 @@ class IssuerService:
         cache_seconds: float = 30.0,
         cache_entries: int = 1024,
         clock: Callable[[], float] = time.monotonic,
+        audience: str = "bedside",
+        leeway_seconds: int = 60,
+        admin_roles: frozenset[Role] = ALL_ROLES,
     ) -> None:
         self._db = db
         self._tenants = tenants
@@ -99,6 +120,9 @@ class IssuerService:
         # Bumped whenever this process changes a key: a lookup that read the database before the change
         # and finishes after it must not put what it read into the cache.
         self._generation = 0
+        # Endorsements are checked as bearer tokens are: the same audience, skew and algorithms.
+        self._signatures = SignatureChecker(audience=audience, leeway_seconds=leeway_seconds)
+        self._admin_roles = admin_roles
 
     async def add_key(
         self,
@@ -121,7 +145,7 @@ class IssuerService:
             found = await self._tenants.by_slug(tx, tenant)
         if found is None:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
-        return await self._add(found.id, tenant, issuer, key, kid, roles, by=None)
+        return await self._add(found.id, tenant, issuer, key, kid, roles, None, by=None)
 
     async def add_key_as(
         self,
@@ -129,13 +153,20 @@ class IssuerService:
         issuer: str,
         public_key_pem: bytes,
         kid: str | None = None,
+        *,
+        roles: frozenset[Role] | None = None,
+        endorsement: str | None = None,
     ) -> IssuerKeyRecord:
-        """An admin trusts another issuer key in their own tenant (a new issuer gets every role). Anyone
+        """An admin trusts a key in their own tenant. A new issuer is theirs to register, with `roles`
+        (default: all the operator lets admins give) within what the operator allows; a key for an existing
+        issuer needs an `endorsement` by one of its active keys, and leaves its roles as they are. Anyone
         else: not found."""
         if not can_manage_issuers(principal):
             raise NotFoundError()
         key, kid = _checked_key(issuer, public_key_pem, kid)
-        return await self._add(principal.tenant_id, principal.tenant, issuer, key, kid, None, by=principal)
+        return await self._add(
+            principal.tenant_id, principal.tenant, issuer, key, kid, roles, endorsement, by=principal
+        )
 
     async def _add(
         self,
@@ -145,6 +176,7 @@ class IssuerService:
         key: IssuerPublicKey,
         kid: str,
         roles: frozenset[Role] | None,
+        endorsement: str | None,
         *,
         by: Principal | None,
     ) -> IssuerKeyRecord:
@@ -157,13 +189,20 @@ class IssuerService:
                 found = await self._issuers.issuer(tx, tenant_id, issuer, lock_keys=True)
                 created = False
                 if found is None:
-                    found, created = await self._create(tx, tenant_id, issuer, roles, by)
+                    found, created = await self._create(tx, tenant_id, issuer, roles, attempt, by)
                 event = attempt
                 if created:
                     event = _with(attempt, new_issuer=True, roles=list(found.roles), registered_by=found.registered_by)
-                elif roles is not None and role_names(roles) != found.roles:
-                    refused = _with(attempt.denied("roles-of-existing-issuer"), roles=list(role_names(roles)))
-                    raise _roles_of_existing().recording(refused)
+                else:
+                    same_roles = roles is None or role_names(roles) == found.roles
+                    if same_roles and _already_active(found, kid, key):
+                        return _record(found, kid, key)  # a repeat of what is already so: nothing to check
+                    if roles is not None and (by is not None or not same_roles):
+                        refused = _with(attempt.denied("roles-of-existing-issuer"), roles=list(role_names(roles)))
+                        raise _roles_of_existing(by).recording(refused)
+                    if by is not None:
+                        endorser = self._endorser(endorsement, tenant, found, key, attempt)
+                        event = _with(attempt, endorsed_by=endorser[:200])
                 outcome = await self._issuers.add_key(tx, tenant_id, found.id, kid, key.algorithm, key.pem)
                 if outcome == "conflict":
                     raise ConflictError("this kid is already registered for another key of the issuer")
@@ -181,17 +220,82 @@ class IssuerService:
         return _record(found, kid, key)
 
     async def _create(
-        self, tx: Tx, tenant_id: UUID, issuer: str, roles: frozenset[Role] | None, by: Principal | None
+        self,
+        tx: Tx,
+        tenant_id: UUID,
+        issuer: str,
+        roles: frozenset[Role] | None,
+        attempt: AuditEvent,
+        by: Principal | None,
     ) -> tuple[IssuerRecord, bool]:
-        """Register a new issuer with the roles asked (default all six). Returns the issuer, and False when a
-        registration that committed meanwhile made it first (then nothing changed: it is an existing issuer
-        after all)."""
-        names = role_names(ALL_ROLES if roles is None else roles)
+        """Register a new issuer: the operator's with the roles asked (default all six), an admin's within
+        `admin_roles` (default all of those). Returns the issuer, and False when a registration that
+        committed meanwhile made it first (then nothing changed: it is an existing issuer after all)."""
+        allowed = ALL_ROLES if by is None else self._admin_roles
+        wanted = allowed if roles is None else roles
+        if not wanted or not wanted <= allowed:
+            refused = _with(attempt.denied("roles-not-allowed"), roles=list(role_names(wanted)))
+            detail = (
+                "Tenant admins may register new issuers with these roles only: " + ", ".join(role_names(allowed))
+                if allowed
+                else "Tenant admins may not register new issuers: the operator does (bedside issuer add)"
+            )
+            raise IssuerRolesNotAllowedError(detail).recording(refused)
+        names = role_names(wanted)
         created = await self._issuers.create_issuer(tx, tenant_id, issuer, names, "operator" if by is None else "admin")
         found = await self._issuers.issuer(tx, tenant_id, issuer, lock_keys=True)
         if found is None:  # created now, or by a registration that committed meanwhile: never seen
             raise ConflictError("the issuer changed while it was being registered: try again")
         return found, created is not None
+
+    def _endorser(
+        self, endorsement: str | None, tenant: str, found: IssuerRecord, key: IssuerPublicKey, attempt: AuditEvent
+    ) -> str:
+        """The kid of the active key of `found` whose endorsement vouches for `key`; else the refusal."""
+        if not any(k.revoked_at is None for k in found.keys):
+            # Else an admin could revoke every key of the portal's issuer, then give it one of their own.
+            raise EndorsementRequiredError(
+                "This issuer has no active key: only the operator can give it a key again (bedside issuer add)"
+            ).recording(attempt.denied("no-active-key"))
+        if endorsement is None:
+            raise EndorsementRequiredError(
+                "A key for an existing issuer needs an endorsement: a JWS signed by one of its active keys"
+            ).recording(attempt.denied("endorsement-missing"))
+        try:
+            return self._check_endorsement(endorsement, tenant, found, key)
+        except TokenRefusedError as refused:
+            log.info("issuer.endorsement_refused", reason=refused.reason)
+            denied = attempt.denied(f"endorsement-{refused.reason}")
+            if refused.key_id is not None:  # the key that signed it: a revoked one's use shows
+                denied = replace(denied, details={**denied.details, "endorsement_kid": refused.key_id[:200]})
+            raise EndorsementInvalidError(refused.reason).recording(denied) from None
+
+    def _check_endorsement(self, token: str, tenant: str, found: IssuerRecord, key: IssuerPublicKey) -> str:
+        header, _ = unverified_parts(token)
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise TokenRefusedError("missing-kid")
+        claims, signer = self._signatures.verify(
+            token,
+            issuer=found.issuer,
+            algorithm=header["alg"],
+            kid=kid,
+            active=[k for k in found.keys if k.revoked_at is None],
+            revoked=[k for k in found.keys if k.revoked_at is not None],
+            required=_ENDORSEMENT_CLAIMS,
+        )
+        issued, expires = claims["iat"], claims["exp"]
+        if not isinstance(issued, int | float) or not isinstance(expires, int | float):
+            raise TokenRefusedError("invalid-claims", key_id=signer.kid)
+        if expires - issued > ENDORSEMENT_MAX_LIFETIME_SECONDS:
+            raise TokenRefusedError("lifetime-too-long", key_id=signer.kid)
+        if claims["purpose"] != ENDORSEMENT_PURPOSE:
+            raise TokenRefusedError("wrong-purpose", key_id=signer.kid)
+        if claims["tid"] != tenant:
+            raise TokenRefusedError("wrong-tenant", key_id=signer.kid)
+        if claims["key"] != key.fingerprint:
+            raise TokenRefusedError("wrong-key", key_id=signer.kid)
+        return signer.kid
 
     async def set_roles(self, tenant: str, issuer: str, roles: frozenset[Role]) -> RolesChange:
         """The operator (`bedside issuer roles`) sets the roles an existing issuer's tokens may claim. Takes
@@ -337,6 +441,10 @@ def _checked_key(issuer: str, public_key_pem: bytes, kid: str | None) -> tuple[I
     return key, kid or key.fingerprint
 
 
+def _already_active(found: IssuerRecord, kid: str, key: IssuerPublicKey) -> bool:
+    return any(k.kid == kid and k.public_key_pem == key.pem and k.revoked_at is None for k in found.keys)
+
+
 def _record(found: IssuerRecord, kid: str, key: IssuerPublicKey) -> IssuerKeyRecord:
     return IssuerKeyRecord(
         issuer=found.issuer,
@@ -356,10 +464,12 @@ def _revoked() -> RevokedKeyError:
     return RevokedKeyError("this key (or this kid) was revoked and is never trusted again: register a new key")
 
 
-def _roles_of_existing() -> IssuerRolesNotAllowedError:
-    return IssuerRolesNotAllowedError(
-        "the issuer exists with other roles: change an existing issuer's roles with `bedside issuer roles`"
-    )
+def _roles_of_existing(by: Principal | None) -> IssuerRolesNotAllowedError:
+    if by is None:
+        return IssuerRolesNotAllowedError(
+            "the issuer exists with other roles: change an existing issuer's roles with `bedside issuer roles`"
+        )
+    return IssuerRolesNotAllowedError("An existing issuer's roles are the operator's to change: leave out `roles`")
 
 
 def _name_problems(issuer: str, kid: str | None) -> list[FieldProblem]:

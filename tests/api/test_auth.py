@@ -153,6 +153,14 @@ REFUSED: list[Any] = [
     pytest.param(_signed_by_another_key, "bad-signature", id="signature-by-another-key"),
     pytest.param(lambda p: _bearer(p.acme.token(headers={"kid": "no-such-kid"})), "unknown-key", id="unknown-kid"),
     pytest.param(_token(role="superuser"), "unknown-role", id="unknown-role"),
+    # A token made for something else is never a login, however complete: a key endorsement, say.
+    pytest.param(_token(purpose="issuer-key-endorsement"), "unexpected-purpose", id="login-token-with-a-purpose"),
+    pytest.param(_token(purpose=""), "unexpected-purpose", id="login-token-with-an-empty-purpose"),
+    pytest.param(
+        lambda p: _bearer(p.acme.endorse(TestIssuer(tenant="acme", issuer=p.acme.issuer))),
+        "missing-claim",
+        id="key-endorsement",
+    ),
     pytest.param(_token(role=["admin"]), "unknown-role", id="role-not-a-string"),
     *[pytest.param(_token(**{claim: None}), "missing-claim", id=f"missing-{claim}") for claim in REQUIRED_CLAIMS],
     pytest.param(_token(iat=_now(), exp=_now() + 3600 + 600), "lifetime-too-long", id="lifetime-over-one-hour"),

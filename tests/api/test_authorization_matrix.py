@@ -104,6 +104,7 @@ class World:
     secrets: dict[str, list[str]]  # scope -> canaries: thread subjects and message bodies
     globex_ids: set[str]  # every id globex handed out: none may reach an acme caller
     g1_thread: str  # globex's Patient/g1 (a patient acme does not know) has content too
+    acme_portal: TestIssuer  # acme's portal key: it endorses another key of its issuer
     close: dict[str, str] = field(default_factory=dict)  # role -> a fresh own thread to close
     recall: dict[str, str] = field(default_factory=dict)  # role -> a message the role sent, unread
     revocable: dict[tuple[str, str], str] = field(default_factory=dict)  # (role, scope) -> consent
@@ -196,6 +197,7 @@ async def build_world(client: Any, portals: Portals, owner: asyncpg.Connection, 
         secrets={"own": own_secrets, "other": other[2], "xtenant": xt_secrets + g1[2]},
         globex_ids={*xt_ids, g1[0].id, g1[0].message, g1[1]},
         g1_thread=g1[0].id,
+        acme_portal=acme,
     )
     steps: list[Awaitable[None]] = []
 
@@ -258,8 +260,10 @@ async def build_world(client: Any, portals: Portals, owner: asyncpg.Connection, 
     if "issuer_keys" in needs:
         for scope, issuer in REVOCABLE_KEYS.items():
             if scope != "xtenant":
-                pem = TestIssuer(tenant="acme", issuer=issuer).public_pem.decode()
-                key = {"issuer": issuer, "public_key_pem": pem, "kid": f"mx-{scope}"}
+                added = TestIssuer(tenant="acme", issuer=issuer)
+                key = {"issuer": issuer, "public_key_pem": added.public_pem.decode(), "kid": f"mx-{scope}"}
+                if issuer == acme.issuer:  # a second key of the portal's issuer: the portal endorses it
+                    key["endorsement"] = acme.endorse(added)
                 steps.append(call(client, "POST", "/v1/admin/issuers", admin, acme, json=key))
 
     if "teams" in needs:
@@ -448,8 +452,11 @@ def issuer_key(w: World, role: str, scope: str) -> Call:
         "xtenant": "https://portal.globex.test",  # globex's issuer and kid, trusted in acme only
     }[scope]
     kid = "portal-key-1" if scope == "xtenant" else f"mx-{role}-{scope}"
-    pem = TestIssuer(tenant="acme", issuer=issuer).public_pem.decode()
-    return Call(json={"issuer": issuer, "public_key_pem": pem, "kid": kid})
+    added = TestIssuer(tenant="acme", issuer=issuer)
+    key = {"issuer": issuer, "public_key_pem": added.public_pem.decode(), "kid": kid}
+    if scope == "own":  # another key of the portal's issuer: endorsed by the portal's key, as it must be
+        key["endorsement"] = w.acme_portal.endorse(added)
+    return Call(json=key)
 
 
 def new_consent(w: World, role: str, scope: str) -> Call:

@@ -145,7 +145,12 @@ async def test_a_revoked_key_is_never_trusted_again_but_a_new_one_is_at_once(
     ]
 
     fresh = TestIssuer(tenant="acme", issuer=ISSUER, kid="portal-key-3")
-    body = {"issuer": ISSUER, "public_key_pem": fresh.public_pem.decode(), "kid": fresh.kid}
+    body = {
+        "issuer": ISSUER,
+        "public_key_pem": fresh.public_pem.decode(),
+        "kid": fresh.kid,
+        "endorsement": rotated.endorse(fresh),  # by the issuer's key still trusted
+    }
     assert (await client.post("/v1/admin/issuers", json=body, headers=admin)).status == 201
     assert await _me(client, fresh.token()) == 200  # the cache of this issuer was cleared by the add
 

@@ -170,6 +170,7 @@ async def test_responses_match_what_the_document_says(client, portals: Portals) 
     new_key = TestIssuer(tenant="acme", issuer=portals.acme.issuer, kid="portal-key-2")
     key_body = {"issuer": new_key.issuer, "public_key_pem": new_key.public_pem.decode(), "kid": new_key.kid}
     impostor = TestIssuer(tenant="acme", issuer=portals.acme.issuer, kid="portal-key-2")
+    impostor_body = {**key_body, "public_key_pem": impostor.public_pem.decode()}
     exchanges = [
         ("GET", "/healthz", {}, None),
         ("GET", "/readyz", {}, None),
@@ -177,8 +178,9 @@ async def test_responses_match_what_the_document_says(client, portals: Portals) 
         ("GET", "/openapi.json", {}, None),
         ("GET", "/v1/me", portals.acme.auth(role="proxy", sub="RelatedPerson/2", act_for="Patient/1"), None),
         ("GET", "/v1/me", {}, None),
-        ("POST", "/v1/admin/issuers", admin, key_body),
-        ("POST", "/v1/admin/issuers", admin, {**key_body, "public_key_pem": impostor.public_pem.decode()}),
+        ("POST", "/v1/admin/issuers", admin, key_body),  # no endorsement: 403 endorsement-required
+        ("POST", "/v1/admin/issuers", admin, {**key_body, "endorsement": portals.acme.endorse(new_key)}),
+        ("POST", "/v1/admin/issuers", admin, {**impostor_body, "endorsement": portals.acme.endorse(impostor)}),
         ("POST", "/v1/admin/issuers", admin, {"issuer": 1}),
         ("POST", "/v1/admin/issuers", portals.acme.auth(), key_body),
         ("GET", "/v1/admin/issuers", admin, None),
@@ -197,6 +199,7 @@ async def test_responses_match_what_the_document_says(client, portals: Portals) 
         seen.add((method, path, response.status))
 
     assert {("GET", "/v1/me", 401), ("POST", "/v1/admin/issuers", 201), ("POST", "/v1/admin/issuers", 409)} <= seen
+    assert ("POST", "/v1/admin/issuers", 403) in seen
     assert {("POST", "/v1/admin/issuers", 422), ("GET", "/v1/admin/issuers", 404)} <= seen
     assert {status for _method, path, status in seen if path == "/v1/admin/issuers/revoke"} == {200, 404, 422}
 
@@ -398,7 +401,7 @@ async def _tour(client: Any, portals: Portals, document: dict[str, Any]) -> set[
     await call("get_me", me)
     new_key = TestIssuer(tenant="acme", issuer=acme.issuer, kid="portal-key-2")
     key = {"issuer": new_key.issuer, "public_key_pem": new_key.public_pem.decode(), "kid": new_key.kid}
-    await call("add_issuer_key", admin, json=key)
+    await call("add_issuer_key", admin, json={**key, "endorsement": acme.endorse(new_key)})
     await call("list_issuer_keys", admin)
     await call("revoke_issuer_key", admin, json={"issuer": new_key.issuer, "kid": new_key.kid})
     await call("get_key_status", admin)

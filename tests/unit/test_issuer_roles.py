@@ -1,8 +1,9 @@
-"""Role lists, as the operator writes them (`--roles`): a set of the six role names, or a refusal that names
-the roles there are and never echoes the text."""
+"""Role lists, as the operator writes them (`--roles`, `BEDSIDE_ADMIN_ISSUER_ROLES`): a set of the six role
+names, or a refusal that names the roles there are and never echoes the text."""
 
 from __future__ import annotations
 
+import os
 from typing import get_args
 
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.issuers import RoleName
-from service.domain.principal import Role, parse_roles, role_names
+from service.domain.principal import ALL_ROLES, Role, parse_roles, role_names
+from service.settings import SettingsError, load_settings
 
 NAMES = [role.value for role in Role]
 _spaces = st.text(alphabet=" \t", max_size=2)
@@ -58,3 +60,39 @@ def test_role_names_come_in_one_order_whatever_the_set(roles: set[Role]) -> None
 
 def test_the_api_schema_knows_exactly_the_domains_roles() -> None:
     assert list(get_args(RoleName)) == NAMES
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("BEDSIDE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize(
+    ("value", "roles"),
+    [
+        (None, ALL_ROLES),  # unset: every role, as before the setting existed
+        ("patient,proxy", {Role.PATIENT, Role.PROXY}),
+        (" staff , physician ", {Role.STAFF, Role.PHYSICIAN}),
+        ("", frozenset()),  # admins register no new issuers
+    ],
+    ids=["unset", "two", "spaces", "empty"],
+)
+def test_the_admin_issuer_roles_setting(monkeypatch: pytest.MonkeyPatch, value: str | None, roles: set[Role]) -> None:
+    if value is not None:
+        monkeypatch.setenv("BEDSIDE_ADMIN_ISSUER_ROLES", value)
+    assert load_settings().admin_issuer_roles == roles
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize("value", ["doctor-secret-x", "patient,,proxy", '["patient"]'])
+def test_a_bad_admin_issuer_roles_setting_is_named_without_its_value(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("BEDSIDE_ADMIN_ISSUER_ROLES", value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert "BEDSIDE_ADMIN_ISSUER_ROLES" in str(raised.value)
+    assert value not in str(raised.value)
