@@ -141,8 +141,6 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[ISSUERS] = issuers
         app[AUTHENTICATOR] = Authenticator(
             issuers,
-            audience=settings.audience,
-            leeway_seconds=settings.jwt_leeway_seconds,
             max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
             verified_cache_seconds=settings.issuer_cache_seconds,
         )

@@ -18,7 +18,7 @@ from typing import Any
 
 from service.domain.issuers import IssuerService, TrustedKeys
 from service.domain.principal import SUBJECT_TYPE, Principal, Role, is_plain_text, is_reference
-from service.domain.tokens import SignatureChecker, TokenRefusedError, unverified_parts
+from service.domain.tokens import TokenRefusedError, unverified_parts
 from service.errors import AuthenticationError
 from service.settings import is_slug
 
@@ -33,18 +33,16 @@ class Authenticator:
         self,
         issuers: IssuerService,
         *,
-        audience: str,
-        leeway_seconds: int = 60,
         max_lifetime_seconds: int = 3600,
         verified_cache_seconds: float = 30.0,
         verified_cache_entries: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._issuers = issuers
-        self._leeway = leeway_seconds
         self._max_lifetime = max_lifetime_seconds
         self._clock = clock
-        self._signatures = SignatureChecker(audience=audience, leeway_seconds=leeway_seconds)
+        # The issuer service's checker: one audience and skew for tokens and endorsements, each key parsed once.
+        self._signatures = issuers.signatures
         # Tokens already verified, by their SHA-256: reused until they expire or for `verified_cache_seconds`,
         # and each time only if the issuer-key cache still trusts the key that verified it, so a revoked key's
         # tokens stop working when its keys do: at once in this process, within the issuer-key cache's
@@ -127,7 +125,7 @@ class Authenticator:
         issued, expires = claims["iat"], claims["exp"]
         if not isinstance(issued, int | float) or not isinstance(expires, int | float):
             raise AuthenticationError("invalid-claims")
-        if issued > now + self._leeway:
+        if issued > now + self._signatures.leeway:
             raise AuthenticationError("not-yet-valid")
         if expires - issued > self._max_lifetime:
             raise AuthenticationError("lifetime-too-long")

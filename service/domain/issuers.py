@@ -124,6 +124,11 @@ class IssuerService:
         self._signatures = SignatureChecker(audience=audience, leeway_seconds=leeway_seconds)
         self._admin_roles = admin_roles
 
+    @property
+    def signatures(self) -> SignatureChecker:
+        """The checker of this deployment's tokens (audience, skew, parsed keys), shared with `Authenticator`."""
+        return self._signatures
+
     async def add_key(
         self,
         tenant: str,

@@ -20,6 +20,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from structlog.testing import capture_logs
 
+from service.app import create_app
+from service.settings import Settings
 from tests.conftest import Portals, Services
 from tests.support import AUDIENCE, TestIssuer
 
@@ -303,3 +305,21 @@ async def test_token_without_kid_signed_by_an_unregistered_key_is_refused(client
 async def test_the_audience_is_the_configured_one(client, portals: Portals) -> None:
     status, body = await _me(client, _bearer(portals.acme.token(aud=[AUDIENCE, "another-service"])))
     assert status == 200, body
+
+
+async def test_the_configured_audience_and_skew_govern_bearer_tokens(
+    settings: Settings, aiohttp_client: Any, portals: Portals
+) -> None:
+    # One checker serves the authenticator and the issuer service; both take the deployment's settings.
+    client = await aiohttp_client(
+        create_app(settings.model_copy(update={"audience": "ehr-messaging", "jwt_leeway_seconds": 0}))
+    )
+    now = _now()
+    status, body = await _me(client, _bearer(portals.acme.token(aud="ehr-messaging")))
+    assert status == 200, body
+    assert (await _me(client, _bearer(portals.acme.token(aud=AUDIENCE))))[0] == 401
+    # Expired two seconds ago: inside the default minute of skew, outside none.
+    assert (await _me(client, _bearer(portals.acme.token(aud="ehr-messaging", iat=now - 600, exp=now - 2))))[0] == 401
+    # Issued ten seconds ahead: refused with no skew allowed.
+    late = portals.acme.token(aud="ehr-messaging", iat=now + 10, exp=now + 600)
+    assert (await _me(client, _bearer(late)))[0] == 401

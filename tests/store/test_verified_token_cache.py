@@ -37,7 +37,7 @@ def _process(services: Services, clock: Clock, cache_seconds: float = 30) -> tup
         cache_seconds=cache_seconds,
         clock=clock,
     )
-    return issuers, Authenticator(issuers, audience="bedside", verified_cache_seconds=cache_seconds, clock=clock)
+    return issuers, Authenticator(issuers, verified_cache_seconds=cache_seconds, clock=clock)
 
 
 async def test_a_key_revoked_by_another_process_ends_its_cached_tokens_when_the_issuer_cache_expires(
@@ -79,7 +79,10 @@ async def test_a_key_revoked_in_this_process_ends_its_cached_tokens_at_once(
 async def test_a_cached_token_is_not_served_past_its_expiry(services: Services, portals: Portals) -> None:
     # Real time: the signature's `exp` is checked against the wall clock, so only a cache that ignored it
     # could accept the token once that has passed.
-    auth = Authenticator(services.issuers, audience="bedside", leeway_seconds=0, verified_cache_seconds=300)
+    issuers = IssuerService(
+        services.db, TenantStore(), IssuerStore(), AuditRecorder(AuditStore(), services.db), leeway_seconds=0
+    )
+    auth = Authenticator(issuers, verified_cache_seconds=300)
     expires = int(time.time()) + 2
     token = portals.acme.token(exp=expires)
     await auth.authenticate(f"Bearer {token}")
