@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -182,6 +183,39 @@ async def test_every_scrape_counts_the_requests_of_every_server_process(
         }
     assert serve.returncode == 0, serve.stderr()
     assert list(temp.iterdir()) == []
+
+
+async def test_every_server_process_finds_the_client_behind_a_trusted_proxy(
+    database: Dsns, kek_file: Path, signing_key_file: Path, tmp_path: Path
+) -> None:
+    """BEDSIDE_TRUSTED_PROXIES reaches each spawned server process: with loopback trusted, a refused token
+    is audited under the client X-Forwarded-For names, whichever process answers (each frozen in turn)."""
+    env = _env(kek_file, signing_key_file, processes="2", port="0", trusted_proxies="127.0.0.1/32")
+    async with _running(["serve", "--database-url", database.app], env, tmp_path) as serve:
+        port = _serving_port(await serve.first_line())
+        servers = server_processes(serve.process.pid)
+        assert len(servers) == 2
+        for number, server in enumerate(servers, start=1):
+            with frozen(server):
+                status = await asyncio.to_thread(_refused_token, port, f"198.51.100.{number}")
+                assert status == 401
+    assert serve.returncode == 0, serve.stderr()
+    sources = {row["source"] for row in await audit_events(database.owner, "action = 'auth:denied'")}
+    assert sources == {"198.51.100.1", "198.51.100.2"}
+
+
+def _refused_token(port: int, forwarded_for: str) -> int:
+    """GET /v1/me with a token nobody issued, as a proxy forwarding for `forwarded_for`: the status."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/me",
+        headers={"Authorization": "Bearer not.a.token", "X-Forwarded-For": f"192.0.2.9, {forwarded_for}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status: int = response.status
+    except urllib.error.HTTPError as refused:
+        status = refused.code
+    return status
 
 
 def _serving_port(banner: str) -> int:
