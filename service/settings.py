@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.domain.principal import ALL_ROLES, Role, parse_roles
+from service.domain.principal import Role, parse_roles
 
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
 
@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     issuer_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
     # The roles a tenant admin may give an issuer they register through the API (comma-separated role names;
     # empty: admins register no new issuers). Issuers the operator registers are not bound by it.
-    admin_issuer_roles: Annotated[frozenset[Role], NoDecode] = ALL_ROLES
+    admin_issuer_roles: Annotated[frozenset[Role], NoDecode] = frozenset()
 
     # The networks of the proxies (load balancers) in front of the service, comma-separated: a request from
     # one of them counts as coming from the client that X-Forwarded-For names (`domain/client_address.py`).

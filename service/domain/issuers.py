@@ -107,7 +107,7 @@ class IssuerService:
         clock: Callable[[], float] = time.monotonic,
         audience: str = "bedside",
         leeway_seconds: int = 60,
-        admin_roles: frozenset[Role] = ALL_ROLES,
+        admin_roles: frozenset[Role] = frozenset(),
     ) -> None:
         self._db = db
         self._tenants = tenants
@@ -234,8 +234,9 @@ class IssuerService:
         by: Principal | None,
     ) -> tuple[IssuerRecord, bool]:
         """Register a new issuer: the operator's with the roles asked (default all six), an admin's within
-        `admin_roles` (default all of those). Returns the issuer, and False when a registration that
-        committed meanwhile made it first (then nothing changed: it is an existing issuer after all)."""
+        `admin_roles` (default none: admins register no new issuers). Returns the issuer, and False when a
+        registration that committed meanwhile made it first (then nothing changed: it is an existing issuer
+        after all)."""
         allowed = ALL_ROLES if by is None else self._admin_roles
         wanted = allowed if roles is None else roles
         if not wanted or not wanted <= allowed:

@@ -45,6 +45,7 @@ import pytest
 
 from service.api.routes import ROUTES, Route
 from service.domain.audit import decode_entry
+from service.domain.principal import Role
 from service.settings import Settings
 from tests.conftest import Portals
 from tests.support import AUDIT_EVENTS, TestIssuer, canary
@@ -83,8 +84,9 @@ WEBHOOK_SUBSCRIBER = {"own": "Practitioner/7", "other": CARE_TEAM, "xtenant": "P
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """No webhook delivery worker: deliveries stay pending and unleased, so a resend never meets an
-    attempt in flight (409) and a delivery reads the same before and after the cells."""
-    return settings.model_copy(update={"webhook_worker": False})
+    attempt in flight (409) and a delivery reads the same before and after the cells. Admins may register
+    new issuers (by default they may not), so that the issuer routes' cells are about who may call them."""
+    return settings.model_copy(update={"webhook_worker": False, "admin_issuer_roles": frozenset(Role)})
 
 
 # -- the world -----------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from service.api.server import app_runner
 from service.app import create_app
 from service.domain.audit import AuditRecorder
 from service.domain.issuers import IssuerService
+from service.domain.principal import Role
 from service.domain.tenants import TenantService
 from service.store.audit import AuditStore
 from service.store.db import Database
@@ -295,6 +296,7 @@ async def served(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
         keys / "audit-signing.key",
         webhook_worker=False,
         max_json_body_bytes=BODY_LIMIT,
+        admin_issuer_roles=frozenset(Role),  # the issuer route's setup registers a new issuer as an admin
     )
     portal = TestIssuer(tenant="acme", issuer="https://portal.acme.test")
     db = await Database.connect(cluster.app_dsn(name), min_size=1, max_size=2)

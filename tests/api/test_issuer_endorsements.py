@@ -332,43 +332,51 @@ async def test_roles_for_an_existing_issuer_are_refused_even_with_an_endorsement
 # --- new issuers an admin registers ------------------------------------------------------------------------
 
 
-async def test_an_admin_registers_a_new_issuer_with_the_roles_asked_and_its_tokens_carry_that_issuer(
-    client, portals: Portals, database: Dsns
-) -> None:
-    kiosk = TestIssuer(tenant="acme", issuer="https://kiosk.acme.test", kid="kiosk-1")
+class TestAnOperatorWhoLetsAdminsGiveEveryRole:
+    """BEDSIDE_ADMIN_ISSUER_ROLES set to all six (its default, until it became none)."""
 
-    response = await client.post(
-        ISSUERS, json=_body(kiosk, roles=["proxy", "patient"]), headers=portals.acme.auth(**ADMIN)
-    )
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        return settings.model_copy(update={"admin_issuer_roles": frozenset(Role)})
 
-    assert response.status == 201, await response.text()
-    out = await response.json()
-    assert (out["roles"], out["registered_by"]) == (["patient", "proxy"], "admin")
-    patient = await client.get("/v1/me", headers=kiosk.auth(role="patient", sub="Patient/1"))
-    assert patient.status == 200
-    assert (await patient.json())["issuer"] == kiosk.issuer  # its own issuer, never the portal's
-    assert await _me(client, kiosk, PHYSICIAN) == 401
-    assert await _me(client, kiosk, ADMIN) == 401
-    listed = await (await client.get(ISSUERS, headers=portals.acme.auth(**ADMIN))).json()
-    assert [(k["issuer"], k["roles"], k["registered_by"]) for k in listed["items"]] == [
-        ("https://kiosk.acme.test", ["patient", "proxy"], "admin"),
-        (ISSUER, ALL_ROLES, "operator"),
-    ]
-    (added,) = await _admins_adds(database)
-    assert _details(added) == {
-        "kid": "kiosk-1",
-        "new_issuer": True,
-        "roles": ["patient", "proxy"],
-        "registered_by": "admin",
-    }
+    async def test_an_admin_registers_a_new_issuer_with_the_roles_asked_and_its_tokens_carry_that_issuer(
+        self, client, portals: Portals, database: Dsns
+    ) -> None:
+        kiosk = TestIssuer(tenant="acme", issuer="https://kiosk.acme.test", kid="kiosk-1")
 
+        response = await client.post(
+            ISSUERS, json=_body(kiosk, roles=["proxy", "patient"]), headers=portals.acme.auth(**ADMIN)
+        )
 
-async def test_without_roles_a_new_issuer_gets_every_role_by_default(client, portals: Portals) -> None:
-    kiosk = TestIssuer(tenant="acme", issuer="https://kiosk.acme.test", kid="kiosk-1")
-    response = await client.post(ISSUERS, json=_body(kiosk), headers=portals.acme.auth(**ADMIN))
-    assert response.status == 201, await response.text()
-    assert (await response.json())["roles"] == ALL_ROLES
-    assert await _me(client, kiosk) == 200
+        assert response.status == 201, await response.text()
+        out = await response.json()
+        assert (out["roles"], out["registered_by"]) == (["patient", "proxy"], "admin")
+        patient = await client.get("/v1/me", headers=kiosk.auth(role="patient", sub="Patient/1"))
+        assert patient.status == 200
+        assert (await patient.json())["issuer"] == kiosk.issuer  # its own issuer, never the portal's
+        assert await _me(client, kiosk, PHYSICIAN) == 401
+        assert await _me(client, kiosk, ADMIN) == 401
+        listed = await (await client.get(ISSUERS, headers=portals.acme.auth(**ADMIN))).json()
+        assert [(k["issuer"], k["roles"], k["registered_by"]) for k in listed["items"]] == [
+            ("https://kiosk.acme.test", ["patient", "proxy"], "admin"),
+            (ISSUER, ALL_ROLES, "operator"),
+        ]
+        (added,) = await _admins_adds(database)
+        assert _details(added) == {
+            "kid": "kiosk-1",
+            "new_issuer": True,
+            "roles": ["patient", "proxy"],
+            "registered_by": "admin",
+        }
+
+    async def test_without_roles_a_new_issuer_gets_every_role_the_setting_allows(
+        self, client, portals: Portals
+    ) -> None:
+        kiosk = TestIssuer(tenant="acme", issuer="https://kiosk.acme.test", kid="kiosk-1")
+        response = await client.post(ISSUERS, json=_body(kiosk), headers=portals.acme.auth(**ADMIN))
+        assert response.status == 201, await response.text()
+        assert (await response.json())["roles"] == ALL_ROLES
+        assert await _me(client, kiosk) == 200
 
 
 class TestTheOperatorCapsTheRolesOfIssuersAdminsRegister:
@@ -408,19 +416,37 @@ class TestTheOperatorCapsTheRolesOfIssuersAdminsRegister:
         assert await _me(client, new, PHYSICIAN) == 200
 
 
-class TestAnEmptyCapMeansAdminsRegisterNoNewIssuers:
-    @pytest.fixture
-    def settings(self, settings: Settings) -> Settings:
-        return settings.model_copy(update={"admin_issuer_roles": frozenset()})
+class TestByDefaultAdminsRegisterNoNewIssuers:
+    """With BEDSIDE_ADMIN_ISSUER_ROLES unset (or empty), a tenant admin cannot make an issuer of their own and
+    sign, with it, the tokens of someone who reads patient content: every role does, one way or another."""
 
-    async def test_a_new_issuer_is_refused(self, client, portals: Portals, database: Dsns) -> None:
+    @pytest.mark.parametrize("roles", [None, ["physician"], ["compliance"], ["patient"]])
+    async def test_a_new_issuer_is_refused_audited_and_its_tokens_are_worthless(
+        self, client, portals: Portals, database: Dsns, roles: list[str] | None
+    ) -> None:
         kiosk = TestIssuer(tenant="acme", issuer="https://kiosk.acme.test", kid="kiosk-1")
         before = await _issuer_rows(database)
-        response = await client.post(ISSUERS, json=_body(kiosk), headers=portals.acme.auth(**ADMIN))
+        body = _body(kiosk) if roles is None else _body(kiosk, roles=roles)
+
+        response = await client.post(ISSUERS, json=body, headers=portals.acme.auth(**ADMIN))
+
         problem = await _problem(response, 403, "issuer-roles-not-allowed")
         assert "may not register new issuers" in problem["detail"]
         assert await _issuer_rows(database) == before
-        assert await _me(client, kiosk, {"role": "patient", "sub": "Patient/1"}) == 401
+        for identity in (
+            {"role": "patient", "sub": "Patient/1"},
+            PHYSICIAN,
+            {"role": "compliance", "sub": "Practitioner/c1"},
+        ):
+            assert await _me(client, kiosk, identity) == 401
+        (attempt,) = await _admins_adds(database)
+        assert (attempt["outcome"], _details(attempt)["reason"]) == ("denied", "roles-not-allowed")
+
+    async def test_the_portals_own_rotation_still_works(self, client, portals: Portals) -> None:
+        new = TestIssuer(tenant="acme", issuer=ISSUER, kid="portal-key-2")
+        body = _body(new, endorsement=portals.acme.endorse(new))
+        assert (await client.post(ISSUERS, json=body, headers=portals.acme.auth(**ADMIN))).status == 201
+        assert await _me(client, new, PHYSICIAN) == 200
 
 
 async def test_an_endorsement_is_never_a_login_token(client, portals: Portals, database: Dsns) -> None:

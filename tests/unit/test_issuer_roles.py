@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.issuers import RoleName
-from service.domain.principal import ALL_ROLES, Role, parse_roles, role_names
+from service.domain.principal import Role, parse_roles, role_names
 from service.settings import SettingsError, load_settings
 
 NAMES = [role.value for role in Role]
@@ -73,7 +73,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("value", "roles"),
     [
-        (None, ALL_ROLES),  # unset: every role, as before the setting existed
+        (None, frozenset()),  # unset: admins register no new issuers
         ("patient,proxy", {Role.PATIENT, Role.PROXY}),
         (" staff , physician ", {Role.STAFF, Role.PHYSICIAN}),
         ("", frozenset()),  # admins register no new issuers
