@@ -118,6 +118,8 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
         connection = pg.running()
         if connection is not None and purpose == "serve":
             connection = _reuse_or_restart(pg, connection, settings.serve_connections)
+            if connection is not None:
+                pg.watch()  # it is this serve's now, killed or not: see EmbeddedPostgres.watch
         started = connection is None
         if connection is None:
             print(f"Starting the embedded PostgreSQL in {pg.pgdata} ...", file=sys.stderr)

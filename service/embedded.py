@@ -5,6 +5,10 @@ and on a Unix socket in a private directory beside its data (0700, the server's 
 (SCRAM) authentication for every connection on either. Bedside itself connects through the socket: a
 round trip over it costs both sides less CPU than one over loopback TCP. PostgreSQL refuses to run as
 root, so under root the server runs as the `postgres` system user (created by Debian's package).
+
+A server's life is tied to its owner's, the process that started it (or that `serve` adopted it from a
+run that was killed): a watchdog process (service/embedded_watch.py) waits on a pipe that only the owner
+holds open and stops the server when the owner ends without doing so itself, even when it was SIGKILLed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,6 +136,8 @@ class EmbeddedPostgres:
         self.pgdata = self._cluster_home() / "pgdata"
         self.logfile = self._cluster_home() / "postgres.log"
         self.socket_dir = self._cluster_home() / "socket"
+        # The watchdog of the server this process owns, and the pipe it waits on (see `watch`).
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # -- layout ------------------------------------------------------------------------------------
 
@@ -278,11 +286,13 @@ class EmbeddedPostgres:
             os.chown(self.socket_dir, user.pw_uid, user.pw_gid)
         return f"-c unix_socket_directories={self.socket_dir} -c unix_socket_permissions=0700"
 
-    def start(self, *, durable: bool = True, connections: int = 0) -> Connection:
-        """Start the server on a free loopback port (initdb first if needed); return how to reach it.
+    def start(self, *, durable: bool = True, connections: int = 0, discard: bool = False) -> Connection:
+        """Start the server on a free loopback port (initdb first if needed); return how to reach it. It is
+        stopped when this process ends without calling `stop` (see `watch`).
 
         `connections`: the most the service will hold at once; max_connections leaves room beyond them.
-        `durable=False` turns fsync off: only for throwaway clusters such as the test suite's."""
+        `durable=False` turns fsync off, and `discard=True` makes the watchdog delete the whole data
+        directory once it has stopped the server: both only for throwaway clusters such as the test suite's."""
         max_connections = max(MIN_MAX_CONNECTIONS, connections + SPARE_CONNECTIONS)
         if not self.initialized:
             self.initialize()
@@ -293,6 +303,8 @@ class EmbeddedPostgres:
             f"-c synchronous_commit=on -c max_connections={max_connections}"
         )
         options += " -c fsync=on" if durable else " -c fsync=off -c full_page_writes=off"
+        # Watched from before it starts: an owner killed while pg_ctl waits for the server leaves none.
+        self.watch(discard=discard)
         self._run(
             "pg_ctl",
             "start",
@@ -311,14 +323,70 @@ class EmbeddedPostgres:
             raise EmbeddedError(f"PostgreSQL did not start; see {self.logfile}")
         return running
 
-    def stop(self) -> None:
-        """A fast, clean shutdown (open transactions roll back, nothing committed is lost)."""
-        if self._is_running():
+    def stop(self) -> bool:
+        """A fast, clean shutdown (open transactions roll back, nothing committed is lost); then this
+        process's watchdog, if any, is let go. Whether a server was running."""
+        running = self._is_running()
+        if running:
             self._run("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60")
+        self._release_watchdog()
+        return running
+
+    # -- the watchdog ------------------------------------------------------------------------------
+
+    def watch(self, *, discard: bool = False) -> None:
+        """Make sure the server on this data directory does not outlive this process: a watchdog process
+        stops it (pg_ctl stop -m fast) once this one has ended without calling `stop`, however it ended.
+
+        The watchdog reads its stdin, a pipe whose writing end only this process holds: the kernel closes
+        it when this process ends, SIGKILL included, and the watchdog reads end-of-file. `stop` writes a
+        byte first, which lets the watchdog go without doing anything. The writing end is close-on-exec,
+        as Python makes every descriptor, and every child here is started by exec (subprocess, pg_ctl,
+        multiprocessing's spawn): none of them holds it, so none keeps the watchdog waiting by outliving
+        this process. The watchdog gets no credentials (no environment but PATH and where to import this
+        package from); in a session of its own, a Ctrl-C meant for this process does not reach it.
+
+        `discard`: also delete the data directory afterwards (a throwaway cluster). Watching twice is once.
+        """
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            return
+        package_root = Path(__file__).resolve().parent.parent
+        command = [sys.executable, "-m", "service.embedded_watch", str(self.root), str(os.getpid())]
+        self._watchdog = subprocess.Popen(
+            [*command, "--discard"] if discard else command,
+            stdin=subprocess.PIPE,
+            bufsize=0,  # `stop`'s byte goes straight to the pipe
+            stdout=subprocess.DEVNULL,
+            # Its one line goes where this process's own messages go.
+            stderr=None,
+            cwd="/",
+            env={"PATH": os.environ.get("PATH", os.defpath), "PYTHONPATH": str(package_root)},
+            close_fds=True,
+            start_new_session=True,
+        )
+
+    def _release_watchdog(self) -> None:
+        """Tell the watchdog that this process stopped the server itself, and wait for it to end."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        assert watchdog.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it has ended already (killed by someone)
+            watchdog.stdin.write(b"stopped")
+        watchdog.stdin.close()
+        try:
+            watchdog.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
 
 
 _LOCK_NAME = "bedside.lock"
 _HOLDER = re.compile(r"^(\d+) (\w+)$")
+# What a watchdog holds the data directory for while it stops a server that its owner left behind.
+WATCHDOG_PURPOSE = "watchdog"
+# How long another command waits for a watchdog to do that (pg_ctl's own stop timeout, and some).
+_WATCHDOG_WAIT_SECONDS = 90.0
 
 
 class DataDirBusyError(EmbeddedError):
@@ -326,32 +394,47 @@ class DataDirBusyError(EmbeddedError):
 
 
 @contextlib.contextmanager
-def exclusive_data_dir(data_dir: Path, purpose: str) -> Iterator[None]:
+def exclusive_data_dir(data_dir: Path, purpose: str, *, wait: bool = False) -> Iterator[None]:
     """Hold the data directory for one process (a `serve`, or a CLI command that started the database).
 
     A second `serve` on the same directory is refused with the holder's pid, rather than sharing the
-    cluster and stopping it under the first one's feet.
+    cluster and stopping it under the first one's feet. A watchdog stopping what a killed owner left
+    running is waited for instead: it takes seconds. `wait=True` waits for any holder, however long.
     """
     root = data_dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
     path = root / _LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
-            match = _HOLDER.match(holder)
-            who = f"`bedside {match.group(2)}` (pid {match.group(1)})" if match else "another process"
-            raise DataDirBusyError(
-                f"{root} is in use by {who}. Stop it first, or give this one its own "
-                "BEDSIDE_DATA_DIR (or BEDSIDE_DATABASE_URL)."
-            ) from None
+        if wait:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            _lock_or_refuse(fd, root)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {purpose}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _lock_or_refuse(fd: int, root: Path) -> None:
+    """Take the lock on `fd` now, or once a watchdog holding it is done; else DataDirBusyError."""
+    deadline = time.monotonic() + _WATCHDOG_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        match = _HOLDER.match(os.pread(fd, 100, 0).decode(errors="replace").strip())
+        if match and match.group(2) == WATCHDOG_PURPOSE and time.monotonic() < deadline:
+            time.sleep(0.1)
+            continue
+        who = f"`bedside {match.group(2)}` (pid {match.group(1)})" if match else "another process"
+        raise DataDirBusyError(
+            f"{root} is in use by {who}. Stop it first, or give this one its own "
+            "BEDSIDE_DATA_DIR (or BEDSIDE_DATABASE_URL)."
+        )
 
 
 def data_dir_holder(data_dir: Path) -> str | None:

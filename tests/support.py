@@ -141,6 +141,45 @@ def server_processes(parent: int) -> list[int]:
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
+def watchdogs(data_dir: Path) -> list[int]:
+    """The live processes watching the embedded PostgreSQL in `data_dir` (service/embedded_watch.py),
+    whoever their parent is now."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"service.embedded_watch" in argv and str(data_dir.resolve()).encode() in argv and alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def postmaster_pid(pgdata: Path) -> int:
+    """The pid of the server running on `pgdata` (the first line of its postmaster.pid)."""
+    return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+
+
+def alive(pid: int) -> bool:
+    """Still running: not gone, and not a zombie waiting for a parent that is gone too."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether `condition` came true within `seconds` (polled every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 @contextlib.contextmanager
 def frozen(pid: int) -> Iterator[None]:
     """`pid` stopped (SIGSTOP) meanwhile, then let go on (SIGCONT) whatever happened: a server process

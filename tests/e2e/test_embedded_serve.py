@@ -30,7 +30,7 @@ from service.embedded import EmbeddedPostgres
 from service.errors import ConfigurationError
 from service.settings import Settings
 from tests.conftest import Cluster
-from tests.support import frozen, server_processes
+from tests.support import alive, frozen, postmaster_pid, server_processes, wait_until, watchdogs
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
@@ -247,10 +247,12 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
         for server in servers:
             with frozen(server):
                 assert [_me(port, token)[0] for _ in range(3)] == [200, 200, 200]
+        assert len(watchdogs(data_dir)) == 1
     finally:
         assert _stop(proc) == 0
     assert all(not Path(f"/proc/{pid}").exists() for pid in servers)
     assert pg.running_port() is None
+    assert watchdogs(data_dir) == []
 
     # A server process that dies takes the command down with it, so that a supervisor restarts the
     # whole: the other one is stopped, then the database, and the exit status says it failed.
@@ -271,8 +273,9 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
     assert not Path(f"/proc/{servers[1]}").exists()
     assert pg.running_port() is None
 
-    # A parent killed outright (SIGKILL, the OOM killer) leaves no server serving on unwatched, even when
-    # whatever read their logs is gone too (a closed terminal): their next log line fails to write.
+    # A parent killed outright (SIGKILL, the OOM killer) leaves no server serving on unwatched, and its
+    # PostgreSQL is stopped too, even when whatever read their logs is gone (a closed terminal): their
+    # next log line fails to write, as does the watchdog's.
     proc, _ = _start(env, subprocess.PIPE)
     servers = []
     try:
@@ -282,26 +285,105 @@ def test_several_server_processes_share_the_port_and_stop_together(data_dir: Pat
         proc.stderr.close()
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(_alive(pid) for pid in servers)
+        assert wait_until(lambda: not any(alive(pid) for pid in servers), 30)
+    finally:
+        try:
+            _stop(proc)  # killed above, unless something failed first
+        finally:
+            _kill_survivors(servers)
+    assert wait_until(lambda: pg.running_port() is None and not watchdogs(data_dir), 30)
+
+
+def _wait_for_postmaster_to_end(pid: int, data_dir: Path) -> None:
+    """The embedded PostgreSQL (`pid`, its postmaster) and its watchdog end within 30 s."""
+    assert wait_until(lambda: not alive(pid), 30), "the embedded PostgreSQL outlived the serve that owned it"
+    assert wait_until(lambda: not watchdogs(data_dir), 10)
+
+
+def test_a_killed_serve_takes_its_embedded_postgres_with_it(data_dir: Path, tmp_path: Path) -> None:
+    env = _env(data_dir, _free_port())
+    pg = EmbeddedPostgres(data_dir)
+    with (tmp_path / "stderr.txt").open("w+") as stderr:
+        proc, _ = _start(env, stderr)
+        try:
+            postmaster = postmaster_pid(pg.pgdata)
+            assert len(watchdogs(data_dir)) == 1
+            proc.kill()  # SIGKILL: serve has no chance to stop anything
+            proc.wait()
+            _wait_for_postmaster_to_end(postmaster, data_dir)
+        finally:
+            _stop(proc)  # killed above, unless something failed first
+        stderr.seek(0)
+        assert f"bedside: stopped the embedded PostgreSQL in {pg.pgdata}: the process that ran it (pid {proc.pid})" in (
+            stderr.read()
+        )
+    # Stopped cleanly, and only stopped: the data stays for the next run.
+    assert pg.initialized
+    assert "database system is shut down" in pg.logfile.read_text().splitlines()[-1]
+
+
+def test_a_killed_serve_with_several_processes_takes_its_embedded_postgres_with_it(data_dir: Path) -> None:
+    """Even while a server process of it cannot end (frozen): none of them keeps the watchdog waiting."""
+    env = _env(data_dir, _free_port()) | {"BEDSIDE_PROCESSES": "2"}
+    pg = EmbeddedPostgres(data_dir)
+    proc, _ = _start(env)
+    servers = []
+    try:
+        servers = server_processes(proc.pid)
+        assert len(servers) == 2
+        postmaster = postmaster_pid(pg.pgdata)
+        with frozen(servers[0]):
+            proc.kill()
+            proc.wait()
+            _wait_for_postmaster_to_end(postmaster, data_dir)
+            assert alive(servers[0])
     finally:
         try:
             _stop(proc)  # killed above, unless something failed first
         finally:
             _kill_survivors(servers)
 
-    # Its PostgreSQL is left running, sized for that run. The next serve, which needs more connections,
-    # starts it again with room for them instead of failing under load.
-    assert pg.running_port() is not None
-    proc, _ = _start(env | {"BEDSIDE_DB_POOL_MAX": "200"})
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_serve_stopped_normally_stops_its_postgres_and_leaves_no_watchdog(data_dir: Path, signum: int) -> None:
+    env = _env(data_dir, _free_port())
+    pg = EmbeddedPostgres(data_dir)
+    proc, _ = _start(env)
     try:
-        assert _connection_slots(pg) >= 2 * 201
-        assert _me(port, token)[0] == 200
+        watchdog = watchdogs(data_dir)
+        assert len(watchdog) == 1
+        postmaster = postmaster_pid(pg.pgdata)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 0
     finally:
-        assert _stop(proc) == 0
-    assert pg.running_port() is None
+        _stop(proc)
+    assert not alive(postmaster)
+    assert not alive(watchdog[0])
+    assert watchdogs(data_dir) == []
+
+
+def test_a_serve_that_reuses_a_cluster_left_running_stops_it_when_killed(data_dir: Path) -> None:
+    """A cluster left running with no watchdog (an earlier serve killed along with its watchdog, or one
+    from before watchdogs): the serve that reuses it owns it, killed or not."""
+    left = EmbeddedPostgres(data_dir)
+    left.start()
+    try:
+        for pid in watchdogs(data_dir):
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not watchdogs(data_dir), 10)
+        postmaster = postmaster_pid(left.pgdata)
+
+        proc, _ = _start(_env(data_dir, _free_port()))
+        try:
+            assert postmaster_pid(left.pgdata) == postmaster  # reused, not restarted
+            assert len(watchdogs(data_dir)) == 1
+            proc.kill()
+            proc.wait()
+            _wait_for_postmaster_to_end(postmaster, data_dir)
+        finally:
+            _stop(proc)
+    finally:
+        left.stop()
 
 
 async def test_a_cluster_left_running_is_reused_if_big_enough_and_never_stopped_under_its_users(
@@ -329,14 +411,6 @@ def _kill_survivors(pids: list[int]) -> None:
     """SIGKILL those of `pids` still running: server processes whose parent is gone, which a failed test
     must not leave serving."""
     for pid in pids:
-        if _alive(pid):
+        if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Still running: not gone, and not a zombie waiting for a parent that is gone too."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
