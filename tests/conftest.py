@@ -64,26 +64,43 @@ class Dsns:
     owner: str
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
+def start_test_cluster() -> tuple[EmbeddedPostgres, Cluster]:
+    """The suite's throwaway cluster, started and with its migrated template. If this process ends without
+    `stop_test_cluster` (pytest killed outright, a CI timeout), the cluster's watchdog stops it and
+    deletes its directory."""
     # Under /tmp (not pytest's 0700 tmp dirs) so that, as root, the postgres user can reach it.
     data_dir = Path(tempfile.mkdtemp(prefix="bedside-test-pg-"))
     os.chmod(data_dir, 0o711)
     pg = EmbeddedPostgres(data_dir)
-    connection = pg.start(durable=False)  # a throwaway cluster: crash safety buys nothing here
+    # A throwaway cluster: crash safety buys nothing here.
+    connection = pg.start(durable=False, discard=True)
     info = Cluster(connection=connection, data_dir=data_dir)
 
     async def prepare() -> None:
         await ensure_database(info.owner_dsn("postgres"), TEMPLATE)
         await prepare_database(info.owner_dsn(TEMPLATE), APP_LOGIN_ROLE, connection.app_password)
 
-    asyncio.run(prepare())
+    try:
+        asyncio.run(prepare())
+    except BaseException:
+        stop_test_cluster(pg, info)
+        raise
+    return pg, info
+
+
+def stop_test_cluster(pg: EmbeddedPostgres, info: Cluster) -> None:
+    pg.stop()
+    shutil.rmtree(pg.pgdata.parent, ignore_errors=True)
+    shutil.rmtree(info.data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    pg, info = start_test_cluster()
     try:
         yield info
     finally:
-        pg.stop()
-        shutil.rmtree(pg.pgdata.parent, ignore_errors=True)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        stop_test_cluster(pg, info)
 
 
 async def create_database(cluster: Cluster, template: str) -> str:
