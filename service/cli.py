@@ -648,6 +648,8 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
         when = done.revoked_at.isoformat()
         what = f"key kid={done.key.kid} of issuer {done.key.issuer} in tenant {args.tenant}"
         print(f"revoked {what} at {when}" if done.newly_revoked else f"{what} was already revoked at {when}")
+        for other_issuer, other_kid in done.also_revoked:  # one key under several names: before migration 0016
+            print(f"revoked the same key under kid={other_kid} of issuer {other_issuer} too")
         if done.active_keys == 0:
             print("the issuer has no other key: it authenticates nobody until a key is added")
         else:

@@ -150,6 +150,14 @@ class RevokedKeyError(ConflictError):
     title = "This key was revoked"
 
 
+class KeyInUseError(ConflictError):
+    """An issuer key already trusted under another name (kid or issuer) of the tenant: a key has one name at
+    a time, so that revoking it by that name stops it."""
+
+    code = "key-in-use"
+    title = "This key is already trusted under another kid or issuer"
+
+
 class AlreadyExistsError(ConflictError):
     code = "already-exists"
     title = "Already exists"

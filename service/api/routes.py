@@ -198,7 +198,8 @@ ROUTES: tuple[Route, ...] = (
         "Trust a public key of a token issuer of the tenant (admin): a key for an existing issuer needs an "
         "endorsement signed by one of its active keys (403 endorsement-required, endorsement-invalid) and "
         "leaves its roles as they are; a new issuer is registered with roles within BEDSIDE_ADMIN_ISSUER_ROLES "
-        "(403 issuer-roles-not-allowed)",
+        "(403 issuer-roles-not-allowed); a key trusted already under another kid or issuer of the tenant is "
+        "refused (409 key-in-use), and so is a revoked one (409 key-revoked)",
         "administration",
         gate=policy.can_manage_issuers,
         body=IssuerKeyBody,
@@ -224,8 +225,8 @@ ROUTES: tuple[Route, ...] = (
         issuers.revoke_issuer_key,
         "revoke_issuer_key",
         "Revoke a key of one of the tenant's token issuers: its tokens are refused at once by this process, "
-        "within BEDSIDE_ISSUER_CACHE_SECONDS by the others. Revoking a revoked key answers the same; the last "
-        "key of an issuer may be revoked (admin)",
+        "within BEDSIDE_ISSUER_CACHE_SECONDS by the others, under every kid and issuer the key has in the "
+        "tenant. Revoking a revoked key answers the same; the last key of an issuer may be revoked (admin)",
         "administration",
         gate=policy.can_manage_issuers,
         body=IssuerKeyRevokeBody,

@@ -37,6 +37,7 @@ from service.errors import (
     FieldProblem,
     InvalidRequestError,
     IssuerRolesNotAllowedError,
+    KeyInUseError,
     NotFoundError,
     RevokedKeyError,
 )
@@ -76,13 +77,15 @@ class TrustedKeys:
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
-    """A revoked issuer key, when, whether this call revoked it (False: it already was), and how many
-    keys of its issuer are still trusted (0: the issuer authenticates nobody now)."""
+    """A revoked issuer key, when, whether this call revoked it (False: it already was), how many keys of
+    its issuer are still trusted (0: the issuer authenticates nobody now), and the other names (issuer, kid)
+    the same public key was trusted under and that this call revoked too."""
 
     key: IssuerKeyRecord
     revoked_at: datetime
     newly_revoked: bool
     active_keys: int
+    also_revoked: tuple[tuple[str, str], ...] = ()  # (issuer, kid): the same key's other names, revoked too
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +144,9 @@ class IssuerService:
         """The operator (`bedside issuer add`) trusts `issuer` in `tenant` (slug) with this public key; the
         key is returned with its kid (its fingerprint unless given). A new issuer gets `roles` (default: all);
         an existing one keeps its own, and other `roles` for it are refused (`set_roles` changes them).
-        Adding the same key again changes nothing; another key under a used kid is refused, and so is a key
-        that was revoked (under any kid or issuer of the tenant: the attempt is audited)."""
+        Adding the same key again (same kid) changes nothing; another key under a used kid is refused, and so
+        are a key trusted under another kid or issuer of the tenant (a key has one name at a time) and a key
+        that was revoked (under any kid or issuer of the tenant); those attempts are audited."""
         if roles is not None and not roles:
             raise InvalidRequestError([FieldProblem(("roles",), "value", "at least one role")])
         key, kid = _checked_key(issuer, public_key_pem, kid)
@@ -191,6 +195,17 @@ class IssuerService:
             async with self._db.transaction(tenant_id) as tx:
                 if await self._issuers.is_revoked(tx, tenant_id, key.pem):
                     raise _revoked().recording(attempt.denied("key-revoked"))
+                # One name per key: else revoking it by the kid a leak is known by leaves it trusted under
+                # another (an endorsement replayed with another kid; the same PEM added twice).
+                elsewhere = [
+                    name for name in await self._issuers.active_names(tx, tenant_id, key.pem) if name != (issuer, kid)
+                ]
+                if elsewhere:
+                    other_issuer, other_kid = elsewhere[0]
+                    refused = _with(
+                        attempt.denied("key-in-use"), active_issuer=other_issuer[:200], active_kid=other_kid[:200]
+                    )
+                    raise _in_use().recording(refused)
                 found = await self._issuers.issuer(tx, tenant_id, issuer, lock_keys=True)
                 created = False
                 if found is None:
@@ -213,6 +228,8 @@ class IssuerService:
                     raise ConflictError("this kid is already registered for another key of the issuer")
                 if outcome == "revoked":
                     raise _revoked().recording(attempt.denied("key-revoked"))
+                if outcome == "in-use":
+                    raise _in_use().recording(attempt.denied("key-in-use"))
                 if outcome == "added":
                     await self._audit.record(tx, event)
         except DomainError as error:
@@ -356,11 +373,15 @@ class IssuerService:
             revoked = await self._issuers.revoke_key(tx, tenant_id, issuer, kid)
             if revoked is not None:
                 active = await self._issuers.count_active(tx, tenant_id, issuer)
-                fields = {
-                    "resource_type": "Issuer",
-                    "resource_id": issuer[:200],
-                    "details": {"kid": kid, "already_revoked": not revoked.newly_revoked, "active_keys": active},
+                details: dict[str, DetailValue] = {
+                    "kid": kid,
+                    "already_revoked": not revoked.newly_revoked,
+                    "active_keys": active,
                 }
+                if revoked.also_revoked:  # the same key under other names (a database from before 0016)
+                    details["also_revoked_issuers"] = [name[:200] for name, _ in revoked.also_revoked]
+                    details["also_revoked_kids"] = [other[:200] for _, other in revoked.also_revoked]
+                fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": details}
                 event = AuditEvent.by_principal_or_operator(by, AuditAction.ISSUER_REVOKE, tenant_id, **fields)
                 await self._audit.record(tx, event)
         if revoked is None:
@@ -378,8 +399,9 @@ class IssuerService:
             )
         # This process stops trusting the key now (the authenticator's verified tokens of it included:
         # it asks `trusted_keys` before reusing one); the others when their cache entry expires.
-        self._forget(tenant, issuer)
-        return Revocation(revoked.key, revoked.revoked_at, revoked.newly_revoked, active)
+        for name in {issuer, *(other for other, _ in revoked.also_revoked)}:
+            self._forget(tenant, name)
+        return Revocation(revoked.key, revoked.revoked_at, revoked.newly_revoked, active, revoked.also_revoked)
 
     def _forget(self, tenant: str, issuer: str) -> None:
         """This process stops using what it cached of the issuer (its keys, its roles)."""
@@ -468,6 +490,13 @@ def _with(event: AuditEvent, **details: DetailValue) -> AuditEvent:
 
 def _revoked() -> RevokedKeyError:
     return RevokedKeyError("this key (or this kid) was revoked and is never trusted again: register a new key")
+
+
+def _in_use() -> KeyInUseError:
+    return KeyInUseError(
+        "this key is already trusted under another kid or issuer of the tenant, and a key has one name at a time "
+        "(so that revoking it by that name stops it): the issuer keys listing shows where"
+    )
 
 
 def _roles_of_existing(by: Principal | None) -> IssuerRolesNotAllowedError:

@@ -42,6 +42,13 @@ class RevokedKeyRecord:
     key: IssuerKeyRecord
     revoked_at: datetime
     newly_revoked: bool  # False: it already was
+    # The same public key's other names (issuer, kid) in the tenant that this revocation revoked too: none
+    # once migration 0016 holds (a key has one active name), some in a database from before it.
+    also_revoked: tuple[tuple[str, str], ...] = ()
+
+
+# Migration 0016's unique index: a public key is trusted under one name (issuer, kid) of its tenant at a time.
+ONE_NAME_PER_KEY = "issuer_keys_one_name_per_key"
 
 
 class IssuerStore:
@@ -61,6 +68,14 @@ class IssuerStore:
     _KEY_BY_KID = """
         SELECT k.public_key_pem, k.revoked_at FROM issuer_keys k
         WHERE k.tenant_id = $1 AND k.issuer_id = $2 AND k.kid = $3
+    """
+    # The names (issuer, kid) the same key material is trusted under in the tenant: at most one since
+    # migration 0016. Stored PEMs are canonical (SubjectPublicKeyInfo, as `load_issuer_public_key` makes
+    # them), so equal text is the same key; the database compares fingerprints (0016's index).
+    _ACTIVE_NAMES = """
+        SELECT i.issuer, k.kid FROM issuer_keys k JOIN issuers i ON i.tenant_id = k.tenant_id AND i.id = k.issuer_id
+        WHERE k.tenant_id = $1 AND k.public_key_pem = $2 AND k.revoked_at IS NULL
+        ORDER BY k.created_at
     """
     # The same key material revoked anywhere in the tenant (under any issuer or kid).
     _REVOKED_PEM = """
@@ -93,7 +108,18 @@ class IssuerStore:
         WHERE i.tenant_id = $1 AND i.issuer = $2 AND k.kid = $3
         FOR UPDATE OF k
     """
-    _REVOKE = "UPDATE issuer_keys SET revoked_at = now() WHERE tenant_id = $1 AND id = $2 RETURNING revoked_at"
+    # A key is revoked under every name it has in the tenant: revoking it by one kid must not leave it trusted
+    # under another (a database from before migration 0016 may hold one key under several).
+    _REVOKE_EVERY_NAME = """
+        WITH revoked AS (
+            UPDATE issuer_keys SET revoked_at = now()
+            WHERE tenant_id = $1 AND public_key_pem = $2 AND revoked_at IS NULL
+            RETURNING id, issuer_id, kid, revoked_at, created_at
+        )
+        SELECT r.id, i.issuer, r.kid, r.revoked_at
+        FROM revoked r JOIN issuers i ON i.tenant_id = $1 AND i.id = r.issuer_id
+        ORDER BY r.created_at
+    """
     _COUNT_ACTIVE = """
         SELECT count(*) FROM issuers i JOIN issuer_keys k ON k.tenant_id = i.tenant_id AND k.issuer_id = i.id
         WHERE i.tenant_id = $1 AND i.issuer = $2 AND k.revoked_at IS NULL
@@ -143,7 +169,8 @@ class IssuerStore:
         self, tx: Tx, tenant_id: UUID, issuer_id: UUID, kid: str, algorithm: str, public_key_pem: str
     ) -> str:
         """Add a key to the issuer. Returns "added", "unchanged" (same kid, same key), "conflict" (the kid is
-        taken by another key) or "revoked" (this key was revoked in the tenant, or this kid in the issuer).
+        taken by another key), "in-use" (this key is trusted under another name in the tenant) or "revoked"
+        (this key was revoked in the tenant, or this kid in the issuer).
         Anything but "added" and "unchanged" must roll the transaction back: after "revoked" it may be
         aborted (migration 0013's trigger refused the row)."""
         try:
@@ -152,6 +179,10 @@ class IssuerStore:
             if exc.constraint_name is not None:
                 raise  # a column's own CHECK: the domain validates before, so a bug of ours
             return "revoked"  # migration 0013's trigger: this key was revoked since the domain checked
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            if exc.constraint_name != ONE_NAME_PER_KEY:
+                raise
+            return "in-use"  # migration 0016's index: a registration under another name committed meanwhile
         if inserted:
             return "added"
         existing = await tx.conn.fetchrow(self._KEY_BY_KID, tenant_id, issuer_id, kid)
@@ -164,15 +195,24 @@ class IssuerStore:
         old = await tx.conn.fetchval(self._SET_ROLES, tenant_id, issuer, list(roles))
         return None if old is None else tuple(old)
 
+    async def active_names(self, tx: Tx, tenant_id: UUID, public_key_pem: str) -> list[tuple[str, str]]:
+        """The names (issuer, kid) this public key is trusted under in the tenant, oldest first."""
+        rows = await tx.conn.fetch(self._ACTIVE_NAMES, tenant_id, public_key_pem)
+        return [(row["issuer"], row["kid"]) for row in rows]
+
     async def revoke_key(self, tx: Tx, tenant_id: UUID, issuer: str, kid: str) -> RevokedKeyRecord | None:
-        """Revoke the key `kid` of `issuer` (a revoked one stays as it is); None if the issuer has no such key."""
+        """Revoke the key `kid` of `issuer`, and the same public key under every other name it is trusted
+        under in the tenant (a revoked one stays as it is); None if the issuer has no such key."""
         row = await tx.conn.fetchrow(self._KEY_FOR_UPDATE, tenant_id, issuer, kid)
         if row is None:
             return None
+        revoked = await tx.conn.fetch(self._REVOKE_EVERY_NAME, tenant_id, row["public_key_pem"])
+        others = tuple((r["issuer"], r["kid"]) for r in revoked if r["id"] != row["id"])
         if row["revoked_at"] is not None:
-            return RevokedKeyRecord(_key(row, row), row["revoked_at"], newly_revoked=False)
-        revoked_at = await tx.conn.fetchval(self._REVOKE, tenant_id, row["id"])
-        return RevokedKeyRecord(replace(_key(row, row), revoked_at=revoked_at), revoked_at, newly_revoked=True)
+            return RevokedKeyRecord(_key(row, row), row["revoked_at"], newly_revoked=False, also_revoked=others)
+        (revoked_at,) = [r["revoked_at"] for r in revoked if r["id"] == row["id"]]
+        key = replace(_key(row, row), revoked_at=revoked_at)
+        return RevokedKeyRecord(key, revoked_at, newly_revoked=True, also_revoked=others)
 
     async def count_active(self, tx: Tx, tenant_id: UUID, issuer: str) -> int:
         return int(await tx.conn.fetchval(self._COUNT_ACTIVE, tenant_id, issuer))

@@ -120,13 +120,25 @@ async def migrate(conn: Conn, known: list[Migration] | None = None) -> list[Migr
         for migration in known:
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(_RECORD, migration.version, migration.name, migration.checksum)
+            try:
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(_RECORD, migration.version, migration.name, migration.checksum)
+            except asyncpg.exceptions.RaiseError as refused:
+                # A migration that checks the data first and refuses (RAISE EXCEPTION, in words of our own
+                # that name no patient data): the operator reads why and what to do, not a traceback.
+                raise MigrationError(_refusal(migration, refused)) from None
             ran.append(migration)
         return ran
     finally:
         await conn.execute("SELECT pg_catalog.pg_advisory_unlock($1)", MIGRATION_LOCK)
+
+
+def _refusal(migration: Migration, refused: asyncpg.exceptions.RaiseError) -> str:
+    """Why a migration refused to run, with its detail and hint, one per line."""
+    lines = [f"migration {migration.version:04d}_{migration.name} refused to run: {refused.message}"]
+    lines += [str(part) for part in (refused.detail, refused.hint) if part]
+    return "\n".join(lines)
 
 
 _ROLE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)"

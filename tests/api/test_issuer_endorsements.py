@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import jwt
 import pytest
 from aiohttp import ClientResponse
 
@@ -281,6 +282,70 @@ async def test_an_endorsement_by_a_revoked_key_is_refused_and_names_that_key(
     )
     assert endorsed.status == 201, await endorsed.text()
     assert await _me(client, new) == 200
+
+
+async def test_an_endorsement_replayed_with_another_kid_is_refused_and_revoking_the_key_stops_it(
+    client, portals: Portals, services: Services, database: Dsns
+) -> None:
+    # An endorsement binds the key, not its kid: replayed with another kid, it used to register the same key
+    # a second time (201), and revoking the kid the portal knew left the key trusted under the other.
+    new = TestIssuer(tenant="acme", issuer=ISSUER, kid="portal-key-2")
+    endorsement = portals.acme.endorse(new)
+    first = await client.post(ISSUERS, json=_body(new, endorsement=endorsement), headers=portals.acme.auth(**ADMIN))
+    assert first.status == 201, await first.text()
+
+    replay = await client.post(
+        ISSUERS, json=_body(new, kid="shadow", endorsement=endorsement), headers=portals.acme.auth(**ADMIN)
+    )
+
+    await _problem(replay, 409, "key-in-use")
+    assert await _acme_keys(client, portals) == [(ISSUER, "portal-key-1"), (ISSUER, "portal-key-2")]
+    (added, refused) = await _admins_adds(database)
+    assert (added["outcome"], refused["outcome"]) == ("success", "denied")
+    assert _details(refused) == {
+        "kid": "shadow",
+        "reason": "key-in-use",
+        "active_issuer": ISSUER,
+        "active_kid": "portal-key-2",
+    }
+    # The same key under the same kid stays the no-op retry it was.
+    again = await client.post(ISSUERS, json=_body(new, endorsement=endorsement), headers=portals.acme.auth(**ADMIN))
+    assert again.status == 201, await again.text()
+
+    # The key leaks; the operator revokes it by the kid it was registered under: it signs nothing any more,
+    # whatever kid its tokens name, or none.
+    await services.issuers.revoke_key("acme", ISSUER, "portal-key-2")
+    physician = {"role": "physician", "sub": "Practitioner/7"}
+    unnamed = jwt.encode(new.claims(**physician), new.private_key, algorithm="EdDSA")  # no kid: every key is tried
+    for token in (new.token(**physician, headers={"kid": "shadow"}), new.token(**physician), unnamed):
+        assert (await client.get("/v1/me", headers={"Authorization": f"Bearer {token}"})).status == 401
+
+
+class TestAnEndorsedKeyUnderAnotherIssuer:
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        """Admins may register new issuers (for patients and proxies), whatever the default."""
+        return settings.model_copy(update={"admin_issuer_roles": frozenset({Role.PATIENT, Role.PROXY})})
+
+    async def test_is_refused_a_key_has_one_name_in_the_tenant(self, client, portals: Portals, database: Dsns) -> None:
+        # The admin's own issuer, registered with the portal's endorsed key: two issuers, one key.
+        new = TestIssuer(tenant="acme", issuer=ISSUER, kid="portal-key-2")
+        endorsed = await client.post(
+            ISSUERS, json=_body(new, endorsement=portals.acme.endorse(new)), headers=portals.acme.auth(**ADMIN)
+        )
+        assert endorsed.status == 201, await endorsed.text()
+        elsewhere = TestIssuer(tenant="acme", issuer="https://admins-own.acme.test", kid="portal-key-2")
+        elsewhere.private_key = new.private_key
+
+        response = await client.post(
+            ISSUERS, json=_body(elsewhere, roles=["patient"]), headers=portals.acme.auth(**ADMIN)
+        )
+
+        await _problem(response, 409, "key-in-use")
+        assert await _me(client, elsewhere, {"role": "patient", "sub": "Patient/1"}) == 401
+        assert await _acme_keys(client, portals) == [(ISSUER, "portal-key-1"), (ISSUER, "portal-key-2")]
+        refused = (await _admins_adds(database))[-1]
+        assert (refused["resource_id"], _details(refused)["reason"]) == ("https://admins-own.acme.test", "key-in-use")
 
 
 async def test_an_issuer_with_no_active_key_gets_a_new_one_from_the_operator_only(

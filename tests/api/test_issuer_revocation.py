@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import asyncpg
 import jwt
 import pytest
 
 from service.domain.audit import decode_entry
+from service.errors import KeyInUseError
 from service.settings import Settings
 from tests.conftest import Dsns, Portals, Services
 from tests.support import TestIssuer, audit_events
@@ -153,6 +155,77 @@ async def test_a_revoked_key_is_never_trusted_again_but_a_new_one_is_at_once(
     }
     assert (await client.post("/v1/admin/issuers", json=body, headers=admin)).status == 201
     assert await _me(client, fresh.token()) == 200  # the cache of this issuer was cleared by the add
+
+
+async def test_a_key_revoked_under_one_kid_is_refused_under_every_kid(
+    client, portals: Portals, services: Services, database: Dsns
+) -> None:
+    # The operator, too, could hold one key under two kids (or issuers) and revoke only one of them.
+    for issuer, kid in ((ISSUER, "portal-key-1-again"), ("https://other.acme.test", "portal-key-1")):
+        with pytest.raises(KeyInUseError):
+            await services.issuers.add_key("acme", issuer, portals.acme.public_pem, kid=kid)
+    attempts = await audit_events(database.owner, "action = 'issuer:add' AND outcome = 'denied'")
+    assert [(e["actor_role"], e["resource_id"], _details(e)) for e in attempts] == [
+        (
+            "operator",
+            issuer,
+            {"kid": kid, "reason": "key-in-use", "active_issuer": ISSUER, "active_kid": "portal-key-1"},
+        )
+        for issuer, kid in ((ISSUER, "portal-key-1-again"), ("https://other.acme.test", "portal-key-1"))
+    ]
+    # The same key under the same name is still the no-op it was.
+    await services.issuers.add_key("acme", ISSUER, portals.acme.public_pem, kid="portal-key-1")
+
+    await services.issuers.revoke_key("acme", ISSUER, "portal-key-1")
+
+    # The key portal-key-1 named is revoked for good: a token it signs is refused, whatever kid it names.
+    for kid in ("portal-key-1-again", "portal-key-1"):
+        assert await _me(client, portals.acme.token(headers={"kid": kid})) == 401, kid
+    unnamed = jwt.encode(portals.acme.claims(), portals.acme.private_key, algorithm="EdDSA")
+    assert await _me(client, unnamed) == 401
+
+
+async def test_revoking_a_key_held_under_two_names_from_before_migration_0016_revokes_both(
+    client, portals: Portals, services: Services, database: Dsns
+) -> None:
+    """A database from before 0016 may hold one key under several names (0016 refuses to run on it until
+    they are revoked): revoking any one of them revokes the key under all, and the event names each."""
+    owner = await asyncpg.connect(database.owner)
+    try:
+        await owner.execute("DROP INDEX IF EXISTS issuer_keys_one_name_per_key")  # as before 0016
+        await owner.execute(
+            "INSERT INTO issuers (tenant_id, issuer, roles, registered_by) "
+            "SELECT tenant_id, 'https://other.acme.test', roles, 'admin' FROM issuers WHERE issuer = $1",
+            ISSUER,
+        )
+        for issuer, kid in ((ISSUER, "shadow"), ("https://other.acme.test", "elsewhere")):
+            await owner.execute(
+                "INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem) "
+                "SELECT k.tenant_id, i.id, $2, k.algorithm, k.public_key_pem FROM issuer_keys k "
+                "JOIN issuers i ON i.tenant_id = k.tenant_id AND i.issuer = $1 WHERE k.kid = 'portal-key-1'",
+                issuer,
+                kid,
+            )
+    finally:
+        await owner.close()
+    other = TestIssuer(tenant="acme", issuer="https://other.acme.test", kid="elsewhere")
+    other.private_key = portals.acme.private_key
+    assert await _me(client, other.token()) == 200
+
+    response = await _revoke(client, portals.acme.auth(**ADMIN), kid="shadow")
+
+    assert response.status == 200, await response.text()
+    assert (await response.json())["active_keys"] == 0
+    for token in (portals.acme.token(), portals.acme.token(headers={"kid": "shadow"}), other.token()):
+        assert await _me(client, token) == 401
+    (revoked,) = await audit_events(database.owner, "action = 'issuer:revoke'")
+    assert _details(revoked) == {
+        "kid": "shadow",
+        "already_revoked": False,
+        "active_keys": 0,
+        "also_revoked_issuers": [ISSUER, "https://other.acme.test"],
+        "also_revoked_kids": ["portal-key-1", "elsewhere"],
+    }
 
 
 @pytest.mark.parametrize(

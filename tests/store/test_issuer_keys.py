@@ -9,6 +9,7 @@ import pytest
 
 from service.domain.principal import Role
 from tests.conftest import Dsns, Portals, Services
+from tests.support import TestIssuer
 
 ISSUER = "https://portal.acme.test"
 
@@ -92,3 +93,48 @@ async def test_the_app_role_may_change_an_issuers_roles_to_known_ones_but_never_
 
     trusted = await services.issuers.trusted_keys("acme", ISSUER)
     assert trusted.roles == {Role.PATIENT, Role.PROXY}
+
+
+SECOND_NAME = """
+    INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem)
+    SELECT k.tenant_id, i.id, $2, k.algorithm, CASE WHEN $3 THEN replace(k.public_key_pem, E'\\n', E'\\r\\n')
+        ELSE k.public_key_pem END
+    FROM issuer_keys k JOIN issuers i ON i.tenant_id = k.tenant_id AND i.issuer = $1
+    WHERE k.kid = 'portal-key-1'
+"""
+
+
+async def _second_name_in_acme(conn: asyncpg.Connection, issuer: str, kid: str, other_line_ends: bool) -> None:
+    """As the application role in acme: portal-key-1's public key again, as `kid` of `issuer`, trusted."""
+    async with conn.transaction():
+        tenant: UUID = await conn.fetchval("SELECT id FROM tenants WHERE slug = 'acme'")
+        await conn.execute("SELECT set_config('bedside.tenant_id', $1, true)", str(tenant))
+        await conn.execute(SECOND_NAME, issuer, kid, other_line_ends)
+
+
+@pytest.mark.parametrize(
+    ("issuer", "kid", "other_line_ends"),
+    [
+        (ISSUER, "portal-key-1b", False),
+        ("https://other.acme.test", "portal-key-1", False),
+        (ISSUER, "portal-key-1c", True),  # the same key in another PEM layout
+    ],
+    ids=["another-kid", "another-issuer", "another-pem-layout"],
+)
+async def test_the_app_role_cannot_trust_one_key_under_a_second_name(
+    portals: Portals, services: Services, database: Dsns, issuer: str, kid: str, other_line_ends: bool
+) -> None:
+    """Migration 0016: an active key has one name (issuer, kid) in its tenant, so revoking that name stops it.
+    The service refuses a second one (409 key-in-use); so does the database, comparing the keys' fingerprints,
+    for whoever holds the application's login."""
+    if issuer != ISSUER:
+        await services.issuers.add_key("acme", issuer, TestIssuer(tenant="acme", issuer=issuer).public_pem, kid="k0")
+    conn = await asyncpg.connect(database.app)
+    try:
+        with pytest.raises(asyncpg.exceptions.UniqueViolationError, match="issuer_keys_one_name_per_key"):
+            await _second_name_in_acme(conn, issuer, kid, other_line_ends)
+    finally:
+        await conn.close()
+
+    trusted = await services.issuers.trusted_keys("acme", ISSUER)
+    assert [k.kid for k in trusted.keys] == ["portal-key-1"]

@@ -10,9 +10,16 @@ import asyncpg
 import pytest
 
 from service.app import create_app
+from service.domain.audit import AuditRecorder
+from service.domain.issuers import IssuerService
 from service.errors import ConfigurationError
 from service.settings import Settings
+from service.store.audit import AuditStore
+from service.store.db import Database
+from service.store.issuers import IssuerStore
 from service.store.migrate import MigrationError, load_migrations, migrate, schema_status
+from service.store.tenants import TenantStore
+from tests.support import TestIssuer
 
 
 async def _connect(dsn: str) -> asyncpg.Connection:
@@ -137,6 +144,87 @@ async def test_0015_keeps_every_existing_issuer_at_all_six_roles(empty_database)
             with pytest.raises(asyncpg.CheckViolationError):
                 await conn.execute(insert, tenant, roles, registered_by)
         await conn.execute(insert, tenant, ["patient", "proxy"], "admin")
+    finally:
+        await conn.close()
+
+
+async def test_0016_refuses_a_database_holding_one_key_under_two_names_until_the_operator_revokes_it(
+    empty_database,
+) -> None:
+    """Before 0016 one key could be trusted under several names (kids, issuers) of a tenant, and revoking one
+    left it trusted under the others. 0016 makes a key's name unique; on a database that holds such a key it
+    revokes nothing (it cannot know which name the portal uses), fails naming each, and runs once the
+    operator has revoked them with this version's `bedside issuer revoke`, which revokes every name."""
+    known = load_migrations()
+    conn = await _connect(empty_database.owner)
+    try:
+        await migrate(conn, known[:15])
+        portal, leaked, fine = (TestIssuer(tenant="acme", issuer="https://portal.acme.test") for _ in range(3))
+        tenant = await conn.fetchval("INSERT INTO tenants (slug) VALUES ('acme') RETURNING id")
+        issuers = {}
+        for issuer in ("https://portal.acme.test", "https://other.acme.test"):
+            issuers[issuer] = await conn.fetchval(
+                "INSERT INTO issuers (tenant_id, issuer, roles, registered_by) VALUES ($1, $2, '{patient}', "
+                "'operator') RETURNING id",
+                tenant,
+                issuer,
+            )
+        rows = [  # (issuer, kid, key)
+            ("https://portal.acme.test", "portal-key-1", portal),
+            ("https://portal.acme.test", "portal-key-1-again", portal),  # two active names
+            ("https://other.acme.test", "portal-key-1", portal),  # a third, under another issuer
+            ("https://portal.acme.test", "leaked", leaked),
+            ("https://portal.acme.test", "shadow", leaked),
+            ("https://portal.acme.test", "fine", fine),  # one name: nothing to say
+        ]
+        for issuer, kid, key in rows:
+            await conn.execute(
+                "INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem) "
+                "VALUES ($1, $2, $3, 'EdDSA', $4)",
+                tenant,
+                issuers[issuer],
+                kid,
+                key.public_pem.decode(),
+            )
+        # Revoked by the kid the leak was known by, as the code before 0016 did: still trusted as "shadow".
+        await conn.execute("UPDATE issuer_keys SET revoked_at = now() WHERE kid = 'leaked'")
+
+        with pytest.raises(MigrationError) as refused:
+            await migrate(conn, known[:16])
+
+        assert str(refused.value).splitlines() == [
+            "migration 0016_one_name_per_issuer_key refused to run: 2 issuer key(s) are registered under more "
+            "than one name (issuer and kid) of their tenant and still trusted under at least one; a key may have "
+            "one name only. Nothing was changed",
+            "tenant acme: one key under issuer https://portal.acme.test kid leaked (revoked), "
+            "issuer https://portal.acme.test kid shadow (active)",
+            "tenant acme: one key under issuer https://portal.acme.test kid portal-key-1 (active), "
+            "issuer https://portal.acme.test kid portal-key-1-again (active), "
+            "issuer https://other.acme.test kid portal-key-1 (active)",
+            "Revoke each of these keys with `bedside issuer revoke --tenant T --issuer ISS --kid K` of this "
+            "version (any one of its names: it revokes the key under all of them; give the portal a new key "
+            "first if it still signs with this one), then run `bedside migrate` again.",
+        ]
+        assert (await schema_status(conn, known[:16])).applied == 15
+        assert await conn.fetchval("SELECT count(*) FROM issuer_keys WHERE revoked_at IS NULL") == 5
+    finally:
+        await conn.close()
+
+    # The operator does as told, with the service's login, on the schema as it is.
+    db = await Database.connect(empty_database.app, min_size=1, max_size=2)
+    try:
+        tenants = TenantStore()
+        issuer_service = IssuerService(db, tenants, IssuerStore(), AuditRecorder(AuditStore(), db), cache_seconds=0)
+        for kid in ("portal-key-1-again", "leaked"):
+            await issuer_service.revoke_key("acme", "https://portal.acme.test", kid)
+    finally:
+        await db.close()
+
+    conn = await _connect(empty_database.owner)
+    try:
+        assert [m.name for m in await migrate(conn, known[:16])] == ["one_name_per_issuer_key"]
+        active = await conn.fetch("SELECT kid FROM issuer_keys WHERE revoked_at IS NULL")
+        assert [r["kid"] for r in active] == ["fine"]
     finally:
         await conn.close()
 
