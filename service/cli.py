@@ -216,7 +216,7 @@ async def _trust_dev_issuer(settings: Settings, issuers: IssuerService, tenant: 
     pair = issuer_key_pair_from_private_pem(path.read_bytes())
     # An operator who revoked it meant it: it stays revoked, and the server starts all the same.
     with contextlib.suppress(RevokedKeyError):
-        await issuers.add_key(tenant, DEV_ISSUER, pair.public.pem.encode(), kid=pair.public.fingerprint)
+        await issuers.add_dev_key(tenant, pair.public.pem.encode())
 
 
 @contextlib.asynccontextmanager

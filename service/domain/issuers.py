@@ -46,7 +46,11 @@ from service.store.db import Database, Tx
 from service.store.issuers import IssuerKeyRecord, IssuerRecord, IssuerStore
 from service.store.tenants import TenantStore
 
-DEV_ISSUER = "urn:bedside:dev-issuer"
+# Issuer names the service gives itself: the development issuer, and `urn:bedside:webhook:<endpoint id>`, the
+# issuer of an inbound webhook reply's principal (domain/inbound.py). Nobody registers one: else a token of
+# theirs would carry, in every audit event, an issuer the log's reader takes for the service's own.
+RESERVED_ISSUER_PREFIX = "urn:bedside:"
+DEV_ISSUER = RESERVED_ISSUER_PREFIX + "dev-issuer"
 
 # An endorsement: a JWS an active key of the issuer signs over the fingerprint of the key to add. Its
 # `purpose` keeps it apart from a login token both ways (the authenticator refuses a token with a `purpose`;
@@ -150,11 +154,22 @@ class IssuerService:
         if roles is not None and not roles:
             raise InvalidRequestError([FieldProblem(("roles",), "value", "at least one role")])
         key, kid = _checked_key(issuer, public_key_pem, kid)
+        return await self._add(await self._tenant_id(tenant), tenant, issuer, key, kid, roles, None, by=None)
+
+    async def add_dev_key(self, tenant: str, public_key_pem: bytes) -> IssuerKeyRecord:
+        """Embedded mode only: trust the development issuer (`DEV_ISSUER`, a name of the service's own that
+        nobody else may register) in `tenant` (slug) with this key, under its fingerprint, with all six roles.
+        As `add_key` otherwise: adding it again changes nothing, and a revoked key stays revoked."""
+        key, kid = _checked_key(DEV_ISSUER, public_key_pem, None)
+        tenant_id = await self._tenant_id(tenant)
+        return await self._add(tenant_id, tenant, DEV_ISSUER, key, kid, None, None, by=None, own_name=True)
+
+    async def _tenant_id(self, tenant: str) -> UUID:
         async with self._db.transaction() as tx:
             found = await self._tenants.by_slug(tx, tenant)
         if found is None:
             raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
-        return await self._add(found.id, tenant, issuer, key, kid, roles, None, by=None)
+        return found.id
 
     async def add_key_as(
         self,
@@ -188,10 +203,13 @@ class IssuerService:
         endorsement: str | None,
         *,
         by: Principal | None,
+        own_name: bool = False,
     ) -> IssuerKeyRecord:
         fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": {"kid": kid[:200]}}
         attempt = AuditEvent.by_principal_or_operator(by, AuditAction.ISSUER_ADD, tenant_id, **fields)
         try:
+            if is_reserved_issuer(issuer) and not own_name:
+                raise _reserved().recording(attempt.denied("reserved-issuer-name"))
             async with self._db.transaction(tenant_id) as tx:
                 if await self._issuers.is_revoked(tx, tenant_id, key.pem):
                     raise _revoked().recording(attempt.denied("key-revoked"))
@@ -467,6 +485,19 @@ def _checked_key(issuer: str, public_key_pem: bytes, kid: str | None) -> tuple[I
     if problems:
         raise InvalidRequestError(problems)
     return key, kid or key.fingerprint
+
+
+def is_reserved_issuer(issuer: str) -> bool:
+    """Whether `issuer` is in the service's own namespace (`urn:bedside:`, any case, blanks around ignored:
+    a URN's scheme and namespace are case-insensitive, RFC 8141, and a reader does not see the blanks)."""
+    return issuer.strip().casefold().startswith(RESERVED_ISSUER_PREFIX)
+
+
+def _reserved() -> InvalidRequestError:
+    return InvalidRequestError(
+        [FieldProblem(("issuer",), "reserved", "names starting urn:bedside: are the service's own")],
+        "This issuer name is reserved",
+    )
 
 
 def _already_active(found: IssuerRecord, kid: str, key: IssuerPublicKey) -> bool:

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from aiohttp import ClientResponse
 
 from service.domain.audit import decode_entry
 from service.domain.principal import Role
+from service.errors import InvalidRequestError
 from service.settings import Settings
 from tests.conftest import Dsns, Portals, Services
 from tests.support import TestIssuer, audit_events
@@ -479,6 +481,51 @@ class TestTheOperatorCapsTheRolesOfIssuersAdminsRegister:
         body = _body(new, endorsement=portals.acme.endorse(new))
         assert (await client.post(ISSUERS, json=body, headers=portals.acme.auth(**ADMIN))).status == 201
         assert await _me(client, new, PHYSICIAN) == 200
+
+
+class TestTheServicesOwnIssuerNamesAreReserved:
+    """`urn:bedside:webhook:<endpoint id>` is the issuer the service gives an inbound webhook reply's principal,
+    `urn:bedside:dev-issuer` embedded mode's development issuer: registered by anyone else, their tokens would
+    carry in every audit event an issuer the log's reader takes for the service's own."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        """Admins may register new issuers (for patients and proxies), whatever the default."""
+        return settings.model_copy(update={"admin_issuer_roles": frozenset({Role.PATIENT, Role.PROXY})})
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            f"urn:bedside:webhook:{uuid.UUID(int=7)}",
+            "urn:bedside:dev-issuer",
+            "URN:Bedside:webhook:x",  # a URN's scheme and namespace are case-insensitive (RFC 8141)
+            " urn:bedside:anything",
+        ],
+        ids=["webhook-endpoint-issuer", "dev-issuer", "other-case", "leading-blank"],
+    )
+    async def test_an_admin_cannot_register_an_issuer_in_the_services_own_namespace(
+        self, client, portals: Portals, services: Services, database: Dsns, name: str
+    ) -> None:
+        own = TestIssuer(tenant="acme", issuer=name, kid="mine")
+        before = await _issuer_rows(database)
+
+        response = await client.post(ISSUERS, json=_body(own, roles=["patient"]), headers=portals.acme.auth(**ADMIN))
+
+        problem = await _problem(response, 422, "validation-failed")
+        assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["issuer"], "reserved")]
+        assert await _issuer_rows(database) == before
+        assert await _me(client, own, {"role": "patient", "sub": "Patient/1"}) == 401
+        (attempt,) = await _admins_adds(database)
+        assert (attempt["outcome"], attempt["resource_id"]) == ("denied", name)
+        assert _details(attempt) == {"kid": "mine", "reason": "reserved-issuer-name"}
+
+        # Nor the operator (embedded mode registers the development issuer itself: tests/e2e/test_cli.py).
+        with pytest.raises(InvalidRequestError) as refused:
+            await services.issuers.add_key("acme", name, own.public_pem, kid="mine")
+        assert [p.type for p in refused.value.problems] == ["reserved"]
+        assert await _issuer_rows(database) == before
+        operators = await audit_events(database.owner, "action = 'issuer:add' AND actor_role = 'operator'")
+        assert [(e["outcome"], _details(e)["reason"]) for e in operators[2:]] == [("denied", "reserved-issuer-name")]
 
 
 class TestByDefaultAdminsRegisterNoNewIssuers:

@@ -205,6 +205,23 @@ async def test_a_revoked_development_key_stays_revoked_when_serve_trusts_it_agai
     assert [(k.kid, k.revoked_at) for k in await services.issuers.list_keys("demo")] == [(key.kid, revoked.revoked_at)]
 
 
+async def test_the_operator_cannot_register_an_issuer_in_the_services_own_namespace(
+    database, services: Services, tmp_path: Path
+) -> None:
+    # Only embedded mode's own start-up registers the development issuer (test above); `issuer add` refuses.
+    assert _run("tenant", "create", "acme", "--database-url", database.app).returncode == 0
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(TestIssuer(tenant="acme", issuer=DEV_ISSUER).public_pem)
+    for name in (DEV_ISSUER, "urn:bedside:webhook:00000000-0000-0000-0000-000000000007"):
+        add = ("issuer", "add", "--tenant", "acme", "--issuer", name, "--public-key", str(key_file))
+        refused = _run(*add, "--database-url", database.app)
+        assert refused.returncode == 1
+        assert refused.stderr == (
+            "bedside: This issuer name is reserved: issuer: names starting urn:bedside: are the service's own\n"
+        )
+    assert await services.issuers.list_keys("acme") == []
+
+
 def test_cli_errors_are_one_clear_line_not_a_traceback(database, tmp_path: Path) -> None:
     weak = tmp_path / "weak.pem"
     weak.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
