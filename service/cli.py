@@ -226,7 +226,9 @@ async def _services(dsn: str, settings: Settings) -> Any:
         tenant_store, recorder = TenantStore(), AuditRecorder(AuditStore(), db)
         yield (
             TenantService(db, tenant_store, recorder),
-            IssuerService(db, tenant_store, IssuerStore(), recorder, cache_seconds=0),
+            IssuerService(
+                db, tenant_store, IssuerStore(), recorder, cache_seconds=0, admin_roles=settings.admin_issuer_roles
+            ),
         )
     finally:
         await db.close()
@@ -635,7 +637,9 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
 
     async def roles(target: Target) -> None:
         async with _services(target.app_dsn, settings) as (_, issuers):
-            change = await issuers.set_roles(args.tenant, args.issuer, args.roles)
+            change = await issuers.set_roles(
+                args.tenant, args.issuer, args.roles, trust_admin_registered=args.trust_admin_registered
+            )
         print(f"issuer {change.issuer} in tenant {args.tenant}: roles {','.join(change.old)} -> {','.join(change.new)}")
         print(
             "running servers apply them within their BEDSIDE_ISSUER_CACHE_SECONDS "
@@ -954,6 +958,12 @@ def build_parser() -> argparse.ArgumentParser:
     roles.add_argument("--tenant", required=True)
     roles.add_argument("--issuer", required=True, help="the tokens' `iss`")
     roles.add_argument("--roles", required=True, type=_role_list, help="e.g. physician,staff (at least one)")
+    roles.add_argument(
+        "--trust-admin-registered",
+        action="store_true",
+        help="an issuer a tenant admin registered: give it roles beyond BEDSIDE_ADMIN_ISSUER_ROLES all the same "
+        "(every key of it gets them, the admin's included; recorded in the audit event)",
+    )
     issuer.set_defaults(func=cmd_issuer)
 
     keys = sub.add_parser("keys", help="key-encryption keys: status, rotation, crypto-shredding")

@@ -10,7 +10,10 @@ the database for each one. Adding or revoking a key, or changing an issuer's rol
 The operator registers issuers and keys as they like. A tenant admin adds a key to an existing issuer only
 with an endorsement, a JWS one of the issuer's active keys signed over the new key's fingerprint (the portal
 rotating its own key), and registers new issuers only with the roles the operator lets admins give: an
-admin cannot sign tokens under the portal's name, nor give themselves roles the operator kept back.
+admin cannot sign tokens under the portal's name, nor give themselves roles the operator kept back; nor
+can the operator be led into giving them (`set_roles` keeps an admin's issuer within those roles unless told
+otherwise). A key has one name (issuer, kid) in its tenant at a time, and revoking it revokes it under every
+name, so a revoked key signs nothing. Names under `urn:bedside:` are the service's own.
 """
 
 from __future__ import annotations
@@ -237,7 +240,7 @@ class IssuerService:
                         return _record(found, kid, key)  # a repeat of what is already so: nothing to check
                     if roles is not None and (by is not None or not same_roles):
                         refused = _with(attempt.denied("roles-of-existing-issuer"), roles=list(role_names(roles)))
-                        raise _roles_of_existing(by).recording(refused)
+                        raise _roles_of_existing(by, found).recording(refused)
                     if by is not None:
                         endorser = self._endorser(endorsement, tenant, found, key, attempt)
                         event = _with(attempt, endorsed_by=endorser[:200])
@@ -338,33 +341,49 @@ class IssuerService:
             raise TokenRefusedError("wrong-key", key_id=signer.kid)
         return signer.kid
 
-    async def set_roles(self, tenant: str, issuer: str, roles: frozenset[Role]) -> RolesChange:
+    async def set_roles(
+        self, tenant: str, issuer: str, roles: frozenset[Role], *, trust_admin_registered: bool = False
+    ) -> RolesChange:
         """The operator (`bedside issuer roles`) sets the roles an existing issuer's tokens may claim. Takes
         effect at once in this process, within the issuer-key cache's lifetime in the others. NotFoundError
-        for an issuer the tenant does not have (nothing recorded: nothing was done)."""
+        for an issuer the tenant does not have (nothing recorded: nothing was done).
+
+        An issuer a tenant admin registered holds the admin's keys: roles it does not have yet and that
+        `admin_roles` (BEDSIDE_ADMIN_ISSUER_ROLES) does not allow are refused (audited), unless
+        `trust_admin_registered` says the operator trusts its keys with them (recorded in the event)."""
         if not roles:
             raise InvalidRequestError([FieldProblem(("roles",), "value", "at least one role")])
         if not is_plain_text(issuer, 300):
             raise InvalidRequestError([FieldProblem(("issuer",), "value", "1 to 300 printable characters")])
-        async with self._db.transaction() as tx:
-            found = await self._tenants.by_slug(tx, tenant)
-        if found is None:
-            raise InvalidRequestError([FieldProblem(("tenant",), "unknown", "no such tenant")])
+        tenant_id = await self._tenant_id(tenant)
         names = role_names(roles)
-        async with self._db.transaction(found.id) as tx:
-            old = await self._issuers.set_roles(tx, found.id, issuer, names)
-            if old is not None:
-                details = {"old_roles": list(old), "new_roles": list(names)}
-                event = AuditEvent.by_operator(
-                    AuditAction.ISSUER_ROLES,
-                    tenant_id=found.id,
-                    resource_type="Issuer",
-                    resource_id=issuer[:200],
-                    details=details,
-                )
+        fields = {"tenant_id": tenant_id, "resource_type": "Issuer", "resource_id": issuer[:200]}
+        try:
+            async with self._db.transaction(tenant_id) as tx:
+                found = await self._issuers.issuer(tx, tenant_id, issuer, lock_roles=True)
+                if found is None:
+                    raise NotFoundError("this tenant has no such issuer")
+                details: dict[str, DetailValue] = {"old_roles": list(found.roles), "new_roles": list(names)}
+                if found.registered_by == "admin":
+                    beyond = [r for r in names if r not in found.roles and Role(r) not in self._admin_roles]
+                    details["registered_by"] = "admin"
+                    if beyond and not trust_admin_registered:
+                        refused = AuditEvent.by_operator(AuditAction.ISSUER_ROLES, **fields, details=details)
+                        refused = _with(refused.denied("roles-beyond-admin-roles"), beyond_admin_roles=beyond)
+                        raise _admins_issuer(found, self._admin_roles, beyond).recording(refused)
+                    if beyond:
+                        details["beyond_admin_roles"] = beyond
+                    if trust_admin_registered:
+                        details["trust_admin_registered"] = True
+                old = await self._issuers.set_roles(tx, tenant_id, issuer, names)
+                if old is None:  # never: its row is locked
+                    raise NotFoundError("this tenant has no such issuer")
+                event = AuditEvent.by_operator(AuditAction.ISSUER_ROLES, **fields, details=details)
                 await self._audit.record(tx, event)
-        if old is None:
-            raise NotFoundError("this tenant has no such issuer")
+        except DomainError as error:
+            if isinstance(error.audit, AuditEvent):  # the operator's refusal, recorded once it has ended
+                await self._audit.record_alone(error.audit)
+            raise
         self._forget(tenant, issuer)
         return RolesChange(issuer, old, names)
 
@@ -530,12 +549,38 @@ def _in_use() -> KeyInUseError:
     )
 
 
-def _roles_of_existing(by: Principal | None) -> IssuerRolesNotAllowedError:
-    if by is None:
+def _roles_of_existing(by: Principal | None, found: IssuerRecord) -> IssuerRolesNotAllowedError:
+    if by is not None:
+        return IssuerRolesNotAllowedError("An existing issuer's roles are the operator's to change: leave out `roles`")
+    if found.registered_by == "admin":
         return IssuerRolesNotAllowedError(
-            "the issuer exists with other roles: change an existing issuer's roles with `bedside issuer roles`"
+            f"a tenant admin registered this issuer, with the roles {','.join(found.roles)}; {_keys_of(found)}. "
+            "Every key of it, the admin's included, signs with the issuer's roles: revoke the keys you do not "
+            "trust (`bedside issuer revoke`), add yours without --roles, and widen the roles only once you trust "
+            "every key left (`bedside issuer roles ... --trust-admin-registered`)"
         )
-    return IssuerRolesNotAllowedError("An existing issuer's roles are the operator's to change: leave out `roles`")
+    return IssuerRolesNotAllowedError(
+        "the issuer exists with other roles: change an existing issuer's roles with `bedside issuer roles`"
+    )
+
+
+def _admins_issuer(found: IssuerRecord, allowed: frozenset[Role], beyond: list[str]) -> IssuerRolesNotAllowedError:
+    cap = ",".join(role_names(allowed)) or "none"
+    return IssuerRolesNotAllowedError(
+        f"a tenant admin registered this issuer; {_keys_of(found)}. The roles {','.join(beyond)} are beyond "
+        f"those admins may give (BEDSIDE_ADMIN_ISSUER_ROLES: {cap}) and would go to every key of it, the "
+        "admin's included: revoke the keys you do not trust (`bedside issuer revoke`), then pass "
+        "--trust-admin-registered to give them anyway"
+    )
+
+
+def _keys_of(found: IssuerRecord, shown: int = 10) -> str:
+    """The issuer's keys for the operator's eyes: kids (identifiers, never content) and whether trusted."""
+    if not found.keys:
+        return "it has no key"
+    listed = [f"{k.kid} ({'active' if k.revoked_at is None else 'revoked'})" for k in found.keys[:shown]]
+    more = f" and {len(found.keys) - shown} more" if len(found.keys) > shown else ""
+    return "its keys: " + ", ".join(listed) + more
 
 
 def _name_problems(issuer: str, kid: str | None) -> list[FieldProblem]:

@@ -93,6 +93,13 @@ class IssuerStore:
         ORDER BY k.created_at
     """
     _ISSUER = "SELECT id, issuer, roles, registered_by FROM issuers WHERE tenant_id = $1 AND issuer = $2"
+    # Locked, so that the roles read stay the roles changed (`bedside issuer roles` decides on them).
+    _ISSUER_FOR_UPDATE = _ISSUER + " FOR UPDATE"
+    _KEYS = """
+        SELECT kid, algorithm, public_key_pem, revoked_at FROM issuer_keys
+        WHERE tenant_id = $1 AND issuer_id = $2
+        ORDER BY created_at
+    """
     # Locked against revocation until the transaction ends: a key that endorses another is not revoked
     # half-way (a revocation that came first is seen here; one that comes later waits for the addition).
     _KEYS_LOCKED = """
@@ -138,14 +145,16 @@ class IssuerStore:
         RETURNING old.roles
     """
 
-    async def issuer(self, tx: Tx, tenant_id: UUID, issuer: str, *, lock_keys: bool = False) -> IssuerRecord | None:
+    async def issuer(
+        self, tx: Tx, tenant_id: UUID, issuer: str, *, lock_keys: bool = False, lock_roles: bool = False
+    ) -> IssuerRecord | None:
         """The issuer of that name and all its keys; None if the tenant has no such issuer. `lock_keys`:
-        its keys stay as read (none is revoked) until the transaction ends."""
-        if lock_keys:
-            row = await tx.conn.fetchrow(self._ISSUER, tenant_id, issuer)
+        its keys stay as read (none is revoked) until the transaction ends; `lock_roles`: its roles do."""
+        if lock_keys or lock_roles:
+            row = await tx.conn.fetchrow(self._ISSUER_FOR_UPDATE if lock_roles else self._ISSUER, tenant_id, issuer)
             if row is None:
                 return None
-            keys = await tx.conn.fetch(self._KEYS_LOCKED, tenant_id, row["id"])
+            keys = await tx.conn.fetch(self._KEYS_LOCKED if lock_keys else self._KEYS, tenant_id, row["id"])
             return _issuer(row, [_key(k, row) for k in keys])
         rows = await tx.conn.fetch(self._ISSUER_WITH_KEYS, tenant_id, issuer)
         if not rows:

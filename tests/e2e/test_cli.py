@@ -13,8 +13,9 @@ import pytest
 
 from service.cli import _trust_dev_issuer
 from service.domain.issuers import DEV_ISSUER
+from service.domain.principal import Role
 from service.settings import Settings
-from tests.conftest import Services
+from tests.conftest import Portals, Services
 from tests.support import TestIssuer, audit_events
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
@@ -188,6 +189,86 @@ async def test_an_operator_sets_an_issuers_roles_which_take_effect_and_are_audit
         "denied",
         {"kid": "portal-key-1", "reason": "roles-of-existing-issuer", "roles": ["physician"]},
     )
+
+
+class TestAnIssuerATenantAdminRegistered:
+    """An admin registers an issuer name first (within BEDSIDE_ADMIN_ISSUER_ROLES), say the one the operator
+    meant for a second portal. The issuer's roles go to every key of it, the admin's included: the operator
+    who adds theirs with other roles is told a tenant admin registered it, and `issuer roles` gives it roles
+    beyond what admins may give only when the operator says they trust it."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        return settings.model_copy(update={"admin_issuer_roles": frozenset({Role.PATIENT, Role.PROXY})})
+
+    async def test_the_operator_is_told_and_widens_its_roles_past_the_admins_cap_only_when_asked(
+        self, database, client, portals: Portals, tmp_path: Path
+    ) -> None:
+        squatted = "https://ehr2.acme.test"
+        admins = TestIssuer(tenant="acme", issuer=squatted, kid="admins-key")
+        body = {"issuer": squatted, "public_key_pem": admins.public_pem.decode(), "kid": admins.kid}
+        registered = await client.post(
+            "/v1/admin/issuers", json=body, headers=portals.acme.auth(role="admin", sub="Practitioner/admin1")
+        )
+        assert registered.status == 201, await registered.text()
+        key_file = tmp_path / "ehr2.pem"
+        key_file.write_bytes(TestIssuer(tenant="acme", issuer=squatted).public_pem)
+        db, env = ("--database-url", database.app), {"BEDSIDE_ADMIN_ISSUER_ROLES": "patient,proxy"}
+        physician = {"role": "physician", "sub": "Practitioner/7"}
+
+        add = ("issuer", "add", "--tenant", "acme", "--issuer", squatted, "--public-key", str(key_file))
+        added = _run(*add, "--kid", "ehr2-1", "--roles", ",".join(r.value for r in Role), *db, env=env)
+        assert added.returncode == 1
+        assert added.stderr.startswith(
+            "bedside: a tenant admin registered this issuer, with the roles patient,proxy; "
+            "its keys: admins-key (active). "
+        )
+        assert "--trust-admin-registered" in added.stderr
+
+        # Following the advice to use `issuer roles` no longer widens the admin's own key past the cap unasked.
+        roles = ("issuer", "roles", "--tenant", "acme", "--issuer", squatted)
+        refused = _run(*roles, "--roles", "patient,proxy,physician", *db, env=env)
+        assert refused.returncode == 1
+        assert "BEDSIDE_ADMIN_ISSUER_ROLES: patient,proxy" in refused.stderr
+        assert "--trust-admin-registered" in refused.stderr
+        assert (await client.get("/v1/me", headers=admins.auth(**physician))).status == 401
+        narrowed = _run(*roles, "--roles", "patient", *db, env=env)  # within the cap: as for any issuer
+        assert narrowed.returncode == 0, narrowed.stderr
+
+        trusted = _run(*roles, "--roles", "patient,physician", "--trust-admin-registered", *db, env=env)
+
+        assert trusted.returncode == 0, trusted.stderr
+        assert (await client.get("/v1/me", headers=admins.auth(**physician))).status == 200  # as asked
+        events = await audit_events(database.owner, "action = 'issuer:roles'")
+        assert [(e["actor_role"], e["outcome"], json.loads(e["details"])) for e in events] == [
+            (
+                "operator",
+                "denied",
+                {
+                    "old_roles": ["patient", "proxy"],
+                    "new_roles": ["patient", "proxy", "physician"],
+                    "registered_by": "admin",
+                    "reason": "roles-beyond-admin-roles",
+                    "beyond_admin_roles": ["physician"],
+                },
+            ),
+            (
+                "operator",
+                "success",
+                {"old_roles": ["patient", "proxy"], "new_roles": ["patient"], "registered_by": "admin"},
+            ),
+            (
+                "operator",
+                "success",
+                {
+                    "old_roles": ["patient"],
+                    "new_roles": ["patient", "physician"],
+                    "registered_by": "admin",
+                    "beyond_admin_roles": ["physician"],
+                    "trust_admin_registered": True,
+                },
+            ),
+        ]
 
 
 async def test_a_revoked_development_key_stays_revoked_when_serve_trusts_it_again(
