@@ -375,9 +375,7 @@ class IssuerService:
                         details["beyond_admin_roles"] = beyond
                     if trust_admin_registered:
                         details["trust_admin_registered"] = True
-                old = await self._issuers.set_roles(tx, tenant_id, issuer, names)
-                if old is None:  # never: its row is locked
-                    raise NotFoundError("this tenant has no such issuer")
+                await self._issuers.set_roles(tx, tenant_id, issuer, names)
                 event = AuditEvent.by_operator(AuditAction.ISSUER_ROLES, **fields, details=details)
                 await self._audit.record(tx, event)
         except DomainError as error:
@@ -385,7 +383,7 @@ class IssuerService:
                 await self._audit.record_alone(error.audit)
             raise
         self._forget(tenant, issuer)
-        return RolesChange(issuer, old, names)
+        return RolesChange(issuer, found.roles, names)
 
     async def revoke_key(self, tenant: str, issuer: str, kid: str) -> Revocation:
         """The operator (`bedside issuer revoke`) withdraws the key `kid` of `issuer` in `tenant` (slug).

@@ -139,11 +139,7 @@ class IssuerStore:
         ORDER BY i.issuer, k.created_at
     """
     # The roles before the change, from the locked row (an UPDATE's RETURNING sees only the new ones).
-    _SET_ROLES = """
-        WITH old AS (SELECT id, roles FROM issuers WHERE tenant_id = $1 AND issuer = $2 FOR UPDATE)
-        UPDATE issuers i SET roles = $3 FROM old WHERE i.tenant_id = $1 AND i.id = old.id
-        RETURNING old.roles
-    """
+    _SET_ROLES = "UPDATE issuers SET roles = $3 WHERE tenant_id = $1 AND issuer = $2"
 
     async def issuer(
         self, tx: Tx, tenant_id: UUID, issuer: str, *, lock_keys: bool = False, lock_roles: bool = False
@@ -199,10 +195,10 @@ class IssuerStore:
             return "revoked"
         return "unchanged" if existing is not None and existing["public_key_pem"] == public_key_pem else "conflict"
 
-    async def set_roles(self, tx: Tx, tenant_id: UUID, issuer: str, roles: tuple[str, ...]) -> tuple[str, ...] | None:
-        """Set the roles of an existing issuer; its roles before, or None if the tenant has no such issuer."""
-        old = await tx.conn.fetchval(self._SET_ROLES, tenant_id, issuer, list(roles))
-        return None if old is None else tuple(old)
+    async def set_roles(self, tx: Tx, tenant_id: UUID, issuer: str, roles: tuple[str, ...]) -> None:
+        """Set the roles of an issuer the caller has read with `lock_roles` (so it exists, and its roles
+        before are the ones read)."""
+        await tx.conn.execute(self._SET_ROLES, tenant_id, issuer, list(roles))
 
     async def active_names(self, tx: Tx, tenant_id: UUID, public_key_pem: str) -> list[tuple[str, str]]:
         """The names (issuer, kid) this public key is trusted under in the tenant, oldest first."""
