@@ -185,6 +185,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             keyring,
             recorder,
             max_bytes=settings.max_attachment_bytes,
+            max_concurrent_uploads=settings.upload_connections,
             max_uploads_per_principal=settings.max_uploads_per_principal,
             upload_deadline_seconds=settings.upload_deadline_seconds,
             upload_idle_seconds=settings.upload_idle_seconds,

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.domain.attachments import DEFAULT_MAX_UPLOADS
 from service.domain.principal import Role, parse_roles
 
 _SLUG = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
@@ -108,6 +109,10 @@ class Settings(BaseSettings):
     # takes 262 s); how slow it may be: before its first 64 KiB, the longest it may send nothing; after, the
     # longest the service waits, in all, for each further 64 KiB (a floor of about 2.2 kB/s).
     max_uploads_per_principal: int = Field(default=2, ge=1, le=100)
+    # Uploads holding a pooled connection at once in this process (past it, 503); unset: 8, or half the
+    # pool if that is fewer (see `upload_connections`). Always fewer than the pool, so uploads never hold
+    # every connection the other requests need.
+    max_concurrent_uploads: int | None = Field(default=None, ge=1, le=499)
     upload_deadline_seconds: float = Field(default=300.0, gt=0, le=86_400)
     upload_idle_seconds: float = Field(default=30.0, gt=0, le=3600)
 
@@ -214,6 +219,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _uploads_leave_connections(self) -> Settings:
+        uploads, pool = self.max_concurrent_uploads, max(self.db_pool_min, self.db_pool_max)
+        if uploads is not None and uploads >= pool:
+            raise ValueError(
+                f"BEDSIDE_MAX_CONCURRENT_UPLOADS ({uploads}) must be below the pool's {pool} connections "
+                "(BEDSIDE_DB_POOL_MAX): each upload holds one while its body arrives"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _pkcs11_complete(self) -> Settings:
         if self.kek_provider == "pkcs11" and not (self.pkcs11_library and self.pkcs11_token_label and self.pkcs11_pin):
             raise ValueError("kek_provider=pkcs11 needs BEDSIDE_PKCS11_LIBRARY, _TOKEN_LABEL and _PIN")
@@ -225,6 +240,14 @@ class Settings(BaseSettings):
     @property
     def embedded(self) -> bool:
         return self.database_url is None
+
+    @property
+    def upload_connections(self) -> int:
+        """How many uploads of this process may hold a pooled connection at once: the setting, or 8 (half
+        the pool, if that is fewer; at least 1)."""
+        if self.max_concurrent_uploads is not None:
+            return self.max_concurrent_uploads
+        return max(1, min(DEFAULT_MAX_UPLOADS, max(self.db_pool_min, self.db_pool_max) // 2))
 
     @property
     def serve_connections(self) -> int:

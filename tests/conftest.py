@@ -161,6 +161,7 @@ def service_settings(app_dsn: str, kek_file: Path, signing_key_file: Path, **ove
         issuer_cache_seconds=0,
         db_pool_min=1,
         db_pool_max=4,
+        max_concurrent_uploads=3,  # of the 4 (half the pool, the default, would refuse a suite's parallel setups)
         shutdown_timeout_seconds=5,
         **overrides,
     )

@@ -323,7 +323,8 @@ async def limited_client(settings: Settings, aiohttp_client: Any, **limits: Any)
 async def test_a_callers_third_upload_at_once_is_429_while_another_callers_upload_goes_through(
     settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
 ) -> None:
-    client = await limited_client(settings, aiohttp_client, max_uploads_per_principal=2)
+    # Room in the process for the two held uploads and the other caller's (the test pool has 4 connections).
+    client = await limited_client(settings, aiohttp_client, max_uploads_per_principal=2, max_concurrent_uploads=3)
     thread_id = await open_thread(client, portals)
     release = asyncio.Event()
     slow = [asyncio.create_task(upload(client, patient(portals), thread_id, held(release))) for _ in range(2)]
@@ -346,6 +347,35 @@ async def test_a_callers_third_upload_at_once_is_429_while_another_callers_uploa
     assert [r.status for r in done] == [201, 201]
     await uploaded(client, portals, thread_id, pdf(1000))  # with both ended, the caller may upload again
     assert await stored(database) == (4, 6)  # the held ones are a chunk and a bit: 2 chunks each
+
+
+async def test_an_upload_past_the_process_connection_cap_is_503_stores_nothing_and_others_go_on(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    """`BEDSIDE_MAX_CONCURRENT_UPLOADS` uploads of a process may hold a pooled connection at once: one more,
+    from another caller, is refused with 503 once its first 64 KiB is in (everyone's doing, not theirs: no
+    429), stores nothing, and the held upload is stored when its body comes; then the cap is free again."""
+    client = await limited_client(settings, aiohttp_client, max_concurrent_uploads=1)
+    thread_id = await open_thread(client, portals)
+    release = asyncio.Event()
+    holding = asyncio.create_task(upload(client, patient(portals), thread_id, held(release)))
+    try:
+        await uploads_in_flight(database.owner, 1)
+
+        refused = await upload(client, physician(portals), thread_id, pdf(100_000))
+        problem = await refused.json(content_type=None)
+        assert await stored(database) == (0, 0)
+    finally:
+        release.set()
+        first = await holding
+
+    assert refused.status == 503
+    assert refused.content_type == "application/problem+json"
+    assert problem["code"] == "unavailable"
+    assert first.status == 201, await first.text()
+    assert await stored(database) == (1, 2)
+    await uploaded(client, portals, thread_id, pdf(100_000))  # the connection is free again
+    assert await stored(database) == (2, 4)
 
 
 SLOW = "The upload sent too little for too long"
@@ -454,7 +484,7 @@ async def test_uploads_waiting_for_their_first_chunk_take_no_connection_and_no_p
     first 64 KiB (or its whole body) has arrived: meanwhile it holds only its caller's slot (their third
     upload is a 429), no transaction, and another caller's upload is stored."""
     # A pool larger than the 8 slots, so that on the old code the slots, not the pool, refuse the upload.
-    client = await limited_client(settings, aiohttp_client, db_pool_max=12)
+    client = await limited_client(settings, aiohttp_client, db_pool_max=12, max_concurrent_uploads=8)
     doctors = ["Practitioner/7", "Practitioner/8", "Practitioner/9"]
     for doctor in doctors:
         await consent(client, portals, doctor)

@@ -168,6 +168,27 @@ def test_uploads_at_once_per_caller_default_to_two(monkeypatch: pytest.MonkeyPat
     assert load_settings().max_uploads_per_principal == 1
 
 
+def test_uploads_holding_connections_default_to_8_or_half_a_smaller_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().upload_connections == 8  # the pool's 20 by default
+    monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "6")
+    assert load_settings().upload_connections == 3
+    monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "1")
+    assert load_settings().upload_connections == 1
+
+    monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "40")
+    monkeypatch.setenv("BEDSIDE_MAX_CONCURRENT_UPLOADS", "30")
+    assert load_settings().upload_connections == 30
+
+
+@pytest.mark.parametrize("uploads", ["20", "21"])
+def test_uploads_that_could_hold_the_whole_pool_are_refused(monkeypatch: pytest.MonkeyPatch, uploads: str) -> None:
+    monkeypatch.setenv("BEDSIDE_MAX_CONCURRENT_UPLOADS", uploads)
+
+    refusal = r"BEDSIDE_MAX_CONCURRENT_UPLOADS \(\d+\) must be below .* \(BEDSIDE_DB_POOL_MAX\)"
+    with pytest.raises(SettingsError, match=refusal):
+        load_settings()
+
+
 def test_no_uploads_at_once_per_caller_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BEDSIDE_MAX_UPLOADS_PER_PRINCIPAL", "0")
 
