@@ -19,6 +19,7 @@ name, so a revoked key signs nothing. Names under `urn:bedside:` are the service
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -505,9 +506,15 @@ def _checked_key(issuer: str, public_key_pem: bytes, kid: str | None) -> tuple[I
 
 
 def is_reserved_issuer(issuer: str) -> bool:
-    """Whether `issuer` is in the service's own namespace (`urn:bedside:`, any case, blanks around ignored:
-    a URN's scheme and namespace are case-insensitive, RFC 8141, and a reader does not see the blanks)."""
-    return issuer.strip().casefold().startswith(RESERVED_ISSUER_PREFIX)
+    """Whether `issuer` reads as a name in the service's own namespace, `urn:bedside:`: compared as a reader
+    sees it, so any case (a URN's scheme and namespace are case-insensitive, RFC 8141), blanks around
+    ignored, compatibility forms folded (NFKC: a full-width colon is a colon), and any other non-ASCII
+    character standing for the prefix's letter in its place (a Cyrillic `е` looks like an `e`; with no
+    table of look-alikes, every non-ASCII character is taken as one: no real issuer's name needs one there)."""
+    seen = unicodedata.normalize("NFKC", issuer).strip().casefold()
+    return len(seen) >= len(RESERVED_ISSUER_PREFIX) and all(
+        char == reserved or not char.isascii() for char, reserved in zip(seen, RESERVED_ISSUER_PREFIX, strict=False)
+    )
 
 
 def _reserved() -> InvalidRequestError:

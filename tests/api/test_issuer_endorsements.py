@@ -527,6 +527,31 @@ class TestTheServicesOwnIssuerNamesAreReserved:
         operators = await audit_events(database.owner, "action = 'issuer:add' AND actor_role = 'operator'")
         assert [(e["outcome"], _details(e)["reason"]) for e in operators[2:]] == [("denied", "reserved-issuer-name")]
 
+    @pytest.mark.parametrize(
+        "name",
+        [
+            "urn:bedside\uff1adev-issuer",  # FULLWIDTH COLON: NFKC makes it urn:bedside:dev-issuer
+            "\uff55\uff52\uff4e:bedside:dev-issuer",  # FULLWIDTH u, r, n
+            "urn:\uff42\uff45\uff44\uff53\uff49\uff44\uff45:webhook:x",  # FULLWIDTH bedside
+            "urn:b\u0435dside:dev-issuer",  # CYRILLIC SMALL LETTER IE for the e: the same on screen, no NFKC form
+        ],
+        ids=["fullwidth-colon", "fullwidth-urn", "fullwidth-bedside", "cyrillic-e"],
+    )
+    async def test_a_name_that_reads_as_one_of_the_services_own_is_refused_too(
+        self, client, portals: Portals, services: Services, database: Dsns, name: str
+    ) -> None:
+        # A reader of the audit log (or of `/v1/me`) sees `urn:bedside:dev-issuer`: the check must compare what
+        # a reader sees (NFKC, and the namespace's confusable letters), not code points after casefold only.
+        own = TestIssuer(tenant="acme", issuer=name, kid="mine")
+        before = await _issuer_rows(database)
+
+        response = await client.post(ISSUERS, json=_body(own, roles=["patient"]), headers=portals.acme.auth(**ADMIN))
+
+        problem = await _problem(response, 422, "validation-failed")
+        assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["issuer"], "reserved")]
+        assert await _issuer_rows(database) == before
+        assert await _me(client, own, {"role": "patient", "sub": "Patient/1"}) == 401
+
 
 class TestByDefaultAdminsRegisterNoNewIssuers:
     """With BEDSIDE_ADMIN_ISSUER_ROLES unset (or empty), a tenant admin cannot make an issuer of their own and
