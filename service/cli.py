@@ -61,6 +61,7 @@ from service.store.bootstrap import ensure_database, migrate_database, prepare_d
 from service.store.data_keys import DataKeyStore
 from service.store.db import Database, client_connections, connection_limit
 from service.store.issuers import IssuerStore
+from service.store.migrate import MigrationRefusedError
 from service.store.tenants import TenantStore
 
 T = TypeVar("T")
@@ -99,9 +100,11 @@ class Target:
 
 
 @contextlib.contextmanager
-def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
+def database_target(settings: Settings, purpose: str, *, repair: bool = False) -> Iterator[Target]:
     """Resolve the database for one command. Embedded: start (or join) the private cluster and make
-    sure it is migrated, has the service's login role, the `demo` tenant and the development issuer."""
+    sure it is migrated, has the service's login role, the `demo` tenant and the development issuer.
+    `repair`: a command a refusing migration may ask the operator to run (the `issuer` commands, for 0016
+    and 0017) goes on, with a warning, on the schema as the refusal left it; every other command stops."""
     if settings.database_url is not None:
         url = settings.database_url.get_secret_value()
         yield Target(app_dsn=url, owner_dsn=url, embedded=False)
@@ -128,7 +131,11 @@ def database_target(settings: Settings, purpose: str) -> Iterator[Target]:
             target = Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
             asyncio.run(
                 _prepare_embedded(
-                    settings, connection.dsn(owner=True, database="postgres"), target, connection.app_password
+                    settings,
+                    connection.dsn(owner=True, database="postgres"),
+                    target,
+                    connection.app_password,
+                    repair=repair,
                 )
             )
             yield target
@@ -189,10 +196,23 @@ async def _cluster_use(owner_dsn: str) -> tuple[int, int]:
         await db.close()
 
 
-async def _prepare_embedded(settings: Settings, maintenance_dsn: str, target: Target, app_password: str) -> None:
+async def _prepare_embedded(
+    settings: Settings, maintenance_dsn: str, target: Target, app_password: str, *, repair: bool
+) -> None:
     assert target.owner_dsn is not None
     await ensure_database(maintenance_dsn, EMBEDDED_DATABASE)
-    applied = await prepare_database(target.owner_dsn, APP_LOGIN_ROLE, app_password)
+    try:
+        applied = await prepare_database(target.owner_dsn, APP_LOGIN_ROLE, app_password, login_if_refused=repair)
+    except MigrationRefusedError as refused:
+        if not repair:
+            raise
+        # Every embedded command migrates first: without this, the repair a refusal asks for would be refused
+        # by the same migration. The issuer commands work on the schema before 0016 and 0017 (no column of
+        # theirs is new there); a later refusing migration whose repair needs its own schema must not pass
+        # `repair`.
+        print(f"bedside: warning: {refused}", file=sys.stderr)
+        print("bedside: warning: going on without it, for the repair it asks for", file=sys.stderr)
+        return
     for migration in applied:
         log.info("migration.applied", migration=f"{migration.version:04d}_{migration.name}")
     async with _services(target.app_dsn, settings) as (tenants, issuers):
@@ -668,16 +688,16 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
             pem = Path(args.public_key).read_bytes()
         except OSError as exc:
             raise CliError(f"cannot read {args.public_key}: {exc.strerror}") from None
-        with database_target(settings, "issuer") as target:
+        with database_target(settings, "issuer", repair=True) as target:
             _run(add(target, pem))
     elif args.issuer_command == "revoke":
-        with database_target(settings, "issuer") as target:
+        with database_target(settings, "issuer", repair=True) as target:
             _run(revoke(target))
     elif args.issuer_command == "roles":
-        with database_target(settings, "issuer") as target:
+        with database_target(settings, "issuer", repair=True) as target:
             _run(roles(target))
     else:
-        with database_target(settings, "issuer") as target:
+        with database_target(settings, "issuer", repair=True) as target:
             _run(listing(target))
     return 0
 

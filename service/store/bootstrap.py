@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from service.store.migrate import Migration, ensure_login_role, migrate, schema_status
+from service.store.migrate import Migration, MigrationRefusedError, ensure_login_role, migrate, schema_status
 
 _DB_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1)"
 _CREATE_DB = "SELECT pg_catalog.format('CREATE DATABASE %I', $1::text)"
@@ -34,11 +34,20 @@ async def migrate_database(owner_dsn: str) -> list[Migration]:
         await conn.close()
 
 
-async def prepare_database(owner_dsn: str, login_role: str, password: str) -> list[Migration]:
-    """Migrate and (re)create the service's login role; returns the migrations applied."""
+async def prepare_database(
+    owner_dsn: str, login_role: str, password: str, *, login_if_refused: bool = False
+) -> list[Migration]:
+    """Migrate and (re)create the service's login role; returns the migrations applied. A migration that
+    refuses (MigrationRefusedError) is raised all the same; with `login_if_refused` the login role is made
+    first, so that a command can still connect to make the repair the refusal asks for."""
     conn = await asyncpg.connect(owner_dsn)
     try:
-        applied = await migrate(conn)
+        try:
+            applied = await migrate(conn)
+        except MigrationRefusedError:
+            if login_if_refused:
+                await ensure_login_role(conn, login_role, password)
+            raise
         await ensure_login_role(conn, login_role, password)
         return applied
     finally:

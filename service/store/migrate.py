@@ -39,6 +39,11 @@ class MigrationError(ConfigurationError):
     """The database's schema history and this code's migrations disagree."""
 
 
+class MigrationRefusedError(MigrationError):
+    """A migration checked the data first and refused to run (its own RAISE): the migrations before it are
+    applied, the schema stands there, and its message says what the operator should do."""
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
@@ -127,7 +132,7 @@ async def migrate(conn: Conn, known: list[Migration] | None = None) -> list[Migr
             except asyncpg.exceptions.RaiseError as refused:
                 # A migration that checks the data first and refuses (RAISE EXCEPTION, in words of our own
                 # that name no patient data): the operator reads why and what to do, not a traceback.
-                raise MigrationError(_refusal(migration, refused)) from None
+                raise MigrationRefusedError(_refusal(migration, refused)) from None
             ran.append(migration)
         return ran
     finally:

@@ -25,12 +25,14 @@ from typing import IO
 import asyncpg
 import pytest
 
-from service.cli import CliError, _check_embedded_connections, _reuse_or_restart
+from service.cli import EMBEDDED_DATABASE, CliError, _check_embedded_connections, _reuse_or_restart
 from service.embedded import EmbeddedPostgres
 from service.errors import ConfigurationError
 from service.settings import Settings
+from service.store.bootstrap import ensure_database
+from service.store.migrate import load_migrations, migrate
 from tests.conftest import Cluster
-from tests.support import alive, frozen, postmaster_pid, server_processes, wait_until, watchdogs
+from tests.support import TestIssuer, alive, frozen, postmaster_pid, server_processes, wait_until, watchdogs
 
 BEDSIDE = str(Path(sys.executable).parent / "bedside")
 
@@ -414,3 +416,65 @@ def _kill_survivors(pids: list[int]) -> None:
         if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def _at_0015_with_one_key_under_two_names(owner_dsn: str, maintenance_dsn: str) -> None:
+    """An embedded database as the version before migration 0016 could leave it: one portal key trusted
+    under two kids (the same PEM added twice), which that version allowed."""
+    await ensure_database(maintenance_dsn, EMBEDDED_DATABASE)
+    conn = await asyncpg.connect(owner_dsn)
+    try:
+        await migrate(conn, load_migrations()[:15])
+        tenant = await conn.fetchval("INSERT INTO tenants (slug) VALUES ('acme') RETURNING id")
+        issuer = await conn.fetchval(
+            "INSERT INTO issuers (tenant_id, issuer, roles, registered_by) "
+            "VALUES ($1, 'https://portal.acme.test', '{patient}', 'operator') RETURNING id",
+            tenant,
+        )
+        pem = TestIssuer(tenant="acme", issuer="https://portal.acme.test").public_pem.decode()
+        for kid in ("portal-key-1", "portal-key-1-again"):
+            await conn.execute(
+                "INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem) "
+                "VALUES ($1, $2, $3, 'EdDSA', $4)",
+                tenant,
+                issuer,
+                kid,
+                pem,
+            )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.slow
+def test_an_embedded_database_that_0016_refuses_can_run_the_revoke_the_refusal_asks_for(data_dir: Path) -> None:
+    """Migration 0016 refuses a database holding one key under two names and tells the operator to run
+    `bedside issuer revoke` of this version, then `bedside migrate`. In embedded mode every command migrates
+    first, so that revoke must not be refused by the very migration it is meant to unblock; other commands
+    (`migrate` here) still stop on the refusal."""
+    pg = EmbeddedPostgres(data_dir)
+    started = pg.start()
+    try:
+        asyncio.run(
+            _at_0015_with_one_key_under_two_names(
+                started.dsn(owner=True, database=EMBEDDED_DATABASE), started.dsn(owner=True, database="postgres")
+            )
+        )
+    finally:
+        pg.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEDSIDE_")} | {"BEDSIDE_DATA_DIR": str(data_dir)}
+    refused = _cli(env, "migrate")
+    assert refused.returncode == 1
+    assert "Revoke each of these keys with `bedside issuer revoke" in refused.stderr
+
+    revoke = ("issuer", "revoke", "--tenant", "acme", "--issuer", "https://portal.acme.test", "--kid", "portal-key-1")
+    revoked = _cli(env, *revoke)
+
+    assert revoked.returncode == 0, revoked.stderr
+    # It says what it is doing: the refusal, and that it goes on without the migration for this repair.
+    assert "bedside: warning: migration 0016_one_name_per_issuer_key refused to run" in revoked.stderr
+    assert "going on without it, for the repair it asks for" in revoked.stderr
+    assert "revoked the same key under kid=portal-key-1-again of issuer https://portal.acme.test too" in (
+        revoked.stdout
+    )
+    migrated = _cli(env, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
