@@ -49,6 +49,7 @@ from service.embedded import (
     EmbeddedPostgres,
     data_dir_holder,
     exclusive_data_dir,
+    joined_data_dir,
 )
 from service.embedded import (
     Connection as EmbeddedConnection,
@@ -111,10 +112,11 @@ def database_target(settings: Settings, purpose: str, *, repair: bool = False) -
         return
     pg = EmbeddedPostgres(settings.data_dir)
     if purpose != "serve" and data_dir_holder(settings.data_dir) == "serve":
-        connection = pg.running()
-        if connection is None:
-            raise CliError("`bedside serve` holds the data directory but its database is not running")
-        yield Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
+        with joined_data_dir(settings.data_dir):  # a killed serve's watchdog waits for this command
+            connection = pg.running()
+            if connection is None:
+                raise CliError("`bedside serve` holds the data directory but its database is not running")
+            yield Target(connection.dsn(), connection.dsn(owner=True, database=EMBEDDED_DATABASE), True)
         return
     _check_embedded_connections(settings)
     with exclusive_data_dir(settings.data_dir, purpose):

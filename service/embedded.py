@@ -382,6 +382,9 @@ class EmbeddedPostgres:
 
 
 _LOCK_NAME = "bedside.lock"
+# Held shared by each command that joined the cluster a `serve` holds (it takes no `_LOCK_NAME`), and
+# exclusively by a watchdog while it stops the server: so it waits for them, not they for it.
+_USERS_LOCK_NAME = "bedside.users.lock"
 _HOLDER = re.compile(r"^(\d+) (\w+)$")
 # What a watchdog holds the data directory for while it stops a server that its owner left behind.
 WATCHDOG_PURPOSE = "watchdog"
@@ -435,6 +438,28 @@ def _lock_or_refuse(fd: int, root: Path) -> None:
             f"{root} is in use by {who}. Stop it first, or give this one its own "
             "BEDSIDE_DATA_DIR (or BEDSIDE_DATABASE_URL)."
         )
+
+
+@contextlib.contextmanager
+def _users_lock(data_dir: Path, operation: int) -> Iterator[None]:
+    fd = os.open(data_dir.resolve() / _USERS_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
+
+
+def joined_data_dir(data_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """For as long as the block runs, this process uses the cluster a `serve` holds (a command that joined
+    it): the watchdog of a `serve` killed meanwhile waits for the block to end before stopping the server."""
+    return _users_lock(data_dir, fcntl.LOCK_SH)
+
+
+def without_joined_users(data_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Once no command that joined the cluster uses it any more (however long that takes), and until the
+    block ends: a command joining meanwhile waits, and finds the server stopped."""
+    return _users_lock(data_dir, fcntl.LOCK_EX)
 
 
 def data_dir_holder(data_dir: Path) -> str | None:

@@ -17,7 +17,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from service.embedded import WATCHDOG_PURPOSE, EmbeddedError, EmbeddedPostgres, exclusive_data_dir
+from service.embedded import (
+    WATCHDOG_PURPOSE,
+    EmbeddedError,
+    EmbeddedPostgres,
+    exclusive_data_dir,
+    without_joined_users,
+)
 
 
 def _say(line: str) -> None:
@@ -39,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if not data_dir.is_dir():
         return 0  # deleted already: nothing runs on it
     pg = EmbeddedPostgres(data_dir)
-    # Waits for whoever holds the directory now: a `serve` that reused the server (and watches it
-    # itself, and stops it when it ends), or a command that joined it. Then the server is stopped
-    # only if nobody stopped it meanwhile.
-    with exclusive_data_dir(data_dir, WATCHDOG_PURPOSE, wait=True):
+    # Waits for whoever holds the directory now (a `serve` that reused the server, and watches it itself,
+    # and stops it when it ends), then for the commands that joined the server (they hold no directory
+    # lock: a fast stop would abort their transactions). Then the server is stopped only if nobody stopped
+    # it meanwhile.
+    with exclusive_data_dir(data_dir, WATCHDOG_PURPOSE, wait=True), without_joined_users(data_dir):
         try:
             stopped = pg.stop()
         except EmbeddedError as exc:

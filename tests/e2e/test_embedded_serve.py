@@ -18,14 +18,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import asyncpg
 import pytest
 
-from service.cli import EMBEDDED_DATABASE, CliError, _check_embedded_connections, _reuse_or_restart
+from service.cli import EMBEDDED_DATABASE, CliError, _check_embedded_connections, _reuse_or_restart, database_target
 from service.embedded import EmbeddedPostgres
 from service.errors import ConfigurationError
 from service.settings import Settings
@@ -478,3 +478,38 @@ def test_an_embedded_database_that_0016_refuses_can_run_the_revoke_the_refusal_a
     )
     migrated = _cli(env, "migrate")
     assert migrated.returncode == 0, migrated.stderr
+
+
+async def _in_one_transaction(dsn: str, between: Callable[[], None]) -> int:
+    """A joined command's work: a transaction that spans `between` (run in a thread), then commits."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            before = int(await conn.fetchval("SELECT count(*) FROM tenants"))
+            await asyncio.to_thread(between)
+            return before + int(await conn.fetchval("SELECT count(*) FROM tenants"))
+    finally:
+        await conn.close()
+
+
+def test_a_killed_serves_watchdog_does_not_stop_postgres_under_a_command_that_joined_it(data_dir: Path) -> None:
+    """A command run while `serve` holds the data directory joins its PostgreSQL without the directory's
+    lock. If `serve` is then killed, its watchdog must wait for that command (as `_reuse_or_restart` does
+    for the users of a cluster left running) rather than abort its transaction with a fast shutdown; it
+    stops the server once the command is done."""
+    pg = EmbeddedPostgres(data_dir)
+    proc, _ = _start(_env(data_dir, _free_port()))
+    try:
+        postmaster = postmaster_pid(pg.pgdata)
+        joined = Settings(data_dir=data_dir, database_url=None)  # the command's own settings: no URL
+
+        def serve_killed_meanwhile() -> None:
+            proc.kill()  # SIGKILL: the watchdog takes over
+            proc.wait()
+            assert not wait_until(lambda: not alive(postmaster), 5), "stopped under the joined command"
+
+        with database_target(joined, "issuer") as target:
+            assert asyncio.run(_in_one_transaction(target.app_dsn, serve_killed_meanwhile)) == 2  # demo, twice
+        _wait_for_postmaster_to_end(postmaster, data_dir)  # and once it is done, the watchdog stops it
+    finally:
+        _stop(proc)
