@@ -71,7 +71,8 @@ class IssuerStore:
     """
     # The names (issuer, kid) the same key material is trusted under in the tenant: at most one since
     # migration 0016. Stored PEMs are canonical (SubjectPublicKeyInfo, as `load_issuer_public_key` makes
-    # them), so equal text is the same key; the database compares fingerprints (0016's index).
+    # them; migration 0017's check holds every trusted key to it), so equal text is the same key; the
+    # database compares fingerprints (0016's index).
     _ACTIVE_NAMES = """
         SELECT i.issuer, k.kid FROM issuer_keys k JOIN issuers i ON i.tenant_id = k.tenant_id AND i.id = k.issuer_id
         WHERE k.tenant_id = $1 AND k.public_key_pem = $2 AND k.revoked_at IS NULL

@@ -8,6 +8,7 @@ import hashlib
 
 import asyncpg
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from service.app import create_app
 from service.domain.audit import AuditRecorder
@@ -225,6 +226,100 @@ async def test_0016_refuses_a_database_holding_one_key_under_two_names_until_the
         assert [m.name for m in await migrate(conn, known[:16])] == ["one_name_per_issuer_key"]
         active = await conn.fetch("SELECT kid FROM issuer_keys WHERE revoked_at IS NULL")
         assert [r["kid"] for r in active] == ["fine"]
+    finally:
+        await conn.close()
+
+
+async def test_0017_refuses_a_database_holding_a_trusted_key_in_another_encoding_until_the_operator_revokes_it(
+    empty_database,
+) -> None:
+    """Before 0017 the service's login could store a key in any PEM the key loader reads (CRLF line ends,
+    PKCS#1), and the guards that compare PEM text or the DER's fingerprint took it for another key. 0017
+    requires the canonical PEM of every trusted key; on a database that holds another, it changes nothing,
+    fails naming each (never its key material), and runs once the operator has revoked them."""
+    known = load_migrations()
+    conn = await _connect(empty_database.owner)
+    try:
+        await migrate(conn, known[:16])
+        portal, odd, fine, gone, other = (
+            TestIssuer(tenant="acme", issuer="https://portal.acme.test", algorithm=algorithm)
+            for algorithm in ("EdDSA", "RS256", "ES256", "EdDSA", "RS256")
+        )
+        tenant = await conn.fetchval("INSERT INTO tenants (slug) VALUES ('acme') RETURNING id")
+        issuers = {}
+        for issuer in ("https://portal.acme.test", "https://other.acme.test"):
+            issuers[issuer] = await conn.fetchval(
+                "INSERT INTO issuers (tenant_id, issuer, roles, registered_by) VALUES ($1, $2, '{patient}', "
+                "'operator') RETURNING id",
+                tenant,
+                issuer,
+            )
+        pkcs1 = odd.private_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+        rows = [  # (issuer, kid, algorithm, PEM, revoked)
+            ("https://portal.acme.test", "crlf", "EdDSA", portal.public_pem.decode().replace("\n", "\r\n"), False),
+            ("https://other.acme.test", "pkcs1", "RS256", pkcs1.decode(), False),
+            ("https://portal.acme.test", "fine", "ES256", fine.public_pem.decode(), False),  # canonical
+            # Revoked, and so trusted by nobody: left out of the check, nothing to say.
+            ("https://portal.acme.test", "gone", "EdDSA", gone.public_pem.decode().replace("\n", "\r\n"), True),
+        ]
+        for issuer, kid, algorithm, pem, revoked in rows:
+            await conn.execute(
+                "INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem, revoked_at) "
+                "VALUES ($1, $2, $3, $4, $5, CASE WHEN $6 THEN now() END)",
+                tenant,
+                issuers[issuer],
+                kid,
+                algorithm,
+                pem,
+                revoked,
+            )
+
+        with pytest.raises(MigrationError) as refused:
+            await migrate(conn, known[:17])
+
+        assert str(refused.value).splitlines() == [
+            "migration 0017_canonical_issuer_keys refused to run: 2 trusted issuer key(s) are not stored as the "
+            "canonical SubjectPublicKeyInfo PEM that Bedside writes (the service did not write them); a trusted "
+            "key may be stored that way only. Nothing was changed",
+            "tenant acme: issuer https://other.acme.test kid pkcs1",
+            "tenant acme: issuer https://portal.acme.test kid crlf",
+            "Revoke each of these keys with `bedside issuer revoke --tenant T --issuer ISS --kid K` (if the portal "
+            "still signs with it, first give it a new key with `bedside issuer add`, which stores it "
+            "canonically), then run `bedside migrate` again.",
+        ]
+        assert (await schema_status(conn, known[:17])).applied == 16
+        assert await conn.fetchval("SELECT count(*) FROM issuer_keys WHERE revoked_at IS NULL") == 3
+    finally:
+        await conn.close()
+
+    # The operator does as told, with the service's login, on the schema as it is.
+    db = await Database.connect(empty_database.app, min_size=1, max_size=2)
+    try:
+        tenants = TenantStore()
+        issuer_service = IssuerService(db, tenants, IssuerStore(), AuditRecorder(AuditStore(), db), cache_seconds=0)
+        renewed = TestIssuer(tenant="acme", issuer="https://portal.acme.test", kid="renewed")
+        await issuer_service.add_key("acme", renewed.issuer, renewed.public_pem, kid=renewed.kid)
+        await issuer_service.revoke_key("acme", "https://portal.acme.test", "crlf")
+        await issuer_service.revoke_key("acme", "https://other.acme.test", "pkcs1")
+    finally:
+        await db.close()
+
+    conn = await _connect(empty_database.owner)
+    try:
+        assert [m.name for m in await migrate(conn, known[:17])] == ["canonical_issuer_keys"]
+        active = await conn.fetch("SELECT kid FROM issuer_keys WHERE revoked_at IS NULL ORDER BY kid")
+        assert [r["kid"] for r in active] == ["fine", "renewed"]
+        # From now on a trusted key goes in canonical, for the owner too.
+        with pytest.raises(asyncpg.CheckViolationError, match="issuer_keys_canonical_pem"):
+            await conn.execute(
+                "INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem) "
+                "VALUES ($1, $2, 'other', 'RS256', $3)",
+                tenant,
+                issuers["https://portal.acme.test"],
+                other.private_key.public_key()
+                .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+                .decode(),
+            )
     finally:
         await conn.close()
 
