@@ -125,3 +125,16 @@ async def test_a_consent_as_fhir_validates(client, portals: Portals) -> None:
     assert resource.status == "active"
     assert resource.patient.reference == "Patient/1"
     assert (await client.get("/v1/consents/not-a-uuid", headers=patient)).status == 404
+
+
+async def test_staff_revoke_only_on_witnessed_evidence(client, portals: Portals) -> None:
+    patient = portals.acme.auth(role="patient", sub="Patient/1")
+    created = await (await client.post("/v1/consents", json=consent(), headers=patient)).json()
+    url = f"/v1/consents/{created['id']}/revoke"
+    nurse = portals.acme.auth(role="staff", sub="Practitioner/nurse")
+    for unwitnessed in ({"reason": "patient-request"}, {"reason": "patient-request", "evidence": PORTAL}):
+        assert (await client.post(url, json=unwitnessed, headers=nurse)).status == 404
+    assert (await (await client.get(f"/v1/consents/{created['id']}", headers=patient)).json())["status"] == "active"
+    paper = {"reason": "patient-request", "evidence": {"method": "paper", "document_ref": "scan-7"}}
+    assert (await client.post(url, json=paper, headers=nurse)).status == 200
+    assert (await (await client.get(f"/v1/consents/{created['id']}", headers=patient)).json())["status"] == "inactive"

@@ -60,6 +60,8 @@ def test_thread_access(
         (who(Role.PROXY, "RelatedPerson/m", "Patient/1"), PROXY_SENSITIVE, True, True),
         (who(Role.PHYSICIAN, "Practitioner/7"), Standing(), False, True),
         (who(Role.PHYSICIAN, "Practitioner/8"), Standing(), False, False),
+        (who(Role.PHYSICIAN, "Practitioner/8"), TEAM, False, True),  # through a participating care team
+        (who(Role.STAFF, "Practitioner/7"), Standing(), False, False),  # staff only through care teams
         (who(Role.STAFF, "Practitioner/n"), TEAM, False, True),
         (who(Role.COMPLIANCE, "Practitioner/c"), TEAM, False, False),
     ],
