@@ -367,3 +367,58 @@ async def test_a_ledger_that_cannot_be_read_denies(world: World, database: Dsns)
     await gone.close()  # the database can no longer be reached through it
     decision = await ledger.decide_now(world.tenant_id, "Patient/1", "Practitioner/7", Scope.MESSAGING)
     assert (decision.permit, decision.reason) == (False, "ledger-unavailable")
+
+
+async def test_a_window_includes_its_first_instant_and_excludes_its_last(world: World) -> None:
+    start = world.clock.now + timedelta(days=1)
+    end = start + timedelta(days=10)
+    granted = await world.ledger.grant(world.patient, messaging(valid_from=start, valid_until=end))
+    tick = timedelta(microseconds=1)
+    for moment, expected in (
+        (start - tick, "not-yet-valid"),
+        (start, "granted"),
+        (end - tick, "granted"),
+        (end, "expired"),
+    ):
+        world.clock.now = moment
+        assert (await world.decide("Practitioner/7")).reason == expected, moment
+        assert (await world.decide("Practitioner/7", at=moment)).reason == expected, moment
+        in_force = (await world.ledger.history(world.patient, "Patient/1", moment)).in_force
+        assert [e.id for e in in_force] == ([granted.record.id] if expected == "granted" else []), moment
+
+
+async def test_a_window_must_end_after_it_starts(world: World) -> None:
+    start = world.clock.now + timedelta(days=1)
+    with pytest.raises(InvalidRequestError) as refused:  # a window of no time at all is never in force
+        await world.ledger.grant(world.patient, messaging(valid_from=start, valid_until=start))
+    assert [(p.loc, p.type) for p in refused.value.problems] == [(("valid_until",), "range")]
+    assert (await world.ledger.history(world.patient, "Patient/1")).events == []
+
+
+async def test_a_direct_consent_decides_before_a_care_teams(world: World) -> None:
+    await world.set_members("CareTeam/cardio", {"Practitioner/7"})
+    direct = await world.ledger.grant(world.patient, messaging())
+    await world.ledger.grant(world.patient, messaging("CareTeam/cardio"))
+    decision = await world.decide("Practitioner/7")
+    assert (decision.permit, decision.consent_id) == (True, direct.record.id)
+
+    # Denied both ways, the most telling reason is given: the patient revoked it, not that a team's ran out.
+    revoked = await world.ledger.revoke(world.patient, direct.record.id, RevokeReason.PATIENT_REQUEST, None)
+    await world.ledger.grant(
+        world.patient, messaging("CareTeam/cardio", valid_until=world.clock.now + timedelta(days=1))
+    )
+    world.clock.now += timedelta(days=2)
+    decision = await world.decide("Practitioner/7")
+    assert (decision.permit, decision.reason, decision.consent_id) == (False, "revoked", revoked.record.id)
+
+
+async def test_a_proxy_consent_always_ends_and_only_it_includes_sensitive_threads(world: World) -> None:
+    unending = ConsentRequest(patient="Patient/1", grantee="RelatedPerson/mum", scope=Scope.PROXY, evidence=PORTAL)
+    with pytest.raises(InvalidRequestError) as refused:
+        await world.ledger.grant(world.patient, unending)
+    assert [(p.loc, p.type) for p in refused.value.problems] == [(("valid_until",), "proxy-validity")]
+    with pytest.raises(InvalidRequestError) as refused:
+        await world.ledger.grant(world.patient, messaging(include_sensitive=True))
+    assert [(p.loc, p.type) for p in refused.value.problems] == [(("include_sensitive",), "scope")]
+    assert (await world.ledger.history(world.patient, "Patient/1")).events == []
+    assert not (await world.decide("RelatedPerson/mum", Scope.PROXY)).permit
