@@ -202,3 +202,43 @@ async def test_a_receipt_by_someone_else_that_covers_the_message_stops_its_recal
     _refused_as_conflict(status, problem)
     assert await _body_seen_by(client, three["id"], physician(portals)) == "three"
     assert [e["resource_id"] for e in await audit_events(database.owner, "action = 'message:recall'")] == [two["id"]]
+
+
+async def test_a_message_is_recalled_once(client: Client, portals: Portals, database: Dsns) -> None:
+    _, created = await _thread_with_a_secret(client, portals)
+    message_id = created["message"]["id"]
+    status, first = await _recall(client, message_id, patient(portals))
+    assert status == 200
+
+    status, problem = await _recall(client, message_id, patient(portals))
+    _refused_as_conflict(status, problem)
+    assert (await _stored(database.owner, message_id))["recalled_at"] == datetime.fromisoformat(first["recalled_at"])
+    assert len(await audit_events(database.owner, "action = 'message:recall'")) == 1
+
+
+async def test_a_receipt_never_moves_back_so_a_read_message_stays_read(client: Client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="one")
+    two = await _send(client, created["id"], "two", patient(portals))
+    url = f"/v1/threads/{created['id']}/read"
+    assert (await client.post(url, json={"up_to": 2}, headers=physician(portals))).status == 200
+
+    lower = await client.post(url, json={"up_to": 1}, headers=physician(portals))  # a stale tab, say
+    assert lower.status == 200
+    assert (await lower.json())["up_to"] == 2
+    status, problem = await _recall(client, two["id"], patient(portals))
+    _refused_as_conflict(status, problem)
+    assert await _body_seen_by(client, two["id"], physician(portals)) == "two"
+
+
+async def test_a_receipt_cannot_cover_a_message_not_yet_sent(client: Client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="one")
+    ahead = await client.post(f"/v1/threads/{created['id']}/read", json={"up_to": 2}, headers=physician(portals))
+    assert ahead.status == 422
+    assert [e["loc"] for e in (await ahead.json())["errors"]] == [["up_to"]]
+
+    # So the message that comes next is unread, and its sender may still take it back.
+    two = await _send(client, created["id"], "two", patient(portals))
+    status, answer = await _recall(client, two["id"], patient(portals))
+    assert (status, answer["recalled_by"]) == (200, "Patient/1")
