@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.settings import Settings
-from tests.api.messaging_helpers import consent, physician, thread
+from tests.api.messaging_helpers import consent, patient, physician, thread
 from tests.conftest import Dsns, Portals
 from tests.support import audit_events, owner_count
 
@@ -183,3 +183,53 @@ async def test_every_grant_is_reachable_a_page_at_a_time(client: Client, portals
         "/v1/audit/break-glass", params={"cursor": "bm90LWEtY3Vyc29y"}, headers=_compliance(portals)
     )
     assert forged.status == 422
+
+
+async def test_only_a_physician_outside_the_thread_opens_a_grant(
+    client: Client, portals: Portals, database: Dsns
+) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="chest pain since this morning")
+    # Staff and patients cannot break the glass: a reason gets them no grant, and no content.
+    for who in (portals.acme.auth(role="staff", sub="Practitioner/nurse"), patient(portals, n=2)):
+        for path in (f"/v1/threads/{created['id']}", f"/v1/threads/{created['id']}/messages"):
+            response = await client.get(path, headers={**who, "Break-Glass-Reason": REASON})
+            assert response.status == 404, path
+            assert "chest pain" not in await response.text()
+    assert await _grants(client, portals) == []
+    assert await audit_events(database.owner, "action = 'break_glass:open'") == []
+
+    # A participant needs no grant, and a physician whose grant still runs gets no second one.
+    participant = {**physician(portals), "Break-Glass-Reason": REASON}
+    answer = await client.get(f"/v1/threads/{created['id']}", headers=participant)
+    assert (answer.status, (await answer.json())["access"]) == (200, "write")
+    assert await _open(client, portals, created["id"], REASON) == 200
+    assert await _open(client, portals, created["id"], "Still unconscious, reading on") == 200
+    assert [g["physician"] for g in await _grants(client, portals)] == ["Practitioner/99"]
+    assert len(await audit_events(database.owner, "action = 'break_glass:open'")) == 1
+
+
+async def test_a_reason_with_a_control_character_is_refused(client: Client, portals: Portals) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="found unconscious")
+    assert await _open(client, portals, created["id"], quote("Unconscious in the ED,\nneed history")) == 422
+    assert await _grants(client, portals) == []
+
+
+async def test_a_grant_reads_with_purpose_etreat_and_leaves_no_receipt(
+    client: Client, portals: Portals, database: Dsns
+) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="chest pain since this morning")
+    assert await _open(client, portals, created["id"], REASON) == 200
+    outsider = physician(portals, n=99)
+    page = await client.get(f"/v1/threads/{created['id']}/messages", headers=outsider)
+    assert page.status == 200
+    reads = await audit_events(database.owner, "action = 'message:read' AND actor = 'Practitioner/99'")
+    assert [r["purpose"] for r in reads] == ["ETREAT"]
+
+    # Reading under break-glass is not reading as a participant: no receipt, so the sender may still recall.
+    marked = await client.post(f"/v1/threads/{created['id']}/read", json={"up_to": 1}, headers=outsider)
+    assert marked.status == 404
+    recalled = await client.post(f"/v1/messages/{created['message']['id']}/recall", headers=patient(portals))
+    assert recalled.status == 200
