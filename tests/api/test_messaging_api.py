@@ -470,3 +470,29 @@ async def test_a_thread_whose_key_the_unreadable_kek_file_cannot_wrap_is_a_500_n
     assert (problem["status"], problem["code"]) == (500, "internal-error")
     [event] = [e for e in logs if e["event"] == "http.unhandled"]
     assert event["error_type"] == KeyProviderError.__qualname__
+
+
+async def test_a_thread_is_closed_once(client, portals: Portals, database) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals)
+    url = f"/v1/threads/{created['id']}/close"
+    assert (await client.post(url, headers=physician(portals))).status == 200
+    again = await client.post(url, headers=patient(portals))
+    assert again.status == 409
+    closes = await audit_events(database.owner, "action = 'thread:close'")
+    assert [e["actor"] for e in closes] == ["Practitioner/7"]
+
+
+async def test_a_thread_key_used_again_with_another_first_message_is_422(client, portals: Portals) -> None:
+    await consent(client, portals)
+    headers = {**patient(portals), "Idempotency-Key": "new-thread-1"}
+    body = {"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "Question", "message": {"body": "a"}}
+    first = await client.post("/v1/threads", json=body, headers=headers)
+    assert first.status == 201
+    replayed = await client.post("/v1/threads", json=body, headers=headers)
+    assert replayed.status == 201
+    assert (await replayed.json())["id"] == (await first.json())["id"]
+
+    other = await client.post("/v1/threads", json={**body, "message": {"body": "b"}}, headers=headers)
+    assert other.status == 422
+    assert [e["loc"] for e in (await other.json())["errors"]] == [["Idempotency-Key"]]

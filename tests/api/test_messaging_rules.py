@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -266,6 +267,27 @@ async def test_receipts_are_seen_by_the_other_participants_and_unread_counts_are
     assert await _unread(client, seven) == {created["id"]: 1}
     detail = await _get(client, url, me)
     assert [(r["reader"], r["up_to"]) for r in detail["receipts"]] == [("Patient/1", 3), ("Practitioner/8", 2)]
+
+
+# -- replies -------------------------------------------------------------------------------------------
+
+
+async def test_a_reply_names_a_message_of_its_own_thread(client: Client, portals: Portals, database: Dsns) -> None:
+    await consent(client, portals)
+    first = await thread(client, portals, message="first thread")
+    second = await thread(client, portals, message="second thread")
+    url = f"/v1/threads/{second['id']}/messages"
+    for foreign in (first["message"]["id"], str(uuid.uuid4())):
+        body = {"body": "a reply", "in_reply_to": foreign}
+        refused = await client.post(url, json=body, headers=physician(portals))
+        assert refused.status == 422, foreign
+        assert [e["loc"] for e in (await refused.json())["errors"]] == [["in_reply_to"]]
+    assert await _messages_stored(database.owner, second["id"]) == 1
+
+    body = {"body": "a reply", "in_reply_to": second["message"]["id"]}
+    reply = await client.post(url, json=body, headers=physician(portals))
+    assert reply.status == 201
+    assert (await reply.json())["in_reply_to"] == second["message"]["id"]
 
 
 # -- pagination under concurrent writers ---------------------------------------------------------------
