@@ -4,12 +4,14 @@ truncation, extension, transplant or flipped byte is detected."""
 from __future__ import annotations
 
 import itertools
+import struct
 from uuid import UUID
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crypto import _format
 from crypto.envelope import open_record, read_key_ref, seal
 from crypto.errors import DecryptionError
 from crypto.keys import DataKey
@@ -199,3 +201,54 @@ def test_reprs_hold_no_key_material() -> None:
     for text in (repr(sealer), repr(opener)):
         assert KEY.secret.hex() not in text
         assert repr(KEY.secret) not in text
+
+
+@CHEAP
+@given(data=st.binary(max_size=40), chunk_size=st.integers(1, 16), pick=st.integers(0, 40), cut=st.integers(0, 200))
+def test_a_chunk_cut_short_anywhere_fails_with_the_one_error(data: bytes, chunk_size: int, pick: int, cut: int) -> None:
+    # A row truncated in storage: every length, including a prefix too short to hold the chunk position.
+    chunks = sealed(data, chunk_size=chunk_size)
+    i = pick % len(chunks)
+    short = chunks[i][: cut % len(chunks[i])]
+    with pytest.raises(DecryptionError):
+        open_chunk(KEY, short, object_id=OBJECT, context=CONTEXT, index=i)
+    with pytest.raises(DecryptionError):
+        opened([*chunks[:i], short, *chunks[i + 1 :]])
+
+
+def test_after_a_bad_chunk_the_opener_refuses_even_the_right_one() -> None:
+    chunks = sealed(b"0123456789", chunk_size=4)
+    opener = StreamOpener(KEY, object_id=OBJECT, context=CONTEXT)
+    assert opener.update(chunks[0]) == b"0123"
+    with pytest.raises(DecryptionError):
+        opener.update(chunks[2])  # chunk 1 skipped
+    # A caller that swallows the error cannot carry on as if chunk 1 had never gone missing.
+    with pytest.raises(DecryptionError):
+        opener.update(chunks[1])
+    with pytest.raises(DecryptionError):
+        opener.update(chunks[2])
+    with pytest.raises(DecryptionError):
+        opener.finish()
+
+
+def test_a_chunk_appended_after_the_final_one_poisons_finish() -> None:
+    chunks = sealed(b"01234567", chunk_size=4)
+    longer = sealed(b"0123456789", chunk_size=4)  # the same object sealed again, one chunk longer
+    opener = StreamOpener(KEY, object_id=OBJECT, context=CONTEXT)
+    assert opener.update(chunks[0]) + opener.update(chunks[1]) == b"01234567"
+    with pytest.raises(DecryptionError):
+        opener.update(longer[2])
+    with pytest.raises(DecryptionError):
+        opener.finish()
+
+
+@pytest.mark.parametrize("flag", [2, 255])
+def test_a_validly_tagged_chunk_with_an_unknown_final_flag_is_refused(flag: int) -> None:
+    # Tag and commitment are right for this header: only the strict flag check stops it.
+    head = _format.prefix(_format.CHUNK_MAGIC, KEY) + struct.pack(">QB", 0, flag)
+    suffix = _format.text_field(OBJECT, "object_id") + _format.encode_context(CONTEXT)
+    forged = _format.seal_core(KEY, b"bedside.chunk", head, b"x", suffix, bytes(32), bytes(12))
+    with pytest.raises(DecryptionError):
+        open_chunk(KEY, forged, object_id=OBJECT, context=CONTEXT, index=0)
+    honest = _format.seal_core(KEY, b"bedside.chunk", head[:-1] + b"\x01", b"x", suffix, bytes(32), bytes(12))
+    assert open_chunk(KEY, honest, object_id=OBJECT, context=CONTEXT, index=0) == (b"x", True)
