@@ -8,6 +8,8 @@ import struct
 from uuid import UUID, uuid4
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -337,3 +339,82 @@ def test_key_ref_bytes_are_equal_exactly_when_records_name_the_same_key() -> Non
     assert key_ref_bytes(first) == key_ref_bytes(second)
     assert key_ref_bytes(seal(other, b"one", {"row": "1"})) != key_ref_bytes(first)
     assert key_ref_bytes(seal(newer, b"one", {"row": "1"})) != key_ref_bytes(first)
+
+
+# ---- key commitment ----
+# AES-GCM alone is not key-committing: one ciphertext and tag can be made to authenticate under two keys.
+# The commitment in the header is what makes a record open under exactly one data key. The test builds
+# such a two-key ciphertext with GHASH algebra (GF(2^128), GCM bit order) and checks that only the key
+# that the commitment names opens it.
+
+_GCM_R = 0xE1 << 120
+
+
+def _gf_mul(x: int, y: int) -> int:
+    """Multiplication in GCM's GF(2^128) (NIST SP 800-38D, algorithm 1)."""
+    z, v = 0, y
+    for i in range(127, -1, -1):
+        if (x >> i) & 1:
+            z ^= v
+        v = (v >> 1) ^ _GCM_R if v & 1 else v >> 1
+    return z
+
+
+def _gf_inverse(x: int) -> int:
+    result, base, exponent = 1 << 127, x, 2**128 - 2  # 1 << 127 is the field's one in GCM bit order
+    while exponent:
+        if exponent & 1:
+            result = _gf_mul(result, base)
+        base = _gf_mul(base, base)
+        exponent >>= 1
+    return result
+
+
+def _aes_block(key: bytes, block: bytes) -> int:
+    # One raw block (the hash key H and the tag mask), as GCM itself computes them.
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305
+    return int.from_bytes(encryptor.update(block) + encryptor.finalize(), "big")
+
+
+def _ghash_terms(h: int, blocks: list[int]) -> int:
+    y = 0
+    for block in blocks:
+        y = _gf_mul(y ^ block, h)
+    return y
+
+
+def _record_opening_under_two_keys(first: DataKey, second: DataKey, context: dict[str, str]) -> bytes:
+    """A record whose header carries `first`'s commitment and whose tag is valid under both keys' AES keys."""
+    salt, nonce = bytes(range(32)), bytes(12)
+    info = _format.kdf_info(b"bedside.record", first)
+    aes_1, commitment = _format.derive_suite1(first, salt, info)
+    aes_2, _ = _format.derive_suite1(second, salt, info)
+    header = _format.prefix(envelope.RECORD_MAGIC, first) + salt + commitment + nonce
+    aad = header + _format.encode_context(context)
+    aad_blocks = [int.from_bytes(aad[i : i + 16].ljust(16, b"\0"), "big") for i in range(0, len(aad), 16)]
+    length_block = (len(aad) * 8) << 64 | (32 * 8)
+    fixed = 0x42  # first ciphertext block; the second is solved for
+    h_1, h_2 = _aes_block(aes_1, bytes(16)), _aes_block(aes_2, bytes(16))
+    j0 = nonce + b"\0\0\0\1"
+    mask_1, mask_2 = _aes_block(aes_1, j0), _aes_block(aes_2, j0)
+    # tag = GHASH_H(aad, c0, c1) ^ E_K(J0) and c1 enters GHASH times H^2: solve tag_1 == tag_2 for c1.
+    rest_1 = _ghash_terms(h_1, [*aad_blocks, fixed, 0, length_block]) ^ mask_1
+    rest_2 = _ghash_terms(h_2, [*aad_blocks, fixed, 0, length_block]) ^ mask_2
+    c1 = _gf_mul(rest_1 ^ rest_2, _gf_inverse(_gf_mul(h_1, h_1) ^ _gf_mul(h_2, h_2)))
+    tag = rest_1 ^ _gf_mul(c1, _gf_mul(h_1, h_1))
+    body = fixed.to_bytes(16, "big") + c1.to_bytes(16, "big") + tag.to_bytes(16, "big")
+    # Both AES keys accept it: without the commitment, both data keys would open the record.
+    for aes_key in (aes_1, aes_2):
+        assert len(AESGCM(aes_key).decrypt(nonce, body, aad)) == 32
+    return header + body
+
+
+def test_a_ciphertext_valid_under_two_keys_opens_only_under_the_committed_one() -> None:
+    # Same DEK id and version, other secret: a rewrapped or substituted key the header cannot tell apart.
+    impostor = DataKey(KEY_A.id, KEY_A.version, bytes(range(64, 96)))
+    record = _record_opening_under_two_keys(KEY_A, impostor, CONTEXT)
+    assert len(open_record(KEY_A, record, CONTEXT)) == 32
+    with pytest.raises(DecryptionError):
+        open_record(impostor, record, CONTEXT)
+    with pytest.raises(DecryptionError):
+        open_records(impostor, [(record, CONTEXT)])
