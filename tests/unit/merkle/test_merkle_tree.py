@@ -458,3 +458,53 @@ def test_frontier_rejects_inconsistent_construction() -> None:
         TreeFrontier(-1, ())
     with pytest.raises(MerkleError):
         TreeFrontier.empty().extend([b"\x00" * 31])
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(1, 300), data=st.data())
+def test_a_proof_longer_than_its_tree_fails_even_when_it_hashes_to_the_root(size: int, data: st.DataObject) -> None:
+    # Past the top of the tree each extra element wraps the root once more: a verifier that kept going
+    # (RFC 9162 step 4a / 6a skipped) would accept the leaf, or the prefix, under a made-up root.
+    hashes = [leaf_hash(e) for e in entries(size)]
+    root = root_from_leaf_hashes(hashes)
+    extra = leaf_hash(b"beyond the top")
+    index = data.draw(st.integers(0, size - 1), label="index")
+    proof = inclusion_proof(index, hashes)
+    assert verify_inclusion(index, size, hashes[index], proof, root)
+    assert not verify_inclusion(index, size, hashes[index], [*proof, extra], node_hash(extra, root))
+    if size >= 2:
+        old = data.draw(st.integers(1, size - 1), label="old_size")
+        old_root = root_from_leaf_hashes(hashes[:old])
+        consistency = consistency_proof(old, hashes)
+        assert verify_consistency(old, size, old_root, root, consistency)
+        wrapped_old, wrapped_new = node_hash(extra, old_root), node_hash(extra, root)
+        assert not verify_consistency(old, size, wrapped_old, wrapped_new, [*consistency, extra])
+
+
+def ref_consistency_length(m: int, n: int) -> int:
+    return len(ref_proof(m, entries(n)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(2, 200), data=st.data())
+def test_a_consistency_proof_does_not_stretch_to_a_larger_new_size(size: int, data: st.DataObject) -> None:
+    # A log must not pass off its tree of `size` leaves, root unchanged, as a larger one: the proof for
+    # (old, size) runs out before a larger tree's path is done (RFC 9162 step 7 checks sn == 0).
+    hashes = [leaf_hash(e) for e in entries(size)]
+    root = root_from_leaf_hashes(hashes)
+    old = data.draw(st.integers(1, size - 1), label="old_size")
+    old_root = root_from_leaf_hashes(hashes[:old])
+    proof = consistency_proof(old, hashes)
+    claimed = data.draw(st.integers(size + 1, 2 * size + 1), label="claimed_size")
+    if ref_consistency_length(old, claimed) != len(proof):
+        # As for inclusion: a size whose proof has the same shape is bound by the signed checkpoint.
+        assert not verify_consistency(old, claimed, old_root, root, proof)
+
+
+def test_proof_elements_that_are_not_hashes_are_refused_without_raising() -> None:
+    hashes = [leaf_hash(e) for e in entries(5)]
+    root = root_from_leaf_hashes(hashes)
+    proof = inclusion_proof(2, hashes)
+    assert verify_inclusion(2, 5, hashes[2], proof, root)
+    for bad in ("x" * 32, proof[0].hex(), None, proof[0][:31], proof[0] + b"\x00"):
+        assert not verify_inclusion(2, 5, hashes[2], [bad, *proof[1:]], root)  # type: ignore[list-item]
