@@ -160,6 +160,7 @@ DNS = resolver(
         "mapped.example.com": ["::ffff:93.184.216.34"],
         "localhost": ["127.0.0.1", "::1"],
         "half-local.example.com": ["127.0.0.1", PUBLIC_V4],
+        "local-last.example.com": [PUBLIC_V4, "127.0.0.1"],
         "empty.example.com": [],
         "xn--bcher-kva.example": [PUBLIC_V4],
         "partner.internal": ["10.20.0.7"],
@@ -311,6 +312,14 @@ def test_http_is_only_for_loopback_with_the_development_switch() -> None:
     # the switch opens loopback, nothing else
     assert refusal("http://internal.example.com/", dev=True) == A.PRIVATE
     assert refusal("https://169.254.169.254/", dev=True) == A.METADATA
+
+
+def test_the_development_switch_opens_neither_a_public_answer_nor_the_unspecified_address() -> None:
+    # http needs every answer to be loopback, whichever order the resolver gives them in.
+    assert refusal("http://local-last.example.com:8080/hook", dev=True) == UrlReason.SCHEME
+    # 0.0.0.0 and :: reach this machine's services on Linux, yet they are not loopback: still refused.
+    assert refusal("http://0.0.0.0:8080/hook", dev=True) == A.UNSPECIFIED
+    assert refusal("http://[::]:8080/hook", dev=True) == A.UNSPECIFIED
 
 
 def test_the_allow_list_opens_exactly_its_networks_and_never_metadata() -> None:
