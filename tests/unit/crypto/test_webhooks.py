@@ -138,6 +138,16 @@ def test_a_signature_for_the_old_secret_alone_verifies_while_both_are_accepted()
     assert reason_of(headers, secrets=[NEW]) is Reason.BAD_SIGNATURE
 
 
+def test_verify_names_the_key_that_verified_secrets_first_then_public_keys() -> None:
+    # The receiver records which key of a rotation the sender used: an index into the secrets, then past them.
+    assert verify(signed_headers(MSG_ID, T0, BODY, [NEW]), BODY, [NEW, OLD], now=T0) == 0
+    assert verify(signed_headers(MSG_ID, T0, BODY, [OLD]), BODY, [NEW, OLD], now=T0) == 1
+    by_ed25519 = signed_headers(MSG_ID, T0, BODY, [], ed25519_keys=[SIGNING_KEY])
+    assert verify(by_ed25519, BODY, [NEW, OLD], public_keys=[PUBLIC_KEY], now=T0) == 2
+    stranger = public_key_for(generate_signing_key())
+    assert verify(by_ed25519, BODY, [NEW], public_keys=[stranger, PUBLIC_KEY], now=T0) == 2
+
+
 # --- tampering and replay ----------------------------------------------------------------------------------------
 
 
@@ -223,6 +233,12 @@ def test_too_many_entries_are_refused_even_with_a_valid_one() -> None:
     valid = sign(MSG_ID, T0, BODY, [NEW])
     junk = ["v9,x"] * webhooks.MAX_SIGNATURES
     assert reason_of(headers_for(MSG_ID, T0, " ".join([*junk, valid]))) is Reason.BAD_SIGNATURE
+
+
+def test_a_list_of_exactly_the_maximum_entries_still_verifies() -> None:
+    valid = sign(MSG_ID, T0, BODY, [NEW])
+    junk = ["v9,x"] * (webhooks.MAX_SIGNATURES - 1)
+    assert verify(headers_for(MSG_ID, T0, " ".join([*junk, valid])), BODY, [NEW], now=T0) == 0
 
 
 # --- headers ---------------------------------------------------------------------------------------------------
