@@ -166,6 +166,11 @@ REFUSED: list[Any] = [
     pytest.param(_token(role=["admin"]), "unknown-role", id="role-not-a-string"),
     *[pytest.param(_token(**{claim: None}), "missing-claim", id=f"missing-{claim}") for claim in REQUIRED_CLAIMS],
     pytest.param(_token(iat=_now(), exp=_now() + 3600 + 600), "lifetime-too-long", id="lifetime-over-one-hour"),
+    pytest.param(
+        lambda p: _bearer(p.acme.token(iat=(now := _now()), exp=now + 3601)),
+        "lifetime-too-long",
+        id="lifetime-one-second-over-one-hour",
+    ),
     pytest.param(_token(role="proxy", sub="RelatedPerson/9"), "invalid-act-for", id="proxy-without-act-for"),
     pytest.param(
         _token(role="proxy", sub="RelatedPerson/9", act_for="Practitioner/1"),
