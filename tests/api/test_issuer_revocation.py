@@ -283,3 +283,19 @@ async def test_only_the_tenants_admin_may_revoke(
     )
     assert _details(event) == {"reason": "role"}
     assert await audit_events(database.owner, "action = 'issuer:revoke'") == []
+
+
+async def test_a_forged_token_naming_a_revoked_key_is_a_bad_signature_not_that_keys_use(
+    client, portals: Portals, services: Services, database: Dsns
+) -> None:
+    await services.issuers.revoke_key("acme", ISSUER, "portal-key-1")
+    # Anyone can put a revoked kid in a header; only the revoked key's own signature is its use.
+    forger = TestIssuer(tenant="acme", issuer=ISSUER, kid="portal-key-1")
+    assert await _me(client, forger.token()) == 401
+    assert await _me(client, portals.acme.token()) == 401
+
+    denied = await audit_events(database.owner, "action = 'auth:denied'")
+    assert [(_details(e)["reason"], _key_id(e)) for e in denied] == [
+        ("bad-signature", None),
+        ("revoked-key", "portal-key-1"),
+    ]
