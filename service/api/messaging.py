@@ -118,7 +118,7 @@ async def create_thread(request: web.Request) -> web.Response:
         first_message=None if body.message is None else body.message.body,
         idempotency_key=IDEMPOTENCY_KEY.read(request),
     )
-    return _json(thread_out(thread, message), 201, replayed=message.replayed if message else False)
+    return _json(thread_out(thread, message), 201, replayed=thread.replayed)
 
 
 async def list_threads(request: web.Request) -> web.Response:

@@ -65,6 +65,7 @@ class ThreadView:
     unread: int = 0  # the reader's: the others' messages after the reader's receipt
     receipts: tuple[ReceiptRecord, ...] | None = None  # None: not read for this answer (a listing's item)
     shredded_at: datetime | None = None
+    replayed: bool = False  # a creation's stored answer, given again for its Idempotency-Key
 
 
 @dataclass(frozen=True, slots=True)
@@ -890,7 +891,7 @@ class MessagingService:
                 with recorded_if_shredded(read):
                     (message,) = await self._views(tx, [record])
                 await self._audit.record(tx, read)
-        return ThreadView(thread, subject, access, unread, receipts), message
+        return ThreadView(thread, subject, access, unread, receipts, replayed=True), message
 
     async def _deny_resource(self, principal: Principal, resource_type: str, resource_id: str, attempt: str) -> None:
         """Not found, or not the caller's: both answer 404, and the attempt is audited."""

@@ -496,3 +496,20 @@ async def test_a_thread_key_used_again_with_another_first_message_is_422(client,
     other = await client.post("/v1/threads", json={**body, "message": {"body": "b"}}, headers=headers)
     assert other.status == 422
     assert [e["loc"] for e in (await other.json())["errors"]] == [["Idempotency-Key"]]
+
+
+async def test_a_replayed_thread_creation_says_it_is_a_replay(client, portals: Portals) -> None:
+    """The Idempotency-Key contract (service/api/headers.py): the stored answer to an earlier request with
+    the same key comes with Idempotent-Replayed, for a new thread as for a message or a consent."""
+    await consent(client, portals)
+    for n, first_message in enumerate((None, {"body": "first"})):
+        headers = {**patient(portals), "Idempotency-Key": f"thread-replay-{n}"}
+        body: dict = {"patient": "Patient/1", "participants": ["Practitioner/7"], "subject": "Question"}
+        if first_message is not None:
+            body["message"] = first_message
+        first = await client.post("/v1/threads", json=body, headers=headers)
+        assert first.status == 201
+        assert "Idempotent-Replayed" not in first.headers
+        replayed = await client.post("/v1/threads", json=body, headers=headers)
+        assert (replayed.status, (await replayed.json())["id"]) == (201, (await first.json())["id"])
+        assert replayed.headers.get("Idempotent-Replayed") == "true", f"with first message: {first_message}"
