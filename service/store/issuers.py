@@ -139,7 +139,7 @@ class IssuerStore:
         WHERE i.tenant_id = $1
         ORDER BY i.issuer, k.created_at
     """
-    # The roles before the change, from the locked row (an UPDATE's RETURNING sees only the new ones).
+    # The caller has read (and locked) the row and its roles before the change: `issuer(lock_roles=True)`.
     _SET_ROLES = "UPDATE issuers SET roles = $3 WHERE tenant_id = $1 AND issuer = $2"
 
     async def issuer(
