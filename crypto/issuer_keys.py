@@ -1,6 +1,6 @@
 """Public keys of the JWT issuers a tenant trusts, and the development issuer's key pair.
 
-Only asymmetric algorithms are accepted: EdDSA (Ed25519), ES256 (P-256) and RS256 (RSA >= 2048 bits).
+Only asymmetric algorithms are accepted: EdDSA (Ed25519), ES256 (P-256) and RS256 (RSA of 2048 to 16384 bits).
 The algorithm is fixed by the key when it is registered, so a token can never choose how it is checked
 (no `alg: none`, no HS256 keyed with a public key).
 """
@@ -17,6 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "RS256")
 MIN_RSA_BITS = 2048
+# OpenSSL verifies no RSA signature over a larger modulus (OPENSSL_RSA_MAX_MODULUS_BITS): such a key would be
+# stored and trusted, yet no token it signs could ever be verified.
+MAX_RSA_BITS = 16384
 
 
 class IssuerKeyError(ValueError):
@@ -48,8 +51,8 @@ def load_issuer_public_key(pem: bytes) -> IssuerPublicKey:
             raise IssuerKeyError("EC keys must be on P-256 (ES256)")
         algorithm = "ES256"
     elif isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise IssuerKeyError(f"RSA keys must have at least {MIN_RSA_BITS} bits")
+        if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+            raise IssuerKeyError(f"RSA keys must have {MIN_RSA_BITS} to {MAX_RSA_BITS} bits")
         algorithm = "RS256"
     else:
         raise IssuerKeyError("only Ed25519, P-256 and RSA public keys are accepted")
