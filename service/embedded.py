@@ -351,7 +351,8 @@ class EmbeddedPostgres:
         if self._watchdog is not None and self._watchdog.poll() is None:
             return
         package_root = Path(__file__).resolve().parent.parent
-        command = [sys.executable, "-m", "service.embedded_watch", str(self.root), str(os.getpid())]
+        # -P: not the working directory (`/`) first on its import path; PYTHONPATH says where Bedside is.
+        command = [sys.executable, "-P", "-m", "service.embedded_watch", str(self.root), str(os.getpid())]
         self._watchdog = subprocess.Popen(
             [*command, "--discard"] if discard else command,
             stdin=subprocess.PIPE,
