@@ -4,6 +4,7 @@ RFC 9162 verifier written here from the RFC's algorithms, exports verified offli
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import asyncpg
 import pytest
 
 from crypto.checkpoint import verify_checkpoint
+from crypto.merkle import decode_fields, encode_fields, leaf_hash
 from service.domain.audit import AuditAction, AuditEvent
 from tests.conftest import Portals, Services
 from tests.support import TestIssuer
@@ -288,6 +290,34 @@ async def test_an_export_verifies_offline_and_a_tampered_one_does_not(
     bad = await _verify_export([lines[0], *(json.dumps(e) for e in events)], tmp_path)
     assert bad.returncode == 1
     assert f"FAILED at index {victim['seq']}" in bad.stdout
+
+
+async def test_an_exported_event_rewritten_with_its_entry_fails_on_its_hash_or_its_inclusion_proof(
+    client, portals: Portals, services: Services, tmp_path: Path
+) -> None:
+    # The event's columns and its entry agree, re-encoded by a forger: with the stored leaf hash kept, the
+    # entry does not hash to it; with the hash recomputed, only the proof against the signed root tells.
+    await _record(services, "acme", 6, patient="Patient/3")
+    await _integrated(client)
+    response = await client.get(
+        "/v1/audit/export", params={"format": "ndjson"}, headers=portals.acme.auth(**COMPLIANCE)
+    )
+    lines = (await response.text()).splitlines()
+    events = [json.loads(line) for line in lines[1:]]
+    assert all("proof" in e for e in events)
+    assert (await _verify_export(lines, tmp_path)).returncode == 0
+
+    victim = next(e for e in events if e["patient"] == "Patient/3")
+    fields = decode_fields(base64.b64decode(victim["entry"]))
+    entry = encode_fields([(name, "Patient/4" if name == "patient" else value) for name, value in fields])
+    victim.update(patient="Patient/4", entry=base64.b64encode(entry).decode())
+    for rehashed, problem in ((False, "does not hash to its leaf hash"), (True, "not included in the signed tree")):
+        if rehashed:
+            victim["leaf_hash"] = leaf_hash(entry).hex()
+        bad = await _verify_export([lines[0], *(json.dumps(e) for e in events)], tmp_path)
+        assert bad.returncode == 1
+        assert f"FAILED at index {victim['seq']}" in bad.stdout
+        assert problem in bad.stdout
 
 
 async def test_the_fhir_export_validates_as_r4_audit_events(client, portals: Portals, services: Services) -> None:

@@ -230,6 +230,13 @@ async def test_a_changed_column_is_found(audit: Log, services: Services, databas
     assert (result.first_bad_index, result.ok) == (7, False)
 
 
+async def test_changed_details_are_found(audit: Log, services: Services, database: Dsns) -> None:
+    result = await _tampered(
+        audit, services, database, """UPDATE audit_leaves SET details = '{"reason": "forged"}' WHERE seq = 7"""
+    )
+    assert (result.first_bad_index, result.ok) == (7, False)
+
+
 async def test_a_deleted_leaf_is_found(audit: Log, services: Services, database: Dsns) -> None:
     result = await _tampered(audit, services, database, "DELETE FROM audit_leaves WHERE seq = 13")
     assert (result.first_bad_index, result.ok) == (13, False)
@@ -258,6 +265,34 @@ async def test_an_inserted_leaf_is_found(audit: Log, services: Services, databas
         "INSERT INTO audit_tree_nodes SELECT 0, 41, leaf_hash FROM audit_leaves WHERE seq = 41",
     )
     assert (result.first_bad_index, result.ok) == (41, False)
+
+
+async def test_a_deleted_tail_under_its_checkpoint_is_found(audit: Log, services: Services, database: Dsns) -> None:
+    # The last events cut away, their checkpoint left: it was signed for more leaves than remain.
+    result = await _tampered(audit, services, database, "DELETE FROM audit_leaves WHERE seq >= 36")
+    assert (result.first_bad_index, result.ok) == (36, False)
+    assert "a checkpoint was signed for 41" in (result.problem or "")
+
+
+async def test_leaves_after_the_last_signed_checkpoint_are_found(
+    audit: Log, services: Services, database: Dsns
+) -> None:
+    # The newest checkpoint removed: the leaves it covered are vouched for by no signature any more.
+    result = await _tampered(audit, services, database, "DELETE FROM audit_checkpoints WHERE size = 41")
+    assert (result.first_bad_index, result.ok) == (32, False)
+    assert "not covered by any signed checkpoint" in (result.problem or "")
+
+
+async def test_a_published_checkpoint_contradicting_a_stored_one_is_two_histories(
+    audit: Log, services: Services
+) -> None:
+    # The log's own key signed another root for a size it also stored: a fork, told apart from tampered leaves.
+    await _events(audit, services, 40)
+    await audit.integrate_all()
+    other = sign_note(format_checkpoint(ORIGIN, 32, leaf_hash(b"another history")), audit.signer)
+    result = await audit.verify(trusted=[other])
+    assert (result.first_bad_index, result.ok) == (0, False)
+    assert "two different signed histories at size 32" in (result.problem or "")
 
 
 async def test_a_truncated_and_regrown_log_is_found(audit: Log, services: Services, database: Dsns) -> None:
