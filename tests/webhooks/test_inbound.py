@@ -46,6 +46,7 @@ class Conversation:
     thread_id: str
     first_message: str
     consents: dict[str, str]  # grantee -> Patient/1's messaging consent
+    outbound_secret: str  # what the endpoint's receiver verifies our notifications with
 
 
 async def converse(
@@ -61,8 +62,14 @@ async def converse(
     created = await register(client, portals, url, subscriber=subscriber)
     consents = {grantee: (await consent(client, portals, grantee=grantee))["id"] for grantee in participants}
     made = await thread(client, portals, participants=participants, message="Can I take ibuprofen with it?")
+    secrets = created["secrets"]
     return Conversation(
-        created["endpoint"]["id"], created["secrets"]["inbound_secret"], made["id"], made["message"]["id"], consents
+        created["endpoint"]["id"],
+        secrets["inbound_secret"],
+        made["id"],
+        made["message"]["id"],
+        consents,
+        secrets["outbound_secret"],
     )
 
 
@@ -212,6 +219,26 @@ async def test_a_reply_that_does_not_verify_is_401_and_writes_nothing(
     assert denied[0]["outcome"] == "denied"
     assert denied[0]["issuer"] == f"urn:bedside:webhook:{c.endpoint_id}"
     assert denied[0]["tenant_id"] == await acme_id(database)  # the endpoint's tenant's event
+
+
+async def test_a_reply_signed_with_the_outbound_secret_is_401(
+    client, portals: Portals, receiver: Receiver, database: Dsns
+) -> None:
+    # The outbound secret verifies our notifications at the receiver: holding it must not let anyone reply.
+    c = await converse(client, portals, receiver.url)
+    body = reply_body(c)
+    rid = request_id()
+
+    status, out = await post_reply(
+        client, c.endpoint_id, body, {**signed(c.outbound_secret, body), "X-Request-Id": rid}
+    )
+
+    assert status == 401, out
+    assert out["code"] == "webhook-signature-invalid"
+    assert [m["id"] for m in await messages(client, portals, c.thread_id)] == [c.first_message]
+    # Refused as a bad signature, at the signature check: not found valid and then turned away later.
+    denied = await audit_events(database, rid)
+    assert [(e["action"], e["details"]["reason"]) for e in denied] == [("auth:denied", "webhook-bad-signature")]
 
 
 @pytest.mark.parametrize(
