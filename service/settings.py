@@ -220,11 +220,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _uploads_leave_connections(self) -> Settings:
-        uploads, pool = self.max_concurrent_uploads, max(self.db_pool_min, self.db_pool_max)
-        if uploads is not None and uploads >= pool:
+        # The effective number, set or not: a pool of one has nothing to leave, whatever the setting says.
+        uploads, pool = self.upload_connections, max(self.db_pool_min, self.db_pool_max)
+        if uploads >= pool:
             raise ValueError(
                 f"BEDSIDE_MAX_CONCURRENT_UPLOADS ({uploads}) must be below the pool's {pool} connections "
-                "(BEDSIDE_DB_POOL_MAX): each upload holds one while its body arrives"
+                "(BEDSIDE_DB_POOL_MAX, at least 2): each upload holds one while its body arrives"
             )
         return self
 

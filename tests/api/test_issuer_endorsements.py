@@ -534,8 +534,10 @@ class TestTheServicesOwnIssuerNamesAreReserved:
             "\uff55\uff52\uff4e:bedside:dev-issuer",  # FULLWIDTH u, r, n
             "urn:\uff42\uff45\uff44\uff53\uff49\uff44\uff45:webhook:x",  # FULLWIDTH bedside
             "urn:b\u0435dside:dev-issuer",  # CYRILLIC SMALL LETTER IE for the e: the same on screen, no NFKC form
+            "urn:\u3164bedside:dev-issuer",  # HANGUL FILLER (printable, blank on screen) after the colon
+            "urn:bed\u034fside:dev-issuer",  # COMBINING GRAPHEME JOINER (printable, no glyph) inside bedside
         ],
-        ids=["fullwidth-colon", "fullwidth-urn", "fullwidth-bedside", "cyrillic-e"],
+        ids=["fullwidth-colon", "fullwidth-urn", "fullwidth-bedside", "cyrillic-e", "hangul-filler", "cgj"],
     )
     async def test_a_name_that_reads_as_one_of_the_services_own_is_refused_too(
         self, client, portals: Portals, services: Services, database: Dsns, name: str

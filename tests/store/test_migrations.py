@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from service.app import create_app
 from service.domain.audit import AuditRecorder
 from service.domain.issuers import IssuerService
-from service.errors import ConfigurationError
+from service.errors import ConfigurationError, RevokedKeyError
 from service.settings import Settings
 from service.store.audit import AuditStore
 from service.store.db import Database
@@ -322,6 +322,53 @@ async def test_0017_refuses_a_database_holding_a_trusted_key_in_another_encoding
             )
     finally:
         await conn.close()
+
+
+async def test_a_key_revoked_as_0017_asks_is_never_trusted_again_in_its_canonical_pem(empty_database) -> None:
+    """0017 asks the operator to revoke each trusted key stored in another encoding (here CRLF line ends),
+    and leaves revoked rows out of its check. That revoked key must stay out for good, as every revoked
+    key does (0013), also when it comes back as the canonical PEM the service writes: the same key."""
+    known = load_migrations()
+    portal = TestIssuer(tenant="acme", issuer="https://portal.acme.test", kid="crlf")
+    conn = await _connect(empty_database.owner)
+    try:
+        await migrate(conn, known[:16])
+        tenant = await conn.fetchval("INSERT INTO tenants (slug) VALUES ('acme') RETURNING id")
+        issuer = await conn.fetchval(
+            "INSERT INTO issuers (tenant_id, issuer, roles, registered_by) VALUES ($1, $2, '{patient}', "
+            "'operator') RETURNING id",
+            tenant,
+            portal.issuer,
+        )
+        await conn.execute(
+            "INSERT INTO issuer_keys (tenant_id, issuer_id, kid, algorithm, public_key_pem) "
+            "VALUES ($1, $2, 'crlf', 'EdDSA', $3)",
+            tenant,
+            issuer,
+            portal.public_pem.decode().replace("\n", "\r\n"),
+        )
+        with pytest.raises(MigrationError):
+            await migrate(conn, known[:17])
+    finally:
+        await conn.close()
+
+    db = await Database.connect(empty_database.app, min_size=1, max_size=2)
+    try:
+        tenants = TenantStore()
+        issuer_service = IssuerService(db, tenants, IssuerStore(), AuditRecorder(AuditStore(), db), cache_seconds=0)
+        await issuer_service.revoke_key("acme", portal.issuer, "crlf")  # as the refusal says
+        conn = await _connect(empty_database.owner)
+        try:
+            assert [m.name for m in await migrate(conn, known[:17])] == ["canonical_issuer_keys"]
+        finally:
+            await conn.close()
+
+        with pytest.raises(RevokedKeyError):
+            await issuer_service.add_key("acme", portal.issuer, portal.public_pem, kid="back")
+        trusted = await issuer_service.trusted_keys("acme", portal.issuer)
+        assert [k.kid for k in trusted.keys] == []
+    finally:
+        await db.close()
 
 
 async def test_concurrent_runners_apply_each_migration_once(empty_database) -> None:

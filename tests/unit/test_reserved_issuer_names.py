@@ -60,3 +60,37 @@ def test_names_that_read_as_the_services_own_are_reserved(name: str) -> None:
 )
 def test_ordinary_names_are_not_reserved(name: str) -> None:
     assert not is_reserved_issuer(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "urn:\u3164bedside:dev-issuer",  # HANGUL FILLER (Lo): printable, and blank on screen
+        "\u115furn:bedside:dev-issuer",  # HANGUL CHOSEONG FILLER (Lo): nothing on screen, strip() keeps it
+        "urn:bed\u034fside:dev-issuer",  # COMBINING GRAPHEME JOINER (Mn): no glyph of its own
+        "urn:bed\u17b4side:dev-issuer",  # KHMER VOWEL INHERENT AQ (Mn): no glyph of its own
+    ],
+)
+def test_invisible_characters_in_or_before_the_prefix_do_not_make_it_ordinary(name: str) -> None:
+    """A reader of the audit log or `bedside issuer list` sees nothing of these characters (each printable,
+    so `is_plain_text` lets the name in), so the names read as the service's own; yet each takes a place of
+    the prefix (as a non-ASCII stand-in) and shifts the letters after it out of theirs."""
+    assert is_reserved_issuer(name)
+
+
+def test_a_dotted_capital_i_in_place_of_the_i_is_reserved() -> None:
+    """`URN:BEDSİDE:` reads as the service's namespace in capitals; the `İ` folds to two characters (`i` and a
+    combining dot), which shifts the letters after it out of their places."""
+    assert is_reserved_issuer("URN:BEDS\u0130DE:dev-issuer")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u533b\u7642\u60c5\u5831\u9023\u643a\u30dd\u30fc\u30bf\u30eb\u682a\u5f0f\u4f1a\u793e",  # Japanese
+        "\u0431\u043e\u043b\u044c\u043d\u0438\u0447\u043d\u044b\u0439\u043f\u043e\u0440\u0442\u0430\u043b",  # Cyrillic
+    ],
+)
+def test_a_name_with_no_letter_of_the_prefix_is_not_reserved(name: str) -> None:
+    """Names in another script, which share not one letter with `urn:bedside:`, do not read as it."""
+    assert not is_reserved_issuer(name)

@@ -172,9 +172,6 @@ def test_uploads_holding_connections_default_to_8_or_half_a_smaller_pool(monkeyp
     assert load_settings().upload_connections == 8  # the pool's 20 by default
     monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "6")
     assert load_settings().upload_connections == 3
-    monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "1")
-    assert load_settings().upload_connections == 1
-
     monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "40")
     monkeypatch.setenv("BEDSIDE_MAX_CONCURRENT_UPLOADS", "30")
     assert load_settings().upload_connections == 30
@@ -184,9 +181,27 @@ def test_uploads_holding_connections_default_to_8_or_half_a_smaller_pool(monkeyp
 def test_uploads_that_could_hold_the_whole_pool_are_refused(monkeypatch: pytest.MonkeyPatch, uploads: str) -> None:
     monkeypatch.setenv("BEDSIDE_MAX_CONCURRENT_UPLOADS", uploads)
 
-    refusal = r"BEDSIDE_MAX_CONCURRENT_UPLOADS \(\d+\) must be below .* \(BEDSIDE_DB_POOL_MAX\)"
+    refusal = r"BEDSIDE_MAX_CONCURRENT_UPLOADS \(\d+\) must be below .* \(BEDSIDE_DB_POOL_MAX, at least 2\)"
     with pytest.raises(SettingsError, match=refusal):
         load_settings()
+
+
+def test_a_pool_of_one_connection_is_not_left_to_uploads_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BEDSIDE_MAX_CONCURRENT_UPLOADS=1 is refused with a pool of one ("uploads never hold every connection the
+    other requests need"); unset, the default must not come to that very value: either such a pool is refused,
+    or the uploads' share leaves a connection."""
+    monkeypatch.setenv("BEDSIDE_DB_POOL_MIN", "1")
+    monkeypatch.setenv("BEDSIDE_DB_POOL_MAX", "1")
+    monkeypatch.setenv("BEDSIDE_MAX_CONCURRENT_UPLOADS", "1")
+    with pytest.raises(SettingsError, match="BEDSIDE_MAX_CONCURRENT_UPLOADS"):
+        load_settings()
+    monkeypatch.delenv("BEDSIDE_MAX_CONCURRENT_UPLOADS")
+
+    try:
+        settings = load_settings()
+    except SettingsError:
+        return  # a pool too small to share is refused: fine
+    assert settings.upload_connections < max(settings.db_pool_min, settings.db_pool_max)
 
 
 def test_no_uploads_at_once_per_caller_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
