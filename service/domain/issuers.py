@@ -19,7 +19,6 @@ name, so a revoked key signs nothing. Names under `urn:bedside:` are the service
 from __future__ import annotations
 
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -212,10 +211,11 @@ class IssuerService:
         fields = {"resource_type": "Issuer", "resource_id": issuer[:200], "details": {"kid": kid[:200]}}
         attempt = AuditEvent.by_principal_or_operator(by, AuditAction.ISSUER_ADD, tenant_id, **fields)
         try:
-            if is_reserved_issuer(issuer) and not own_name:
-                raise _reserved().recording(attempt.denied("reserved-issuer-name"))
+            refusal = None if own_name else issuer_name_refusal(issuer)
+            if refusal is not None:
+                raise _refused_name(refusal).recording(attempt.denied(refusal))
             async with self._db.transaction(tenant_id) as tx:
-                if await self._issuers.is_revoked(tx, tenant_id, key.pem):
+                if any(_same_key(stored, key) for stored in await self._issuers.revoked_pems(tx, tenant_id)):
                     raise _revoked().recording(attempt.denied("key-revoked"))
                 # One name per key: else revoking it by the kid a leak is known by leaves it trusted under
                 # another (an endorsement replayed with another kid; the same PEM added twice).
@@ -506,22 +506,43 @@ def _checked_key(issuer: str, public_key_pem: bytes, kid: str | None) -> tuple[I
 
 
 def is_reserved_issuer(issuer: str) -> bool:
-    """Whether `issuer` reads as a name in the service's own namespace, `urn:bedside:`: compared as a reader
-    sees it, so any case (a URN's scheme and namespace are case-insensitive, RFC 8141), blanks around
-    ignored, compatibility forms folded (NFKC: a full-width colon is a colon), and any other non-ASCII
-    character standing for the prefix's letter in its place (a Cyrillic `е` looks like an `e`; with no
-    table of look-alikes, every non-ASCII character is taken as one: no real issuer's name needs one there)."""
-    seen = unicodedata.normalize("NFKC", issuer).strip().casefold()
-    return len(seen) >= len(RESERVED_ISSUER_PREFIX) and all(
-        char == reserved or not char.isascii() for char, reserved in zip(seen, RESERVED_ISSUER_PREFIX, strict=False)
-    )
+    """Whether `issuer` is in the service's own namespace, `urn:bedside:`: in any case (a URN's scheme and
+    namespace are case-insensitive, RFC 8141), blanks around ignored. Meant for ASCII names: a name with
+    anything else in it is refused before it is asked (`issuer_name_refusal`)."""
+    return issuer.strip().casefold().startswith(RESERVED_ISSUER_PREFIX)
 
 
-def _reserved() -> InvalidRequestError:
-    return InvalidRequestError(
-        [FieldProblem(("issuer",), "reserved", "names starting urn:bedside: are the service's own")],
-        "This issuer name is reserved",
-    )
+def issuer_name_refusal(issuer: str) -> str | None:
+    """Why a key may not be registered under `issuer` (the audit reason), or None if it may.
+
+    Issuer names are printable ASCII (a URL or URN; an internationalized host in its `xn--` form): any
+    other character could make a name read as another (a Cyrillic `е` for an `e`, an invisible filler, a
+    full-width colon), and a reader of the audit log must see the issuer that signed. And names under
+    `urn:bedside:` are the service's own."""
+    if not issuer.isascii():
+        return "issuer-name-not-ascii"
+    if is_reserved_issuer(issuer):
+        return "reserved-issuer-name"
+    return None
+
+
+def _refused_name(reason: str) -> InvalidRequestError:
+    if reason == "reserved-issuer-name":
+        problem = FieldProblem(("issuer",), "reserved", "names starting urn:bedside: are the service's own")
+        return InvalidRequestError([problem], "This issuer name is reserved")
+    problem = FieldProblem(("issuer",), "value", "printable ASCII: a URL or URN (an internationalized host as xn--)")
+    return InvalidRequestError([problem], "An issuer name is printable ASCII")
+
+
+def _same_key(stored_pem: str, key: IssuerPublicKey) -> bool:
+    """Whether a stored PEM holds `key`: the same text, or another encoding of it (a row the service did not
+    write: CRLF, PKCS#1, a compressed point), read as the loader reads every key it is given."""
+    if stored_pem == key.pem:
+        return True
+    try:
+        return load_issuer_public_key(stored_pem.encode()).pem == key.pem
+    except IssuerKeyError:
+        return False  # not a key the service would take: not this one
 
 
 def _already_active(found: IssuerRecord, kid: str, key: IssuerPublicKey) -> bool:

@@ -79,11 +79,10 @@ class IssuerStore:
         ORDER BY k.created_at
     """
     # The same key material revoked anywhere in the tenant (under any issuer or kid).
-    _REVOKED_PEM = """
-        SELECT EXISTS (
-            SELECT 1 FROM issuer_keys WHERE tenant_id = $1 AND public_key_pem = $2 AND revoked_at IS NOT NULL
-        )
-    """
+    # Every revoked key of the tenant, as stored: a revoked row may hold a key in another encoding than the
+    # canonical one (written by the service's login, not the service, and revoked as migration 0017 asks), so
+    # the domain compares keys, not text.
+    _REVOKED_PEMS = "SELECT public_key_pem FROM issuer_keys WHERE tenant_id = $1 AND revoked_at IS NOT NULL"
     # The issuer and its keys in one round trip (what the authenticator asks on a cache miss). Active and
     # revoked keys alike: the authenticator names a token of a revoked key as such. An issuer without keys
     # is one row of NULL key columns.
@@ -158,9 +157,9 @@ class IssuerStore:
             return None
         return _issuer(rows[0], [_key(r, r) for r in rows if r["kid"] is not None])
 
-    async def is_revoked(self, tx: Tx, tenant_id: UUID, public_key_pem: str) -> bool:
-        """Whether this public key was revoked anywhere in the tenant (under any issuer or kid)."""
-        return bool(await tx.conn.fetchval(self._REVOKED_PEM, tenant_id, public_key_pem))
+    async def revoked_pems(self, tx: Tx, tenant_id: UUID) -> list[str]:
+        """The PEM of every key revoked anywhere in the tenant (under any issuer or kid), as stored."""
+        return [row["public_key_pem"] for row in await tx.conn.fetch(self._REVOKED_PEMS, tenant_id)]
 
     async def create_issuer(
         self, tx: Tx, tenant_id: UUID, issuer: str, roles: tuple[str, ...], registered_by: str

@@ -542,17 +542,20 @@ class TestTheServicesOwnIssuerNamesAreReserved:
     async def test_a_name_that_reads_as_one_of_the_services_own_is_refused_too(
         self, client, portals: Portals, services: Services, database: Dsns, name: str
     ) -> None:
-        # A reader of the audit log (or of `/v1/me`) sees `urn:bedside:dev-issuer`: the check must compare what
-        # a reader sees (NFKC, and the namespace's confusable letters), not code points after casefold only.
+        # A reader of the audit log (or of `/v1/me`) sees `urn:bedside:dev-issuer`. Issuer names are printable
+        # ASCII, so no look-alike, full-width or invisible character gets one in: refused, audited, nothing written.
         own = TestIssuer(tenant="acme", issuer=name, kid="mine")
         before = await _issuer_rows(database)
 
         response = await client.post(ISSUERS, json=_body(own, roles=["patient"]), headers=portals.acme.auth(**ADMIN))
 
         problem = await _problem(response, 422, "validation-failed")
-        assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["issuer"], "reserved")]
+        assert [(e["loc"], e["type"]) for e in problem["errors"]] == [(["issuer"], "value")]
+        assert "printable ASCII" in problem["errors"][0]["msg"]
         assert await _issuer_rows(database) == before
         assert await _me(client, own, {"role": "patient", "sub": "Patient/1"}) == 401
+        (attempt,) = await audit_events(database.owner, "action = 'issuer:add' AND outcome = 'denied'")
+        assert _details(attempt) == {"kid": "mine", "reason": "issuer-name-not-ascii"}
 
 
 class TestByDefaultAdminsRegisterNoNewIssuers:
