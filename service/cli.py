@@ -50,6 +50,7 @@ from service.embedded import (
     data_dir_holder,
     exclusive_data_dir,
     joined_data_dir,
+    without_joined_users,
 )
 from service.embedded import (
     Connection as EmbeddedConnection,
@@ -143,9 +144,27 @@ def database_target(settings: Settings, purpose: str, *, repair: bool = False) -
             yield target
         finally:
             # `serve` holds the directory for its whole life, so it stops the cluster it served from.
-            if started or purpose == "serve":
+            if purpose == "serve":
+                _stop_after_joined_commands(pg, settings)
+            elif started:
                 print("Stopping the embedded PostgreSQL ...", file=sys.stderr)
                 pg.stop()
+
+
+def _stop_after_joined_commands(pg: EmbeddedPostgres, settings: Settings) -> None:
+    """Stop the server `serve` served from, once the commands that joined it have ended (a fast stop would
+    abort their transactions), as its watchdog would if it were killed; but not waiting for them longer
+    than the shutdown timeout."""
+    timeout = settings.shutdown_timeout_seconds
+    print("Stopping the embedded PostgreSQL ...", file=sys.stderr)
+    with without_joined_users(settings.data_dir, timeout=timeout) as alone:
+        if not alone:
+            print(
+                f"bedside: commands that joined the embedded PostgreSQL still run after {timeout:g} s "
+                "(BEDSIDE_SHUTDOWN_TIMEOUT_SECONDS); stopping it anyway: their open transactions are rolled back",
+                file=sys.stderr,
+            )
+        pg.stop()
 
 
 def _check_embedded_connections(settings: Settings) -> None:

@@ -384,7 +384,9 @@ class EmbeddedPostgres:
 
 _LOCK_NAME = "bedside.lock"
 # Held shared by each command that joined the cluster a `serve` holds (it takes no `_LOCK_NAME`), and
-# exclusively by a watchdog while it stops the server: so it waits for them, not they for it.
+# exclusively by that `serve` (or its watchdog) while it stops the server: so it waits for them, not they
+# for it. A watchdog waits for this one before it takes `_LOCK_NAME`; `serve`, which holds `_LOCK_NAME`,
+# only tries this one now and then, for at most its shutdown timeout: nobody waits in a cycle.
 _USERS_LOCK_NAME = "bedside.users.lock"
 _HOLDER = re.compile(r"^(\d+) (\w+)$")
 # What a watchdog holds the data directory for while it stops a server that its owner left behind.
@@ -398,69 +400,140 @@ class DataDirBusyError(EmbeddedError):
 
 
 @contextlib.contextmanager
-def exclusive_data_dir(data_dir: Path, purpose: str, *, wait: bool = False) -> Iterator[None]:
+def exclusive_data_dir(data_dir: Path, purpose: str) -> Iterator[None]:
     """Hold the data directory for one process (a `serve`, or a CLI command that started the database).
 
     A second `serve` on the same directory is refused with the holder's pid, rather than sharing the
     cluster and stopping it under the first one's feet. A watchdog stopping what a killed owner left
-    running is waited for instead: it takes seconds. `wait=True` waits for any holder, however long.
+    running is waited for instead: it takes seconds.
     """
     root = data_dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    path = root / _LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if wait:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:
-            _lock_or_refuse(fd, root)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {purpose}\n".encode(), 0)
+        deadline = time.monotonic() + _WATCHDOG_WAIT_SECONDS
+        while (holder := _take_or_holder(fd)) is not None:
+            if holder[1] != WATCHDOG_PURPOSE or time.monotonic() >= deadline:
+                raise _busy(root, holder)
+            time.sleep(0.1)
+        _write_holder(fd, purpose)
         yield
     finally:
         os.close(fd)
-
-
-def _lock_or_refuse(fd: int, root: Path) -> None:
-    """Take the lock on `fd` now, or once a watchdog holding it is done; else DataDirBusyError."""
-    deadline = time.monotonic() + _WATCHDOG_WAIT_SECONDS
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        match = _HOLDER.match(os.pread(fd, 100, 0).decode(errors="replace").strip())
-        if match and match.group(2) == WATCHDOG_PURPOSE and time.monotonic() < deadline:
-            time.sleep(0.1)
-            continue
-        who = f"`bedside {match.group(2)}` (pid {match.group(1)})" if match else "another process"
-        raise DataDirBusyError(
-            f"{root} is in use by {who}. Stop it first, or give this one its own "
-            "BEDSIDE_DATA_DIR (or BEDSIDE_DATABASE_URL)."
-        )
 
 
 @contextlib.contextmanager
-def _users_lock(data_dir: Path, operation: int) -> Iterator[None]:
-    fd = os.open(data_dir.resolve() / _USERS_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+def watchdog_data_dir(data_dir: Path) -> Iterator[bool]:
+    """The data directory for a watchdog about to stop the server (True), unless a `serve` holds it: that
+    one reused the server, watches it and stops it itself, and the watchdog has nothing to do (False; the
+    lock is not taken). Another watchdog is waited for as `exclusive_data_dir` waits for one; any other
+    holder is a command that ends, and is waited for however long it runs.
+
+    Taken while holding `without_joined_users`, never the other way round: commands that joined a `serve`
+    hold only the users lock, and every other process waits only for this one, so no two wait for each
+    other."""
+    root = data_dir.resolve()
+    fd = os.open(root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, operation)
-        yield
+        deadline = time.monotonic() + _WATCHDOG_WAIT_SECONDS
+        while (holder := _take_or_holder(fd)) is not None:
+            if holder[1] == "serve":
+                yield False
+                return
+            if holder[1] == WATCHDOG_PURPOSE and time.monotonic() >= deadline:
+                raise _busy(root, holder)
+            time.sleep(0.1)
+        _write_holder(fd, WATCHDOG_PURPOSE)
+        yield True
     finally:
         os.close(fd)
 
 
-def joined_data_dir(data_dir: Path) -> contextlib.AbstractContextManager[None]:
+def _take_or_holder(fd: int) -> tuple[str, str] | None:
+    """Take the data directory's lock on `fd` if it is free (None); else who holds it: (pid, purpose) as
+    the holder wrote them, or ("", "unknown") before it has."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        match = _HOLDER.match(os.pread(fd, 100, 0).decode(errors="replace").strip())
+        return (match.group(1), match.group(2)) if match else ("", "unknown")
+
+
+def _write_holder(fd: int, purpose: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {purpose}\n".encode(), 0)
+
+
+def _busy(root: Path, holder: tuple[str, str]) -> DataDirBusyError:
+    pid, purpose = holder
+    who = f"`bedside {purpose}` (pid {pid})" if pid else "another process"
+    return DataDirBusyError(
+        f"{root} is in use by {who}. Stop it first, or give this one its own "
+        "BEDSIDE_DATA_DIR (or BEDSIDE_DATABASE_URL)."
+    )
+
+
+def _open_users_lock(data_dir: Path) -> int | None:
+    """The users lock's file, or None (said on stderr) when another user made it, a joined command run as
+    root, say: this process then goes on without it."""
+    path = data_dir.resolve() / _USERS_LOCK_NAME
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except PermissionError as exc:
+        with contextlib.suppress(OSError):  # a watchdog's stderr may be gone
+            print(
+                f"bedside: warning: cannot open {path} ({exc.strerror}); going on without waiting for, or being "
+                "waited for by, the commands that joined `bedside serve`",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+
+
+@contextlib.contextmanager
+def joined_data_dir(data_dir: Path) -> Iterator[None]:
     """For as long as the block runs, this process uses the cluster a `serve` holds (a command that joined
-    it): the watchdog of a `serve` killed meanwhile waits for the block to end before stopping the server."""
-    return _users_lock(data_dir, fcntl.LOCK_SH)
+    it): that `serve`'s normal stop, or its watchdog if it is killed, waits for the block to end before
+    stopping the server."""
+    fd = _open_users_lock(data_dir)
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
-def without_joined_users(data_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Once no command that joined the cluster uses it any more (however long that takes), and until the
-    block ends: a command joining meanwhile waits, and finds the server stopped."""
-    return _users_lock(data_dir, fcntl.LOCK_EX)
+@contextlib.contextmanager
+def without_joined_users(data_dir: Path, *, timeout: float | None = None) -> Iterator[bool]:
+    """Once no command that joined the cluster uses it any more, and until the block ends: a command
+    joining meanwhile waits, and finds the server stopped. True then (also when the lock's file is another
+    user's: nothing can be waited for); False, without the lock, when `timeout` seconds passed first."""
+    fd = _open_users_lock(data_dir)
+    try:
+        if fd is None:
+            yield True
+        elif timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield True
+        else:
+            deadline = time.monotonic() + timeout
+            while not (alone := _try_flock(fd)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            yield alone
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def data_dir_holder(data_dir: Path) -> str | None:
@@ -470,12 +543,7 @@ def data_dir_holder(data_dir: Path) -> str | None:
         return None
     fd = os.open(path, os.O_RDWR)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            match = _HOLDER.match(os.pread(fd, 100, 0).decode(errors="replace").strip())
-            return match.group(2) if match else "unknown"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        holder = _take_or_holder(fd)
+        return None if holder is None else holder[1]
     finally:
-        os.close(fd)
+        os.close(fd)  # and with it the lock, if it was taken

@@ -2,10 +2,11 @@
 
 Started by `EmbeddedPostgres.watch` with its stdin a pipe that only the owner holds open. A byte on it
 means the owner stopped the server itself: nothing to do. End-of-file means the owner ended without doing
-so, however it ended (SIGKILL, the OOM killer): the watchdog takes the data directory's lock, so that no
-command starts on it or joins it meanwhile, stops the server if one still runs, with `--discard` deletes
-the data directory (a throwaway cluster), and says so in one line. It holds no credentials: stopping a
-server needs none.
+so, however it ended (SIGKILL, the OOM killer): the watchdog waits for the commands that joined the server,
+then takes the data directory's lock, so that no command starts on it or joins it meanwhile, stops the
+server if one still runs, with `--discard` deletes the data directory (a throwaway cluster), and says so in
+one line. If a `serve` holds the directory by then, it reused the server: the watchdog leaves it be. It
+holds no credentials: stopping a server needs none.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import sys
 from pathlib import Path
 
 from service.embedded import (
-    WATCHDOG_PURPOSE,
     EmbeddedError,
     EmbeddedPostgres,
-    exclusive_data_dir,
+    watchdog_data_dir,
     without_joined_users,
 )
 
@@ -45,19 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     if not data_dir.is_dir():
         return 0  # deleted already: nothing runs on it
     pg = EmbeddedPostgres(data_dir)
-    # Waits for whoever holds the directory now (a `serve` that reused the server, and watches it itself,
-    # and stops it when it ends), then for the commands that joined the server (they hold no directory
-    # lock: a fast stop would abort their transactions). Then the server is stopped only if nobody stopped
-    # it meanwhile.
-    with exclusive_data_dir(data_dir, WATCHDOG_PURPOSE, wait=True), without_joined_users(data_dir):
-        try:
+    # First the commands that joined the server: they hold no directory lock, and a fast stop would abort
+    # their transactions. The directory is not held meanwhile, so a `serve` restarted after the kill is
+    # not held off by them: it reuses the server and watches it itself, and then this watchdog has nothing
+    # left to do. Otherwise the directory is taken (once the command holding it, if any, has ended) and
+    # the server is stopped only if nobody stopped it meanwhile.
+    try:
+        with without_joined_users(data_dir), watchdog_data_dir(data_dir) as held:
+            if not held:
+                return 0  # a `serve` holds the directory, and the server is its own now
             stopped = pg.stop()
-        except EmbeddedError as exc:
-            _say(f"the process (pid {args.owner}) that ran the embedded PostgreSQL in {pg.pgdata} has ended; {exc}")
-            return 1
-        if args.discard:
-            shutil.rmtree(pg.pgdata.parent, ignore_errors=True)
-            shutil.rmtree(pg.root, ignore_errors=True)
+            if args.discard:
+                shutil.rmtree(pg.pgdata.parent, ignore_errors=True)
+                shutil.rmtree(pg.root, ignore_errors=True)
+    except EmbeddedError as exc:
+        _say(f"the process (pid {args.owner}) that ran the embedded PostgreSQL in {pg.pgdata} has ended; {exc}")
+        return 1
     if stopped:
         _say(f"stopped the embedded PostgreSQL in {pg.pgdata}: the process that ran it (pid {args.owner}) has ended")
     return 0

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from service.cli import EMBEDDED_DATABASE, CliError, _check_embedded_connections, _reuse_or_restart, database_target
-from service.embedded import EmbeddedPostgres
+from service.embedded import EmbeddedPostgres, data_dir_holder
 from service.errors import ConfigurationError
 from service.settings import Settings
 from service.store.bootstrap import ensure_database
@@ -511,5 +511,102 @@ def test_a_killed_serves_watchdog_does_not_stop_postgres_under_a_command_that_jo
         with database_target(joined, "issuer") as target:
             assert asyncio.run(_in_one_transaction(target.app_dsn, serve_killed_meanwhile)) == 2  # demo, twice
         _wait_for_postmaster_to_end(postmaster, data_dir)  # and once it is done, the watchdog stops it
+    finally:
+        _stop(proc)
+
+
+def test_a_serve_restarted_after_a_kill_is_not_held_off_by_a_command_that_joined_the_killed_one(
+    data_dir: Path,
+) -> None:
+    """The killed serve's watchdog waits for the commands that joined its PostgreSQL before stopping it. It
+    must not hold the data directory while it waits: a joined command may run for long (`audit verify` of a
+    large log, one stopped with Ctrl-Z), and meanwhile the serve restarted after the kill (by systemd, by
+    the operator) is refused as "in use by `bedside watchdog`" after 90 s, as is every other command."""
+    env = _env(data_dir, _free_port())
+    pg = EmbeddedPostgres(data_dir)
+    proc, _ = _start(env)
+    again: subprocess.Popen[str] | None = None
+    try:
+        postmaster = postmaster_pid(pg.pgdata)
+        joined = Settings(data_dir=data_dir, database_url=None)  # the command's own settings: no URL
+        with database_target(joined, "issuer"):
+            proc.kill()  # SIGKILL: the watchdog takes over, and waits for this command
+            proc.wait()
+            wait_until(lambda: data_dir_holder(data_dir) == "watchdog", 10)  # where it waits, if it holds it
+            again, _ = _start(_env(data_dir, _free_port()))
+            assert data_dir_holder(data_dir) == "serve"
+            assert len(watchdogs(data_dir)) == 2  # the killed serve's, and the restarted one's
+        # The command is done: the killed serve's watchdog lets the server be, which the restarted serve
+        # reused (and watches itself).
+        assert wait_until(lambda: len(watchdogs(data_dir)) == 1, 10)
+        assert alive(postmaster)
+        assert _stop(again) == 0
+        _wait_for_postmaster_to_end(postmaster, data_dir)
+    finally:
+        if again is not None:
+            _stop(again)
+        _stop(proc)
+
+
+def test_a_serve_stopped_normally_does_not_stop_postgres_under_a_command_that_joined_it(data_dir: Path) -> None:
+    """As its watchdog does when it is killed: a `serve` stopped with Ctrl-C (or systemd's SIGTERM) waits for
+    the commands that joined its PostgreSQL (they hold `bedside.users.lock` shared) before its fast shutdown,
+    which would otherwise abort their transactions; it stops the server once they are done."""
+    pg = EmbeddedPostgres(data_dir)
+    proc, _ = _start(_env(data_dir, _free_port()))
+    try:
+        postmaster = postmaster_pid(pg.pgdata)
+        joined = Settings(data_dir=data_dir, database_url=None)  # the command's own settings: no URL
+
+        def serve_stopped_meanwhile() -> None:
+            proc.send_signal(signal.SIGINT)
+            assert not wait_until(lambda: not alive(postmaster), 5), "stopped under the joined command"
+
+        with database_target(joined, "issuer") as target:
+            assert asyncio.run(_in_one_transaction(target.app_dsn, serve_stopped_meanwhile)) == 2  # demo, twice
+        assert _stop(proc) == 0
+        _wait_for_postmaster_to_end(postmaster, data_dir)
+    finally:
+        _stop(proc)
+
+
+def test_a_serve_stopped_normally_waits_for_a_joined_command_no_longer_than_its_shutdown_timeout(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The wait for the commands that joined its PostgreSQL is bounded by BEDSIDE_SHUTDOWN_TIMEOUT_SECONDS: one
+    that outlives it (stopped with Ctrl-Z, say) does not keep `serve` from stopping, nor the server from
+    being stopped; `serve` says so."""
+    pg = EmbeddedPostgres(data_dir)
+    with (tmp_path / "stderr.txt").open("w+") as stderr:
+        proc, _ = _start(_env(data_dir, _free_port()) | {"BEDSIDE_SHUTDOWN_TIMEOUT_SECONDS": "2"}, stderr)
+        try:
+            postmaster = postmaster_pid(pg.pgdata)
+            joined = Settings(data_dir=data_dir, database_url=None)  # the command's own settings: no URL
+            with database_target(joined, "issuer"):
+                began = time.monotonic()
+                assert _stop(proc) == 0
+                assert time.monotonic() - began >= 2  # it did wait for the command
+                _wait_for_postmaster_to_end(postmaster, data_dir)  # and stopped the server under it
+        finally:
+            _stop(proc)
+        stderr.seek(0)
+        said = stderr.read()
+    assert (
+        "commands that joined the embedded PostgreSQL still run after 2 s (BEDSIDE_SHUTDOWN_TIMEOUT_SECONDS); "
+        "stopping it anyway: their open transactions are rolled back"
+    ) in said
+
+
+def test_a_serve_stopped_normally_that_nothing_joined_does_not_wait_for_its_shutdown_timeout(data_dir: Path) -> None:
+    """Only a command that joined is waited for: with none, Ctrl-C stops `serve` and its server at once, not
+    after BEDSIDE_SHUTDOWN_TIMEOUT_SECONDS (`_stop` fails the test after 60 s)."""
+    pg = EmbeddedPostgres(data_dir)
+    proc, _ = _start(_env(data_dir, _free_port()) | {"BEDSIDE_SHUTDOWN_TIMEOUT_SECONDS": "300"})
+    try:
+        postmaster = postmaster_pid(pg.pgdata)
+        began = time.monotonic()
+        assert _stop(proc) == 0
+        assert time.monotonic() - began < 30
+        _wait_for_postmaster_to_end(postmaster, data_dir)
     finally:
         _stop(proc)
