@@ -290,6 +290,29 @@ async def test_membership_changes_apply_whole_one_after_another_each_audited_onc
     assert all(e["actor"] == "Practitioner/admin" for e in events)
 
 
+async def test_creating_and_reading_a_care_team_are_audited_by_the_admin(client, portals: Portals, database) -> None:
+    admin = portals.acme.auth(role="admin", sub="Practitioner/admin")
+    created = await client.post(
+        "/v1/admin/care-teams",
+        json={"team": "CareTeam/renal", "members": ["Practitioner/7", "Practitioner/8"]},
+        headers=admin,
+    )
+    assert created.status == 201
+    read = await client.get("/v1/admin/care-teams/renal", headers=admin)
+    assert read.status == 200
+    assert (await read.json())["members"] == ["Practitioner/7", "Practitioner/8"]
+
+    events = await audit_events(database.owner, "resource_id = 'CareTeam/renal'")
+    # The creation first, then each first member's join, then the admin's read of the team.
+    assert [(e["action"], e["actor"], e["outcome"]) for e in events] == [
+        ("care_team:create", "Practitioner/admin", "success"),
+        ("care_team:join", "Practitioner/admin", "success"),
+        ("care_team:join", "Practitioner/admin", "success"),
+        ("care_team:read", "Practitioner/admin", "success"),
+    ]
+    assert [json.loads(e["details"]).get("member") for e in events[1:3]] == ["Practitioner/7", "Practitioner/8"]
+
+
 async def test_a_shredded_patients_messages_read_as_410(client, portals: Portals) -> None:
     await consent(client, portals)
     created = await thread(client, portals)
