@@ -216,6 +216,22 @@ async def test_an_upload_past_the_limit_is_413_and_stores_nothing(client, portal
     assert await stored(database) == (0, 0)
 
 
+async def test_a_file_of_exactly_the_limit_declared_and_a_file_of_one_byte_are_stored(
+    settings: Settings, aiohttp_client: Any, portals: Portals, database: Dsns
+) -> None:
+    client = await limited_client(settings, aiohttp_client, max_attachment_bytes=2 * KIB)
+    thread_id = await open_thread(client, portals)
+    for content_type, data in ((PDF, pdf(2 * KIB)), (TEXT, b"a")):
+        # bytes: the client declares the Content-Length, which is checked before the body is read.
+        response = await upload(client, patient(portals), thread_id, data, content_type)
+        assert response.status == 201, (len(data), await response.text())
+        download = await client.get(f"{URL}/{(await response.json())['id']}", headers=patient(portals))
+        assert await download.read() == data
+    over = await upload(client, patient(portals), thread_id, pdf(2 * KIB + 1))
+    assert over.status == 413
+    assert await stored(database) == (2, 2)
+
+
 async def test_content_that_is_not_its_declared_type_is_415_and_stores_nothing(
     client, portals: Portals, database: Dsns
 ) -> None:
