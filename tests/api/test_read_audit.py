@@ -52,6 +52,23 @@ async def test_a_page_read_is_audited_with_the_messages_it_returned(client, port
     assert events[-1] == {"thread_id": created["id"], "returned": 0}
 
 
+async def test_a_recalled_message_in_a_page_counts_as_returned(client, portals: Portals, database: Dsns) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="first")
+    url = f"/v1/threads/{created['id']}/messages"
+    sent = await client.post(url, json={"body": "sent by mistake"}, headers=patient(portals))
+    assert sent.status == 201
+    recalled = await client.post(f"/v1/messages/{(await sent.json())['id']}/recall", headers=patient(portals))
+    assert recalled.status == 200, await recalled.text()
+    assert (await client.post(url, json={"body": "third"}, headers=patient(portals))).status == 201
+
+    page = await (await client.get(url, headers=physician(portals))).json()
+    # The page holds the tombstone too, and the event names the same three messages.
+    assert [(m["seq"], m["body"]) for m in page["items"]] == [(1, "first"), (2, None), (3, "third")]
+    events = await _read_events(database.owner, created["id"])
+    assert events[-1] == {"thread_id": created["id"], "returned": 3, "first_seq": 1, "last_seq": 3}
+
+
 async def test_a_single_message_read_names_its_sequence_number(client, portals: Portals, database: Dsns) -> None:
     await consent(client, portals)
     created = await thread(client, portals, message="first")
