@@ -412,6 +412,21 @@ async def test_a_direct_consent_decides_before_a_care_teams(world: World) -> Non
     assert (decision.permit, decision.reason, decision.consent_id) == (False, "revoked", revoked.record.id)
 
 
+async def test_a_proxy_consent_may_end_exactly_at_the_longest_validity_and_not_after(world: World) -> None:
+    def proxy(until: datetime) -> ConsentRequest:
+        return ConsentRequest(
+            patient="Patient/1", grantee="RelatedPerson/mum", scope=Scope.PROXY, evidence=PORTAL, valid_until=until
+        )
+
+    longest = world.clock.now + timedelta(days=548)  # the default longest validity of a proxy consent
+    with pytest.raises(InvalidRequestError) as refused:
+        await world.ledger.grant(world.patient, proxy(longest + timedelta(microseconds=1)))
+    assert [(p.loc, p.type) for p in refused.value.problems] == [(("valid_until",), "proxy-validity")]
+    granted = await world.ledger.grant(world.patient, proxy(longest))
+    assert granted.record.valid_until == longest
+    assert (await world.decide("RelatedPerson/mum", Scope.PROXY)).permit
+
+
 async def test_a_proxy_consent_always_ends_and_only_it_includes_sensitive_threads(world: World) -> None:
     unending = ConsentRequest(patient="Patient/1", grantee="RelatedPerson/mum", scope=Scope.PROXY, evidence=PORTAL)
     with pytest.raises(InvalidRequestError) as refused:
