@@ -1,6 +1,7 @@
-"""The messaging rules of the issue that a portal relies on: the 64 KiB body limit, the thread listing's
-filters and bounds, message paging in both directions, the audited consent refusal of a new thread,
-receipts and unread counts per reader, and pages that stay whole while several writers send at once."""
+"""The messaging rules of the issue that a portal relies on: the 64 KiB body limit, at most 20
+participants, the thread listing's filters and bounds, message paging in both directions, the audited
+consent refusal of a new thread, receipts and unread counts per reader, and pages that stay whole while
+several writers send at once."""
 
 from __future__ import annotations
 
@@ -79,6 +80,19 @@ async def test_a_first_message_over_64_kib_creates_no_thread(client: Client, por
     assert response.status == 422
     assert await owner_count(database.owner, "SELECT count(*) FROM threads") == 0
     assert await owner_count(database.owner, "SELECT count(*) FROM messages") == 0
+
+
+async def test_a_thread_has_at_most_20_participants(client: Client, portals: Portals, database: Dsns) -> None:
+    team = [f"Practitioner/{n}" for n in range(1, 22)]
+    for member in team:
+        await consent(client, portals, grantee=member)
+    largest = await thread(client, portals, participants=team[:20])
+    assert largest["participants"] == sorted(team[:20])
+    body = {"patient": "Patient/1", "participants": team, "subject": "One too many"}
+    response = await client.post("/v1/threads", json=body, headers=patient(portals))
+    assert response.status == 422
+    assert [e["loc"] for e in (await response.json())["errors"]] == [["participants"]]
+    assert await owner_count(database.owner, "SELECT count(*) FROM threads") == 1
 
 
 # -- thread listing ------------------------------------------------------------------------------------
