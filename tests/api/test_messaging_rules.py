@@ -283,6 +283,23 @@ async def test_receipts_are_seen_by_the_other_participants_and_unread_counts_are
     assert [(r["reader"], r["up_to"]) for r in detail["receipts"]] == [("Patient/1", 3), ("Practitioner/8", 2)]
 
 
+async def test_a_receipt_is_audited_with_its_reader_and_how_far_it_reaches(
+    client: Client, portals: Portals, database: Dsns
+) -> None:
+    await consent(client, portals)
+    created = await thread(client, portals, message="from patient")
+    url = f"/v1/threads/{created['id']}"
+    assert (await client.post(f"{url}/messages", json={"body": "reply"}, headers=physician(portals))).status == 201
+    assert (await client.post(f"{url}/read", json={"up_to": 2}, headers=patient(portals))).status == 200
+    assert (await client.post(f"{url}/read", json={"up_to": 1}, headers=physician(portals))).status == 200
+
+    events = await audit_events(database.owner, "action = 'receipt:mark'")
+    assert [(e["actor"], e["patient"], e["resource_id"], json.loads(e["details"])["up_to"]) for e in events] == [
+        ("Patient/1", "Patient/1", created["id"], 2),
+        ("Practitioner/7", "Patient/1", created["id"], 1),
+    ]
+
+
 # -- replies -------------------------------------------------------------------------------------------
 
 
