@@ -296,6 +296,16 @@ async def test_an_interrupted_upload_stores_nothing(client, portals: Portals, da
     assert await stored(database) == (1, 1)
 
 
+async def test_a_file_name_of_255_characters_is_kept_whole(client, portals: Portals) -> None:
+    thread_id = await open_thread(client, portals)
+    name = "é" * 251 + ".pdf"  # 255 characters (more bytes: the limit counts characters)
+    response = await upload(client, patient(portals), thread_id, b"%PDF-", file_name=name)
+    assert response.status == 201, await response.text()
+    download = await client.get(f"{URL}/{(await response.json())['id']}", headers=physician(portals))
+    disposition = download.headers["Content-Disposition"]
+    assert unquote(disposition.removeprefix("attachment; filename*=UTF-8''")) == name
+
+
 async def test_bad_uploads_are_refused_before_anything_is_stored(client, portals: Portals, database: Dsns) -> None:
     thread_id = await open_thread(client, portals)
     me = patient(portals)
@@ -857,6 +867,19 @@ async def test_messages_may_reference_only_complete_attachments_of_their_thread(
     foreign = await client.post(url, json={"body": "x", "attachment_ids": [str(elsewhere)]}, headers=patient(portals))
     assert foreign.status == 422
     assert (await foreign.json())["errors"][0]["loc"] == ["attachment_ids", 0]
+
+
+async def test_a_message_carries_up_to_20_attachments(client, portals: Portals) -> None:
+    thread_id = await open_thread(client, portals)
+    ids = [await uploaded(client, portals, thread_id, b"%PDF-" + bytes([n])) for n in range(21)]
+    url = f"/v1/threads/{thread_id}/messages"
+    sent = await client.post(url, json={"body": "All my scans", "attachment_ids": ids[:20]}, headers=patient(portals))
+    assert sent.status == 201, await sent.text()
+    read = await client.get(f"/v1/messages/{(await sent.json())['id']}", headers=physician(portals))
+    assert (await read.json())["attachment_ids"] == ids[:20]
+    too_many = await client.post(url, json={"body": "One more", "attachment_ids": ids}, headers=patient(portals))
+    assert too_many.status == 422
+    assert [e["loc"] for e in (await too_many.json())["errors"]] == [["attachment_ids"]]
 
 
 async def test_a_recalled_message_takes_its_attachments_with_it(client, portals: Portals, database: Dsns) -> None:
