@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 from tests.conftest import Portals
+from tests.support import audit_events
 
 PORTAL = {"method": "portal", "text_version": "consent-text-v3"}
 
@@ -138,3 +140,20 @@ async def test_staff_revoke_only_on_witnessed_evidence(client, portals: Portals)
     paper = {"reason": "patient-request", "evidence": {"method": "paper", "document_ref": "scan-7"}}
     assert (await client.post(url, json=paper, headers=nurse)).status == 200
     assert (await (await client.get(f"/v1/consents/{created['id']}", headers=patient)).json())["status"] == "inactive"
+
+
+async def test_reading_consents_is_audited_with_who_read_which_patients(client, portals: Portals, database) -> None:
+    patient = portals.acme.auth(role="patient", sub="Patient/1")
+    created = await (await client.post("/v1/consents", json=consent(), headers=patient)).json()
+    await client.post("/v1/consents", json=consent("Practitioner/8"), headers=patient)
+    revoke = {"reason": "care-ended"}
+    assert (await client.post(f"/v1/consents/{created['id']}/revoke", json=revoke, headers=patient)).status == 200
+    compliance = portals.acme.auth(role="compliance", sub="Practitioner/c1")
+    assert (await client.get("/v1/patients/1/consents", headers=compliance)).status == 200
+    assert (await client.get(f"/v1/consents/{created['id']}", headers=patient)).status == 200
+
+    reads = await audit_events(database.owner, "action = 'consent:read'")
+    assert [(e["actor"], e["patient"], e["resource_id"], json.loads(e["details"])) for e in reads] == [
+        ("Practitioner/c1", "Patient/1", None, {"events": 3}),  # the whole history
+        ("Patient/1", "Patient/1", created["id"], {}),
+    ]
