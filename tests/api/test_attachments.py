@@ -653,6 +653,26 @@ async def test_only_those_who_may_read_the_thread_download_and_only_writers_uplo
     assert [(r["actor"], r["outcome"], r["resource_id"]) for r in uploads] == [("Patient/1", "success", attachment_id)]
 
 
+async def test_an_upload_is_audited_with_its_type_size_chunks_and_consent(
+    client, portals: Portals, database: Dsns
+) -> None:
+    thread_id = await open_thread(client, portals)
+    history = await (await client.get("/v1/patients/1/consents", headers=patient(portals))).json()
+    attachment_id = await uploaded(client, portals, thread_id, pdf(CHUNK + 100))  # a full chunk and a final one
+
+    (event,) = await audit_events(database.owner, "action = $1", "attachment:upload")
+    assert (event["actor"], event["patient"], event["resource_id"]) == ("Patient/1", "Patient/1", attachment_id)
+    assert json.loads(event["details"]) == {
+        "thread_id": thread_id,
+        "content_type": PDF,
+        "size": CHUNK + 100,
+        "chunks": 2,
+        "consent_decision": "permit",
+        "consent_ids": [history["in_force"][0]["id"]],
+    }
+    assert await stored(database) == (1, 2)
+
+
 async def test_a_revoked_consent_stops_uploads(client, portals: Portals, database: Dsns) -> None:
     thread_id = await open_thread(client, portals)
     history = await (await client.get("/v1/patients/1/consents", headers=patient(portals))).json()
