@@ -238,6 +238,36 @@ async def test_a_thread_refused_for_want_of_consent_is_audited(
     assert await audit_events(database.owner, "action = 'thread:create' AND outcome = 'success'") == []
 
 
+async def test_a_thread_and_its_first_message_are_audited_with_the_consents_that_permitted_them(
+    client: Client, portals: Portals, database: Dsns
+) -> None:
+    seven = await consent(client, portals, grantee="Practitioner/7")
+    eight = await consent(client, portals, grantee="Practitioner/8")
+    created = await thread(client, portals, participants=["Practitioner/7", "Practitioner/8"], message="Hi")
+
+    (made,) = await audit_events(database.owner, "action = 'thread:create' AND outcome = 'success'")
+    (sent,) = await audit_events(database.owner, "action = 'message:send' AND outcome = 'success'")
+    assert (made["actor"], made["patient"], made["resource_type"], made["resource_id"]) == (
+        "Patient/1",
+        "Patient/1",
+        "Thread",
+        created["id"],
+    )
+    assert (sent["actor"], sent["patient"], sent["resource_type"], sent["resource_id"]) == (
+        "Patient/1",
+        "Patient/1",
+        "Message",
+        created["message"]["id"],
+    )
+    permitted = {
+        "consent_decision": "permit",
+        "consent_ids": [seven["id"], eight["id"]],
+        "consent_reasons": ["granted"],
+    }
+    assert json.loads(made["details"]) == permitted
+    assert json.loads(sent["details"]) == {"thread_id": created["id"], **permitted}
+
+
 # -- receipts and unread counts ------------------------------------------------------------------------
 
 
