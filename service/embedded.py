@@ -423,11 +423,12 @@ def exclusive_data_dir(data_dir: Path, purpose: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def watchdog_data_dir(data_dir: Path) -> Iterator[bool]:
-    """The data directory for a watchdog about to stop the server (True), unless a `serve` holds it: that
-    one reused the server, watches it and stops it itself, and the watchdog has nothing to do (False; the
-    lock is not taken). Another watchdog is waited for as `exclusive_data_dir` waits for one; any other
-    holder is a command that ends, and is waited for however long it runs.
+def watchdog_data_dir(data_dir: Path, owner: int) -> Iterator[bool]:
+    """The data directory for a watchdog about to stop the server (True), unless a `serve` other than
+    `owner` (the dead one, whose lock the kernel may not have let go yet when the watchdog reads its pipe's
+    end) holds it: that one reused the server, watches it and stops it itself, and the watchdog has nothing
+    to do (False; the lock is not taken). Another watchdog is waited for as `exclusive_data_dir` waits for
+    one; any other holder (the dying owner included) ends, and is waited for however long it runs.
 
     Taken while holding `without_joined_users`, never the other way round: commands that joined a `serve`
     hold only the users lock, and every other process waits only for this one, so no two wait for each
@@ -437,7 +438,7 @@ def watchdog_data_dir(data_dir: Path) -> Iterator[bool]:
     try:
         deadline = time.monotonic() + _WATCHDOG_WAIT_SECONDS
         while (holder := _take_or_holder(fd)) is not None:
-            if holder[1] == "serve":
+            if holder[1] == "serve" and holder[0] != str(owner):
                 yield False
                 return
             if holder[1] == WATCHDOG_PURPOSE and time.monotonic() >= deadline:

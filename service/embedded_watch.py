@@ -35,7 +35,9 @@ def _say(line: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.embedded_watch")
     parser.add_argument("data_dir", type=Path)
-    parser.add_argument("owner", type=int, help="the owner's pid, for the message")
+    parser.add_argument(
+        "owner", type=int, help="the owner's pid: for the message, and to tell its lock from a newer serve's"
+    )
     parser.add_argument("--discard", action="store_true", help="delete the data directory after stopping")
     args = parser.parse_args(argv)
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # left to do. Otherwise the directory is taken (once the command holding it, if any, has ended) and
     # the server is stopped only if nobody stopped it meanwhile.
     try:
-        with without_joined_users(data_dir), watchdog_data_dir(data_dir) as held:
+        with without_joined_users(data_dir), watchdog_data_dir(data_dir, args.owner) as held:
             if not held:
                 return 0  # a `serve` holds the directory, and the server is its own now
             stopped = pg.stop()

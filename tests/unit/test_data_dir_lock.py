@@ -22,6 +22,7 @@ from service.embedded import (
     data_dir_holder,
     exclusive_data_dir,
     joined_data_dir,
+    watchdog_data_dir,
     without_joined_users,
 )
 
@@ -65,6 +66,24 @@ def test_a_watchdog_stopping_a_server_is_waited_for(tmp_path: Path) -> None:
         with exclusive_data_dir(tmp_path, "serve"):
             assert data_dir_holder(tmp_path) == "serve"
             assert not thread.is_alive()
+        assert time.monotonic() - began >= 0.3
+    finally:
+        thread.join()
+
+
+def test_a_watchdog_leaves_the_server_to_a_newer_serve_but_not_to_its_dying_owner(tmp_path: Path) -> None:
+    """The kernel may close a killed `serve`'s pipe (the watchdog wakes) before its lock: the directory then
+    still says `<owner pid> serve` for a moment. That is the dead owner, to be waited for, not a newer
+    `serve` that reused the server (which the watchdog leaves be). Here this process plays both."""
+    held = threading.Event()
+    thread = _hold(tmp_path, "serve", 0.5, held)
+    try:
+        with watchdog_data_dir(tmp_path, owner=os.getpid() + 1) as taken:  # another serve's: leave it
+            assert taken is False
+        began = time.monotonic()
+        with watchdog_data_dir(tmp_path, owner=os.getpid()) as taken:  # the owner's, letting go: wait
+            assert taken is True
+            assert data_dir_holder(tmp_path) == WATCHDOG_PURPOSE
         assert time.monotonic() - began >= 0.3
     finally:
         thread.join()
