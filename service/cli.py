@@ -704,22 +704,18 @@ def cmd_issuer(settings: Settings, args: argparse.Namespace) -> int:
             f"(here {settings.issuer_cache_seconds:g} s)"
         )
 
+    operation: Callable[[Target], Awaitable[None]]
     if args.issuer_command == "add":
         try:
             pem = Path(args.public_key).read_bytes()
         except OSError as exc:
             raise CliError(f"cannot read {args.public_key}: {exc.strerror}") from None
-        with database_target(settings, "issuer", repair=True) as target:
-            _run(add(target, pem))
-    elif args.issuer_command == "revoke":
-        with database_target(settings, "issuer", repair=True) as target:
-            _run(revoke(target))
-    elif args.issuer_command == "roles":
-        with database_target(settings, "issuer", repair=True) as target:
-            _run(roles(target))
+        operation = functools.partial(add, pem=pem)
     else:
-        with database_target(settings, "issuer", repair=True) as target:
-            _run(listing(target))
+        operation = {"revoke": revoke, "roles": roles}.get(args.issuer_command, listing)
+    # Each is a repair a refusing migration (0016, 0017) may ask for: it goes on after such a refusal.
+    with database_target(settings, "issuer", repair=True) as target:
+        _run(operation(target))
     return 0
 
 

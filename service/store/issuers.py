@@ -78,7 +78,6 @@ class IssuerStore:
         WHERE k.tenant_id = $1 AND k.public_key_pem = $2 AND k.revoked_at IS NULL
         ORDER BY k.created_at
     """
-    # The same key material revoked anywhere in the tenant (under any issuer or kid).
     # Every revoked key of the tenant, as stored: a revoked row may hold a key in another encoding than the
     # canonical one (written by the service's login, not the service, and revoked as migration 0017 asks), so
     # the domain compares keys, not text.

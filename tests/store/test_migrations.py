@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -25,6 +27,16 @@ from tests.support import TestIssuer
 
 async def _connect(dsn: str) -> asyncpg.Connection:
     return await asyncpg.connect(dsn)
+
+
+@contextlib.asynccontextmanager
+async def _issuers_as_the_app(dsn: str) -> AsyncIterator[IssuerService]:
+    """The issuer service over the service's own login: how the operator makes the repair a refusal asks for."""
+    db = await Database.connect(dsn, min_size=1, max_size=2)
+    try:
+        yield IssuerService(db, TenantStore(), IssuerStore(), AuditRecorder(AuditStore(), db), cache_seconds=0)
+    finally:
+        await db.close()
 
 
 async def test_migrations_apply_from_an_empty_database(empty_database) -> None:
@@ -212,14 +224,9 @@ async def test_0016_refuses_a_database_holding_one_key_under_two_names_until_the
         await conn.close()
 
     # The operator does as told, with the service's login, on the schema as it is.
-    db = await Database.connect(empty_database.app, min_size=1, max_size=2)
-    try:
-        tenants = TenantStore()
-        issuer_service = IssuerService(db, tenants, IssuerStore(), AuditRecorder(AuditStore(), db), cache_seconds=0)
+    async with _issuers_as_the_app(empty_database.app) as issuer_service:
         for kid in ("portal-key-1-again", "leaked"):
             await issuer_service.revoke_key("acme", "https://portal.acme.test", kid)
-    finally:
-        await db.close()
 
     conn = await _connect(empty_database.owner)
     try:
@@ -293,16 +300,11 @@ async def test_0017_refuses_a_database_holding_a_trusted_key_in_another_encoding
         await conn.close()
 
     # The operator does as told, with the service's login, on the schema as it is.
-    db = await Database.connect(empty_database.app, min_size=1, max_size=2)
-    try:
-        tenants = TenantStore()
-        issuer_service = IssuerService(db, tenants, IssuerStore(), AuditRecorder(AuditStore(), db), cache_seconds=0)
+    async with _issuers_as_the_app(empty_database.app) as issuer_service:
         renewed = TestIssuer(tenant="acme", issuer="https://portal.acme.test", kid="renewed")
         await issuer_service.add_key("acme", renewed.issuer, renewed.public_pem, kid=renewed.kid)
         await issuer_service.revoke_key("acme", "https://portal.acme.test", "crlf")
         await issuer_service.revoke_key("acme", "https://other.acme.test", "pkcs1")
-    finally:
-        await db.close()
 
     conn = await _connect(empty_database.owner)
     try:
@@ -352,10 +354,7 @@ async def test_a_key_revoked_as_0017_asks_is_never_trusted_again_in_its_canonica
     finally:
         await conn.close()
 
-    db = await Database.connect(empty_database.app, min_size=1, max_size=2)
-    try:
-        tenants = TenantStore()
-        issuer_service = IssuerService(db, tenants, IssuerStore(), AuditRecorder(AuditStore(), db), cache_seconds=0)
+    async with _issuers_as_the_app(empty_database.app) as issuer_service:
         await issuer_service.revoke_key("acme", portal.issuer, "crlf")  # as the refusal says
         conn = await _connect(empty_database.owner)
         try:
@@ -367,8 +366,6 @@ async def test_a_key_revoked_as_0017_asks_is_never_trusted_again_in_its_canonica
             await issuer_service.add_key("acme", portal.issuer, portal.public_pem, kid="back")
         trusted = await issuer_service.trusted_keys("acme", portal.issuer)
         assert [k.kid for k in trusted.keys] == []
-    finally:
-        await db.close()
 
 
 async def test_concurrent_runners_apply_each_migration_once(empty_database) -> None:
